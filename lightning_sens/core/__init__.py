@@ -1,0 +1,44 @@
+"""The pure-torch core of lightning-sens: the influence measure and its fast exact engine.
+
+Nothing here imports Lightning, TensorBoard or does file I/O.
+"""
+
+from lightning_sens.core.engine import (
+    InputFI,
+    LayerFI,
+    ParameterFI,
+    SensitivityResult,
+    input_fi,
+    parameter_fi,
+    sensitivity,
+    trainable_layers,
+)
+from lightning_sens.core.fi import (
+    BlockFI,
+    ClosedFormFI,
+    closed_form_fi,
+    contrast_basis,
+    default_rtol,
+    fi_along_direction,
+    fi_from_gram,
+    log_prob_gradient,
+)
+
+__all__ = [
+    "BlockFI",
+    "ClosedFormFI",
+    "InputFI",
+    "LayerFI",
+    "ParameterFI",
+    "SensitivityResult",
+    "closed_form_fi",
+    "contrast_basis",
+    "default_rtol",
+    "fi_along_direction",
+    "fi_from_gram",
+    "input_fi",
+    "log_prob_gradient",
+    "parameter_fi",
+    "sensitivity",
+    "trainable_layers",
+]

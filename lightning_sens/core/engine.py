@@ -1,0 +1,408 @@
+"""The exact FI engine: one forward, K − 1 backward products, then K-space algebra per block.
+
+:func:`sensitivity` computes input FI (whole input and window maps) and parameter FI (per layer,
+layer scaling, channel scaling, all layers jointly) from the same backward pass;
+:func:`input_fi` and :func:`parameter_fi` are its two halves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_sens.core.capture import (
+    Backward,
+    ForwardFn,
+    backprops,
+    check_captured,
+    eval_mode,
+    forward_capture,
+)
+from lightning_sens.core.fi import (
+    BlockFI,
+    Target,
+    contrast_basis,
+    default_rtol,
+    fi_from_contrast_gram,
+    log_prob_gradient,
+    resolve_target,
+)
+from lightning_sens.core.grams import layer_gram
+from lightning_sens.core.validation import check_inputs, check_logits, check_target, check_windows
+
+__all__ = [
+    "InputFI",
+    "LayerFI",
+    "ParameterFI",
+    "SensitivityResult",
+    "input_fi",
+    "parameter_fi",
+    "sensitivity",
+    "trainable_layers",
+]
+
+_FORWARD_HINT = (
+    " If the model's forward does not return plain logits, pass `forward_fn=lambda model, x: ...`"
+    " that returns them."
+)
+
+
+@dataclass(frozen=True)
+class InputFI:
+    """Input perturbations (Setups 1, 3 and 4 of METHOD.md §9), f = log p_y.
+
+    Attributes:
+        whole: FI of perturbing every input coordinate, ``(B,)``, with its effective rank; it
+            equals (1 − p_y)/p_y exactly when the rank is K − 1 (METHOD.md §5.1).
+        maps: window size w = 2s + 1 → FI of perturbing one channel in the w × w window centred on
+            each pixel (clipped at the borders), ``(B, C, H, W)``. Empty for non-image inputs.
+        pixel_map: FI of perturbing all channels of one pixel together, ``(B, H, W)``; None for
+            non-image inputs.
+    """
+
+    whole: BlockFI
+    maps: dict[int, BlockFI]
+    pixel_map: BlockFI | None
+
+
+@dataclass(frozen=True)
+class LayerFI:
+    """Parameter perturbations of one layer (Setup 2 and the scaling families), ``(B,)`` each.
+
+    Attributes:
+        parameters: FI of perturbing the layer's trainable parameters (weight and bias together).
+        scale: FI of scaling them all by one factor, θ_l → ω θ_l, ω0 = 1 (m = 1).
+        channel_scale: FI of scaling each output channel by its own factor, all channels jointly
+            (rank ≤ min(C, K − 1)); None for layer types without channels.
+        method: how the Gram was computed ("linear", "direct", "ghost", "norm", "embedding",
+            or "torch.func" for the generic per-sample fallback).
+    """
+
+    parameters: BlockFI
+    scale: BlockFI
+    channel_scale: BlockFI | None
+    method: str
+
+
+@dataclass(frozen=True)
+class ParameterFI:
+    """Per-layer FI (keys as in ``model.named_modules()``) and all layers' parameters jointly."""
+
+    layers: dict[str, LayerFI]
+    all_parameters: BlockFI
+
+
+@dataclass(frozen=True)
+class SensitivityResult:
+    """Everything one call of :func:`sensitivity` measured, for a batch of B samples.
+
+    Attributes:
+        target: the class y used per sample (the label, or the argmax for ``"pred"``), ``(B,)``.
+        p_target: p_y, float64, ``(B,)``.
+        log_fi_max: log((1 − p_y)/p_y), the largest FI of any family (log space, exact).
+        input: input FI, or None when not requested or the inputs are not floating point.
+        parameters: parameter FI, or None when not requested.
+    """
+
+    target: Tensor
+    p_target: Tensor
+    log_fi_max: Tensor
+    input: InputFI | None
+    parameters: ParameterFI | None
+
+
+def trainable_layers(model: nn.Module, layers: Sequence[str] | None = None) -> dict[str, nn.Module]:
+    """The monitored layers: every module that directly owns a parameter with ``requires_grad``
+    (or the named ones, checked), in ``named_modules()`` order."""
+    owners = {
+        name: module
+        for name, module in model.named_modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False))
+    }
+    if layers is None:
+        return owners
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a sequence of module names, got the string {layers!r}.")
+    chosen = {}
+    for name in layers:
+        if name not in owners:
+            raise ValueError(
+                f"layers names {name!r}, which is not a module owning trainable parameters. "
+                f"Choose among: {sorted(owners)[:20]}."
+            )
+        chosen[name] = owners[name]
+    return chosen
+
+
+def _window_sums(pixel_grams: Tensor, window: int) -> Tensor:
+    """Sum (B, C, H, W, K', K') pixel Grams over w × w windows, zero outside the image."""
+    B, C, H, W, K1, _ = pixel_grams.shape
+    if window == 1:
+        return pixel_grams
+    planes = pixel_grams.permute(0, 1, 4, 5, 2, 3).reshape(B, C * K1 * K1, H, W)
+    pooled = F.avg_pool2d(planes, window, stride=1, padding=window // 2, divisor_override=1)
+    return pooled.reshape(B, C, K1, K1, H, W).permute(0, 1, 4, 5, 2, 3)
+
+
+def _input_result(
+    grads: Tensor, probs: Tensor, c: Tensor, windows: tuple[int, ...], rtol: float
+) -> InputFI:
+    grads = grads.to(torch.float64)
+    whole_gram = torch.einsum("kbn,lbn->bkl", grads.flatten(2), grads.flatten(2))
+    whole = fi_from_contrast_gram(whole_gram, probs, c, rtol)
+    if grads.dim() != 5 or not windows:
+        return InputFI(whole=whole, maps={}, pixel_map=None)
+    pixel_grams = torch.einsum("kbchw,lbchw->bchwkl", grads, grads)
+    maps_probs, maps_c = probs[:, None, None, None], c[:, None, None, None]
+    maps = {
+        w: fi_from_contrast_gram(_window_sums(pixel_grams, w), maps_probs, maps_c, rtol)
+        for w in windows
+    }
+    pixel = fi_from_contrast_gram(pixel_grams.sum(1), probs[:, None, None], c[:, None, None], rtol)
+    return InputFI(whole=whole, maps=maps, pixel_map=pixel)
+
+
+def _chunk_sensitivity(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target,
+    with_input: bool,
+    windows: tuple[int, ...],
+    layers: dict[str, nn.Module],
+    forward_fn: ForwardFn,
+    rtol: float | None,
+    backward: Backward,
+) -> SensitivityResult:
+    x = inputs.clone()
+    differentiate_input = with_input and x.is_floating_point()
+    if differentiate_input:
+        x.requires_grad_(True)
+    with forward_capture(layers) as records:
+        logits = forward_fn(model, x)
+    check_logits(logits, _FORWARD_HINT)
+    check_captured(records)
+    y = resolve_target(logits, target)
+    check_target(y, logits)
+
+    z = logits.detach().to(torch.float64)
+    log_probs = torch.log_softmax(z, dim=-1)
+    probs = log_probs.exp()
+    c = log_prob_gradient(probs, y)
+    p_target = probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    z_y = z.gather(-1, y.unsqueeze(-1))
+    log_fi_max = torch.logsumexp((z - z_y).scatter(-1, y.unsqueeze(-1), float("-inf")), dim=-1)
+
+    held = {name: r.output for name, r in records.items() if r.output is not None}
+    missing = sorted(set(layers) - set(held))
+    if missing:
+        raise ValueError(f"Layers {missing} did not run in the forward pass; leave them out with `layers=`.")
+    wrt = ([x] if differentiate_input else []) + list(held.values())
+    if not logits.requires_grad:
+        raise ValueError(
+            "Nothing to differentiate: the logits do not depend on a floating-point input or on "
+            "any monitored layer." + _FORWARD_HINT
+        )
+    K = logits.shape[1]
+    cotangents = contrast_basis(K, logits.dtype, logits.device).T
+    grads = backprops(logits, wrt, cotangents, backward) if wrt else []
+    tol = default_rtol(logits.dtype) if rtol is None else rtol
+
+    input_result = None
+    if differentiate_input:
+        input_result = _input_result(grads.pop(0), probs, c, windows, tol)
+
+    parameter_result = None
+    if layers:
+        per_layer: dict[str, LayerFI] = {}
+        total = torch.zeros(x.shape[0], K - 1, K - 1, dtype=torch.float64, device=z.device)
+        for (name, record), layer_grads in zip(records.items(), grads, strict=True):
+            assert record.output is not None  # checked above; narrows the type
+            found = layer_gram(layers[name], record.args, record.kwargs, record.output.detach(), layer_grads)
+            gram = found.gram.to(torch.float64)
+            total = total + gram
+            scale = found.scale.to(torch.float64)
+            channel = None
+            if found.channel_scale is not None:
+                u = found.channel_scale.to(torch.float64)
+                channel = fi_from_contrast_gram(u @ u.transpose(-1, -2), probs, c, tol)
+            per_layer[name] = LayerFI(
+                parameters=fi_from_contrast_gram(gram, probs, c, tol),
+                scale=fi_from_contrast_gram(scale.unsqueeze(-1) * scale.unsqueeze(-2), probs, c, tol),
+                channel_scale=channel,
+                method=found.method,
+            )
+        parameter_result = ParameterFI(per_layer, fi_from_contrast_gram(total, probs, c, tol))
+    return SensitivityResult(y, p_target, log_fi_max, input_result, parameter_result)
+
+
+def _concat(parts: list[SensitivityResult]) -> SensitivityResult:
+    """Join per-chunk results along the sample dimension."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    input_result = None
+    if first.input is not None:
+        ins = [p.input for p in parts if p.input is not None]
+        input_result = InputFI(
+            whole=BlockFI.cat([i.whole for i in ins]),
+            maps={w: BlockFI.cat([i.maps[w] for i in ins]) for w in first.input.maps},
+            pixel_map=None
+            if first.input.pixel_map is None
+            else BlockFI.cat([i.pixel_map for i in ins if i.pixel_map is not None]),
+        )
+    parameter_result = None
+    if first.parameters is not None:
+        ps = [p.parameters for p in parts if p.parameters is not None]
+        layers = {}
+        for name, layer in first.parameters.layers.items():
+            chunks = [p.layers[name] for p in ps]
+            layers[name] = LayerFI(
+                parameters=BlockFI.cat([c.parameters for c in chunks]),
+                scale=BlockFI.cat([c.scale for c in chunks]),
+                channel_scale=None
+                if layer.channel_scale is None
+                else BlockFI.cat([c.channel_scale for c in chunks if c.channel_scale is not None]),
+                method=layer.method,
+            )
+        parameter_result = ParameterFI(layers, BlockFI.cat([p.all_parameters for p in ps]))
+    return SensitivityResult(
+        torch.cat([p.target for p in parts]),
+        torch.cat([p.p_target for p in parts]),
+        torch.cat([p.log_fi_max for p in parts]),
+        input_result,
+        parameter_result,
+    )
+
+
+def _default_forward(model: nn.Module, x: Tensor) -> Tensor:
+    return model(x)
+
+
+def sensitivity(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target,
+    *,
+    input_maps: bool = True,
+    windows: Sequence[int] = (1, 3, 5, 7),
+    parameters: bool = True,
+    layers: Sequence[str] | None = None,
+    forward_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    chunk_size: int | None = None,
+    rtol: float | None = None,
+    backward: Backward = "auto",
+) -> SensitivityResult:
+    """Exact FI of input and parameter perturbations of a batch, from one backward pass.
+
+    The model is evaluated in eval mode (each module's mode is restored afterwards); its
+    parameters, buffers, ``.grad`` and hooks are left as they were. Works inside
+    ``torch.inference_mode()`` and ``torch.no_grad()`` (as in Lightning's validation loop).
+
+    Args:
+        model: a classifier; ``forward_fn(model, inputs)`` must return ``(B, K)`` logits.
+        inputs: ``(B, ...)``; image maps need ``(B, C, H, W)``. Integer inputs (token ids)
+            give parameter FI only.
+        target: ``(B,)`` true labels (Setups 1, 2) or ``"pred"`` (Setups 3, 4).
+        input_maps: compute input FI (whole input, and maps for image inputs).
+        windows: odd window sizes 2s + 1 for the maps; ``()`` for the whole input only.
+        parameters: compute per-layer parameter FI.
+        layers: module names to monitor; None for every module owning trainable parameters.
+        forward_fn: ``(model, inputs) -> logits`` for models whose forward returns more.
+        chunk_size: samples per forward/backward pass, to bound memory. Results do not depend
+            on it (every quantity is per sample).
+        rtol: relative eigenvalue tolerance for rank decisions (default from the model's dtype,
+            see :func:`~lightning_sens.core.fi.default_rtol`).
+        backward: "batched", "loop" or "auto" (see :func:`~lightning_sens.core.capture.backprops`).
+
+    Returns:
+        :class:`SensitivityResult` with per-sample float64 FI, relative FI and effective ranks.
+    """
+    check_inputs(inputs)
+    if backward not in ("auto", "batched", "loop"):
+        raise ValueError(f"backward must be 'auto', 'batched' or 'loop', got {backward!r}.")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+    if rtol is not None and not (0.0 < rtol < 1.0):
+        raise ValueError(f"rtol must lie in (0, 1), got {rtol!r}.")
+    windows = tuple(windows)
+    if input_maps and inputs.dim() == 4:
+        windows = check_windows(windows, inputs.shape[2], inputs.shape[3])
+    monitored = trainable_layers(model, layers) if parameters else {}
+    if isinstance(target, Tensor):
+        if target.dim() != 1 or target.shape[0] != inputs.shape[0]:
+            raise ValueError(
+                f"target must have shape (B,) = ({inputs.shape[0]},), got {tuple(target.shape)}."
+            )
+    forward = forward_fn or _default_forward
+    B = inputs.shape[0]
+    step = chunk_size or B
+    parts = []
+    with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
+        for start in range(0, B, step):
+            chunk_target = target if isinstance(target, str) else target[start : start + step]
+            parts.append(
+                _chunk_sensitivity(
+                    model,
+                    inputs[start : start + step],
+                    chunk_target,
+                    input_maps,
+                    windows,
+                    monitored,
+                    forward,
+                    rtol,
+                    backward,
+                )
+            )
+    return _concat(parts)
+
+
+def input_fi(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target,
+    windows: Sequence[int] = (1, 3, 5, 7),
+    *,
+    forward_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    chunk_size: int | None = None,
+    rtol: float | None = None,
+    backward: Backward = "auto",
+) -> InputFI:
+    """Input FI only (whole input and window maps); see :func:`sensitivity`."""
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"input_fi needs floating-point inputs to perturb, got dtype {inputs.dtype}; for "
+            "token ids use parameter_fi (e.g. of the embedding layer)."
+        )
+    result = sensitivity(
+        model, inputs, target, windows=windows, parameters=False, forward_fn=forward_fn,
+        chunk_size=chunk_size, rtol=rtol, backward=backward,
+    )
+    assert result.input is not None  # floating inputs always give input FI
+    return result.input
+
+
+def parameter_fi(
+    model: nn.Module,
+    inputs: Tensor,
+    target: Target,
+    layers: Sequence[str] | None = None,
+    *,
+    forward_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    chunk_size: int | None = None,
+    rtol: float | None = None,
+    backward: Backward = "auto",
+) -> ParameterFI:
+    """Parameter FI only (per layer, scaling families, all layers jointly); see :func:`sensitivity`."""
+    chosen = trainable_layers(model, layers)
+    if not chosen:
+        raise ValueError("The model has no module with trainable parameters to perturb.")
+    result = sensitivity(
+        model, inputs, target, input_maps=False, layers=list(chosen), forward_fn=forward_fn,
+        chunk_size=chunk_size, rtol=rtol, backward=backward,
+    )
+    assert result.parameters is not None  # parameters=True always gives parameter FI
+    return result.parameters

@@ -1,0 +1,320 @@
+"""The influence measure in K-space: closed forms and FI from a block's Gram matrix.
+
+Everything here is pure tensor math (METHOD.md §3–§5). A perturbation family ω (a block of input
+coordinates, a layer's parameters, a scaling factor) enters through the Jacobian J = ∂z/∂ω of the
+logits z ∈ R^K. With p = softmax(z), H = diag(p) − p pᵀ and c = ∂f/∂z (for f = log p_y: c = e_y − p),
+
+    G = Jᵀ H J,    ∇f = Jᵀ c,    FI = ∇fᵀ G⁺ ∇f = max_v (vᵀ∇f)² / (vᵀ G v).
+
+Writing u = J v for the change of logits a direction causes, FI = max over u ∈ range(J) of
+(cᵀu)² / (uᵀ H u): only the span of achievable logit changes matters, and that span is read off the
+K × K Gram matrix S = J Jᵀ. Nothing of size m is ever needed.
+
+Numerics (ENGINE.md, "Numerics"): the rank of the family is decided on the p-independent Gram; the
+probability-dependent algebra is done relative to the most probable class r, whose probability
+p_r ≥ 1/K is never subtracted from 1, so that confident predictions (p_r = 1 − 1e-26) lose no digits.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "BlockFI",
+    "ClosedFormFI",
+    "closed_form_fi",
+    "contrast_basis",
+    "default_rtol",
+    "fi_along_direction",
+    "fi_from_contrast_gram",
+    "fi_from_gram",
+    "log_prob_gradient",
+    "resolve_target",
+]
+
+Target = Tensor | Literal["pred"]
+
+
+@dataclass(frozen=True)
+class BlockFI:
+    """FI of one perturbation family per sample (and per block), with f = log p_y unless stated.
+
+    Attributes:
+        fi: FI = ∇fᵀ G⁺ ∇f (METHOD.md §3), float64, shape ``(B, *blocks)``. Dimensionless.
+        relative_fi: FI divided by the largest FI any family can reach for that sample,
+            ``(1 − p_y) / p_y`` for f = log p_y (METHOD.md §5.3); in [0, 1]; 0 where both are 0.
+        effective_rank: rank of G (int64), decided on the p-independent Gram with a relative
+            tolerance; at most K − 1. FI equals the closed form exactly when it is K − 1.
+    """
+
+    fi: Tensor
+    relative_fi: Tensor
+    effective_rank: Tensor
+
+    @property
+    def log_fi(self) -> Tensor:
+        """Natural log of ``fi`` (−inf where FI is 0)."""
+        return torch.log(self.fi)
+
+    def __getitem__(self, index: int | slice | Tensor) -> BlockFI:
+        return BlockFI(self.fi[index], self.relative_fi[index], self.effective_rank[index])
+
+    @staticmethod
+    def cat(parts: list[BlockFI]) -> BlockFI:
+        """Concatenate per-chunk results along the sample dimension."""
+        return BlockFI(
+            torch.cat([p.fi for p in parts]),
+            torch.cat([p.relative_fi for p in parts]),
+            torch.cat([p.effective_rank for p in parts]),
+        )
+
+
+@dataclass(frozen=True)
+class ClosedFormFI:
+    """Whole-family FI from the logits alone (METHOD.md §5.1), for f = log p_y.
+
+    Attributes:
+        target: the class y of each sample (int64, ``(B,)``): the given label or the argmax.
+        p_target: p_y (float64, ``(B,)``).
+        log_fi: log FI = log((1 − p_y) / p_y) = logsumexp_{k≠y}(z_k − z_y) (float64, ``(B,)``),
+            accurate at any logit margin.
+    """
+
+    target: Tensor
+    p_target: Tensor
+    log_fi: Tensor
+
+    @property
+    def fi(self) -> Tensor:
+        """FI = (1 − p_y) / p_y; overflows to inf only beyond float64's range."""
+        return torch.exp(self.log_fi)
+
+
+def default_rtol(dtype: torch.dtype) -> float:
+    """Relative eigenvalue tolerance for rank decisions on a Gram computed in ``dtype``.
+
+    An eigenvalue λ of the block Gram is kept when λ > rtol · K · λ_max. Gram entries carry a
+    relative error of a few units of the compute precision, so the tolerance scales with it.
+    """
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 1e-5
+    return 1e-2
+
+
+@functools.lru_cache(maxsize=32)
+def _helmert(K: int) -> Tensor:
+    basis = torch.zeros(K, K - 1, dtype=torch.float64)
+    for j in range(1, K):
+        basis[:j, j - 1] = 1.0
+        basis[j, j - 1] = -float(j)
+        basis[:, j - 1] /= (j * (j + 1)) ** 0.5
+    return basis
+
+
+def contrast_basis(K: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+    """Orthonormal basis of the complement of the all-ones vector in R^K (Helmert contrasts).
+
+    Returns:
+        Q of shape ``(K, K − 1)`` with ``Qᵀ Q = I`` and ``Qᵀ 1 = 0``. Because H·1 = 0 and
+        cᵀ1 = 0, FI depends on J only through ``Qᵀ J``: the engine backpropagates the K − 1 columns
+        of Q as cotangents (ENGINE.md, step 2).
+
+    Example:
+        >>> Q = contrast_basis(3)
+        >>> torch.allclose(Q.T @ Q, torch.eye(2, dtype=torch.float64))
+        True
+    """
+    if K < 2:
+        raise ValueError(f"contrast_basis needs K >= 2 classes, got K={K}.")
+    return _helmert(K).to(dtype=dtype, device=device)
+
+
+def resolve_target(logits: Tensor, target: Target) -> Tensor:
+    """The class index y per sample: ``target`` itself, or the argmax of the logits for "pred"."""
+    if isinstance(target, str):
+        if target != "pred":
+            raise ValueError(
+                f"target must be a tensor of class indices or the string 'pred', got {target!r}."
+            )
+        return logits.argmax(dim=-1)
+    return target.to(device=logits.device, dtype=torch.long)
+
+
+def log_prob_gradient(probs: Tensor, target: Tensor) -> Tensor:
+    """c = ∂ log p_y / ∂z = e_y − p, shape ``(..., K)``."""
+    c = -probs
+    return c.scatter_add(-1, target.unsqueeze(-1), torch.ones_like(c[..., :1]))
+
+
+def closed_form_fi(logits: Tensor, target: Target) -> ClosedFormFI:
+    """Whole-family FI for f = log p_y from the logits: (1 − p_y) / p_y, in log space.
+
+    This is the exact FI of any perturbation family whose Gram has full rank K − 1, e.g. the
+    whole input (Setups 1 and 3) or all parameters (METHOD.md §5.1). It costs nothing once the
+    logits exist. Computed as log FI = logsumexp_{k≠y}(z_k − z_y) in float64, so it stays exact
+    at logit margins where (1 − p)/p in float32 is 0.
+
+    Args:
+        logits: ``(B, K)`` logits, any floating dtype.
+        target: ``(B,)`` true labels (Setups 1, 2) or ``"pred"`` for the predicted class (3, 4).
+
+    Example:
+        >>> z = torch.tensor([[0.0, 60.0], [2.0, 0.0]])
+        >>> closed_form_fi(z, torch.tensor([1, 0])).log_fi
+        tensor([-60.0000,  -2.0000], dtype=torch.float64)
+    """
+    from lightning_sens.core.validation import check_logits, check_target
+
+    check_logits(logits)
+    y = resolve_target(logits, target)
+    check_target(y, logits)
+    z = logits.detach().to(torch.float64)
+    z_y = z.gather(-1, y.unsqueeze(-1))
+    others = (z - z_y).scatter(-1, y.unsqueeze(-1), float("-inf"))
+    log_fi = torch.logsumexp(others, dim=-1)
+    p_target = torch.log_softmax(z, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1).exp()
+    return ClosedFormFI(target=y, p_target=p_target, log_fi=log_fi)
+
+
+def _drop_reference(x: Tensor, ref: Tensor, K: int) -> Tensor:
+    """Remove entry ``ref`` along dim −2 (if x is (..., K, n)) — shapes ``(..., K, n) -> (..., K−1, n)``."""
+    keep = torch.arange(K - 1, device=x.device).expand(*ref.shape, K - 1)
+    keep = keep + (keep >= ref.unsqueeze(-1)).long()
+    return x.gather(-2, keep.unsqueeze(-1).expand(*keep.shape, x.shape[-1]))
+
+
+def _reference_frame(probs: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Quantities relative to the most probable class r.
+
+    With δ_k = u_k − u_r (k ≠ r) and q = p without r: uᵀHu = δᵀ(diag(q) − q qᵀ)δ and cᵀu = c̃ᵀδ
+    for any u (H·1 = 0, cᵀ1 = 0). diag(q) − q qᵀ = D N D with D = diag(√q), N = I − √q√qᵀ, whose
+    eigenvalues lie in [p_r, 1] ⊂ [1/K, 1]: all the bad conditioning sits in D.
+
+    Returns r, √q, α, and v = N^{-1/2} D⁻¹ c̃, with α such that N^{1/2} = I − α √q√qᵀ.
+    """
+    K = probs.shape[-1]
+    r = probs.argmax(dim=-1)
+    q = _drop_reference(probs.unsqueeze(-1), r, K).squeeze(-1)
+    q = q.clamp_min(torch.finfo(torch.float64).tiny)
+    c_ref = _drop_reference(c.unsqueeze(-1), r, K).squeeze(-1)
+    sigma = q.sum(-1, keepdim=True)
+    root_pr = (1.0 - sigma).clamp_min(0.0).sqrt()  # p_r ≥ 1/K: no cancellation here
+    alpha = 1.0 / (1.0 + root_pr)
+    beta = 1.0 / (root_pr * (1.0 + root_pr))
+    a = q.sqrt()
+    v = c_ref / a + beta * a * c_ref.sum(-1, keepdim=True)
+    return r, a, q, alpha, v
+
+
+def fi_from_contrast_gram(gram: Tensor, probs: Tensor, c: Tensor, rtol: float) -> BlockFI:
+    """FI from a block Gram expressed in the contrast basis (the engine's native form).
+
+    Args:
+        gram: ``(..., K−1, K−1)`` float64, ``Qᵀ J Jᵀ Q`` with Q = :func:`contrast_basis`.
+        probs: ``(..., K)`` float64 probabilities (broadcastable against ``gram``'s batch dims).
+        c: ``(..., K)`` float64 gradient of the objective w.r.t. the logits (its component along
+            the all-ones vector is irrelevant and ignored).
+        rtol: eigenvalues λ > rtol · K · λ_max of ``gram`` span the family's range.
+
+    Returns:
+        :class:`BlockFI` with the batch shape of ``gram``.
+    """
+    K = gram.shape[-1] + 1
+    batch = torch.broadcast_shapes(gram.shape[:-2], probs.shape[:-1], c.shape[:-1])
+    gram = gram.expand(*batch, K - 1, K - 1)
+    probs = probs.expand(*batch, K)
+    c = c.expand(*batch, K)
+
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending: kept directions come first
+    top = evals[..., :1].clamp_min(0.0)
+    keep = (evals > rtol * K * top) & (top > 0)
+    rank = keep.sum(-1)
+
+    # Range of the family in δ-coordinates (relative to class r), then whitened by D N^{1/2}.
+    basis = contrast_basis(K, gram.dtype, gram.device) @ evecs  # (..., K, K−1), ⟂ 1
+    r, a, q, alpha, v = _reference_frame(probs, c)
+    idx = r.reshape(*r.shape, 1, 1).expand(*r.shape, 1, K - 1)
+    delta = _drop_reference(basis - basis.gather(-2, idx), r, K)
+    y = a.unsqueeze(-1) * (delta - alpha.unsqueeze(-1) * (q.unsqueeze(-2) @ delta))
+    # Householder QR: the first `rank` columns of Q_y span exactly the kept columns of y.
+    q_y, _ = torch.linalg.qr(y)
+    proj = (q_y.transpose(-1, -2) @ v.unsqueeze(-1)).squeeze(-1)
+    fi = (proj.square() * keep).sum(-1)
+    best = v.square().sum(-1)
+    relative = torch.where(best > 0, fi / best, torch.zeros_like(fi)).clamp(max=1.0)
+    return BlockFI(fi=fi, relative_fi=relative, effective_rank=rank)
+
+
+def fi_from_gram(gram: Tensor, probs: Tensor, c: Tensor, rtol: float | None = None) -> BlockFI:
+    """FI of a perturbation family from its K × K Gram S = J Jᵀ (METHOD.md §4).
+
+    Batched over any leading dimensions (samples, blocks): ``gram`` is ``(..., K, K)``, ``probs``
+    and ``c`` are ``(..., K)`` and broadcast against it.
+
+    Args:
+        gram: S_ij = ⟨∂z_i/∂ω, ∂z_j/∂ω⟩, symmetric positive semi-definite.
+        probs: p = softmax(z); must sum to 1.
+        c: ∂f/∂z; for f = log p_y use :func:`log_prob_gradient` (e_y − p). Only its component
+            orthogonal to the all-ones vector matters (every function of p has c ⟂ 1).
+        rtol: relative eigenvalue tolerance for the rank decision; default from
+            :func:`default_rtol` for ``gram``'s dtype.
+
+    Returns:
+        :class:`BlockFI`; its ``effective_rank`` is the rank of G = Jᵀ H J.
+
+    Example:
+        >>> J = torch.randn(4, 10, dtype=torch.float64)
+        >>> p = torch.softmax(torch.randn(4, dtype=torch.float64), -1)
+        >>> c = log_prob_gradient(p, torch.tensor(2))
+        >>> out = fi_from_gram(J @ J.T, p, c)
+        >>> bool(torch.isclose(out.fi, (1 - p[2]) / p[2])), int(out.effective_rank)
+        (True, 3)
+    """
+    K = gram.shape[-1]
+    if gram.dim() < 2 or gram.shape[-2] != K:
+        raise ValueError(f"gram must have shape (..., K, K), got {tuple(gram.shape)}.")
+    if K < 2:
+        raise ValueError(f"gram must describe K >= 2 classes, got K={K}.")
+    tol = default_rtol(gram.dtype) if rtol is None else rtol
+    Q = contrast_basis(K, torch.float64, gram.device)
+    gram_c = Q.T @ gram.to(torch.float64) @ Q
+    return fi_from_contrast_gram(gram_c, probs.to(torch.float64), c.to(torch.float64), tol)
+
+
+def fi_along_direction(u: Tensor, probs: Tensor, c: Tensor) -> BlockFI:
+    """FI of a one-parameter family (m = 1), closed form 2 of METHOD.md §5: (cᵀu)² / (uᵀHu).
+
+    Args:
+        u: ``(..., K)`` the logits' derivative along the single direction (u = J for m = 1).
+        probs, c: as in :func:`fi_from_gram`, broadcastable against ``u``.
+
+    Returns:
+        :class:`BlockFI`; FI is defined as 0 (rank 0) where uᵀHu = 0, i.e. u ∝ 1.
+        Computed relative to the most probable class r, so that the variance uᵀHu loses at
+        most a factor K to cancellation even for confident predictions.
+    """
+    K = u.shape[-1]
+    batch = torch.broadcast_shapes(u.shape[:-1], probs.shape[:-1], c.shape[:-1])
+    u = u.to(torch.float64).expand(*batch, K)
+    probs = probs.to(torch.float64).expand(*batch, K)
+    c = c.to(torch.float64).expand(*batch, K)
+    r, a, q, _alpha, v = _reference_frame(probs, c)
+    delta = _drop_reference((u - u.gather(-1, r.unsqueeze(-1))).unsqueeze(-1), r, K).squeeze(-1)
+    c_ref = _drop_reference(c.unsqueeze(-1), r, K).squeeze(-1)
+    mean = (q * delta).sum(-1)
+    curvature = ((q * delta.square()).sum(-1) - mean.square()).clamp_min(0.0)
+    positive = curvature > 0
+    fi = torch.where(
+        positive, (c_ref * delta).sum(-1).square() / curvature.where(positive, 1.0), 0.0
+    )
+    best = v.square().sum(-1)
+    relative = torch.where(best > 0, fi / best, torch.zeros_like(fi)).clamp(max=1.0)
+    return BlockFI(fi=fi, relative_fi=relative, effective_rank=positive.long())
