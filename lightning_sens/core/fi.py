@@ -213,7 +213,9 @@ def _reference_frame(probs: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, 
     return r, a, q, alpha, v
 
 
-def fi_from_contrast_gram(gram: Tensor, probs: Tensor, c: Tensor, rtol: float) -> BlockFI:
+def fi_from_contrast_gram(
+    gram: Tensor, probs: Tensor, c: Tensor, rtol: float, noise_scale: Tensor | None = None
+) -> BlockFI:
     """FI from a block Gram expressed in the contrast basis (the engine's native form).
 
     Args:
@@ -221,7 +223,11 @@ def fi_from_contrast_gram(gram: Tensor, probs: Tensor, c: Tensor, rtol: float) -
         probs: ``(..., K)`` float64 probabilities (broadcastable against ``gram``'s batch dims).
         c: ``(..., K)`` float64 gradient of the objective w.r.t. the logits (its component along
             the all-ones vector is irrelevant and ignored).
-        rtol: eigenvalues λ > rtol · K · λ_max of ``gram`` span the family's range.
+        rtol: eigenvalues λ > rtol · K · λ_ref of ``gram`` span the family's range, where
+            λ_ref is the largest eigenvalue of ``gram``, or ``noise_scale`` where that is larger.
+        noise_scale: ``(...)`` optional size of the uncentred Gram (e.g. trace(J Jᵀ)/K): a
+            Jacobian that moves all logits together carries rounding noise of that size into
+            the contrasts, which must not count as rank.
 
     Returns:
         :class:`BlockFI` with the batch shape of ``gram``.
@@ -235,7 +241,9 @@ def fi_from_contrast_gram(gram: Tensor, probs: Tensor, c: Tensor, rtol: float) -
     evals, evecs = torch.linalg.eigh(gram)
     evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending: kept directions come first
     top = evals[..., :1].clamp_min(0.0)
-    keep = (evals > rtol * K * top) & (top > 0)
+    if noise_scale is not None:
+        top = torch.maximum(top, noise_scale.expand(batch).unsqueeze(-1).to(top.dtype))
+    keep = (evals > rtol * K * top) & (evals > 0)
     rank = keep.sum(-1)
 
     # Range of the family in δ-coordinates (relative to class r), then whitened by D N^{1/2}.
@@ -285,8 +293,11 @@ def fi_from_gram(gram: Tensor, probs: Tensor, c: Tensor, rtol: float | None = No
         raise ValueError(f"gram must describe K >= 2 classes, got K={K}.")
     tol = default_rtol(gram.dtype) if rtol is None else rtol
     Q = contrast_basis(K, torch.float64, gram.device)
-    gram_c = Q.T @ gram.to(torch.float64) @ Q
-    return fi_from_contrast_gram(gram_c, probs.to(torch.float64), c.to(torch.float64), tol)
+    gram = gram.to(torch.float64)
+    noise_scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1) / K
+    return fi_from_contrast_gram(
+        Q.T @ gram @ Q, probs.to(torch.float64), c.to(torch.float64), tol, noise_scale
+    )
 
 
 def fi_along_direction(u: Tensor, probs: Tensor, c: Tensor) -> BlockFI:
