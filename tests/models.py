@@ -144,7 +144,9 @@ def custom() -> nn.Module:
 
 
 def _images(channels: int, size: int) -> Callable[[int], Tensor]:
-    return lambda batch: torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(11))
+    return lambda batch: torch.randn(
+        batch, channels, size, size, generator=torch.Generator().manual_seed(11)
+    )
 
 
 def _tokens(batch: int) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 
@@ -63,7 +64,10 @@ def test_input_scale_invariance_while_the_gradient_norm_changes() -> None:
 
 
 def test_reparameterisation_of_the_input_leaves_whole_fi_unchanged() -> None:
-    """x = A τ for an invertible A: FI of τ equals FI of x (the MLP's bottleneck keeps rank < K − 1)."""
+    """x = A τ for an invertible A: FI of τ equals FI of x.
+
+    The MLP's bottleneck keeps the rank below K − 1, so this is not the closed form.
+    """
     model, x, labels = build(CASES[0])
     A = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     tau = torch.linalg.solve(A, x.T).T
@@ -97,7 +101,7 @@ def test_sub_families_never_exceed_their_family(case) -> None:
     if result.input is not None:
         whole = result.input.whole.fi
         assert (whole <= ceiling).all()
-        for small, large in zip(windows, windows[1:], strict=False):
+        for small, large in itertools.pairwise(windows):
             assert (result.input.maps[small].fi <= result.input.maps[large].fi * slack).all()
         if windows:
             assert result.input.pixel_map is not None
@@ -110,14 +114,17 @@ def test_full_rank_families_equal_the_closed_form() -> None:
     model, x, labels = build(CNN, batch=5)
     result = sensitivity(model, x, labels, windows=())
     closed = closed_form_fi(model.eval()(x), labels)
-    assert result.input is not None and result.parameters is not None
+    assert result.input is not None
+    assert result.parameters is not None
     assert (result.input.whole.effective_rank == 5).all()
     _close(result.input.whole.fi, closed.fi)
     _close(result.log_fi_max, closed.log_fi)
     for name, layer in result.parameters.layers.items():
         full = layer.parameters.effective_rank == 5
         _close(layer.parameters.fi[full], closed.fi[full])
-        assert torch.allclose(layer.parameters.relative_fi[full], torch.ones(int(full.sum()), dtype=torch.float64)), name
+        assert torch.allclose(
+            layer.parameters.relative_fi[full], torch.ones(int(full.sum()), dtype=torch.float64)
+        ), name
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2])
@@ -125,13 +132,18 @@ def test_chunking_does_not_change_results(chunk_size: int) -> None:
     model, x, labels = build(CASES[2], batch=5)
     whole = sensitivity(model, x, labels, windows=(1, 3))
     chunked = sensitivity(model, x, labels, windows=(1, 3), chunk_size=chunk_size)
-    assert whole.input is not None and chunked.input is not None
+    assert whole.input is not None
+    assert chunked.input is not None
     _close(chunked.input.whole.fi, whole.input.whole.fi, rtol=1e-12)
     _close(chunked.input.maps[3].fi, whole.input.maps[3].fi, rtol=1e-12)
-    assert whole.parameters is not None and chunked.parameters is not None
+    assert whole.parameters is not None
+    assert chunked.parameters is not None
     for name, layer in whole.parameters.layers.items():
         _close(chunked.parameters.layers[name].parameters.fi, layer.parameters.fi, rtol=1e-12)
-        assert torch.equal(chunked.parameters.layers[name].parameters.effective_rank, layer.parameters.effective_rank)
+        assert torch.equal(
+            chunked.parameters.layers[name].parameters.effective_rank,
+            layer.parameters.effective_rank,
+        )
     assert torch.equal(chunked.target, whole.target)
 
 
@@ -142,7 +154,8 @@ def _snapshot(model: nn.Module) -> dict[str, object]:
         "requires_grad": [p.requires_grad for p in model.parameters()],
         "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
         "hooks": [
-            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()
+            (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            for m in model.modules()
         ],
     }
 
@@ -164,7 +177,8 @@ def test_model_is_left_exactly_as_it_was(context: str) -> None:
     else:
         result = sensitivity(model, x, labels, windows=(1, 3))
     after = _snapshot(model)
-    assert result.input is not None and torch.isfinite(result.input.whole.fi).all()
+    assert result.input is not None
+    assert torch.isfinite(result.input.whole.fi).all()
     assert before["modes"] == after["modes"]
     assert before["requires_grad"] == after["requires_grad"]
     assert before["hooks"] == after["hooks"]
@@ -205,9 +219,12 @@ def test_forward_fn_adapts_models_that_return_more_than_logits() -> None:
     wrapped = Wrapped()
     with pytest.raises(TypeError, match="forward_fn"):
         sensitivity(wrapped, x, labels, windows=(1,))
-    adapted = sensitivity(wrapped, x, labels, windows=(1,), forward_fn=lambda m, inp: m(inp)["logits"])
+    adapted = sensitivity(
+        wrapped, x, labels, windows=(1,), forward_fn=lambda m, inp: m(inp)["logits"]
+    )
     plain = sensitivity(model, x, labels, windows=(1,))
-    assert adapted.input is not None and plain.input is not None
+    assert adapted.input is not None
+    assert plain.input is not None
     _close(adapted.input.whole.fi, plain.input.whole.fi, rtol=1e-14)
     assert adapted.parameters is not None
     assert set(adapted.parameters.layers) == {f"net.{n}" for n in ["0", "1", "3", "4", "7"]}
@@ -216,7 +233,8 @@ def test_forward_fn_adapts_models_that_return_more_than_logits() -> None:
 def test_core_does_not_import_lightning() -> None:
     code = (
         "import sys, lightning_sens, lightning_sens.core, lightning_sens.reference; "
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'tensorboard')]; "
+        "roots = {m.split('.')[0] for m in sys.modules}; "
+        "bad = roots & {'lightning', 'pytorch_lightning', 'tensorboard'}; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -17,7 +17,10 @@ def _assert_close(name: str, got: Tensor, want: Tensor, rtol: float = RTOL) -> N
     scale = want.abs().clamp_min(1e-12)
     bad = ((got - want).abs() > rtol * scale).nonzero()
     if len(bad):
-        rows = [f"  {tuple(i.tolist())}: engine {got[tuple(i)]:.15g} vs reference {want[tuple(i)]:.15g}" for i in bad[:10]]
+        rows = [
+            f"  {tuple(i.tolist())}: engine {got[tuple(i)]:.15g} vs reference {want[tuple(i)]:.15g}"
+            for i in bad[:10]
+        ]
         pytest.fail(f"{name}: {len(bad)} of {got.numel()} entries differ\n" + "\n".join(rows))
 
 
@@ -53,7 +56,9 @@ def test_engine_matches_reference(case: Case, target_kind: str) -> None:
         if windows:
             assert got.input.pixel_map is not None
             _assert_close("pixel map", got.input.pixel_map.fi, want["pixel_map"])
-            _assert_equal("pixel map rank", got.input.pixel_map.effective_rank, want["pixel_map_rank"])
+            _assert_equal(
+                "pixel map rank", got.input.pixel_map.effective_rank, want["pixel_map_rank"]
+            )
     else:
         assert got.input is None
 
@@ -69,10 +74,22 @@ def test_engine_matches_reference(case: Case, target_kind: str) -> None:
             assert layer.channel_scale is None, name
         else:
             assert layer.channel_scale is not None, name
-            _assert_close(f"{name} channel scale fi", layer.channel_scale.fi, want["channel_scale_fi"])
-            _assert_equal(f"{name} channel rank", layer.channel_scale.effective_rank, want["channel_scale_rank"])
-    _assert_close("all parameters fi", got.parameters.all_parameters.fi, want_layers["__all__"]["fi"])
-    _assert_equal("all parameters rank", got.parameters.all_parameters.effective_rank, want_layers["__all__"]["rank"])
+            _assert_close(
+                f"{name} channel scale fi", layer.channel_scale.fi, want["channel_scale_fi"]
+            )
+            _assert_equal(
+                f"{name} channel rank",
+                layer.channel_scale.effective_rank,
+                want["channel_scale_rank"],
+            )
+    _assert_close(
+        "all parameters fi", got.parameters.all_parameters.fi, want_layers["__all__"]["fi"]
+    )
+    _assert_equal(
+        "all parameters rank",
+        got.parameters.all_parameters.effective_rank,
+        want_layers["__all__"]["rank"],
+    )
 
 
 def test_every_supported_layer_avoids_the_fallback() -> None:
@@ -93,7 +110,10 @@ def test_ghost_and_direct_routes_agree_with_reference() -> None:
     """A conv layer on a small image takes the ghost route (2T² ≤ p·d); it must stay exact."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(4, 8, 3, stride=2), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(8 * 9, 5)
+        torch.nn.Conv2d(4, 8, 3, stride=2),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 9, 5),
     ).double()
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
     got = sensitivity(model, x, "pred", input_maps=False)

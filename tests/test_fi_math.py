@@ -1,4 +1,4 @@
-"""K-space FI against brute force and against 250-digit arithmetic; the closed forms of METHOD.md §5."""
+"""K-space FI against brute force and 250-digit arithmetic; the closed forms of METHOD.md §5."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from lightning_sens import (
 from lightning_sens.reference import fi_from_jacobian
 
 
-def _random_case(K: int, m: int, seed: int, scale: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_case(
+    K: int, m: int, seed: int, scale: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     J = torch.randn(K, m, dtype=torch.float64, generator=generator)
     p = torch.softmax(scale * torch.randn(K, dtype=torch.float64, generator=generator), -1)
@@ -69,7 +71,7 @@ def _mp_fi(J: torch.Tensor, z: torch.Tensor, y: int) -> float:
 @pytest.mark.parametrize("margin", [30.0, 60.0, 200.0])
 @pytest.mark.parametrize("m", [1, 2, 3])
 def test_fi_is_exact_for_confident_predictions(margin: float, m: int) -> None:
-    """Relative error ~1e-14 at p_y = 1 − 1e-87 and at p_y = 1e-87 (where naive forms give 0/NaN)."""
+    """Relative error ~1e-14 at p_y = 1 − 1e-87 and at p_y = 1e-87 (naive forms give 0 or NaN)."""
     generator = torch.Generator().manual_seed(int(margin) + m)
     K = 5
     J = torch.randn(K, m, dtype=torch.float64, generator=generator)
@@ -119,7 +121,9 @@ def test_one_coordinate_closed_form() -> None:
         H = torch.diag(p) - torch.outer(p, p)
         want = (c @ u) ** 2 / (u @ H @ u)
         torch.testing.assert_close(fi_along_direction(u, p, c).fi, want, rtol=1e-12, atol=0)
-        torch.testing.assert_close(fi_from_gram(torch.outer(u, u), p, c).fi, want, rtol=1e-12, atol=0)
+        torch.testing.assert_close(
+            fi_from_gram(torch.outer(u, u), p, c).fi, want, rtol=1e-12, atol=0
+        )
 
 
 def test_direction_along_ones_has_no_influence() -> None:
@@ -157,19 +161,26 @@ def test_relative_fi_and_bounds() -> None:
 
 
 def test_closed_form_is_exact_in_float32_at_large_margins() -> None:
-    logits = torch.tensor([[0.0, 60.0, -3.0], [80.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float32)
+    logits = torch.tensor(
+        [[0.0, 60.0, -3.0], [80.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float32
+    )
     out = closed_form_fi(logits, torch.tensor([1, 1, 2]))
     z = logits.double()
-    want = torch.stack([
-        torch.logsumexp(torch.tensor([-60.0, -63.0], dtype=torch.float64), 0),
-        torch.tensor(80.0, dtype=torch.float64) + torch.log1p(torch.exp(torch.tensor(-80.0, dtype=torch.float64))),
-        torch.log(torch.tensor(2.0, dtype=torch.float64)),
-    ])
+    want = torch.stack(
+        [
+            torch.logsumexp(torch.tensor([-60.0, -63.0], dtype=torch.float64), 0),
+            torch.tensor(80.0, dtype=torch.float64)
+            + torch.log1p(torch.exp(torch.tensor(-80.0, dtype=torch.float64))),
+            torch.log(torch.tensor(2.0, dtype=torch.float64)),
+        ]
+    )
     torch.testing.assert_close(out.log_fi, want, rtol=1e-14, atol=0)
     naive = (1 - torch.softmax(logits, -1)[0, 1]) / torch.softmax(logits, -1)[0, 1]
     assert float(naive) == 0.0  # what the naive float32 formula returns
     assert float(out.fi[0]) > 0.0
-    torch.testing.assert_close(out.p_target, torch.softmax(z, -1)[torch.arange(3), torch.tensor([1, 1, 2])])
+    torch.testing.assert_close(
+        out.p_target, torch.softmax(z, -1)[torch.arange(3), torch.tensor([1, 1, 2])]
+    )
     pred = closed_form_fi(logits, "pred")
     assert pred.target.tolist() == [1, 0, 0]
     assert float(pred.log_fi[2]) == pytest.approx(float(torch.log(torch.tensor(2.0))))
@@ -179,4 +190,6 @@ def test_contrast_basis_is_orthonormal_and_orthogonal_to_ones() -> None:
     for K in (2, 3, 10, 100):
         Q = contrast_basis(K)
         torch.testing.assert_close(Q.T @ Q, torch.eye(K - 1, dtype=torch.float64))
-        torch.testing.assert_close(Q.T @ torch.ones(K, dtype=torch.float64), torch.zeros(K - 1, dtype=torch.float64))
+        torch.testing.assert_close(
+            Q.T @ torch.ones(K, dtype=torch.float64), torch.zeros(K - 1, dtype=torch.float64)
+        )

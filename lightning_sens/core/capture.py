@@ -60,7 +60,9 @@ def forward_capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, Captured
     handles = []
 
     def make_hook(name: str) -> Callable[..., Tensor]:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Tensor:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> Tensor:
             record = records[name]
             record.calls += 1
             if not isinstance(output, Tensor):

@@ -199,7 +199,9 @@ def _chunk_sensitivity(
     held = {name: r.output for name, r in records.items() if r.output is not None}
     missing = sorted(set(layers) - set(held))
     if missing:
-        raise ValueError(f"Layers {missing} did not run in the forward pass; leave them out with `layers=`.")
+        raise ValueError(
+            f"Layers {missing} did not run in the forward pass; leave them out with `layers=`."
+        )
     wrt = ([x] if differentiate_input else []) + list(held.values())
     if not logits.requires_grad:
         raise ValueError(
@@ -221,7 +223,9 @@ def _chunk_sensitivity(
         total = torch.zeros(x.shape[0], K - 1, K - 1, dtype=torch.float64, device=z.device)
         for (name, record), layer_grads in zip(records.items(), grads, strict=True):
             assert record.output is not None  # checked above; narrows the type
-            found = layer_gram(layers[name], record.args, record.kwargs, record.output.detach(), layer_grads)
+            found = layer_gram(
+                layers[name], record.args, record.kwargs, record.output.detach(), layer_grads
+            )
             gram = found.gram.to(torch.float64)
             total = total + gram
             scale = found.scale.to(torch.float64)
@@ -231,7 +235,9 @@ def _chunk_sensitivity(
                 channel = fi_from_contrast_gram(u @ u.transpose(-1, -2), probs, c, tol)
             per_layer[name] = LayerFI(
                 parameters=fi_from_contrast_gram(gram, probs, c, tol),
-                scale=fi_from_contrast_gram(scale.unsqueeze(-1) * scale.unsqueeze(-2), probs, c, tol),
+                scale=fi_from_contrast_gram(
+                    scale.unsqueeze(-1) * scale.unsqueeze(-2), probs, c, tol
+                ),
                 channel_scale=channel,
                 method=found.method,
             )
@@ -324,7 +330,9 @@ def sensitivity(
     check_inputs(inputs)
     if backward not in ("auto", "batched", "loop"):
         raise ValueError(f"backward must be 'auto', 'batched' or 'loop', got {backward!r}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
     if rtol is not None and not (0.0 < rtol < 1.0):
         raise ValueError(f"rtol must lie in (0, 1), got {rtol!r}.")
@@ -332,11 +340,10 @@ def sensitivity(
     if input_maps and inputs.dim() == 4:
         windows = check_windows(windows, inputs.shape[2], inputs.shape[3])
     monitored = trainable_layers(model, layers) if parameters else {}
-    if isinstance(target, Tensor):
-        if target.dim() != 1 or target.shape[0] != inputs.shape[0]:
-            raise ValueError(
-                f"target must have shape (B,) = ({inputs.shape[0]},), got {tuple(target.shape)}."
-            )
+    if isinstance(target, Tensor) and (target.dim() != 1 or target.shape[0] != inputs.shape[0]):
+        raise ValueError(
+            f"target must have shape (B,) = ({inputs.shape[0]},), got {tuple(target.shape)}."
+        )
     forward = forward_fn or _default_forward
     B = inputs.shape[0]
     step = chunk_size or B
@@ -378,8 +385,15 @@ def input_fi(
             "token ids use parameter_fi (e.g. of the embedding layer)."
         )
     result = sensitivity(
-        model, inputs, target, windows=windows, parameters=False, forward_fn=forward_fn,
-        chunk_size=chunk_size, rtol=rtol, backward=backward,
+        model,
+        inputs,
+        target,
+        windows=windows,
+        parameters=False,
+        forward_fn=forward_fn,
+        chunk_size=chunk_size,
+        rtol=rtol,
+        backward=backward,
     )
     assert result.input is not None  # floating inputs always give input FI
     return result.input
@@ -396,13 +410,23 @@ def parameter_fi(
     rtol: float | None = None,
     backward: Backward = "auto",
 ) -> ParameterFI:
-    """Parameter FI only (per layer, scaling families, all layers jointly); see :func:`sensitivity`."""
+    """Parameter FI only (per layer, scaling families, all layers jointly).
+
+    See :func:`sensitivity` for the arguments.
+    """
     chosen = trainable_layers(model, layers)
     if not chosen:
         raise ValueError("The model has no module with trainable parameters to perturb.")
     result = sensitivity(
-        model, inputs, target, input_maps=False, layers=list(chosen), forward_fn=forward_fn,
-        chunk_size=chunk_size, rtol=rtol, backward=backward,
+        model,
+        inputs,
+        target,
+        input_maps=False,
+        layers=list(chosen),
+        forward_fn=forward_fn,
+        chunk_size=chunk_size,
+        rtol=rtol,
+        backward=backward,
     )
     assert result.parameters is not None  # parameters=True always gives parameter FI
     return result.parameters

@@ -2,7 +2,8 @@
 
 Everything here is pure tensor math (METHOD.md §3–§5). A perturbation family ω (a block of input
 coordinates, a layer's parameters, a scaling factor) enters through the Jacobian J = ∂z/∂ω of the
-logits z ∈ R^K. With p = softmax(z), H = diag(p) − p pᵀ and c = ∂f/∂z (for f = log p_y: c = e_y − p),
+logits z ∈ R^K. With p = softmax(z), H = diag(p) − p pᵀ and c = ∂f/∂z
+(for f = log p_y: c = e_y − p),
 
     G = Jᵀ H J,    ∇f = Jᵀ c,    FI = ∇fᵀ G⁺ ∇f = max_v (vᵀ∇f)² / (vᵀ G v).
 
@@ -12,7 +13,8 @@ K × K Gram matrix S = J Jᵀ. Nothing of size m is ever needed.
 
 Numerics (ENGINE.md, "Numerics"): the rank of the family is decided on the p-independent Gram; the
 probability-dependent algebra is done relative to the most probable class r, whose probability
-p_r ≥ 1/K is never subtracted from 1, so that confident predictions (p_r = 1 − 1e-26) lose no digits.
+p_r ≥ 1/K is never subtracted from 1, so that confident predictions (p_r = 1 − 1e-26) lose
+no digits.
 """
 
 from __future__ import annotations
@@ -118,7 +120,9 @@ def _helmert(K: int) -> Tensor:
     return basis
 
 
-def contrast_basis(K: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> Tensor:
+def contrast_basis(
+    K: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
+) -> Tensor:
     """Orthonormal basis of the complement of the all-ones vector in R^K (Helmert contrasts).
 
     Returns:
@@ -144,6 +148,8 @@ def resolve_target(logits: Tensor, target: Target) -> Tensor:
                 f"target must be a tensor of class indices or the string 'pred', got {target!r}."
             )
         return logits.argmax(dim=-1)
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}.")
     return target.to(device=logits.device, dtype=torch.long)
 
 
@@ -184,7 +190,7 @@ def closed_form_fi(logits: Tensor, target: Target) -> ClosedFormFI:
 
 
 def _drop_reference(x: Tensor, ref: Tensor, K: int) -> Tensor:
-    """Remove entry ``ref`` along dim −2 (if x is (..., K, n)) — shapes ``(..., K, n) -> (..., K−1, n)``."""
+    """Remove row ``ref`` along dim −2: ``(..., K, n) -> (..., K−1, n)``."""
     keep = torch.arange(K - 1, device=x.device).expand(*ref.shape, K - 1)
     keep = keep + (keep >= ref.unsqueeze(-1)).long()
     return x.gather(-2, keep.unsqueeze(-1).expand(*keep.shape, x.shape[-1]))
@@ -317,7 +323,7 @@ def fi_along_direction(u: Tensor, probs: Tensor, c: Tensor) -> BlockFI:
     u = u.to(torch.float64).expand(*batch, K)
     probs = probs.to(torch.float64).expand(*batch, K)
     c = c.to(torch.float64).expand(*batch, K)
-    r, a, q, _alpha, v = _reference_frame(probs, c)
+    r, _a, q, _alpha, v = _reference_frame(probs, c)
     delta = _drop_reference((u - u.gather(-1, r.unsqueeze(-1))).unsqueeze(-1), r, K).squeeze(-1)
     c_ref = _drop_reference(c.unsqueeze(-1), r, K).squeeze(-1)
     mean = (q * delta).sum(-1)

@@ -22,7 +22,14 @@ from torch.func import functional_call, grad, vmap
 
 __all__ = ["LayerGram", "channel_dim", "layer_gram"]
 
-_CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)
+_CHANNEL_FIRST = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.GroupNorm,
+)
 _CHANNEL_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding)
 
 
@@ -39,7 +46,7 @@ class LayerGram:
             or "torch.func" (the generic per-sample fallback).
     """
 
-    gram: Tensor | None
+    gram: Tensor
     scale: Tensor
     channel_scale: Tensor | None
     method: str
@@ -74,8 +81,10 @@ def _weight_gram(inputs: Tensor, grads: Tensor) -> tuple[Tensor, str]:
     T, d, p = inputs.shape[2], inputs.shape[3], grads.shape[-1]
     if T == 1:
         norms = inputs.square().sum((-1, -2))  # (B, G)
-        return torch.einsum("bg,kbgp,lbgp->bkl", norms, grads[:, :, :, 0], grads[:, :, :, 0]), "linear"
-    if 2 * T * T <= p * d:
+        return torch.einsum(
+            "bg,kbgp,lbgp->bkl", norms, grads[:, :, :, 0], grads[:, :, :, 0]
+        ), "linear"
+    if p * d >= 2 * T * T:
         overlap = inputs @ inputs.transpose(-1, -2)  # (B, G, T, T)
         mixed = torch.einsum("bgts,lbgsp->lbgtp", overlap, grads)
         return _pair_gram(grads, mixed), "ghost"
@@ -151,7 +160,9 @@ def _norm_gram(module: nn.Module, x: Tensor, grads: Tensor) -> tuple[Tensor, str
         shared = tuple(range(2, grads.dim() - len(module.normalized_shape)))
     else:
         shared = tuple(range(3, grads.dim()))
-    gram = torch.zeros(grads.shape[1], grads.shape[0], grads.shape[0], dtype=grads.dtype, device=grads.device)
+    gram = torch.zeros(
+        grads.shape[1], grads.shape[0], grads.shape[0], dtype=grads.dtype, device=grads.device
+    )
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     if weight is not None and weight.requires_grad:
         x_hat = _normalized(module, x.to(grads.dtype))
@@ -175,9 +186,15 @@ def _embedding_gram(module: nn.Embedding, idx: Tensor, grads: Tensor) -> tuple[T
     return _pair_gram(g, mixed), "embedding"
 
 
-def _split_batched(args: tuple[Any, ...], batch: int) -> tuple[list[int], Callable[..., tuple[Any, ...]]]:
+def _split_batched(
+    args: tuple[Any, ...], batch: int
+) -> tuple[list[int], Callable[..., tuple[Any, ...]]]:
     """Which positional args carry the batch, and a function that rebuilds args from them."""
-    batched = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch]
+    batched = [
+        i
+        for i, a in enumerate(args)
+        if isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == batch
+    ]
 
     def rebuild(*values: Any) -> tuple[Any, ...]:
         full = list(args)
@@ -189,17 +206,24 @@ def _split_batched(args: tuple[Any, ...], batch: int) -> tuple[list[int], Callab
 
 
 def _per_sample_gradients(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], params: dict[str, Tensor], grads: Tensor
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    params: dict[str, Tensor],
+    grads: Tensor,
 ) -> Tensor:
-    """Generic exact fallback: per-sample gradients of ⟨g_k, output⟩, ``(K', B, P)``, via torch.func."""
+    """Generic exact fallback: per-sample gradients of ⟨g_k, output⟩ via torch.func.
+
+    Returns ``(K', B, P)`` with P the number of the layer's trainable parameters.
+    """
     B = grads.shape[1]
     batched, rebuild = _split_batched(args, B)
 
     def sample_gradient(g: Tensor, *values: Tensor) -> dict[str, Tensor]:
         sample_args = rebuild(*(v.unsqueeze(0) for v in values))
-        return grad(lambda p: (functional_call(module, p, sample_args, kwargs) * g.unsqueeze(0)).sum())(
-            params
-        )
+        return grad(
+            lambda p: (functional_call(module, p, sample_args, kwargs) * g.unsqueeze(0)).sum()
+        )(params)
 
     none = (None,) * len(batched)
     per_sample = vmap(vmap(sample_gradient), in_dims=(0, *none))(grads, *(args[i] for i in batched))
@@ -209,8 +233,9 @@ def _per_sample_gradients(
 def _is_homogeneous(module: nn.Module) -> bool:
     """True when the output is linear in all of the layer's parameters jointly (all trainable)."""
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
-    kinds += (nn.modules.batchnorm._BatchNorm,)
-    return isinstance(module, kinds) and all(p.requires_grad for p in module.parameters(recurse=False))
+    return isinstance(module, (*kinds, nn.modules.batchnorm._BatchNorm)) and all(
+        p.requires_grad for p in module.parameters(recurse=False)
+    )
 
 
 def layer_gram(
@@ -241,16 +266,14 @@ def layer_gram(
         gram, method = _embedding_gram(module, x, grads)
     else:
         gram, method = None, "torch.func"
-    flat = None
     if gram is None or not _is_homogeneous(module):
         flat = _per_sample_gradients(module, args, kwargs, params, grads)  # (K', B, P)
-    if gram is None:
-        gram = _pair_gram(flat)
-    if flat is None:  # θ → ωθ scales the output itself: ∂out/∂ω = out
-        scale = (grads * output.to(grads.dtype)).flatten(2).sum(-1).T  # (B, K')
-    else:  # ∂⟨g_k, out⟩/∂ω = ⟨∂⟨g_k, out⟩/∂θ, θ⟩
+        gram = _pair_gram(flat) if gram is None else gram
+        # ∂⟨g_k, out⟩/∂ω of θ → ωθ is ⟨∂⟨g_k, out⟩/∂θ, θ⟩
         theta = torch.cat([p.reshape(-1) for p in params.values()]).to(flat.dtype)
         scale = (flat @ theta).T
+    else:  # θ → ωθ scales the output itself: ∂out/∂ω = out
+        scale = (grads * output.to(grads.dtype)).flatten(2).sum(-1).T  # (B, K')
     cdim = channel_dim(module)
     channel_scale = None
     if cdim is not None:

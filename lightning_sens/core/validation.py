@@ -17,9 +17,7 @@ def check_logits(logits: object, hint: str = "") -> None:
             f"The model returned {type(logits).__name__}, expected a (B, K) tensor of logits.{hint}"
         )
     if logits.dim() != 2:
-        raise ValueError(
-            f"Expected logits of shape (B, K), got shape {tuple(logits.shape)}.{hint}"
-        )
+        raise ValueError(f"Expected logits of shape (B, K), got shape {tuple(logits.shape)}.{hint}")
     if not logits.is_floating_point():
         raise TypeError(f"Expected floating-point logits, got dtype {logits.dtype}.{hint}")
     if logits.shape[0] == 0:
@@ -41,8 +39,6 @@ def check_logits(logits: object, hint: str = "") -> None:
 def check_target(target: Tensor, logits: Tensor) -> None:
     """Raise unless ``target`` holds one class index in [0, K) per sample."""
     B, K = logits.shape
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}.")
     if target.shape != (B,):
         raise ValueError(
             f"target must have shape (B,) = ({B},) to match the logits, got {tuple(target.shape)}."
