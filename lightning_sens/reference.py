@@ -373,26 +373,31 @@ def _channel_scale_jacobian(
 
 
 def authors_recipe_fi(
-    prob_jacobian: Tensor, probs: Tensor, target: int, eps: float = 1e-3
+    prob_jacobian: Tensor, probs: Tensor, target: int | Tensor, eps: float = 1e-3
 ) -> Tensor:
     """The ε-regularised FI of the authors' public code (METHOD.md §7), for reproduction only.
 
+    Batched over any leading dimensions (blocks, samples).
+
     Args:
-        prob_jacobian: ``J_p = ∂p/∂ω`` at ``ω0``, shape (K, m) (note: probabilities, not logits).
-        probs: ``p``, shape (K,).
-        target: the class ``y``.
+        prob_jacobian: ``J_p = ∂p/∂ω`` at ``ω0``, shape (..., K, m) (probabilities, not logits).
+        probs: ``p``, shape (..., K).
+        target: the class ``y`` (an int, or an integer tensor of the leading shape).
         eps: the regulariser ``ε`` and the ABSOLUTE singular-value cut-off.
 
     Returns:
-        0-dim float64 ``Σ_{σ_i > ε} (u_iᵀ ∇f)² / σ_i²`` where ``L = J_pᵀ diag(1 / (√p + ε))``
-        (m × K) has the thin SVD ``U Σ Vᵀ`` and ``∇f = J_p[y, :] / (p_y + ε)``. As ``ε → 0`` it
-        tends to the exact FI; at ``ε = 1e-3`` it differs markedly when ``p_y`` is small.
+        float64 ``Σ_{σ_i > ε} (u_iᵀ ∇f)² / σ_i²`` of the leading shape, where
+        ``L = J_pᵀ diag(1 / (√p + ε))`` (m × K) has the thin SVD ``U Σ Vᵀ`` and
+        ``∇f = J_p[y, :] / (p_y + ε)``. As ``ε → 0`` it tends to the exact FI; at ``ε = 1e-3``
+        it differs markedly when ``p_y`` is small.
     """
     Jp = prob_jacobian.to(torch.float64)
-    p = probs.to(torch.float64)
-    L = Jp.T @ torch.diag(1.0 / (p.sqrt() + eps))
-    grad_f = Jp[target, :] / (p[target] + eps)
+    p = probs.to(torch.float64).expand(*Jp.shape[:-2], Jp.shape[-2])
+    y = torch.as_tensor(target, device=Jp.device).expand(Jp.shape[:-2])
+    L = Jp.transpose(-1, -2) / (p.sqrt() + eps).unsqueeze(-2)
+    row = Jp.gather(-2, y[..., None, None].expand(*Jp.shape[:-2], 1, Jp.shape[-1])).squeeze(-2)
+    grad_f = row / (p.gather(-1, y.unsqueeze(-1)) + eps)
     U, S, _ = torch.linalg.svd(L, full_matrices=False)
     keep = eps < S
-    proj = U[:, keep].T @ grad_f
-    return (proj**2 / S[keep] ** 2).sum()
+    proj = (U.transpose(-1, -2) @ grad_f.unsqueeze(-1)).squeeze(-1)
+    return torch.where(keep, proj.square() / S.where(keep, 1.0).square(), 0.0).sum(-1)

@@ -33,6 +33,7 @@ __all__ = [
     "contrast_basis",
     "default_rtol",
     "fi_along_direction",
+    "fi_from_contrast_columns",
     "fi_from_contrast_gram",
     "fi_from_gram",
     "log_prob_gradient",
@@ -219,10 +220,76 @@ def _reference_frame(probs: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, 
     return r, a, q, alpha, v
 
 
+def _fi_on_range(basis: Tensor, keep: Tensor, probs: Tensor, c: Tensor) -> Tensor:
+    """FI of the family whose logit changes span the kept leading columns of ``basis``.
+
+    Args:
+        basis: ``(N, K−1, n)`` columns in contrast coordinates; kept ones first, full rank.
+        keep: ``(N, n)`` bool, a prefix of True per row.
+    """
+    K = basis.shape[-2] + 1
+    n = basis.shape[-1]
+    span = contrast_basis(K, basis.dtype, basis.device) @ basis  # (N, K, n), ⟂ 1
+    r, a, q, alpha, v = _reference_frame(probs, c)
+    # Range of the family in δ-coordinates (relative to class r), then whitened by D N^{1/2}.
+    delta = _drop_reference(span - span.gather(-2, r.reshape(-1, 1, 1).expand(-1, 1, n)), r, K)
+    y = a.unsqueeze(-1) * (delta - alpha.unsqueeze(-1) * (q.unsqueeze(-2) @ delta))
+    # Householder QR: the first `rank` columns of Q_y span exactly the kept columns of y.
+    q_y, _ = torch.linalg.qr(y)
+    proj = (q_y.transpose(-1, -2) @ v.unsqueeze(-1)).squeeze(-1)
+    return (proj.square() * keep).sum(-1)
+
+
+def _fi_rank_deficient(
+    gram: Tensor, probs: Tensor, c: Tensor, rtol: float, noise_scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """FI and rank of flat batches ``(N, K', K')`` via eigh (rank and range) and QR."""
+    K = gram.shape[-1] + 1
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending: kept directions come first
+    top = torch.maximum(evals[..., :1], noise_scale.unsqueeze(-1))
+    keep = (evals > rtol * K * top) & (evals > 0)
+    return _fi_on_range(evecs, keep, probs, c), keep.sum(-1)
+
+
+def fi_from_contrast_columns(columns: Tensor, probs: Tensor, c: Tensor, rtol: float) -> BlockFI:
+    """FI of a family of m < K − 1 coordinates from its Jacobian columns in contrast coordinates.
+
+    The cheap route for small blocks (one pixel's channels, a layer's few scaling factors):
+    the rank is decided on the m × m Gram UᵀU, whose nonzero eigenvalues are those of U Uᵀ,
+    so it agrees with :func:`fi_from_contrast_gram` on ``U Uᵀ``.
+
+    Args:
+        columns: ``(..., K−1, m)``, U = Qᵀ J.
+        probs, c, rtol: as in :func:`fi_from_contrast_gram`.
+    """
+    K1, m = columns.shape[-2:]
+    if m >= K1:
+        return fi_from_contrast_gram(columns @ columns.transpose(-1, -2), probs, c, rtol)
+    if m == 1:  # closed form 2 of METHOD.md §5, no factorisation needed
+        Q = contrast_basis(K1 + 1, columns.dtype, columns.device)
+        return fi_along_direction((Q @ columns).squeeze(-1), probs, c)
+    batch = torch.broadcast_shapes(columns.shape[:-2], probs.shape[:-1], c.shape[:-1])
+    columns = columns.expand(*batch, K1, m).reshape(-1, K1, m)
+    probs = probs.expand(*batch, K1 + 1).reshape(-1, K1 + 1)
+    c = c.expand(*batch, K1 + 1).reshape(-1, K1 + 1)
+    evals, evecs = torch.linalg.eigh(columns.transpose(-1, -2) @ columns)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    keep = (evals > rtol * (K1 + 1) * evals[..., :1]) & (evals > 0)
+    fi = _fi_on_range(columns @ evecs, keep, probs, c)
+    best = _reference_frame(probs, c)[-1].square().sum(-1)
+    relative = torch.where(best > 0, fi / best, torch.zeros_like(fi)).clamp(max=1.0)
+    return BlockFI(fi.reshape(batch), relative.reshape(batch), keep.sum(-1).reshape(batch))
+
+
 def fi_from_contrast_gram(
     gram: Tensor, probs: Tensor, c: Tensor, rtol: float, noise_scale: Tensor | None = None
 ) -> BlockFI:
     """FI from a block Gram expressed in the contrast basis (the engine's native form).
+
+    Blocks whose Gram passes a Cholesky test of full rank (λ_min > rtol · K · trace, stricter
+    than the eigenvalue rule below) get the closed form ‖v‖² = max FI directly; the others go
+    through eigh and QR. Both give the same value to rounding where both apply.
 
     Args:
         gram: ``(..., K−1, K−1)`` float64, ``Qᵀ J Jᵀ Q`` with Q = :func:`contrast_basis`.
@@ -240,31 +307,32 @@ def fi_from_contrast_gram(
     """
     K = gram.shape[-1] + 1
     batch = torch.broadcast_shapes(gram.shape[:-2], probs.shape[:-1], c.shape[:-1])
-    gram = gram.expand(*batch, K - 1, K - 1)
-    probs = probs.expand(*batch, K)
-    c = c.expand(*batch, K)
-
-    evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending: kept directions come first
-    top = evals[..., :1].clamp_min(0.0)
+    gram = gram.expand(*batch, K - 1, K - 1).reshape(-1, K - 1, K - 1)
+    probs = probs.expand(*batch, K).reshape(-1, K)
+    c = c.expand(*batch, K).reshape(-1, K)
+    noise = torch.zeros(batch, dtype=gram.dtype, device=gram.device)
     if noise_scale is not None:
-        top = torch.maximum(top, noise_scale.expand(batch).unsqueeze(-1).to(top.dtype))
-    keep = (evals > rtol * K * top) & (evals > 0)
-    rank = keep.sum(-1)
+        noise = noise + noise_scale.to(gram.dtype)
+    noise = noise.reshape(-1)
 
-    # Range of the family in δ-coordinates (relative to class r), then whitened by D N^{1/2}.
-    basis = contrast_basis(K, gram.dtype, gram.device) @ evecs  # (..., K, K−1), ⟂ 1
-    r, a, q, alpha, v = _reference_frame(probs, c)
-    idx = r.reshape(*r.shape, 1, 1).expand(*r.shape, 1, K - 1)
-    delta = _drop_reference(basis - basis.gather(-2, idx), r, K)
-    y = a.unsqueeze(-1) * (delta - alpha.unsqueeze(-1) * (q.unsqueeze(-2) @ delta))
-    # Householder QR: the first `rank` columns of Q_y span exactly the kept columns of y.
-    q_y, _ = torch.linalg.qr(y)
-    proj = (q_y.transpose(-1, -2) @ v.unsqueeze(-1)).squeeze(-1)
-    fi = (proj.square() * keep).sum(-1)
-    best = v.square().sum(-1)
+    best = _reference_frame(probs, c)[-1].square().sum(-1)
+    trace = torch.maximum(gram.diagonal(dim1=-2, dim2=-1).sum(-1), noise)
+    eye = torch.eye(K - 1, dtype=gram.dtype, device=gram.device)
+    _, info = torch.linalg.cholesky_ex(gram - (rtol * K * trace)[:, None, None] * eye)
+    full = (info == 0) & (trace > 0)
+    fi = torch.where(full, best, 0.0)
+    rank = torch.where(full, K - 1, 0)
+    rest = (~full).nonzero().squeeze(-1)
+    if len(rest):
+        fi[rest], rank[rest] = _fi_rank_deficient(
+            gram[rest], probs[rest], c[rest], rtol, noise[rest]
+        )
     relative = torch.where(best > 0, fi / best, torch.zeros_like(fi)).clamp(max=1.0)
-    return BlockFI(fi=fi, relative_fi=relative, effective_rank=rank)
+    return BlockFI(
+        fi=fi.reshape(batch),
+        relative_fi=relative.reshape(batch),
+        effective_rank=rank.reshape(batch),
+    )
 
 
 def fi_from_gram(gram: Tensor, probs: Tensor, c: Tensor, rtol: float | None = None) -> BlockFI:

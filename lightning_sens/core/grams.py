@@ -154,22 +154,35 @@ def _normalized(module: nn.Module, x: Tensor) -> Tensor:
     raise TypeError(f"not a normalisation layer: {type(module).__name__}")
 
 
-def _norm_gram(module: nn.Module, x: Tensor, grads: Tensor) -> tuple[Tensor, str]:
-    """Affine norms: y = γ ⊙ x̂ + β; dγ_k = Σ g_k ⊙ x̂, dβ_k = Σ g_k over the shared positions."""
+def _norm_gram(module: nn.Module, x: Tensor, grads: Tensor) -> tuple[Tensor, Tensor, str]:
+    """Affine norms: y = γ ⊙ x̂ + β; dγ_k = Σ g_k ⊙ x̂, dβ_k = Σ g_k over the shared positions.
+
+    Returns the Gram of the trainable ones among (γ, β), and the channel-scaling derivatives
+    ``(B, K', C)``: scaling output channel c scales γ_c x̂ + β_c, so u_kc = γ_c dγ_kc + β_c dβ_kc.
+    """
     if isinstance(module, nn.LayerNorm):
         shared = tuple(range(2, grads.dim() - len(module.normalized_shape)))
     else:
         shared = tuple(range(3, grads.dim()))
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    x_hat = _normalized(module, x.to(grads.dtype))
+    d_weight = (grads * x_hat).sum(shared) if shared else grads * x_hat
+    d_bias = grads.sum(shared) if shared else grads
     gram = torch.zeros(
         grads.shape[1], grads.shape[0], grads.shape[0], dtype=grads.dtype, device=grads.device
     )
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    if weight is not None and weight.requires_grad:
-        x_hat = _normalized(module, x.to(grads.dtype))
-        gram = gram + _pair_gram((grads * x_hat).sum(shared) if shared else grads * x_hat)
-    if bias is not None and bias.requires_grad:
-        gram = gram + _pair_gram(grads.sum(shared) if shared else grads)
-    return gram, "norm"
+    channel = torch.zeros_like(d_bias)
+    if weight is not None:
+        channel = channel + d_weight * weight.detach().to(grads.dtype)
+        if weight.requires_grad:
+            gram = gram + _pair_gram(d_weight)
+    else:
+        channel = channel + d_weight
+    if bias is not None:
+        channel = channel + d_bias * bias.detach().to(grads.dtype)
+        if bias.requires_grad:
+            gram = gram + _pair_gram(d_bias)
+    return gram, channel.flatten(2).permute(1, 0, 2), "norm"
 
 
 def _embedding_gram(module: nn.Embedding, idx: Tensor, grads: Tensor) -> tuple[Tensor, str]:
@@ -252,6 +265,7 @@ def layer_gram(
     params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
     x = args[0] if args else None
     gram: Tensor | None
+    channel_scale: Tensor | None = None
     if isinstance(module, nn.Linear) and x is not None and not kwargs:
         gram, method = _linear_gram(module, x.to(grads.dtype), grads)
     elif isinstance(module, nn.Conv1d | nn.Conv2d) and x is not None and not kwargs:
@@ -261,22 +275,23 @@ def layer_gram(
         and x is not None
         and not kwargs
     ):
-        gram, method = _norm_gram(module, x, grads)
+        gram, channel_scale, method = _norm_gram(module, x, grads)
     elif isinstance(module, nn.Embedding) and x is not None and not kwargs:
         gram, method = _embedding_gram(module, x, grads)
     else:
         gram, method = None, "torch.func"
-    if gram is None or not _is_homogeneous(module):
+    cdim = channel_dim(module)
+    if (
+        cdim is not None and channel_scale is None
+    ):  # ∂out/∂ω_c of out[channel c] → ω_c out[channel c] is out[channel c]
+        moved = (grads * output.to(grads.dtype)).movedim(cdim if cdim < 0 else cdim + 1, 2)
+        channel_scale = moved.reshape(*moved.shape[:3], -1).sum(-1).permute(1, 0, 2)  # (B, K', C)
+    if gram is None or channel_scale is None or not _is_homogeneous(module):
         flat = _per_sample_gradients(module, args, kwargs, params, grads)  # (K', B, P)
         gram = _pair_gram(flat) if gram is None else gram
         # ∂⟨g_k, out⟩/∂ω of θ → ωθ is ⟨∂⟨g_k, out⟩/∂θ, θ⟩
         theta = torch.cat([p.reshape(-1) for p in params.values()]).to(flat.dtype)
         scale = (flat @ theta).T
-    else:  # θ → ωθ scales the output itself: ∂out/∂ω = out
-        scale = (grads * output.to(grads.dtype)).flatten(2).sum(-1).T  # (B, K')
-    cdim = channel_dim(module)
-    channel_scale = None
-    if cdim is not None:
-        moved = (grads * output.to(grads.dtype)).movedim(cdim if cdim < 0 else cdim + 1, 2)
-        channel_scale = moved.reshape(*moved.shape[:3], -1).sum(-1).permute(1, 0, 2)  # (B, K', C)
+    else:  # θ → ωθ scales every output channel alike: the sum of the channel derivatives
+        scale = channel_scale.sum(-1)
     return LayerGram(gram=gram, scale=scale, channel_scale=channel_scale, method=method)
