@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -191,22 +191,35 @@ def closed_form_fi(logits: Tensor, target: Target) -> ClosedFormFI:
 
 
 def _drop_reference(x: Tensor, ref: Tensor, K: int) -> Tensor:
-    """Remove row ``ref`` along dim −2: ``(..., K, n) -> (..., K−1, n)``."""
+    """Remove row ``ref`` along dim −2: ``(N, K, n) -> (N, K−1, n)``."""
     keep = torch.arange(K - 1, device=x.device).expand(*ref.shape, K - 1)
     keep = keep + (keep >= ref.unsqueeze(-1)).long()
     return x.gather(-2, keep.unsqueeze(-1).expand(*keep.shape, x.shape[-1]))
 
 
-def _reference_frame(probs: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Quantities relative to the most probable class r.
+class _Frame(NamedTuple):
+    """Per-sample quantities relative to the most probable class r, flat over samples.
 
     With δ_k = u_k − u_r (k ≠ r) and q = p without r: uᵀHu = δᵀ(diag(q) − q qᵀ)δ and cᵀu = c̃ᵀδ
     for any u (H·1 = 0, cᵀ1 = 0). diag(q) − q qᵀ = D N D with D = diag(√q), N = I − √q√qᵀ, whose
     eigenvalues lie in [p_r, 1] ⊂ [1/K, 1]: all the bad conditioning sits in D.
-
-    Returns r, √q, α, and v = N^{-1/2} D⁻¹ c̃, with α such that N^{1/2} = I − α √q√qᵀ.
     """
+
+    r: Tensor  # (N,) the most probable class
+    a: Tensor  # (N, K−1) √q
+    q: Tensor  # (N, K−1)
+    alpha: Tensor  # (N, 1), N^{1/2} = I − α √q√qᵀ
+    v: Tensor  # (N, K−1), N^{-1/2} D⁻¹ c̃: FI of a family is ‖v projected on its range‖²
+    c_ref: Tensor  # (N, K−1) c̃
+    best: Tensor  # (N,) ‖v‖², the largest FI of any family: (1 − p_y)/p_y for log p_y
+
+    def take(self, index: Tensor) -> _Frame:
+        return _Frame(*(t[index] for t in self))
+
+
+def _frame(probs: Tensor, c: Tensor) -> _Frame:
     K = probs.shape[-1]
+    probs, c = probs.reshape(-1, K), c.reshape(-1, K)
     r = probs.argmax(dim=-1)
     q = _drop_reference(probs.unsqueeze(-1), r, K).squeeze(-1)
     q = q.clamp_min(torch.finfo(torch.float64).tiny)
@@ -217,31 +230,50 @@ def _reference_frame(probs: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor, 
     beta = 1.0 / (root_pr * (1.0 + root_pr))
     a = q.sqrt()
     v = c_ref / a + beta * a * c_ref.sum(-1, keepdim=True)
-    return r, a, q, alpha, v
+    return _Frame(r, a, q, alpha, v, c_ref, v.square().sum(-1))
 
 
-def _fi_on_range(basis: Tensor, keep: Tensor, probs: Tensor, c: Tensor) -> Tensor:
+def _broadcast(
+    block_batch: torch.Size, probs: Tensor, c: Tensor
+) -> tuple[torch.Size, _Frame, Tensor]:
+    """The blocks' batch shape, the frame of each sample, and each block's sample index.
+
+    The frame is computed once per sample, not once per block (maps have C·H·W blocks per
+    sample).
+    """
+    K = probs.shape[-1]
+    sample_batch = torch.broadcast_shapes(probs.shape[:-1], c.shape[:-1])
+    batch = torch.broadcast_shapes(block_batch, sample_batch)
+    frame = _frame(probs.expand(*sample_batch, K), c.expand(*sample_batch, K))
+    samples = torch.arange(frame.r.numel(), device=probs.device).reshape(sample_batch)
+    return batch, frame, samples.expand(batch).reshape(-1)
+
+
+def _fi_on_range(basis: Tensor, keep: Tensor, frame: _Frame) -> Tensor:
     """FI of the family whose logit changes span the kept leading columns of ``basis``.
 
     Args:
         basis: ``(N, K−1, n)`` columns in contrast coordinates; kept ones first, full rank.
         keep: ``(N, n)`` bool, a prefix of True per row.
+        frame: the frame of each block's sample, ``N`` rows.
     """
     K = basis.shape[-2] + 1
     n = basis.shape[-1]
     span = contrast_basis(K, basis.dtype, basis.device) @ basis  # (N, K, n), ⟂ 1
-    r, a, q, alpha, v = _reference_frame(probs, c)
+    r = frame.r
     # Range of the family in δ-coordinates (relative to class r), then whitened by D N^{1/2}.
     delta = _drop_reference(span - span.gather(-2, r.reshape(-1, 1, 1).expand(-1, 1, n)), r, K)
-    y = a.unsqueeze(-1) * (delta - alpha.unsqueeze(-1) * (q.unsqueeze(-2) @ delta))
+    y = frame.a.unsqueeze(-1) * (
+        delta - frame.alpha.unsqueeze(-1) * (frame.q.unsqueeze(-2) @ delta)
+    )
     # Householder QR: the first `rank` columns of Q_y span exactly the kept columns of y.
     q_y, _ = torch.linalg.qr(y)
-    proj = (q_y.transpose(-1, -2) @ v.unsqueeze(-1)).squeeze(-1)
+    proj = (q_y.transpose(-1, -2) @ frame.v.unsqueeze(-1)).squeeze(-1)
     return (proj.square() * keep).sum(-1)
 
 
 def _fi_rank_deficient(
-    gram: Tensor, probs: Tensor, c: Tensor, rtol: float, noise_scale: Tensor
+    gram: Tensor, frame: _Frame, rtol: float, noise_scale: Tensor
 ) -> tuple[Tensor, Tensor]:
     """FI and rank of flat batches ``(N, K', K')`` via eigh (rank and range) and QR."""
     K = gram.shape[-1] + 1
@@ -249,7 +281,12 @@ def _fi_rank_deficient(
     evals, evecs = evals.flip(-1), evecs.flip(-1)  # descending: kept directions come first
     top = torch.maximum(evals[..., :1], noise_scale.unsqueeze(-1))
     keep = (evals > rtol * K * top) & (evals > 0)
-    return _fi_on_range(evecs, keep, probs, c), keep.sum(-1)
+    return _fi_on_range(evecs, keep, frame), keep.sum(-1)
+
+
+def _block_fi(fi: Tensor, best: Tensor, rank: Tensor, batch: torch.Size) -> BlockFI:
+    relative = torch.where(best > 0, fi / best.where(best > 0, 1.0), 0.0).clamp(max=1.0)
+    return BlockFI(fi.reshape(batch), relative.reshape(batch), rank.reshape(batch))
 
 
 def fi_from_contrast_columns(columns: Tensor, probs: Tensor, c: Tensor, rtol: float) -> BlockFI:
@@ -269,17 +306,13 @@ def fi_from_contrast_columns(columns: Tensor, probs: Tensor, c: Tensor, rtol: fl
     if m == 1:  # closed form 2 of METHOD.md §5, no factorisation needed
         Q = contrast_basis(K1 + 1, columns.dtype, columns.device)
         return fi_along_direction((Q @ columns).squeeze(-1), probs, c)
-    batch = torch.broadcast_shapes(columns.shape[:-2], probs.shape[:-1], c.shape[:-1])
+    batch, frame, owner = _broadcast(columns.shape[:-2], probs, c)
     columns = columns.expand(*batch, K1, m).reshape(-1, K1, m)
-    probs = probs.expand(*batch, K1 + 1).reshape(-1, K1 + 1)
-    c = c.expand(*batch, K1 + 1).reshape(-1, K1 + 1)
     evals, evecs = torch.linalg.eigh(columns.transpose(-1, -2) @ columns)
     evals, evecs = evals.flip(-1), evecs.flip(-1)
     keep = (evals > rtol * (K1 + 1) * evals[..., :1]) & (evals > 0)
-    fi = _fi_on_range(columns @ evecs, keep, probs, c)
-    best = _reference_frame(probs, c)[-1].square().sum(-1)
-    relative = torch.where(best > 0, fi / best, torch.zeros_like(fi)).clamp(max=1.0)
-    return BlockFI(fi.reshape(batch), relative.reshape(batch), keep.sum(-1).reshape(batch))
+    fi = _fi_on_range(columns @ evecs, keep, frame.take(owner))
+    return _block_fi(fi, frame.best[owner], keep.sum(-1), batch)
 
 
 def fi_from_contrast_gram(
@@ -306,16 +339,14 @@ def fi_from_contrast_gram(
         :class:`BlockFI` with the batch shape of ``gram``.
     """
     K = gram.shape[-1] + 1
-    batch = torch.broadcast_shapes(gram.shape[:-2], probs.shape[:-1], c.shape[:-1])
+    batch, frame, owner = _broadcast(gram.shape[:-2], probs, c)
     gram = gram.expand(*batch, K - 1, K - 1).reshape(-1, K - 1, K - 1)
-    probs = probs.expand(*batch, K).reshape(-1, K)
-    c = c.expand(*batch, K).reshape(-1, K)
     noise = torch.zeros(batch, dtype=gram.dtype, device=gram.device)
     if noise_scale is not None:
         noise = noise + noise_scale.to(gram.dtype)
     noise = noise.reshape(-1)
 
-    best = _reference_frame(probs, c)[-1].square().sum(-1)
+    best = frame.best[owner]
     trace = torch.maximum(gram.diagonal(dim1=-2, dim2=-1).sum(-1), noise)
     eye = torch.eye(K - 1, dtype=gram.dtype, device=gram.device)
     _, info = torch.linalg.cholesky_ex(gram - (rtol * K * trace)[:, None, None] * eye)
@@ -325,14 +356,9 @@ def fi_from_contrast_gram(
     rest = (~full).nonzero().squeeze(-1)
     if len(rest):
         fi[rest], rank[rest] = _fi_rank_deficient(
-            gram[rest], probs[rest], c[rest], rtol, noise[rest]
+            gram[rest], frame.take(owner[rest]), rtol, noise[rest]
         )
-    relative = torch.where(best > 0, fi / best, torch.zeros_like(fi)).clamp(max=1.0)
-    return BlockFI(
-        fi=fi.reshape(batch),
-        relative_fi=relative.reshape(batch),
-        effective_rank=rank.reshape(batch),
-    )
+    return _block_fi(fi, best, rank, batch)
 
 
 def fi_from_gram(gram: Tensor, probs: Tensor, c: Tensor, rtol: float | None = None) -> BlockFI:
@@ -387,19 +413,14 @@ def fi_along_direction(u: Tensor, probs: Tensor, c: Tensor) -> BlockFI:
         most a factor K to cancellation even for confident predictions.
     """
     K = u.shape[-1]
-    batch = torch.broadcast_shapes(u.shape[:-1], probs.shape[:-1], c.shape[:-1])
-    u = u.to(torch.float64).expand(*batch, K)
-    probs = probs.to(torch.float64).expand(*batch, K)
-    c = c.to(torch.float64).expand(*batch, K)
-    r, _a, q, _alpha, v = _reference_frame(probs, c)
-    delta = _drop_reference((u - u.gather(-1, r.unsqueeze(-1))).unsqueeze(-1), r, K).squeeze(-1)
-    c_ref = _drop_reference(c.unsqueeze(-1), r, K).squeeze(-1)
-    mean = (q * delta).sum(-1)
-    curvature = ((q * delta.square()).sum(-1) - mean.square()).clamp_min(0.0)
+    batch, frame, owner = _broadcast(u.shape[:-1], probs.to(torch.float64), c.to(torch.float64))
+    u = u.to(torch.float64).expand(*batch, K).reshape(-1, K)
+    here = frame.take(owner)
+    r = here.r.unsqueeze(-1)
+    delta = _drop_reference((u - u.gather(-1, r)).unsqueeze(-1), here.r, K).squeeze(-1)
+    mean = (here.q * delta).sum(-1)
+    curvature = ((here.q * delta.square()).sum(-1) - mean.square()).clamp_min(0.0)
     positive = curvature > 0
-    fi = torch.where(
-        positive, (c_ref * delta).sum(-1).square() / curvature.where(positive, 1.0), 0.0
-    )
-    best = v.square().sum(-1)
-    relative = torch.where(best > 0, fi / best, torch.zeros_like(fi)).clamp(max=1.0)
-    return BlockFI(fi=fi, relative_fi=relative, effective_rank=positive.long())
+    slope = (here.c_ref * delta).sum(-1)
+    fi = torch.where(positive, slope.square() / curvature.where(positive, 1.0), 0.0)
+    return _block_fi(fi, here.best, positive.long(), batch)
