@@ -104,34 +104,41 @@ def check_captured(records: dict[str, Captured]) -> None:
 
 
 def backprops(
-    logits: Tensor, targets: list[Tensor], cotangents: Tensor, method: Backward = "auto"
-) -> list[Tensor]:
-    """Backprops of the K' cotangent rows of ``cotangents`` (K', K) to every tensor in ``targets``.
+    logits: Tensor,
+    targets: list[Tensor],
+    cotangents: Tensor,
+    consume: Callable[[list[Tensor]], None],
+    method: Backward = "auto",
+) -> None:
+    """Backpropagate each cotangent row of ``cotangents`` (K', K) to every tensor in ``targets``.
 
-    Returns one ``(K', *target.shape)`` tensor per target (zeros where a target does not reach the
-    logits). "batched" runs one vectorised backward (``is_grads_batched``); "loop" runs K'
-    backward passes over a retained graph; "auto" picks "batched" on CUDA and "loop" on CPU,
-    where the loop measured faster (see docs/performance.md).
+    ``consume`` receives, for one cotangent after the other, the list of backprops (one per
+    target, shaped like it; zeros where a target does not reach the logits), so that callers can
+    reduce them at once instead of holding all K' of them. "loop" runs K' backward passes over a
+    retained graph; "batched" runs one vectorised backward (``is_grads_batched``) and then hands
+    out its slices; "auto" picks "batched" on CUDA and "loop" on CPU, where the loop measured
+    faster (docs/performance.md).
     """
     K1, B = cotangents.shape[0], logits.shape[0]
     grad_outputs = cotangents.to(logits.dtype).unsqueeze(1).expand(K1, B, -1)
     if method == "auto":
         method = "batched" if logits.is_cuda else "loop"
+
+    def filled(found: tuple[Tensor | None, ...], k: int | None) -> list[Tensor]:
+        return [
+            (g if k is None else g[k]) if g is not None else torch.zeros_like(t)
+            for g, t in zip(found, targets, strict=True)
+        ]
+
     if method == "batched":
         found = torch.autograd.grad(
             logits, targets, grad_outputs, is_grads_batched=True, allow_unused=True
         )
-        return [
-            g if g is not None else torch.zeros(K1, *t.shape, dtype=t.dtype, device=t.device)
-            for g, t in zip(found, targets, strict=True)
-        ]
-    per_k = [
-        torch.autograd.grad(
+        for k in range(K1):
+            consume(filled(found, k))
+        return
+    for k in range(K1):
+        found = torch.autograd.grad(
             logits, targets, grad_outputs[k], retain_graph=k < K1 - 1, allow_unused=True
         )
-        for k in range(K1)
-    ]
-    return [
-        torch.stack([g if g is not None else torch.zeros_like(t) for g in column])
-        for column, t in zip(zip(*per_k, strict=True), targets, strict=True)
-    ]
+        consume(filled(found, None))

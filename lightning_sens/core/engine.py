@@ -32,7 +32,7 @@ from lightning_sens.core.fi import (
     log_prob_gradient,
     resolve_target,
 )
-from lightning_sens.core.grams import layer_gram
+from lightning_sens.core.grams import LayerAccumulator
 from lightning_sens.core.validation import check_inputs, check_logits, check_target, check_windows
 
 __all__ = [
@@ -232,19 +232,29 @@ def _chunk_sensitivity(
         )
     K = logits.shape[1]
     cotangents = contrast_basis(K, logits.dtype, logits.device).T
-    grads = backprops(logits, wrt, cotangents, backward) if wrt else []
     tol = default_rtol(logits.dtype) if rtol is None else rtol
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    accumulators = [
+        LayerAccumulator(layers[name], r.args, r.kwargs, held[name].detach(), K - 1, compute_dtype)
+        for name, r in records.items()
+    ]
+    input_grads: list[Tensor] = []
+
+    def consume(found: list[Tensor]) -> None:
+        if differentiate_input:
+            input_grads.append(found[0])
+        for accumulator, g in zip(accumulators, found[int(differentiate_input) :], strict=True):
+            accumulator.add(g)
+
+    backprops(logits, wrt, cotangents, consume, backward)
 
     input_result = None
     if differentiate_input:
-        input_result = _input_result(grads.pop(0), probs, c, windows, tol)
+        input_result = _input_result(torch.stack(input_grads), probs, c, windows, tol)
 
     parameter_result = None
     if layers:
-        found = {
-            name: layer_gram(layers[name], r.args, r.kwargs, held[name].detach(), layer_grads)
-            for (name, r), layer_grads in zip(records.items(), grads, strict=True)
-        }
+        found = {name: a.result() for name, a in zip(records, accumulators, strict=True)}
         # One batched call for every K' × K' Gram: layers, channel families, all parameters.
         grams = [f.gram.to(torch.float64) for f in found.values()]
         channel_names = [n for n, f in found.items() if f.channel_scale is not None]

@@ -1,9 +1,11 @@
 """Per-layer Gram matrices of the logits' Jacobian, without per-sample gradients (ENGINE.md).
 
 For a layer with parameters θ and the K' = K − 1 contrast cotangents e_k (rows of Qᵀ), the
-per-sample Gram is A[k, l] = ⟨∂(e_kᵀz)/∂θ, ∂(e_lᵀz)/∂θ⟩. Each function below receives what the
-forward pass captured (the layer's input and output) and the K' backprops of the layer's output,
-``grads`` of shape ``(K', B, *output_shape)``, and returns A of shape ``(B, K', K')``.
+per-sample Gram is A[k, l] = ⟨∂(e_kᵀz)/∂θ, ∂(e_lᵀz)/∂θ⟩. A :class:`LayerAccumulator` receives
+what the forward pass captured (the layer's input and output), then the backprop of the layer's
+output for one cotangent at a time, which it reduces at once to what the Gram needs (per-sample
+weight gradients Γ_k for the direct route, dγ_k and dβ_k for norms, ...), so that the K' full-size
+backprops of all layers never have to be held together.
 
 The same backprops give the scaling families for free (ENGINE.md, "Free by-products"): for a layer
 whose output is homogeneous of degree one in its parameters, ∂z/∂ω of θ → ωθ is ⟨g_k, output⟩.
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-__all__ = ["LayerGram", "channel_dim", "layer_gram"]
+__all__ = ["LayerAccumulator", "LayerGram", "channel_dim"]
 
 _CHANNEL_FIRST = (
     nn.Conv1d,
@@ -31,11 +33,12 @@ _CHANNEL_FIRST = (
     nn.GroupNorm,
 )
 _CHANNEL_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 @dataclass(frozen=True)
 class LayerGram:
-    """What one backward pass yields for one layer, per sample, in the contrast basis.
+    """What the backward passes yield for one layer, per sample, in the contrast basis.
 
     Attributes:
         gram: ``(B, K', K')`` Gram of the layer's trainable parameters.
@@ -61,48 +64,10 @@ def channel_dim(module: nn.Module) -> int | None:
     return None
 
 
-def _pair_gram(a: Tensor, b: Tensor | None = None) -> Tensor:
-    """Sum over all trailing dims of a_k ⊙ b_l: ``(K', B, ...) -> (B, K', K')``."""
-    a = a.flatten(2)
-    b = a if b is None else b.flatten(2)
-    return torch.einsum("kbn,lbn->bkl", a, b)
-
-
-def _weight_gram(inputs: Tensor, grads: Tensor) -> tuple[Tensor, str]:
-    """Gram of a weight shared over T positions: out_t = W in_t (+ b), per group.
-
-    Args:
-        inputs: ``(B, G, T, d)`` unfolded layer inputs.
-        grads: ``(K', B, G, T, p)`` backprops of the outputs.
-
-    Direct: Γ_k = Σ_t g_ktᵀ in_t, A = ⟨Γ_k, Γ_l⟩ (memory K'·B·G·p·d). Ghost: A = Σ_{t,s}
-    (in_t·in_s)(g_kt·g_ls) (memory B·G·T²). Ghost is chosen when 2T² ≤ p·d.
-    """
-    T, d, p = inputs.shape[2], inputs.shape[3], grads.shape[-1]
-    if T == 1:
-        norms = inputs.square().sum((-1, -2))  # (B, G)
-        return torch.einsum(
-            "bg,kbgp,lbgp->bkl", norms, grads[:, :, :, 0], grads[:, :, :, 0]
-        ), "linear"
-    if p * d >= 2 * T * T:
-        overlap = inputs @ inputs.transpose(-1, -2)  # (B, G, T, T)
-        mixed = torch.einsum("bgts,lbgsp->lbgtp", overlap, grads)
-        return _pair_gram(grads, mixed), "ghost"
-    per_sample = torch.einsum("kbgtp,bgtd->kbgpd", grads, inputs)
-    return _pair_gram(per_sample), "direct"
-
-
-def _linear_gram(module: nn.Linear, x: Tensor, grads: Tensor) -> tuple[Tensor, str]:
-    K1, B = grads.shape[:2]
-    inputs = x.reshape(B, 1, -1, module.in_features)
-    g = grads.reshape(K1, B, 1, -1, module.out_features)
-    gram = torch.zeros(B, K1, K1, dtype=grads.dtype, device=grads.device)
-    method = "linear"
-    if module.weight.requires_grad:
-        gram, method = _weight_gram(inputs, g)
-    if module.bias is not None and module.bias.requires_grad:
-        gram = gram + _pair_gram(g.sum(3))
-    return gram, method
+def _gram(features: list[Tensor]) -> Tensor:
+    """A[b, k, l] = ⟨f_k[b], f_l[b]⟩ for per-cotangent features ``(B, ...)``."""
+    stacked = torch.stack([f.reshape(f.shape[0], -1) for f in features])
+    return torch.einsum("kbn,lbn->bkl", stacked, stacked)
 
 
 def _unfold_conv(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
@@ -123,19 +88,6 @@ def _unfold_conv(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     return patches.reshape(B, G, -1, patches.shape[-1]).transpose(-1, -2)
 
 
-def _conv_gram(module: nn.Conv1d | nn.Conv2d, x: Tensor, grads: Tensor) -> tuple[Tensor, str]:
-    K1, B, C_out = grads.shape[:3]
-    G = module.groups
-    g = grads.reshape(K1, B, G, C_out // G, -1).transpose(-1, -2)  # (K', B, G, T, p)
-    gram = torch.zeros(B, K1, K1, dtype=grads.dtype, device=grads.device)
-    method = "direct"
-    if module.weight.requires_grad:
-        gram, method = _weight_gram(_unfold_conv(module, x), g)
-    if module.bias is not None and module.bias.requires_grad:
-        gram = gram + _pair_gram(g.sum(3))
-    return gram, method
-
-
 def _normalized(module: nn.Module, x: Tensor) -> Tensor:
     """x̂: the normalised input that the affine parameters multiply (eval-mode statistics)."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -152,51 +104,6 @@ def _normalized(module: nn.Module, x: Tensor) -> Tensor:
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, eps=module.eps)
     raise TypeError(f"not a normalisation layer: {type(module).__name__}")
-
-
-def _norm_gram(module: nn.Module, x: Tensor, grads: Tensor) -> tuple[Tensor, Tensor, str]:
-    """Affine norms: y = γ ⊙ x̂ + β; dγ_k = Σ g_k ⊙ x̂, dβ_k = Σ g_k over the shared positions.
-
-    Returns the Gram of the trainable ones among (γ, β), and the channel-scaling derivatives
-    ``(B, K', C)``: scaling output channel c scales γ_c x̂ + β_c, so u_kc = γ_c dγ_kc + β_c dβ_kc.
-    """
-    if isinstance(module, nn.LayerNorm):
-        shared = tuple(range(2, grads.dim() - len(module.normalized_shape)))
-    else:
-        shared = tuple(range(3, grads.dim()))
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    x_hat = _normalized(module, x.to(grads.dtype))
-    d_weight = (grads * x_hat).sum(shared) if shared else grads * x_hat
-    d_bias = grads.sum(shared) if shared else grads
-    gram = torch.zeros(
-        grads.shape[1], grads.shape[0], grads.shape[0], dtype=grads.dtype, device=grads.device
-    )
-    channel = torch.zeros_like(d_bias)
-    if weight is not None:
-        channel = channel + d_weight * weight.detach().to(grads.dtype)
-        if weight.requires_grad:
-            gram = gram + _pair_gram(d_weight)
-    else:
-        channel = channel + d_weight
-    if bias is not None:
-        channel = channel + d_bias * bias.detach().to(grads.dtype)
-        if bias.requires_grad:
-            gram = gram + _pair_gram(d_bias)
-    return gram, channel.flatten(2).permute(1, 0, 2), "norm"
-
-
-def _embedding_gram(module: nn.Embedding, idx: Tensor, grads: Tensor) -> tuple[Tensor, str]:
-    """Rows of the table receive the sum of the backprops of the positions that look them up:
-    A = Σ_{t,s} [idx_t = idx_s] ⟨g_kt, g_ls⟩ (positions with ``padding_idx`` get no gradient)."""
-    K1, B = grads.shape[:2]
-    idx = idx.reshape(B, -1)
-    g = grads.reshape(K1, B, idx.shape[1], -1)
-    same = (idx.unsqueeze(2) == idx.unsqueeze(1)).to(grads.dtype)
-    if module.padding_idx is not None:
-        valid = (idx != module.padding_idx).to(grads.dtype)
-        same = same * valid.unsqueeze(2) * valid.unsqueeze(1)
-    mixed = torch.einsum("bts,lbsd->lbtd", same, g)
-    return _pair_gram(g, mixed), "embedding"
 
 
 def _split_batched(
@@ -218,31 +125,6 @@ def _split_batched(
     return batched, rebuild
 
 
-def _per_sample_gradients(
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    params: dict[str, Tensor],
-    grads: Tensor,
-) -> Tensor:
-    """Generic exact fallback: per-sample gradients of ⟨g_k, output⟩ via torch.func.
-
-    Returns ``(K', B, P)`` with P the number of the layer's trainable parameters.
-    """
-    B = grads.shape[1]
-    batched, rebuild = _split_batched(args, B)
-
-    def sample_gradient(g: Tensor, *values: Tensor) -> dict[str, Tensor]:
-        sample_args = rebuild(*(v.unsqueeze(0) for v in values))
-        return grad(
-            lambda p: (functional_call(module, p, sample_args, kwargs) * g.unsqueeze(0)).sum()
-        )(params)
-
-    none = (None,) * len(batched)
-    per_sample = vmap(vmap(sample_gradient), in_dims=(0, *none))(grads, *(args[i] for i in batched))
-    return torch.cat([per_sample[name].flatten(2) for name in params], dim=2)
-
-
 def _is_homogeneous(module: nn.Module) -> bool:
     """True when the output is linear in all of the layer's parameters jointly (all trainable)."""
     kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
@@ -251,47 +133,185 @@ def _is_homogeneous(module: nn.Module) -> bool:
     )
 
 
-def layer_gram(
-    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor, grads: Tensor
-) -> LayerGram:
-    """Gram, scaling derivatives and method for one layer; see :class:`LayerGram`.
+def _per_sample_gradients(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    params: dict[str, Tensor],
+    g: Tensor,
+) -> Tensor:
+    """Generic exact fallback: per-sample gradients of ⟨g, output⟩ via torch.func, ``(B, P)``."""
+    batched, rebuild = _split_batched(args, g.shape[0])
+
+    def sample_gradient(g_i: Tensor, *values: Tensor) -> dict[str, Tensor]:
+        sample_args = rebuild(*(v.unsqueeze(0) for v in values))
+        return grad(
+            lambda p: (functional_call(module, p, sample_args, kwargs) * g_i.unsqueeze(0)).sum()
+        )(params)
+
+    per_sample = vmap(sample_gradient)(g, *(args[i] for i in batched))
+    return torch.cat([per_sample[name].flatten(1) for name in params], dim=1)
+
+
+class LayerAccumulator:
+    """Reduces one layer's backprops, one cotangent at a time, to its Gram and scaling terms.
 
     Args:
-        module: the layer (its direct trainable parameters form the block).
+        module: the layer; its direct trainable parameters form the block.
         args, kwargs: what the layer was called with in the captured forward pass.
         output: the layer's output in that pass, ``(B, *out)``.
-        grads: ``(K', B, *out)`` backprops of the K' contrast cotangents.
+        num_cotangents: K', to choose between the direct and ghost routes by cost.
+        dtype: the dtype to compute in (at least float32).
     """
-    params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-    x = args[0] if args else None
-    gram: Tensor | None
-    channel_scale: Tensor | None = None
-    if isinstance(module, nn.Linear) and x is not None and not kwargs:
-        gram, method = _linear_gram(module, x.to(grads.dtype), grads)
-    elif isinstance(module, nn.Conv1d | nn.Conv2d) and x is not None and not kwargs:
-        gram, method = _conv_gram(module, x.to(grads.dtype), grads)
-    elif (
-        isinstance(module, nn.modules.batchnorm._BatchNorm | nn.LayerNorm | nn.GroupNorm)
-        and x is not None
-        and not kwargs
-    ):
-        gram, channel_scale, method = _norm_gram(module, x, grads)
-    elif isinstance(module, nn.Embedding) and x is not None and not kwargs:
-        gram, method = _embedding_gram(module, x, grads)
-    else:
-        gram, method = None, "torch.func"
-    cdim = channel_dim(module)
-    if (
-        cdim is not None and channel_scale is None
-    ):  # ∂out/∂ω_c of out[channel c] → ω_c out[channel c] is out[channel c]
-        moved = (grads * output.to(grads.dtype)).movedim(cdim if cdim < 0 else cdim + 1, 2)
-        channel_scale = moved.reshape(*moved.shape[:3], -1).sum(-1).permute(1, 0, 2)  # (B, K', C)
-    if gram is None or channel_scale is None or not _is_homogeneous(module):
-        flat = _per_sample_gradients(module, args, kwargs, params, grads)  # (K', B, P)
-        gram = _pair_gram(flat) if gram is None else gram
-        # ∂⟨g_k, out⟩/∂ω of θ → ωθ is ⟨∂⟨g_k, out⟩/∂θ, θ⟩
-        theta = torch.cat([p.reshape(-1) for p in params.values()]).to(flat.dtype)
-        scale = (flat @ theta).T
-    else:  # θ → ωθ scales every output channel alike: the sum of the channel derivatives
-        scale = channel_scale.sum(-1)
-    return LayerGram(gram=gram, scale=scale, channel_scale=channel_scale, method=method)
+
+    def __init__(
+        self,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Tensor,
+        num_cotangents: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.module, self.args, self.kwargs = module, args, kwargs
+        self.output = output.to(dtype)
+        self.dtype = dtype
+        self.params = {
+            n: p.detach() for n, p in module.named_parameters(recurse=False) if p.requires_grad
+        }
+        self.features: list[Tensor] = []
+        self.bias_features: list[Tensor] = []
+        self.scales: list[Tensor] = []
+        self.channels: list[Tensor] = []
+        self.cdim = channel_dim(module)
+        self.homogeneous = _is_homogeneous(module)
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        self.train_weight = isinstance(weight, Tensor) and weight.requires_grad
+        self.train_bias = isinstance(bias, Tensor) and bias.requires_grad
+        x = args[0] if args and not kwargs else None
+        self.method = "torch.func"
+        if isinstance(x, Tensor) and isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d):
+            self._prepare_weighted(x.to(dtype), num_cotangents)
+        elif isinstance(x, Tensor) and isinstance(module, _NORMS):
+            self.method = "norm"
+            self.x_hat = _normalized(module, x.to(dtype))
+        elif isinstance(x, Tensor) and isinstance(module, nn.Embedding):
+            self.method = "embedding"
+            self.tokens = x.reshape(x.shape[0], -1)
+
+    def _prepare_weighted(self, x: Tensor, K1: int) -> None:
+        """Unfold the input into per-position patches and pick the cheaper Gram route."""
+        B, module = x.shape[0], self.module
+        if isinstance(module, nn.Linear):
+            self.inputs = x.reshape(B, 1, -1, module.in_features)
+            self.groups = 1
+        else:
+            assert isinstance(module, nn.Conv1d | nn.Conv2d)  # the caller checked
+            self.inputs = _unfold_conv(module, x)
+            self.groups = module.groups
+        _, G, T, d = self.inputs.shape
+        p = (
+            self.output.shape[-1]
+            if isinstance(self.module, nn.Linear)
+            else self.output.shape[1] // G
+        )
+        direct_cost = K1 * T * p * d + K1 * K1 * p * d
+        ghost_cost = T * T * d + K1 * T * T * p + K1 * K1 * T * p
+        if T == 1:
+            self.method = "linear"
+        elif ghost_cost < direct_cost and self.train_weight:
+            self.method = "ghost"
+        else:
+            self.method = "direct"
+
+    def _grouped(self, g: Tensor) -> Tensor:
+        """Output backprop as ``(B, G, T, p)``, matching the unfolded inputs."""
+        B = g.shape[0]
+        if isinstance(self.module, nn.Linear):
+            return g.reshape(B, 1, -1, self.module.out_features)
+        G = self.groups
+        return g.reshape(B, G, g.shape[1] // G, -1).transpose(-1, -2)
+
+    def add(self, g: Tensor) -> None:
+        """Take the backprop ``(B, *out)`` of the layer's output for the next cotangent."""
+        g = g.to(self.dtype)
+        channel = None
+        if self.method in ("linear", "direct", "ghost"):
+            grouped = self._grouped(g)
+            if self.method == "linear":
+                self.features.append(grouped[:, :, 0])
+            elif self.method == "ghost":
+                self.features.append(grouped)
+            elif self.train_weight:
+                self.features.append(torch.einsum("bgtp,bgtd->bgpd", grouped, self.inputs))
+            if self.train_bias and self.method != "linear":  # "linear" folds the bias in
+                self.bias_features.append(grouped.sum(2))
+        elif self.method == "norm":
+            shared = self._norm_positions(g)
+            d_weight = (g * self.x_hat).sum(shared) if shared else g * self.x_hat
+            d_bias = g.sum(shared) if shared else g
+            trainable = [
+                d for d, keep in ((d_weight, self.train_weight), (d_bias, self.train_bias)) if keep
+            ]
+            self.features.append(torch.cat([d.flatten(1) for d in trainable], dim=1))
+            weight, bias = getattr(self.module, "weight", None), getattr(self.module, "bias", None)
+            channel = d_weight * weight.to(self.dtype) if weight is not None else d_weight
+            if bias is not None:
+                channel = channel + d_bias * bias.to(self.dtype)
+            channel = channel.flatten(1)
+        elif self.method == "embedding":
+            self.features.append(g.reshape(g.shape[0], self.tokens.shape[1], -1))
+        if self.cdim is not None and channel is None:
+            # ∂out/∂ω_c of out[channel c] → ω_c out[channel c] is out[channel c]
+            moved = (g * self.output).movedim(self.cdim, 1)
+            channel = moved.reshape(*moved.shape[:2], -1).sum(-1)
+        if channel is not None:
+            self.channels.append(channel)
+        flat = None
+        if self.method == "torch.func" or not self.homogeneous or channel is None:
+            flat = _per_sample_gradients(self.module, self.args, self.kwargs, self.params, g)
+            if self.method == "torch.func":
+                self.features.append(flat)
+        if flat is None:  # θ → ωθ scales every output channel alike
+            assert channel is not None  # homogeneous layers all have channels
+            self.scales.append(channel.sum(-1))
+        else:  # ∂⟨g, out⟩/∂ω of θ → ωθ is ⟨∂⟨g, out⟩/∂θ, θ⟩
+            theta = torch.cat([p.reshape(-1) for p in self.params.values()]).to(flat.dtype)
+            self.scales.append(flat @ theta)
+
+    def _norm_positions(self, g: Tensor) -> tuple[int, ...]:
+        if isinstance(self.module, nn.LayerNorm):
+            return tuple(range(1, g.dim() - len(self.module.normalized_shape)))
+        return tuple(range(2, g.dim()))
+
+    def result(self) -> LayerGram:
+        """The layer's Gram and scaling derivatives from all cotangents added so far."""
+        B = self.output.shape[0]
+        K1 = len(self.scales)
+        gram = torch.zeros(B, K1, K1, dtype=self.dtype, device=self.output.device)
+        if self.method == "linear" and self.features:
+            # one position: A = (‖a‖² [weight] + 1 [bias]) ⟨g_k, g_l⟩
+            norms = self.inputs.square().sum((-1, -2)) * float(self.train_weight)
+            norms = norms + float(self.train_bias)  # (B, G)
+            stacked = torch.stack(self.features)  # (K', B, G, p)
+            gram = torch.einsum("bg,kbgp,lbgp->bkl", norms, stacked, stacked)
+        elif self.method == "ghost":
+            overlap = self.inputs @ self.inputs.transpose(-1, -2)  # (B, G, T, T)
+            stacked = torch.stack(self.features)  # (K', B, G, T, p)
+            mixed = torch.einsum("bgts,lbgsp->lbgtp", overlap, stacked)
+            gram = torch.einsum("kbgtp,lbgtp->bkl", stacked, mixed)
+        elif self.method == "embedding":
+            same = (self.tokens.unsqueeze(2) == self.tokens.unsqueeze(1)).to(self.dtype)
+            padding = getattr(self.module, "padding_idx", None)
+            if padding is not None:
+                valid = (self.tokens != padding).to(self.dtype)
+                same = same * valid.unsqueeze(2) * valid.unsqueeze(1)
+            stacked = torch.stack(self.features)  # (K', B, T, d)
+            mixed = torch.einsum("bts,lbsd->lbtd", same, stacked)
+            gram = torch.einsum("kbtd,lbtd->bkl", stacked, mixed)
+        elif self.features:  # direct, norm, torch.func: plain per-sample feature vectors
+            gram = _gram(self.features)
+        if self.bias_features:
+            gram = gram + _gram(self.bias_features)
+        channel = torch.stack(self.channels, dim=1) if self.channels else None  # (B, K', C)
+        return LayerGram(gram, torch.stack(self.scales, dim=1), channel, self.method)
