@@ -238,3 +238,16 @@ def test_rejects_non_classifier_output() -> None:
         input_fi(model, torch.randn(2, 3, dtype=DTYPE), "pred")
     with pytest.raises(ValueError, match="odd"):
         input_fi(_mlp(), torch.randn(2, 12, dtype=DTYPE), "pred", windows=(2,))
+
+
+def test_authors_recipe_is_batched_over_blocks() -> None:
+    generator = torch.Generator().manual_seed(4)
+    Jp = torch.randn(3, 5, 7, dtype=torch.float64, generator=generator)
+    p = torch.softmax(torch.randn(5, dtype=torch.float64, generator=generator), -1)
+    y = torch.tensor([0, 2, 4])
+    batched = authors_recipe_fi(Jp, p, y)
+    assert batched.shape == (3,)
+    for i in range(3):
+        torch.testing.assert_close(
+            batched[i], authors_recipe_fi(Jp[i], p, int(y[i])), rtol=1e-12, atol=0
+        )
