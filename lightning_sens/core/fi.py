@@ -173,9 +173,9 @@ def closed_form_fi(logits: Tensor, target: Target) -> ClosedFormFI:
         target: ``(B,)`` true labels (Setups 1, 2) or ``"pred"`` for the predicted class (3, 4).
 
     Example:
-        >>> z = torch.tensor([[0.0, 60.0], [2.0, 0.0]])
-        >>> closed_form_fi(z, torch.tensor([1, 0])).log_fi
-        tensor([-60.0000,  -2.0000], dtype=torch.float64)
+        >>> z = torch.tensor([[0.0, 60.0, 0.0], [2.0, 0.0, 0.0]])
+        >>> closed_form_fi(z, torch.tensor([1, 0])).log_fi  # log(2 e^-60), log(2 e^-2)
+        tensor([-59.3069,  -1.3069], dtype=torch.float64)
     """
     from lightning_sens.core.validation import check_logits, check_target
 
