@@ -10,4 +10,17 @@ from lightning_sens.core import *  # noqa: F403  (the core's public API is the p
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [*core.__all__, "__version__"]
+__all__ = [*core.__all__, "MonitorConfig", "SensitivityMonitor", "__version__"]  # noqa: F405
+
+
+def __getattr__(name: str) -> object:
+    # Lazy, so that `import lightning_sens` (the pure core) does not import Lightning.
+    if name == "SensitivityMonitor":
+        from lightning_sens.callbacks import SensitivityMonitor
+
+        return SensitivityMonitor
+    if name == "MonitorConfig":
+        from lightning_sens.config import MonitorConfig
+
+        return MonitorConfig
+    raise AttributeError(f"module 'lightning_sens' has no attribute {name!r}")

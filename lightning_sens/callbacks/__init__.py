@@ -1,0 +1,5 @@
+"""Lightning adapters: the only part of lightning-sens (with the CLI) that imports Lightning."""
+
+from lightning_sens.callbacks.monitor import SensitivityMonitor
+
+__all__ = ["SensitivityMonitor"]

@@ -1,0 +1,102 @@
+"""The monitor's configuration: a frozen, serialisable dataclass validated when it is built."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, get_args
+
+from lightning_sens.flagging import FlagRule
+
+__all__ = ["MonitorConfig"]
+
+
+def _positive_int(name: str, value: object, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """What :class:`~lightning_sens.SensitivityMonitor` measures, and how often.
+
+    Attributes:
+        every_n_epochs: monitor every n-th validation epoch (the first one included).
+        train_probe_size: training samples, chosen once with ``seed``, whose closed-form FI gives
+            the training curves (one eval forward pass each).
+        exact_probe_size: how many of the train probe, and of a validation probe of the same
+            size, also go through the exact engine (input maps, per-layer FI, ranks).
+        windows: window sizes of the input FI maps on the exact probes (odd, ≤ image size).
+        layers: module names for per-layer FI; None for every module with trainable parameters.
+        flag_rule: "mad" (robust z-score of log FI above ``flag_threshold``) or "top_k".
+        flag_threshold: the robust z-score cut-off of the "mad" rule.
+        top_k: how many samples the "top_k" rule flags per split and epoch.
+        persistence: n in "flagged in m of the last n monitored epochs".
+        scan_train_set: every ``scan_every_n_epochs`` monitored epochs, also compute the
+            closed-form FI of every training sample (one eval forward pass per sample) so that
+            outliers anywhere in the training set can be flagged.
+        scan_every_n_epochs: see ``scan_train_set``.
+        chunk_size: samples per pass of the exact engine (None: the engine's default).
+        num_images: how many flagged samples / FI-map overlays to draw per image.
+        log_images: draw figures (TensorBoard only).
+        strict: raise errors from monitoring instead of warning and skipping the epoch.
+        seed: seed of the probe selection.
+    """
+
+    every_n_epochs: int = 1
+    train_probe_size: int = 512
+    exact_probe_size: int = 32
+    windows: tuple[int, ...] = (1, 3, 5, 7)
+    layers: tuple[str, ...] | None = None
+    flag_rule: FlagRule = "mad"
+    flag_threshold: float = 3.5
+    top_k: int = 10
+    persistence: int = 5
+    scan_train_set: bool = False
+    scan_every_n_epochs: int = 1
+    chunk_size: int | None = None
+    num_images: int = 8
+    log_images: bool = True
+    strict: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("every_n_epochs", "train_probe_size", "persistence", "scan_every_n_epochs"):
+            _positive_int(name, getattr(self, name))
+        for name in ("exact_probe_size", "top_k", "num_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+        _positive_int("chunk_size", self.chunk_size, allow_none=True)
+        if self.flag_rule not in get_args(FlagRule):
+            raise ValueError(
+                f"flag_rule must be one of {get_args(FlagRule)}, got {self.flag_rule!r}."
+            )
+        if not self.flag_threshold > 0:
+            raise ValueError(
+                f"flag_threshold must be > 0 (a robust z-score), got {self.flag_threshold!r}."
+            )
+        windows = tuple(self.windows)
+        if any(
+            isinstance(w, bool) or not isinstance(w, int) or w < 1 or w % 2 == 0 for w in windows
+        ):
+            raise ValueError(
+                f"windows must be odd positive integers such as (1, 3, 5, 7), got {self.windows!r}."
+            )
+        object.__setattr__(self, "windows", windows)
+        if self.layers is not None:
+            if isinstance(self.layers, str):
+                raise ValueError(
+                    f"layers must be a sequence of module names, got the string {self.layers!r}."
+                )
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for hparams, checkpoints and result files."""
+        out = dataclasses.asdict(self)
+        out["windows"] = list(self.windows)
+        out["layers"] = None if self.layers is None else list(self.layers)
+        return out

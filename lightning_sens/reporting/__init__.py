@@ -1,0 +1,1 @@
+"""Turning FI results into logged metrics, tables and figures (no Lightning imports here)."""

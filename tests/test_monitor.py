@@ -1,0 +1,200 @@
+"""SensitivityMonitor in real, tiny Trainer runs, with its TensorBoard events and tables read back."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sens import MonitorConfig, SensitivityMonitor
+from lightning_sens.reporting import keys
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning:lightning"),  # few-batch and worker hints
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+]
+
+CLASSES = 4
+
+
+class TinyNet(pl.LightningModule):
+    def __init__(self, return_logits: bool = True) -> None:
+        super().__init__()
+        self.return_logits = return_logits
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 8 * 8, CLASSES),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        return logits if self.return_logits else None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(96, 1, 8, 8, generator=g)
+    y = torch.randint(0, CLASSES, (96,), generator=g)
+    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16, shuffle=True)
+    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=16)
+    return train, val
+
+
+def _trainer(tmp_path: Path, callbacks: list[pl.Callback], logger: object = None, epochs: int = 2) -> pl.Trainer:
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=epochs,
+        logger=logger if logger is not None else TensorBoardLogger(tmp_path, name="tb", version=0),
+        callbacks=callbacks,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        deterministic=True,
+        log_every_n_steps=1,
+    )
+
+
+def _events(folder: Path) -> EventAccumulator:
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    events.Reload()
+    return events
+
+
+SMALL = MonitorConfig(train_probe_size=32, exact_probe_size=6, windows=(1, 3), flag_rule="top_k", top_k=3)
+
+
+def test_logs_every_documented_scalar_and_the_flag_tables(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    monitor = SensitivityMonitor(SMALL)
+    train, val = _loaders()
+    _trainer(tmp_path, [monitor]).fit(TinyNet(), train, val)
+
+    events = _events(tmp_path / "tb" / "version_0")
+    scalars = set(events.Tags()["scalars"])
+    expected = {keys.curve(t, s, stat) for t in keys.TARGETS for s in keys.SPLITS for stat in keys.STATS}
+    expected |= {keys.gap(t, stat) for t in keys.TARGETS for stat in keys.STATS}
+    for split in keys.SPLITS:
+        expected |= {keys.closed_form_holds(split), keys.flag_count(split), keys.persistent_count(split)}
+        expected |= {keys.map_relative(split, w) for w in (1, 3)}
+        for layer in ("net.0", "net.1", "net.4"):
+            expected |= {keys.layer_scale(split, layer), keys.layer_rank(split, layer)}
+            expected |= {keys.layer_channel(split, layer)}
+    missing = expected - scalars
+    assert not missing, sorted(missing)
+    assert len(events.Scalars(keys.curve("pred", "val", "median"))) == 2  # one per epoch
+    steps = [e.step for e in events.Scalars(keys.curve("pred", "val", "median"))]
+    assert steps == sorted(steps) and steps[0] > 0  # global-step axis, sanity check not logged
+    assert {keys.histogram(t, s) for t in keys.TARGETS for s in keys.SPLITS} <= set(events.Tags()["histograms"])
+    flagged = events.Scalars(keys.flag_count("val"))
+    assert [e.value for e in flagged] == [3.0, 3.0]  # top_k = 3
+
+    for epoch in (0, 1):
+        with (tmp_path / "tb" / "version_0" / "sensitivity" / f"flags_epoch{epoch:04d}.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        val_rows = [r for r in rows if r["split"] == "val"]
+        train_rows = [r for r in rows if r["split"] == "train"]
+        assert sorted(int(r["sample"]) for r in val_rows) == list(range(32))
+        assert len(train_rows) == 32
+        assert sum(r["flagged"] == "True" for r in val_rows) == 3
+        for r in val_rows:
+            p = float(r["p_label"])
+            assert float(r["fi"]) == pytest.approx((1 - p) / p, rel=1e-9)
+        ranked = [r for r in rows if r["rank"] != "-1"]
+        assert len(ranked) == 12  # exact probes of both splits
+        assert all(int(r["rank"]) == CLASSES - 1 for r in ranked)  # 64 pixels ≫ K − 1
+
+
+def test_training_is_unchanged_by_the_monitor(tmp_path: Path) -> None:
+    weights = []
+    for callbacks in ([], [SensitivityMonitor(SMALL)]):
+        pl.seed_everything(0)
+        model = TinyNet()
+        train, val = _loaders()
+        _trainer(tmp_path / str(len(callbacks)), callbacks).fit(model, train, val)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
+def test_second_forward_when_the_step_returns_no_logits(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    train, val = _loaders()
+    monitor = SensitivityMonitor(SMALL)
+    _trainer(tmp_path, [monitor], epochs=1).fit(TinyNet(return_logits=False), train, val)
+    assert monitor.history and keys.curve("true", "val", "median") in monitor.history[-1]
+
+
+def test_other_loggers_get_the_scalars(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    train, val = _loaders()
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    _trainer(tmp_path, [SensitivityMonitor(SMALL)], logger=logger, epochs=1).fit(TinyNet(), train, val)
+    with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as f:
+        header = next(csv.reader(f))
+    assert keys.curve("pred", "val", "q90") in header
+    assert (tmp_path / "csv" / "version_0" / "sensitivity" / "flags_epoch0000.csv").exists()
+
+
+def test_failures_warn_and_skip_or_raise_when_strict(tmp_path: Path) -> None:
+    def broken(batch: object) -> tuple[Tensor, Tensor, None]:
+        raise RuntimeError("broken batch_fn")
+
+    train, val = _loaders()
+    monitor = SensitivityMonitor(SMALL, batch_fn=broken)
+    with pytest.warns(UserWarning, match="skipped the monitoring of epoch 0.*broken batch_fn"):
+        _trainer(tmp_path, [monitor], epochs=1).fit(TinyNet(), train, val)
+    assert monitor.history == []
+    with pytest.raises(RuntimeError, match="broken batch_fn"):
+        strict = SensitivityMonitor(SMALL, batch_fn=broken, strict=True)
+        _trainer(tmp_path, [strict], epochs=1).fit(TinyNet(), train, val)
+
+
+def test_bad_configuration_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match="every_n_epochs must be a positive integer, got 0"):
+        SensitivityMonitor(every_n_epochs=0)
+    with pytest.raises(ValueError, match=r"flag_rule must be one of \('mad', 'top_k'\)"):
+        SensitivityMonitor(flag_rule="zscore")
+    with pytest.raises(ValueError, match="windows must be odd"):
+        SensitivityMonitor(windows=(2,))
+    with pytest.raises(TypeError, match=r"unknown options \['every_epoch'\]"):
+        SensitivityMonitor(every_epoch=1)
+
+
+def test_post_hoc_validate_from_a_checkpoint_and_state_round_trip(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    train, val = _loaders()
+    monitor = SensitivityMonitor(SMALL)
+    trainer = _trainer(tmp_path, [monitor], epochs=1)
+    trainer.fit(TinyNet(), train, val)
+    checkpoint = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)["callbacks"][monitor.state_key]
+    assert saved["probes"]["train"] == monitor.probes["train"].tolist()
+
+    fresh = SensitivityMonitor(SMALL)
+    _trainer(tmp_path / "post", [fresh], epochs=1).validate(TinyNet(), val, ckpt_path=checkpoint)
+    assert fresh.history, "validate(ckpt_path=...) must monitor"
+    assert keys.curve("true", "val", "q99") in fresh.history[-1]
