@@ -1,4 +1,4 @@
-"""SensitivityMonitor in real, tiny Trainer runs, with its TensorBoard events and tables read back."""
+"""SensitivityMonitor in real, tiny Trainer runs; TensorBoard events and tables read back."""
 
 from __future__ import annotations
 
@@ -62,7 +62,9 @@ def _loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
     return train, val
 
 
-def _trainer(tmp_path: Path, callbacks: list[pl.Callback], logger: object = None, epochs: int = 2) -> pl.Trainer:
+def _trainer(
+    tmp_path: Path, callbacks: list[pl.Callback], logger: object = None, epochs: int = 2
+) -> pl.Trainer:
     return pl.Trainer(
         default_root_dir=tmp_path,
         max_epochs=epochs,
@@ -78,12 +80,16 @@ def _trainer(tmp_path: Path, callbacks: list[pl.Callback], logger: object = None
 
 
 def _events(folder: Path) -> EventAccumulator:
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    events = EventAccumulator(
+        str(folder), size_guidance={"scalars": 0, "histograms": 0, "images": 0}
+    )
     events.Reload()
     return events
 
 
-SMALL = MonitorConfig(train_probe_size=32, exact_probe_size=6, windows=(1, 3), flag_rule="top_k", top_k=3)
+SMALL = MonitorConfig(
+    train_probe_size=32, exact_probe_size=6, windows=(1, 3), flag_rule="top_k", top_k=3
+)
 
 
 def test_logs_every_documented_scalar_and_the_flag_tables(tmp_path: Path) -> None:
@@ -94,10 +100,16 @@ def test_logs_every_documented_scalar_and_the_flag_tables(tmp_path: Path) -> Non
 
     events = _events(tmp_path / "tb" / "version_0")
     scalars = set(events.Tags()["scalars"])
-    expected = {keys.curve(t, s, stat) for t in keys.TARGETS for s in keys.SPLITS for stat in keys.STATS}
+    expected = {
+        keys.curve(t, s, stat) for t in keys.TARGETS for s in keys.SPLITS for stat in keys.STATS
+    }
     expected |= {keys.gap(t, stat) for t in keys.TARGETS for stat in keys.STATS}
     for split in keys.SPLITS:
-        expected |= {keys.closed_form_holds(split), keys.flag_count(split), keys.persistent_count(split)}
+        expected |= {
+            keys.closed_form_holds(split),
+            keys.flag_count(split),
+            keys.persistent_count(split),
+        }
         expected |= {keys.map_relative(split, w) for w in (1, 3)}
         for layer in ("net.0", "net.1", "net.4"):
             expected |= {keys.layer_scale(split, layer), keys.layer_rank(split, layer)}
@@ -106,13 +118,18 @@ def test_logs_every_documented_scalar_and_the_flag_tables(tmp_path: Path) -> Non
     assert not missing, sorted(missing)
     assert len(events.Scalars(keys.curve("pred", "val", "median"))) == 2  # one per epoch
     steps = [e.step for e in events.Scalars(keys.curve("pred", "val", "median"))]
-    assert steps == sorted(steps) and steps[0] > 0  # global-step axis, sanity check not logged
-    assert {keys.histogram(t, s) for t in keys.TARGETS for s in keys.SPLITS} <= set(events.Tags()["histograms"])
+    assert steps == sorted(steps)
+    assert steps[0] > 0
+    assert {keys.histogram(t, s) for t in keys.TARGETS for s in keys.SPLITS} <= set(
+        events.Tags()["histograms"]
+    )
     flagged = events.Scalars(keys.flag_count("val"))
     assert [e.value for e in flagged] == [3.0, 3.0]  # top_k = 3
 
     for epoch in (0, 1):
-        with (tmp_path / "tb" / "version_0" / "sensitivity" / f"flags_epoch{epoch:04d}.csv").open() as f:
+        with (
+            tmp_path / "tb" / "version_0" / "sensitivity" / f"flags_epoch{epoch:04d}.csv"
+        ).open() as f:
             rows = list(csv.DictReader(f))
         val_rows = [r for r in rows if r["split"] == "val"]
         train_rows = [r for r in rows if r["split"] == "train"]
@@ -144,14 +161,17 @@ def test_second_forward_when_the_step_returns_no_logits(tmp_path: Path) -> None:
     train, val = _loaders()
     monitor = SensitivityMonitor(SMALL)
     _trainer(tmp_path, [monitor], epochs=1).fit(TinyNet(return_logits=False), train, val)
-    assert monitor.history and keys.curve("true", "val", "median") in monitor.history[-1]
+    assert monitor.history
+    assert keys.curve("true", "val", "median") in monitor.history[-1]
 
 
 def test_other_loggers_get_the_scalars(tmp_path: Path) -> None:
     pl.seed_everything(0)
     train, val = _loaders()
     logger = CSVLogger(tmp_path, name="csv", version=0)
-    _trainer(tmp_path, [SensitivityMonitor(SMALL)], logger=logger, epochs=1).fit(TinyNet(), train, val)
+    _trainer(tmp_path, [SensitivityMonitor(SMALL)], logger=logger, epochs=1).fit(
+        TinyNet(), train, val
+    )
     with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as f:
         header = next(csv.reader(f))
     assert keys.curve("pred", "val", "q90") in header
@@ -167,8 +187,8 @@ def test_failures_warn_and_skip_or_raise_when_strict(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="skipped the monitoring of epoch 0.*broken batch_fn"):
         _trainer(tmp_path, [monitor], epochs=1).fit(TinyNet(), train, val)
     assert monitor.history == []
+    strict = SensitivityMonitor(SMALL, batch_fn=broken, strict=True)
     with pytest.raises(RuntimeError, match="broken batch_fn"):
-        strict = SensitivityMonitor(SMALL, batch_fn=broken, strict=True)
         _trainer(tmp_path, [strict], epochs=1).fit(TinyNet(), train, val)
 
 
@@ -198,3 +218,37 @@ def test_post_hoc_validate_from_a_checkpoint_and_state_round_trip(tmp_path: Path
     _trainer(tmp_path / "post", [fresh], epochs=1).validate(TinyNet(), val, ckpt_path=checkpoint)
     assert fresh.history, "validate(ckpt_path=...) must monitor"
     assert keys.curve("true", "val", "q99") in fresh.history[-1]
+
+
+def _val_rows(folder: Path) -> list[tuple[int, str]]:
+    with (folder / "sensitivity" / "flags_epoch0000.csv").open() as f:
+        return [(int(r["sample"]), r["log_fi"]) for r in csv.DictReader(f) if r["split"] == "val"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.distributed on some platforms
+@pytest.mark.filterwarnings("ignore:.*sync_dist.*")
+def test_two_process_ddp_equals_one_process(tmp_path: Path) -> None:
+    """Each rank scores its shard; gathered by sample id, de-duplicated (31 samples: one padded)."""
+    g = torch.Generator().manual_seed(3)
+    val = DataLoader(
+        TensorDataset(torch.randn(31, 1, 8, 8, generator=g), torch.randint(0, CLASSES, (31,), generator=g)),
+        batch_size=8,
+    )
+    pl.seed_everything(0)
+    model = TinyNet()
+    runs = {}
+    for name, strategy, devices in (("single", "auto", 1), ("ddp", "ddp_spawn", 2)):
+        trainer = pl.Trainer(
+            default_root_dir=tmp_path / name,
+            logger=TensorBoardLogger(tmp_path / name, name="tb", version=0),
+            callbacks=[SensitivityMonitor(SMALL)],
+            accelerator="cpu",
+            strategy=strategy,
+            devices=devices,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.validate(model, val)
+        runs[name] = _val_rows(tmp_path / name / "tb" / "version_0")
+    assert [sample for sample, _ in runs["ddp"]] == list(range(31))
+    assert runs["ddp"] == runs["single"]

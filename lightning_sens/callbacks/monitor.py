@@ -148,8 +148,8 @@ class SensitivityMonitor(Callback):
             return
         with self._failure_policy(trainer):
             inputs, labels, ids = self.batch_fn(batch)
-            if ids is None:  # position in the (unshuffled) validation set
-                ids = torch.arange(self._seen, self._seen + len(labels))
+            if ids is None:
+                ids = self._default_ids(trainer, len(labels))
             self._seen += len(labels)
             logits = self._logits(outputs, pl_module, inputs, len(labels))
             self._num_classes = logits.shape[1]
@@ -159,7 +159,29 @@ class SensitivityMonitor(Callback):
         if not self._active or not self._buffer:
             return
         with self._failure_policy(trainer), _preserved_rng():
-            self._monitor_epoch(trainer, pl_module)
+            scores = SplitScores.cat(self._buffer)
+            self._buffer = []
+            if trainer.world_size > 1:  # every rank scored its shard; rank zero gets them all
+                scores = scores.map(lambda t: self._gather(pl_module, t))
+            log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks
+            if trainer.is_global_zero:
+                self._monitor_epoch(trainer, pl_module, scores.unique(), Path(log_dir))
+
+    def _default_ids(self, trainer: Trainer, size: int) -> Tensor:
+        """Dataset indices of an unshuffled validation loader, also under DistributedSampler,
+        which deals indices round-robin and pads by wrapping around to the start."""
+        position = torch.arange(self._seen, self._seen + size)
+        if trainer.world_size == 1:
+            return position
+        loader = trainer.val_dataloaders
+        loader = loader[0] if isinstance(loader, list | tuple) else loader
+        total = len(loader.dataset)  # type: ignore[union-attr]
+        return (trainer.global_rank + trainer.world_size * position) % total
+
+    @staticmethod
+    def _gather(module: LightningModule, values: Tensor) -> Tensor:
+        gathered = module.all_gather(values.to(module.device))
+        return gathered.flatten(0, 1).cpu()  # type: ignore[union-attr]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -236,10 +258,12 @@ class SensitivityMonitor(Callback):
             chunk_size=self.config.chunk_size,
         )
 
-    def _monitor_epoch(self, trainer: Trainer, module: LightningModule) -> None:
+    def _monitor_epoch(
+        self, trainer: Trainer, module: LightningModule, val: SplitScores, log_dir: Path
+    ) -> None:
+        """Rank zero: probes, flags, logging and tables of one monitored epoch."""
         epoch, step = trainer.current_epoch, trainer.global_step
-        scores = {"val": SplitScores.cat(self._buffer).unique()}
-        self._buffer = []
+        scores = {"val": val}
         probes: dict[str, SensitivityResult] = {}
         probe_ids: dict[str, Tensor] = {}
         loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
@@ -280,14 +304,12 @@ class SensitivityMonitor(Callback):
             persistent = sum(r.flagged_recent * 2 > self.config.persistence for r in split_rows)
             metrics[keys.persistent_count(split)] = float(persistent)
 
-        if trainer.is_global_zero:
-            writer = self._writer = self._writer or Writer(trainer.loggers)
-            writer.layout(keys.custom_scalars_layout())
-            writer.scalars(metrics, step)
-            for split, s in scores.items():
-                writer.histogram(keys.histogram("true", split), s.log_fi_true, step)
-                writer.histogram(keys.histogram("pred", split), s.log_fi_pred, step)
-            writer.flush()
-            folder = Path(trainer.log_dir or trainer.default_root_dir) / "sensitivity"
-            write_table(rows, folder / f"flags_epoch{epoch:04d}.csv")
+        writer = self._writer = self._writer or Writer(trainer.loggers)
+        writer.layout(keys.custom_scalars_layout())
+        writer.scalars(metrics, step)
+        for split, s in scores.items():
+            writer.histogram(keys.histogram("true", split), s.log_fi_true, step)
+            writer.histogram(keys.histogram("pred", split), s.log_fi_pred, step)
+        writer.flush()
+        write_table(rows, log_dir / "sensitivity" / f"flags_epoch{epoch:04d}.csv")
         self.history.append({"epoch": epoch, "step": step, **metrics})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +37,11 @@ class SplitScores:
 
     @staticmethod
     def cat(parts: list[SplitScores]) -> SplitScores:
-        return SplitScores(
-            *(torch.cat([getattr(p, f) for p in parts]) for f in SplitScores.__annotations__)
-        )
+        return SplitScores(*(torch.cat([getattr(p, f) for p in parts]) for f in _FIELDS))
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> SplitScores:
+        """Apply ``fn`` to every field (e.g. a gather across processes)."""
+        return SplitScores(*(fn(getattr(self, f)) for f in _FIELDS))
 
     def unique(self) -> SplitScores:
         """One entry per id (the first), sorted by id: undoes DistributedSampler's padding."""
@@ -47,7 +50,10 @@ class SplitScores:
         first = torch.ones_like(ids, dtype=torch.bool)
         first[1:] = ids[1:] != ids[:-1]
         keep = order[first]
-        return SplitScores(*(getattr(self, f)[keep] for f in SplitScores.__annotations__))
+        return self.map(lambda t: t[keep])
+
+
+_FIELDS = ("ids", "labels", "preds", "p_label", "log_fi_true", "log_fi_pred")
 
 
 def split_scores(ids: Tensor, labels: Tensor, logits: Tensor) -> SplitScores:

@@ -1,0 +1,243 @@
+"""Pictures of lightning_sens.reporting.figures: they render, are not blank, reject bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from lightning_sens.reporting.figures import (
+    fi_overlays,
+    figure_to_image,
+    layer_heatmap,
+    layer_strip_plot,
+    manhattan_plot,
+    sample_grid,
+)
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _assert_renders(fig: Figure) -> torch.Tensor:
+    assert isinstance(fig, Figure)
+    image = figure_to_image(fig)
+    assert image.dtype == torch.uint8
+    assert image.ndim == 3
+    assert image.shape[0] == 3
+    assert image.shape[1] > 100
+    assert image.shape[2] > 100
+    assert image.min() < image.max(), "the rendered image is constant"
+    return image
+
+
+def _manhattan_inputs(n: int = 60) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _generator()
+    return torch.randn(n, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def test_figure_to_image_follows_dpi() -> None:
+    fig = Figure(figsize=(3.0, 2.0))
+    fig.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
+    assert tuple(figure_to_image(fig, dpi=50).shape) == (3, 100, 150)
+    assert tuple(figure_to_image(fig, dpi=100).shape) == (3, 200, 300)
+    assert fig.dpi == Figure(figsize=(3.0, 2.0)).dpi  # dpi restored
+
+
+def test_figure_to_image_rejects_bad_dpi() -> None:
+    with pytest.raises(ValueError, match="dpi"):
+        figure_to_image(Figure(), dpi=0)
+
+
+def test_manhattan_plot_renders_with_flagged_legend() -> None:
+    log_fi, labels = _manhattan_inputs()
+    log_fi[0] = float("-inf")  # FI = 0 is dropped, not an error
+    flagged = log_fi > 1.0
+    names = ["zero", "one", "two", "three", "four"]
+    fig = manhattan_plot(log_fi, labels, 5, flagged=flagged, title="t", class_names=names)
+    _assert_renders(fig)
+    legend = fig.axes[0].get_legend()
+    assert legend is not None
+    assert "flagged" in [text.get_text() for text in legend.get_texts()]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == names
+
+
+def test_manhattan_plot_accepts_any_dtype_and_is_deterministic() -> None:
+    log_fi, labels = _manhattan_inputs()
+    first = _assert_renders(manhattan_plot(log_fi.float(), labels.int(), 5))
+    second = _assert_renders(manhattan_plot(log_fi.double(), labels, 5))
+    assert torch.equal(first, second)
+    assert manhattan_plot(log_fi, labels, 5).axes[0].get_legend() is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"log_fi": torch.zeros(4, 2)}, "log_fi"),
+        ({"labels": torch.zeros(5, dtype=torch.long)}, "labels"),
+        ({"labels": torch.zeros(6)}, "labels"),
+        ({"labels": torch.full((6,), 7)}, "labels"),
+        ({"flagged": torch.zeros(5, dtype=torch.bool)}, "flagged"),
+        ({"flagged": torch.zeros(6)}, "flagged"),
+        ({"class_names": ["a", "b"]}, "class_names"),
+        ({"num_classes": 0}, "num_classes"),
+    ],
+)
+def test_manhattan_plot_validates(kwargs: dict[str, object], name: str) -> None:
+    arguments: dict[str, object] = {
+        "log_fi": torch.zeros(6),
+        "labels": torch.zeros(6, dtype=torch.long),
+        "num_classes": 3,
+    }
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        manhattan_plot(**arguments)  # type: ignore[arg-type]
+
+
+def test_manhattan_plot_error_names_shapes() -> None:
+    with pytest.raises(ValueError, match=r"labels must have shape \(6,\), got \(5,\)"):
+        manhattan_plot(torch.zeros(6), torch.zeros(5, dtype=torch.long), 3)
+
+
+def test_layer_heatmap_renders_with_nan_and_colorbar() -> None:
+    values = torch.randn(4, 6, generator=_generator())
+    values[1, 2] = float("nan")
+    names = ["conv1", "layer1.0.conv1", "a" * 80, "fc"]
+    fig = layer_heatmap(values, names, [0, 1, 2, 3, 4, 5], title="heat", value_label="v")
+    _assert_renders(fig)
+    assert len(fig.axes) == 2  # heat map and colorbar
+    assert fig.axes[1].get_ylabel() == "v"
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert max(len(label) for label in labels) <= 30
+
+
+def test_layer_heatmap_many_layers_caps_size_and_thins_labels() -> None:
+    values = torch.randn(200, 3, generator=_generator(), dtype=torch.float32)
+    fig = layer_heatmap(values, [f"layer{i}" for i in range(200)], [1, 2, 3])
+    assert fig.get_size_inches()[1] <= 16.0
+    assert len(fig.axes[0].get_yticks()) < 200
+    _assert_renders(fig)
+
+
+def test_layer_heatmap_all_nan_renders() -> None:
+    _assert_renders(layer_heatmap(torch.full((2, 2), float("nan")), ["a", "b"], [0, 1]))
+
+
+@pytest.mark.parametrize(
+    ("values", "names", "epochs", "match"),
+    [
+        (torch.zeros(3), ["a", "b", "c"], [0], "values"),
+        (torch.zeros(2, 3), ["a"], [0, 1, 2], "layer_names"),
+        (torch.zeros(2, 3), ["a", "b"], [0, 1], "epochs"),
+        (torch.zeros(0, 3), [], [0, 1, 2], "values"),
+    ],
+)
+def test_layer_heatmap_validates(
+    values: torch.Tensor, names: list[str], epochs: list[int], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        layer_heatmap(values, names, epochs)
+
+
+def test_layer_strip_plot_renders_with_non_finite_values() -> None:
+    values = torch.randn(6, 30, generator=_generator())
+    values[0, :3] = float("-inf")
+    values[2, 5] = float("nan")
+    values[5] = float("-inf")  # a layer with no finite value at all
+    fig = layer_strip_plot(values, [f"block{i}.conv" for i in range(6)], title="strip")
+    _assert_renders(fig)
+    assert fig.axes[0].get_ylabel() == "log FI"
+
+
+def test_layer_strip_plot_many_layers_thins_labels() -> None:
+    values = torch.randn(150, 8, generator=_generator())
+    fig = layer_strip_plot(values, [f"model.layer{i}.weight" for i in range(150)])
+    assert len(fig.axes[0].get_xticks()) < 150
+    _assert_renders(fig)
+
+
+@pytest.mark.parametrize(
+    ("values", "names", "match"),
+    [
+        (torch.zeros(4), ["a"] * 4, "values"),
+        (torch.zeros(2, 4), ["a"], "layer_names"),
+    ],
+)
+def test_layer_strip_plot_validates(values: torch.Tensor, names: list[str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        layer_strip_plot(values, names)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_sample_grid_renders(channels: int) -> None:
+    images = torch.rand(5, channels, 12, 12, generator=_generator())
+    images[1] = 0.5  # a constant image must not divide by zero
+    fig = sample_grid(images, [f"#{i}" for i in range(5)], title="grid", columns=3)
+    _assert_renders(fig)
+    assert len(fig.axes) == 5
+
+
+def test_sample_grid_empty() -> None:
+    fig = sample_grid(torch.zeros(0, 3, 8, 8), [])
+    _assert_renders(fig)
+    assert "no samples" in [text.get_text() for text in fig.texts]
+
+
+@pytest.mark.parametrize(
+    ("images", "captions", "columns", "match"),
+    [
+        (torch.zeros(2, 8, 8), ["a", "b"], 8, "images"),
+        (torch.zeros(2, 1, 8, 8), ["a"], 8, "captions"),
+        (torch.zeros(2, 1, 8, 8), ["a", "b"], 0, "columns"),
+    ],
+)
+def test_sample_grid_validates(
+    images: torch.Tensor, captions: list[str], columns: int, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        sample_grid(images, captions, columns=columns)
+
+
+def _overlay_inputs() -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    g = _generator()
+    images = torch.rand(2, 3, 10, 10, generator=g)
+    maps = {w: torch.rand(2, 10, 10, generator=g) * w for w in (5, 1, 3)}
+    maps[1][0, 4, 7] = 100.0  # the top pixel of the smallest window
+    maps[3][1] = 0.0  # FI = 0 everywhere: transparent, no error
+    return images, maps
+
+
+def test_fi_overlays_renders_columns_sorted_and_marks_top_pixel() -> None:
+    images, maps = _overlay_inputs()
+    fig = fi_overlays(images, maps, ["first", "second"], title="maps")
+    _assert_renders(fig)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["image", "w = 1", "w = 3", "w = 5"]
+    assert any(ax.get_xlabel() == "FI (log scale)" for ax in fig.axes)  # colorbars
+    cross = fig.axes[0].get_lines()[0]
+    assert (np.asarray(cross.get_xdata()).item(), np.asarray(cross.get_ydata()).item()) == (7, 4)
+
+
+def test_fi_overlays_grey_images_and_no_maps() -> None:
+    images = torch.rand(2, 1, 10, 10, generator=_generator())
+    _assert_renders(fi_overlays(images, {}, ["a", "b"]))
+    maps = {3: torch.full((2, 10, 10), float("-inf"))}
+    _assert_renders(fi_overlays(images, maps, ["a", "b"]))
+
+
+@pytest.mark.parametrize(
+    ("maps", "captions", "match"),
+    [
+        ({1: torch.zeros(2, 9, 10)}, ["a", "b"], r"maps\[1\]"),
+        ({1: torch.zeros(3, 10, 10)}, ["a", "b"], r"maps\[1\]"),
+        ({1: torch.zeros(2, 10, 10)}, ["a"], "captions"),
+        ({0: torch.zeros(2, 10, 10)}, ["a", "b"], "maps"),
+    ],
+)
+def test_fi_overlays_validates(
+    maps: dict[int, torch.Tensor], captions: list[str], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        fi_overlays(torch.zeros(2, 3, 10, 10), maps, captions)

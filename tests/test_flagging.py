@@ -1,0 +1,86 @@
+"""Flag rules, persistence, summaries and the flag table (pure parts of the monitor)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_sens.flagging import FlagHistory, flag, robust_z
+from lightning_sens.reporting.stats import log_fi_summary
+from lightning_sens.reporting.tables import COLUMNS, FlagRow, write_table
+
+
+def test_robust_z_matches_its_definition() -> None:
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0], dtype=torch.float64)
+    median, mad = 3.0, 1.0  # |x − 3| = 2, 1, 0, 1, 97 → MAD = 1
+    torch.testing.assert_close(robust_z(x), (x - median) / (1.4826 * mad))
+
+
+def test_robust_z_ties_and_non_finite_values() -> None:
+    tied = torch.tensor([0.0, 0.0, 0.0, 0.0, 5.0], dtype=torch.float64)
+    z = robust_z(tied)  # MAD = 0: mean absolute deviation (1.0) takes over
+    torch.testing.assert_close(z, tied / 1.2533)
+    assert torch.equal(robust_z(torch.zeros(4)), torch.zeros(4, dtype=torch.float64))
+    z = robust_z(torch.tensor([float("-inf"), 1.0, 2.0, 3.0, float("inf")]))
+    assert z[0] == float("-inf")
+    assert z[-1] == float("inf")
+
+
+def test_mad_rule_flags_the_outliers_only() -> None:
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(200, generator=g, dtype=torch.float64)
+    scores[[7, 42]] = torch.tensor([9.0, 12.0], dtype=torch.float64)
+    decision = flag(scores, "mad", threshold=3.5)
+    assert decision.flagged.nonzero().flatten().tolist() == [7, 42]
+    assert decision.rule == "mad>3.5"
+    assert scores[~decision.flagged].max() <= decision.cutoff < 9.0
+
+
+def test_top_k_rule() -> None:
+    scores = torch.tensor([0.5, 3.0, -1.0, 2.0])
+    decision = flag(scores, "top_k", top_k=2)
+    assert decision.flagged.tolist() == [False, True, False, True]
+    assert decision.cutoff == 2.0
+    assert flag(scores, "top_k", top_k=10).flagged.all()
+    with pytest.raises(ValueError, match="'mad' or 'top_k'"):
+        flag(scores, "zscore")  # type: ignore[arg-type]
+
+
+def test_persistence_counts_the_last_n_monitored_epochs() -> None:
+    history = FlagHistory(window=3)
+    for epoch, flagged in enumerate([[1, 2], [1], [1, 3], [1, 3]]):
+        history.update("val", epoch, flagged)
+    assert history.count("val", 1) == 3  # epochs 1, 2, 3
+    assert history.count("val", 2) == 0  # flagged only in epoch 0, outside the window
+    assert history.count("val", 3) == 2
+    history.update("val", 3, [2])  # a repeated epoch (resume) changes nothing
+    assert history.count("val", 2) == 0
+    restored = FlagHistory.from_state_dict(history.state_dict())
+    assert restored.count("val", 3) == 2
+    assert restored.window == 3
+
+
+def test_summary_statistics() -> None:
+    x = torch.arange(101, dtype=torch.float64)  # quantile q% is q
+    summary = log_fi_summary(torch.cat([x, torch.tensor([float("-inf")], dtype=torch.float64)]))
+    assert summary["median"] == 50.0
+    assert summary["mean"] == 50.0
+    assert [summary[f"q{q}"] for q in (75, 90, 99, 100)] == [75.0, 90.0, 99.0, 100.0]
+    assert all(math.isnan(v) for v in log_fi_summary(torch.tensor([float("-inf")])).values())
+
+
+def test_flag_table_is_written_atomically_and_reads_back(tmp_path: Path) -> None:
+    row = FlagRow(3, "val", 2, 1, 0, 0.25, 3.0, math.log(3.0), 1.0, 9, True, 2, "mad>3.5", 1.5)
+    path = tmp_path / "sensitivity" / "flags.csv"
+    written = write_table([row, row], path)
+    assert path in written
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # no temp files
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == COLUMNS
+    assert float(rows[0]["log_fi"]) == math.log(3.0)  # full precision
+    assert rows[0]["flagged"] == "True"
