@@ -123,6 +123,11 @@ def test_logs_every_documented_scalar_and_the_flag_tables(tmp_path: Path) -> Non
     assert {keys.histogram(t, s) for t in keys.TARGETS for s in keys.SPLITS} <= set(
         events.Tags()["histograms"]
     )
+    images = set(events.Tags()["images"])
+    for split in keys.SPLITS:
+        for name in ("manhattan", "flagged", "layer_heatmap", "layer_strip", "fi_maps"):
+            assert keys.image(f"{name}_{split}") in images, (name, split)
+    assert len(events.Images(keys.image("layer_heatmap_val"))) == 2
     flagged = events.Scalars(keys.flag_count("val"))
     assert [e.value for e in flagged] == [3.0, 3.0]  # top_k = 3
 
@@ -231,7 +236,9 @@ def test_two_process_ddp_equals_one_process(tmp_path: Path) -> None:
     """Each rank scores its shard; gathered by sample id, de-duplicated (31 samples: one padded)."""
     g = torch.Generator().manual_seed(3)
     val = DataLoader(
-        TensorDataset(torch.randn(31, 1, 8, 8, generator=g), torch.randint(0, CLASSES, (31,), generator=g)),
+        TensorDataset(
+            torch.randn(31, 1, 8, 8, generator=g), torch.randint(0, CLASSES, (31,), generator=g)
+        ),
         batch_size=8,
     )
     pl.seed_everything(0)

@@ -20,6 +20,7 @@ from lightning_sens.config import MonitorConfig
 from lightning_sens.core import SensitivityResult, sensitivity
 from lightning_sens.flagging import FlagHistory, flag
 from lightning_sens.reporting import keys
+from lightning_sens.reporting.images import epoch_images
 from lightning_sens.reporting.summary import (
     SplitScores,
     epoch_metrics,
@@ -91,8 +92,13 @@ class SensitivityMonitor(Callback):
     - ``sensitivity/layer_channel/{s}/{layer}``: median relative FI of channel scaling;
     - ``sensitivity/layer_rank/{s}/{layer}``: mean effective rank of the layer's parameters;
     - ``sensitivity/flags/{s}/flagged`` and ``.../persistent``: flag counts;
-    - TensorBoard only: histograms ``sensitivity/{t}_label/{s}/log_fi`` and a custom-scalars
-      layout that overlays train and validation curves.
+    - TensorBoard only: histograms ``sensitivity/{t}_label/{s}/log_fi``, a custom-scalars
+      layout that overlays train and validation curves, and images
+      ``sensitivity/images/{name}_{s}`` for ``name`` in ``manhattan`` (log FI by class, flags in
+      red), ``flagged`` (the flagged samples, highest FI first), ``layer_heatmap`` (layer ×
+      epoch), ``layer_strip`` (per-layer scaling FI of each probe sample) and ``fi_maps`` (input
+      FI maps overlaid on the least confident probe samples);
+    - hyperparameters ``sensitivity/<option>``: the configuration.
     """
 
     def __init__(
@@ -246,17 +252,23 @@ class SensitivityMonitor(Callback):
         return inputs.to(device), labels.to(device), indices
 
     def _exact(self, module: LightningModule, inputs: Tensor, labels: Tensor) -> SensitivityResult:
+        """Input maps with the predicted label (Setup 4), layers with the true label (Setup 2).
+
+        The two calls share nothing but the forward pass; their backward products differ (to the
+        input, and to the layers' outputs)."""
+        options: dict[str, Any] = {
+            "forward_fn": self.forward_fn,
+            "chunk_size": self.config.chunk_size,
+        }
+        layers = sensitivity(
+            module, inputs, labels, input_maps=False, layers=self.config.layers, **options
+        )
+        if not inputs.is_floating_point():
+            return layers
         image = inputs.dim() == 4
         windows = tuple(w for w in self.config.windows if image and w <= min(inputs.shape[-2:]))
-        return sensitivity(
-            module,
-            inputs,
-            labels,
-            windows=windows,
-            layers=self.config.layers,
-            forward_fn=self.forward_fn,
-            chunk_size=self.config.chunk_size,
-        )
+        maps = sensitivity(module, inputs, "pred", windows=windows, parameters=False, **options)
+        return dataclasses.replace(layers, input=maps.input)
 
     def _monitor_epoch(
         self, trainer: Trainer, module: LightningModule, val: SplitScores, log_dir: Path
@@ -266,12 +278,12 @@ class SensitivityMonitor(Callback):
         scores = {"val": val}
         probes: dict[str, SensitivityResult] = {}
         probe_ids: dict[str, Tensor] = {}
-        loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
+        loaders = {}
+        for split, found in (("train", trainer.train_dataloader), ("val", trainer.val_dataloaders)):
+            loader = found[0] if isinstance(found, list | tuple) and found else found
+            if isinstance(loader, DataLoader):
+                loaders[split] = loader
         for split, loader in loaders.items():
-            if isinstance(loader, list | tuple):
-                loader = loader[0] if loader else None
-            if not isinstance(loader, DataLoader):
-                continue
             size = (
                 self.config.train_probe_size if split == "train" else self.config.exact_probe_size
             )
@@ -289,8 +301,9 @@ class SensitivityMonitor(Callback):
         for split, result in probes.items():
             metrics.update(probe_metrics(split, result, self._num_classes))
         rows = []
+        decisions = {}
         for split, s in scores.items():
-            decision = flag(
+            decision = decisions[split] = flag(
                 s.log_fi_true, self.config.flag_rule, self.config.flag_threshold, self.config.top_k
             )
             self.flags.update(split, epoch, s.ids[decision.flagged].tolist())
@@ -304,12 +317,39 @@ class SensitivityMonitor(Callback):
             persistent = sum(r.flagged_recent * 2 > self.config.persistence for r in split_rows)
             metrics[keys.persistent_count(split)] = float(persistent)
 
-        writer = self._writer = self._writer or Writer(trainer.loggers)
+        self.history.append({"epoch": epoch, "step": step, **metrics})
+        writer = self._writer = self._writer or self._new_writer(trainer)
         writer.layout(keys.custom_scalars_layout())
         writer.scalars(metrics, step)
         for split, s in scores.items():
             writer.histogram(keys.histogram("true", split), s.log_fi_true, step)
             writer.histogram(keys.histogram("pred", split), s.log_fi_pred, step)
+        if self.config.log_images and writer.tensorboard is not None:
+
+            def fetch(split: str, ids: Tensor) -> Tensor:
+                return self._fetch(loaders[split], ids, module.device)[0]
+
+            images = epoch_images(
+                scores,
+                decisions,
+                probes,
+                probe_ids,
+                self.history,
+                self._num_classes,
+                self.config.num_images,
+                fetch,
+            )
+            for tag, image in images.items():
+                writer.image(tag, image, step)
+        elif self.config.log_images:
+            writer.skip_images()
         writer.flush()
         write_table(rows, log_dir / "sensitivity" / f"flags_epoch{epoch:04d}.csv")
-        self.history.append({"epoch": epoch, "step": step, **metrics})
+
+    def _new_writer(self, trainer: Trainer) -> Writer:
+        writer = Writer(trainer.loggers)
+        for logger in trainer.loggers:  # the configuration, once, with the run's hparams
+            logger.log_hyperparams(
+                {f"sensitivity/{k}": v for k, v in self.config.to_dict().items()}
+            )
+        return writer

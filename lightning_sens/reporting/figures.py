@@ -25,6 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, NullFormatter
 from numpy.typing import NDArray
 
 __all__ = [
@@ -407,7 +408,14 @@ def fi_overlays(
         axes[0][c].set_title(f"w = {w}", fontsize=9)
         column = [axes[r][c] for r in range(n)]
         mappable = column[-1].images[-1]
-        fig.colorbar(mappable, ax=column, location="bottom", shrink=0.9, label="FI (log scale)")
+        bar = fig.colorbar(
+            mappable, ax=column, location="bottom", shrink=0.9, label="FI (log scale)"
+        )
+        # Three labelled ticks, geometrically spaced: readable for narrow and wide ranges alike.
+        bottom, top = float(norm.vmin), float(norm.vmax)  # type: ignore[arg-type]
+        bar.set_ticks([bottom, (bottom * top) ** 0.5, top], labels=None)
+        bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+        bar.ax.xaxis.set_minor_formatter(NullFormatter())
     if windows:
         smallest = fi[windows[0]]
         for r in range(n):

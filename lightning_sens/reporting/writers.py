@@ -50,18 +50,19 @@ class Writer:
         if self.tensorboard is not None and finite.numel():
             self.tensorboard.add_histogram(tag, finite.float(), step)
 
-    def image(self, tag: str, image: Tensor, step: int) -> bool:
-        """Log a (3, H, W) uint8 image; False (with one message overall) without TensorBoard."""
-        if self.tensorboard is None:
-            if not self.images_skipped_said:
-                self.images_skipped_said = True
-                _log.warning(
-                    "No TensorBoard logger: sensitivity figures are skipped; scalars still go to "
-                    "the loggers and the flag tables to the log directory."
-                )
-            return False
-        self.tensorboard.add_image(tag, image, step, dataformats="CHW")
-        return True
+    def image(self, tag: str, image: Tensor, step: int) -> None:
+        """Log a (3, H, W) uint8 image (TensorBoard only)."""
+        if self.tensorboard is not None:
+            self.tensorboard.add_image(tag, image, step, dataformats="CHW")
+
+    def skip_images(self) -> None:
+        """Say once that figures need TensorBoard."""
+        if not self.images_skipped_said:
+            self.images_skipped_said = True
+            _log.warning(
+                "No TensorBoard logger: sensitivity figures are skipped; scalars still go to "
+                "the loggers and the flag tables to the log directory."
+            )
 
     def layout(self, layout: dict[str, dict[str, list[object]]]) -> None:
         if self.tensorboard is not None and not self.layout_written:
