@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens import MonitorConfig, SensitivityMonitor
+from lightning_sens.callbacks import MonitorSetupError
 from lightning_sens.reporting import keys
 
 pytestmark = [
@@ -259,3 +260,81 @@ def test_two_process_ddp_equals_one_process(tmp_path: Path) -> None:
         runs[name] = _val_rows(tmp_path / name / "tb" / "version_0")
     assert [sample for sample, _ in runs["ddp"]] == list(range(31))
     assert runs["ddp"] == runs["single"]
+
+
+class DictNet(TinyNet):
+    """A model whose forward returns a dict: the monitor needs forward_fn."""
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
+        return {"logits": self.net(x)}
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x)["logits"], y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        return None
+
+
+def test_outputs_that_are_not_logits_fail_at_the_first_validation(tmp_path: Path) -> None:
+    train, val = _loaders()
+    with pytest.raises(MonitorSetupError, match=r"not \(B, K\) logits.*forward_fn"):
+        _trainer(tmp_path, [SensitivityMonitor(SMALL)], epochs=1).fit(DictNet(), train, val)
+    monitor = SensitivityMonitor(SMALL, forward_fn=lambda module, x: module(x)["logits"])
+    _trainer(tmp_path / "adapted", [monitor], epochs=1).fit(DictNet(), train, val)
+    assert monitor.history
+    assert monitor.history[-1][keys.layer_rank("val", "net.4")] > 0
+
+
+def test_unreadable_batches_fail_with_a_pointer_to_batch_fn(tmp_path: Path) -> None:
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, CLASSES, (16,))
+
+    class DictBatches(TinyNet):
+        def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+            return nn.functional.cross_entropy(self(batch["x"]), batch["y"])
+
+        def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+            return self(batch["x"])
+
+    loader = DataLoader([{"x": x[i], "y": y[i]} for i in range(16)], batch_size=8)
+    with pytest.raises(MonitorSetupError, match="batch_fn"):
+        _trainer(tmp_path, [SensitivityMonitor(SMALL)], epochs=1).fit(DictBatches(), loader, loader)
+    monitor = SensitivityMonitor(SMALL, batch_fn=lambda b: (b["x"], b["y"], None))
+    _trainer(tmp_path / "adapted", [monitor], epochs=1).fit(DictBatches(), loader, loader)
+    assert monitor.history
+
+
+def test_resumed_run_continues_the_curves_without_gaps_or_duplicates(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    train, val = _loaders()
+    first = SensitivityMonitor(SMALL)
+    trainer = _trainer(tmp_path, [first], epochs=2)
+    trainer.fit(TinyNet(), train, val)
+    checkpoint = tmp_path / "two_epochs.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    resumed = SensitivityMonitor(SMALL)
+    _trainer(tmp_path, [resumed], epochs=4).fit(TinyNet(), train, val, ckpt_path=checkpoint)
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    assert torch.equal(resumed.probes["train"], first.probes["train"])
+    assert resumed.flags.monitored["val"] == [0, 1, 2, 3]
+
+    events = _events(tmp_path / "tb" / "version_0")  # both runs log to the same folder
+    steps = [e.step for e in events.Scalars(keys.curve("pred", "val", "median"))]
+    assert len(steps) == 4
+    assert steps == sorted(set(steps))
+
+
+def test_scanning_the_whole_training_set(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    train, val = _loaders()
+    monitor = SensitivityMonitor(SMALL, scan_train_set=True, scan_every_n_epochs=2)
+    _trainer(tmp_path, [monitor], epochs=3).fit(TinyNet(), train, val)
+    folder = tmp_path / "tb" / "version_0" / "sensitivity"
+    for epoch, scanned in ((0, True), (1, False), (2, True)):
+        with (folder / f"flags_epoch{epoch:04d}.csv").open() as f:
+            rows = [r for r in csv.DictReader(f) if r["split"] == "train_all"]
+        assert sorted(int(r["sample"]) for r in rows) == (list(range(64)) if scanned else [])
+    events = _events(tmp_path / "tb" / "version_0")
+    assert len(events.Scalars(keys.curve("true", "train_all", "median"))) == 2
+    assert keys.image("manhattan_train_all") in events.Tags()["images"]

@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
+from tqdm.auto import tqdm
 
 from lightning_sens.config import MonitorConfig
 from lightning_sens.core import SensitivityResult, sensitivity
@@ -31,16 +32,21 @@ from lightning_sens.reporting.summary import (
 from lightning_sens.reporting.tables import write_table
 from lightning_sens.reporting.writers import Writer
 
-__all__ = ["SensitivityMonitor"]
+__all__ = ["MonitorSetupError", "SensitivityMonitor"]
 
 Batch = tuple[Tensor, Tensor, Tensor | None]
+
+
+class MonitorSetupError(TypeError):
+    """The batches or the model's outputs cannot be read: raised even when ``strict=False``,
+    since no later epoch would do better."""
 
 
 def default_batch_fn(batch: Any) -> Batch:
     """``(inputs, labels)`` or ``(inputs, labels, sample_ids)``."""
     if isinstance(batch, list | tuple) and len(batch) in (2, 3) and isinstance(batch[0], Tensor):
         return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
-    raise TypeError(
+    raise MonitorSetupError(
         f"SensitivityMonitor cannot read a batch of type {type(batch).__name__}; it expects "
         "(inputs, labels) or (inputs, labels, sample_ids). Pass batch_fn=lambda batch: "
         "(inputs, labels, ids_or_None)."
@@ -72,7 +78,10 @@ class SensitivityMonitor(Callback):
        the exact engine (whole-input rank certifying the closed form, input FI maps, per-layer FI,
        layer- and channel-scaling FI);
     4. flags: high-FI samples (true label) by ``flag_rule``, with persistence across epochs,
-       written with every score to ``<log_dir>/sensitivity/flags_epoch<E>.csv``.
+       written with every score to ``<log_dir>/sensitivity/flags_epoch<E>.csv``;
+    5. with ``scan_train_set``, every ``scan_every_n_epochs`` monitored epochs: closed-form FI of
+       every training sample (split ``train_all``: one eval forward pass per sample, on rank
+       zero), so that outliers anywhere in the training set are flagged.
 
     Args:
         config: a :class:`~lightning_sens.config.MonitorConfig`; keyword options override its
@@ -82,7 +91,8 @@ class SensitivityMonitor(Callback):
         forward_fn: (module, inputs) → logits, for modules whose forward returns more.
 
     Logged metrics (all on the global-step axis; ``{t}`` is ``true`` or ``pred``, ``{s}`` is
-    ``train`` or ``val``, ``{stat}`` is ``median``, ``mean`` or ``q75`` … ``q100``):
+    ``train``, ``val`` or, with the scan, ``train_all``; ``{stat}`` is ``median``, ``mean`` or
+    ``q75`` … ``q100``):
 
     - ``sensitivity/{t}_label/{s}/log_fi_{stat}``: statistics of whole-input log FI;
     - ``sensitivity/{t}_label/gap/log_fi_{stat}``: train minus validation;
@@ -211,7 +221,7 @@ class SensitivityMonitor(Callback):
         try:
             yield
         except Exception as error:
-            if self.config.strict:
+            if self.config.strict or isinstance(error, MonitorSetupError):
                 raise
             self._active = False
             rank_zero_warn(
@@ -232,7 +242,7 @@ class SensitivityMonitor(Callback):
             logits = self.forward_fn(module, inputs) if self.forward_fn else module(inputs)
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise TypeError(
+            raise MonitorSetupError(
                 f"The module's forward returned {shape}, not (B, K) logits. Pass "
                 "SensitivityMonitor(forward_fn=lambda module, x: ...) that returns the logits."
             )
@@ -250,6 +260,31 @@ class SensitivityMonitor(Callback):
         samples = [loader.dataset[i] for i in indices.tolist()]
         inputs, labels, _ = self.batch_fn((loader.collate_fn or default_collate)(samples))
         return inputs.to(device), labels.to(device), indices
+
+    def _scan_due(self) -> bool:
+        done = len(self.flags.monitored.get("train", []))
+        return self.config.scan_train_set and done % self.config.scan_every_n_epochs == 0
+
+    def _scan(self, trainer: Trainer, loader: DataLoader, module: LightningModule) -> SplitScores:
+        """Closed-form FI of every training sample, in dataset order (Setup 1 on the full set)."""
+        ordered = DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size or 256,
+            shuffle=False,
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+        )
+        parts, seen = [], 0
+        quiet = trainer.progress_bar_callback is None
+        for batch in tqdm(
+            ordered, desc="sensitivity: scanning the training set", leave=False, disable=quiet
+        ):
+            inputs, labels, ids = self.batch_fn(batch)
+            if ids is None:
+                ids = torch.arange(seen, seen + len(labels))
+            seen += len(labels)
+            parts.append(split_scores(ids, labels, self._forward(module, inputs.to(module.device))))
+        return SplitScores.cat(parts)
 
     def _exact(self, module: LightningModule, inputs: Tensor, labels: Tensor) -> SensitivityResult:
         """Input maps with the predicted label (Setup 4), layers with the true label (Setup 2).
@@ -296,6 +331,9 @@ class SensitivityMonitor(Callback):
             if self.config.exact_probe_size > 0:
                 probes[split] = self._exact(module, inputs[exact], labels[exact])
                 probe_ids[split] = ids[exact]
+        if "train" in loaders and self._scan_due():
+            scores["train_all"] = self._scan(trainer, loaders["train"], module)
+            loaders["train_all"] = loaders["train"]
 
         metrics = epoch_metrics(scores)
         for split, result in probes.items():
