@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -338,3 +339,25 @@ def test_scanning_the_whole_training_set(tmp_path: Path) -> None:
     events = _events(tmp_path / "tb" / "version_0")
     assert len(events.Scalars(keys.curve("true", "train_all", "median"))) == 2
     assert keys.image("manhattan_train_all") in events.Tags()["images"]
+
+
+def test_mixed_precision_logits_are_scored_in_float64(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    train, val = _loaders()
+    monitor = SensitivityMonitor(SMALL)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        logger=TensorBoardLogger(tmp_path, name="tb", version=0),
+        callbacks=[monitor],
+        accelerator="cpu",
+        precision="bf16-mixed",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
+    trainer.fit(TinyNet(), train, val)
+    last = monitor.history[-1]
+    assert math.isfinite(last[keys.curve("pred", "val", "median")])
+    assert last[keys.closed_form_holds("val")] == 1.0
