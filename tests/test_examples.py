@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_sens.reporting import keys
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -23,34 +25,28 @@ def _load(name: str):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning:lightning")  # few-batch runs warn about workers
-def test_monitor_digits_writes_tensorboard_logs(
+def test_monitor_digits_writes_tensorboard_logs_and_finds_corrupted_labels(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     example = _load("monitor_digits")
     assert example.main(["--max-epochs", "2", "--out", str(tmp_path)]) == 0
 
-    events = EventAccumulator(
-        str(tmp_path), size_guidance={"scalars": 0, "images": 0, "histograms": 0}
-    )
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    for name in ("true", "pred"):
-        for q in (75, 80, 85, 90, 95, 98, 99, 100):
-            assert f"sensitivity/val_{name}/log_fi_q{q}" in scalars
-        assert f"sensitivity/val_{name}/log_fi" in events.Tags()["histograms"]
-    assert {"train/loss", "val/loss", "val/acc", "sensitivity/train/corrupted_in_top"} <= scalars
-    layer_keys = {t for t in scalars if t.startswith("sensitivity/layer_scale_log_fi/")}
-    assert layer_keys == {f"sensitivity/layer_scale_log_fi/net.{i}" for i in (0, 1, 3, 4, 7)}
-    assert "sensitivity/probe/mean_pixel_relative_fi" in events.Tags()["images"]
+    for split in ("train", "val", "train_all"):
+        assert keys.curve("true", split, "q99") in scalars
+    assert {"train/loss", "val/loss", "val/acc"} <= scalars
+    assert keys.image("manhattan_train_all") in events.Tags()["images"]
 
-    holds = events.Scalars("sensitivity/probe/closed_form_holds")
-    assert len(holds) == 2  # one value per validation epoch, sanity check excluded
-    assert all(0.0 <= e.value <= 1.0 for e in holds)
-    quantiles = [
-        events.Scalars(f"sensitivity/val_pred/log_fi_q{q}")[-1].value for q in (75, 90, 100)
-    ]
-    assert quantiles == sorted(quantiles)
+    results = example.flagged_per_epoch(
+        tmp_path / "sensitivity", example.digits_data(0.03, 0)["corrupted"]
+    )
+    assert [epoch for epoch, _, _ in results] == [0, 1]
+    _, flagged, hits = results[-1]
+    assert flagged >= 10  # 38 corrupted labels; after 2 epochs most stand out
+    assert hits >= 0.8 * flagged  # and what is flagged is mostly corrupted
 
     out = capsys.readouterr().out
-    assert "corrupted labels rank in the top" in out
+    assert "of them corrupted" in out
     assert f"tensorboard --logdir {tmp_path}" in out
