@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -115,7 +116,7 @@ def test_logs_every_documented_scalar_and_the_flag_tables(tmp_path: Path) -> Non
         expected |= {keys.map_relative(split, w) for w in (1, 3)}
         for layer in ("net.0", "net.1", "net.4"):
             expected |= {keys.layer_scale(split, layer), keys.layer_rank(split, layer)}
-            expected |= {keys.layer_channel(split, layer)}
+            expected |= {keys.layer_channel(split, layer), keys.layer_relative(split, layer)}
     missing = expected - scalars
     assert not missing, sorted(missing)
     assert len(events.Scalars(keys.curve("pred", "val", "median"))) == 2  # one per epoch
@@ -125,6 +126,10 @@ def test_logs_every_documented_scalar_and_the_flag_tables(tmp_path: Path) -> Non
     assert {keys.histogram(t, s) for t in keys.TARGETS for s in keys.SPLITS} <= set(
         events.Tags()["histograms"]
     )
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["sensitivity/flag_rule"].string_value == "top_k"
+    assert hparams["sensitivity/exact_probe_size"].number_value == 6
     images = set(events.Tags()["images"])
     for split in keys.SPLITS:
         for name in ("manhattan", "flagged", "layer_heatmap", "layer_strip", "fi_maps"):

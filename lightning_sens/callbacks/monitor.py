@@ -101,6 +101,7 @@ class SensitivityMonitor(Callback):
     - ``sensitivity/layer_scale/{s}/{layer}``: median log FI of scaling the layer by one factor;
     - ``sensitivity/layer_channel/{s}/{layer}``: median relative FI of channel scaling;
     - ``sensitivity/layer_rank/{s}/{layer}``: mean effective rank of the layer's parameters;
+    - ``sensitivity/layer_relative/{s}/{layer}``: median relative FI of the layer's parameters;
     - ``sensitivity/flags/{s}/flagged`` and ``.../persistent``: flag counts;
     - TensorBoard only: histograms ``sensitivity/{t}_label/{s}/log_fi``, a custom-scalars
       layout that overlays train and validation curves, and images

@@ -17,6 +17,7 @@ __all__ = [
     "image",
     "layer_channel",
     "layer_rank",
+    "layer_relative",
     "layer_scale",
     "map_relative",
     "persistent_count",
@@ -61,6 +62,11 @@ def layer_scale(split: str, layer: str) -> str:
 def layer_channel(split: str, layer: str) -> str:
     """Median over probe samples of the relative FI of scaling the layer's output channels."""
     return f"{PREFIX}/layer_channel/{split}/{layer}"
+
+
+def layer_relative(split: str, layer: str) -> str:
+    """Median over probe samples of the relative FI of the layer's parameters (1 at full rank)."""
+    return f"{PREFIX}/layer_relative/{split}/{layer}"
 
 
 def layer_rank(split: str, layer: str) -> str:

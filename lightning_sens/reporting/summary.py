@@ -104,6 +104,8 @@ def probe_metrics(split: str, result: SensitivityResult, num_classes: int) -> di
             metrics[keys.layer_rank(split, name)] = float(
                 layer.parameters.effective_rank.double().mean()
             )
+            relative = layer.parameters.relative_fi
+            metrics[keys.layer_relative(split, name)] = float(relative.median())
             if layer.channel_scale is not None:
                 metrics[keys.layer_channel(split, name)] = float(
                     layer.channel_scale.relative_fi.median()
