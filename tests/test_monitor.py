@@ -215,14 +215,21 @@ def test_bad_configuration_fails_at_construction() -> None:
         SensitivityMonitor(every_epoch=1)
 
 
-def test_post_hoc_validate_from_a_checkpoint_and_state_round_trip(tmp_path: Path) -> None:
+def _fit_and_save(tmp_path: Path, epochs: int) -> tuple[SensitivityMonitor, Path]:
+    """A monitored run of ``epochs`` epochs and its final checkpoint."""
     pl.seed_everything(0)
     train, val = _loaders()
     monitor = SensitivityMonitor(SMALL)
-    trainer = _trainer(tmp_path, [monitor], epochs=1)
+    trainer = _trainer(tmp_path, [monitor], epochs=epochs)
     trainer.fit(TinyNet(), train, val)
-    checkpoint = tmp_path / "model.ckpt"
+    checkpoint = tmp_path / f"{epochs}_epochs.ckpt"
     trainer.save_checkpoint(checkpoint)
+    return monitor, checkpoint
+
+
+def test_post_hoc_validate_from_a_checkpoint_and_state_round_trip(tmp_path: Path) -> None:
+    monitor, checkpoint = _fit_and_save(tmp_path, epochs=1)
+    _, val = _loaders()
     saved = torch.load(checkpoint, weights_only=False)["callbacks"][monitor.state_key]
     assert saved["probes"]["train"] == monitor.probes["train"].tolist()
 
@@ -311,14 +318,8 @@ def test_unreadable_batches_fail_with_a_pointer_to_batch_fn(tmp_path: Path) -> N
 
 
 def test_resumed_run_continues_the_curves_without_gaps_or_duplicates(tmp_path: Path) -> None:
-    pl.seed_everything(0)
+    first, checkpoint = _fit_and_save(tmp_path, epochs=2)
     train, val = _loaders()
-    first = SensitivityMonitor(SMALL)
-    trainer = _trainer(tmp_path, [first], epochs=2)
-    trainer.fit(TinyNet(), train, val)
-    checkpoint = tmp_path / "two_epochs.ckpt"
-    trainer.save_checkpoint(checkpoint)
-
     resumed = SensitivityMonitor(SMALL)
     _trainer(tmp_path, [resumed], epochs=4).fit(TinyNet(), train, val, ckpt_path=checkpoint)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
