@@ -41,7 +41,8 @@ class MonitorConfig:
         scan_every_n_epochs: see ``scan_train_set``.
         chunk_size: samples per pass of the exact engine (None: the engine's default).
         num_images: how many flagged samples / FI-map overlays to draw per image.
-        log_images: draw figures (TensorBoard only).
+        log_images: draw figures (to TensorBoard; with ``save_figures`` also without it).
+        save_figures: also save every figure as PNG under ``<log_dir>/sensitivity/figures``.
         strict: raise errors from monitoring instead of warning and skipping the epoch.
         seed: seed of the probe selection.
     """
@@ -60,6 +61,7 @@ class MonitorConfig:
     chunk_size: int | None = None
     num_images: int = 8
     log_images: bool = True
+    save_figures: bool = False
     strict: bool = False
     seed: int = 0
 

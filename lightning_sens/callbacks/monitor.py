@@ -30,7 +30,7 @@ from lightning_sens.reporting.summary import (
     split_scores,
 )
 from lightning_sens.reporting.tables import write_table
-from lightning_sens.reporting.writers import Writer
+from lightning_sens.reporting.writers import Writer, save_png
 
 __all__ = ["MonitorSetupError", "SensitivityMonitor"]
 
@@ -89,6 +89,8 @@ class SensitivityMonitor(Callback):
         batch_fn: batch → (inputs, labels, sample ids or None), for batches that are not
             ``(inputs, labels[, ids])``.
         forward_fn: (module, inputs) → logits, for modules whose forward returns more.
+        train_dataloader: where the training probe comes from when the Trainer has no training
+            loader (``trainer.validate``, post-hoc evaluation).
 
     Logged metrics (all on the global-step axis; ``{t}`` is ``true`` or ``pred``, ``{s}`` is
     ``train``, ``val`` or, with the scan, ``train_all``; ``{stat}`` is ``median``, ``mean`` or
@@ -118,6 +120,7 @@ class SensitivityMonitor(Callback):
         *,
         batch_fn: Callable[[Any], Batch] | None = None,
         forward_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+        train_dataloader: DataLoader | None = None,
         **options: Any,
     ) -> None:
         base = config or MonitorConfig()
@@ -130,6 +133,9 @@ class SensitivityMonitor(Callback):
         self.config = dataclasses.replace(base, **options)
         self.batch_fn = batch_fn or default_batch_fn
         self.forward_fn = forward_fn
+        self.train_dataloader = train_dataloader
+        # (epoch, step) to log under instead of the Trainer's: post-hoc evaluation of checkpoints
+        self.position: tuple[int, int] | None = None
         self.probes: dict[str, Tensor] = {}
         self.history: list[dict[str, float]] = []
         self.flags = FlagHistory(self.config.persistence)
@@ -141,14 +147,16 @@ class SensitivityMonitor(Callback):
 
     @property
     def state_key(self) -> str:
+        # Post-hoc evaluation must not pick up the state a training-time monitor saved.
+        post_hoc = {"post_hoc": True} if self.position is not None else {}
         return self._generate_state_key(
-            seed=self.config.seed, every_n_epochs=self.config.every_n_epochs
+            seed=self.config.seed, every_n_epochs=self.config.every_n_epochs, **post_hoc
         )
 
     # -- Lightning hooks --------------------------------------------------------------------
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        due = trainer.current_epoch % self.config.every_n_epochs == 0
+        due = self.position is not None or trainer.current_epoch % self.config.every_n_epochs == 0
         self._active = due and not trainer.sanity_checking
         self._buffer, self._seen = [], 0
 
@@ -310,12 +318,14 @@ class SensitivityMonitor(Callback):
         self, trainer: Trainer, module: LightningModule, val: SplitScores, log_dir: Path
     ) -> None:
         """Rank zero: probes, flags, logging and tables of one monitored epoch."""
-        epoch, step = trainer.current_epoch, trainer.global_step
+        epoch, step = self.position or (trainer.current_epoch, trainer.global_step)
         scores = {"val": val}
         probes: dict[str, SensitivityResult] = {}
         probe_ids: dict[str, Tensor] = {}
         loaders = {}
-        for split, found in (("train", trainer.train_dataloader), ("val", trainer.val_dataloaders)):
+        train = trainer.train_dataloader
+        train = self.train_dataloader if train is None else train
+        for split, found in (("train", train), ("val", trainer.val_dataloaders)):
             loader = found[0] if isinstance(found, list | tuple) and found else found
             if isinstance(loader, DataLoader):
                 loaders[split] = loader
@@ -363,7 +373,7 @@ class SensitivityMonitor(Callback):
         for split, s in scores.items():
             writer.histogram(keys.histogram("true", split), s.log_fi_true, step)
             writer.histogram(keys.histogram("pred", split), s.log_fi_pred, step)
-        if self.config.log_images and writer.tensorboard is not None:
+        if self.config.log_images and (writer.tensorboard is not None or self.config.save_figures):
 
             def fetch(split: str, ids: Tensor) -> Tensor:
                 return self._fetch(loaders[split], ids, module.device)[0]
@@ -380,7 +390,10 @@ class SensitivityMonitor(Callback):
             )
             for tag, image in images.items():
                 writer.image(tag, image, step)
-        elif self.config.log_images:
+                if self.config.save_figures:
+                    name = f"{tag.rsplit('/', 1)[-1]}_epoch{epoch:04d}.png"
+                    save_png(image, log_dir / "sensitivity" / "figures" / name)
+        if self.config.log_images and writer.tensorboard is None:
             writer.skip_images()
         writer.flush()
         write_table(rows, log_dir / "sensitivity" / f"flags_epoch{epoch:04d}.csv")

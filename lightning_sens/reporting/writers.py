@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from torch import Tensor
 
-__all__ = ["LoggerLike", "Writer"]
+__all__ = ["LoggerLike", "Writer", "save_png"]
 
 _log = logging.getLogger("lightning_sens")
 
@@ -72,3 +74,13 @@ class Writer:
     def flush(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.flush()
+
+
+def save_png(image: Tensor, path: Path) -> None:
+    """Write a (3, H, W) uint8 image as PNG (through a temporary file, then a rename)."""
+    from matplotlib.image import imsave
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    imsave(temporary, image.permute(1, 2, 0).cpu().numpy())
+    os.replace(temporary, path)

@@ -1,0 +1,111 @@
+"""The command line on real checkpoints written in tmp_path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_sens.cli import main
+from lightning_sens.reporting import keys
+from tests.cli_models import TinyData, TinyModule
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
+
+MODEL = ["--model", "tests.cli_models.TinyModule", "--data", "tests.cli_models.TinyData"]
+SMALL = ["--train-probe-size", "32", "--exact-probe-size", "4", "--windows", "1", "3"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three checkpoints of a real run, one per epoch."""
+    folder = tmp_path_factory.mktemp("ckpts")
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_epochs=1)],
+    )
+    trainer.fit(TinyModule(), datamodule=TinyData())
+    return folder
+
+
+def test_evaluate_a_directory_of_checkpoints(checkpoints: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(checkpoints), "--output", str(out), *SMALL, "--", *MODEL]) == 0
+
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    curve = events.Scalars(keys.curve("pred", "val", "median"))
+    assert [e.step for e in curve] == [4, 8, 12]  # global steps of the checkpoints, in order
+    assert keys.curve("pred", "train", "median") in events.Tags()["scalars"]
+    assert keys.image("manhattan_val") in events.Tags()["images"]
+    for epoch in range(3):
+        assert (out / "sensitivity" / f"flags_epoch{epoch:04d}.csv").exists()
+        assert (out / "sensitivity" / "figures" / f"manhattan_val_epoch{epoch:04d}.png").exists()
+    report = (out / "report.html").read_text()
+    assert report.count("<tr><td class='text'>epoch=") == 3  # one row per checkpoint
+    assert "data:image/png;base64," in report
+    assert "Flagged samples of the last checkpoint" in report
+
+
+def test_refuses_to_overwrite_unless_asked(checkpoints: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    one = str(sorted(checkpoints.glob("*.ckpt"))[0])
+    assert main(["evaluate", one, "--output", str(out), *SMALL, "--", *MODEL]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["evaluate", one, "--output", str(out), "--overwrite", *SMALL, "--", *MODEL]) == 0
+
+
+def test_config_file_and_globs(checkpoints: Path, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model:\n  class_path: tests.cli_models.TinyModule\n  init_args:\n    width: 4\n"
+        "data:\n  class_path: tests.cli_models.TinyData\n"
+    )
+    pattern = str(checkpoints / "epoch=2*.ckpt")
+    out = tmp_path / "eval"
+    assert (
+        main(["evaluate", pattern, "--output", str(out), *SMALL, "--", "--config", str(config)])
+        == 0
+    )
+    assert (out / "report.html").exists()
+
+
+def test_usage_errors(checkpoints: Path, tmp_path: Path, capsys) -> None:
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "none*.ckpt"),
+                "--output",
+                str(tmp_path / "o"),
+                "--",
+                *MODEL,
+            ]
+        )
+        == 2
+    )
+    assert "no checkpoint found" in capsys.readouterr().err
+    assert main(["evaluate", str(checkpoints), "--output", str(tmp_path / "o")]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_python_dash_m_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_sens", "evaluate", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--limit-batches" in result.stdout
