@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens.callbacks import SensitivityMonitor
 
-__all__ = ["SmallCNN", "flagged_per_epoch", "load_images", "run_demo"]
+__all__ = ["DigitsData", "SmallCNN", "flagged_per_epoch", "load_images", "run_demo"]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _SUBSET = (12_000, 2_000)  # training and validation samples of the 28 × 28 and 32 × 32 sets
@@ -141,6 +141,25 @@ class SmallCNN(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class DigitsData(pl.LightningDataModule):
+    """scikit-learn's real 8 × 8 digits as a DataModule (1,297 training, 500 validation samples),
+    with ``corrupt`` of the training labels moved to another class."""
+
+    def __init__(self, corrupt: float = 0.0, batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        _, x_train, y_train, self.x_val, self.y_val = load_images("digits", Path("."))
+        self.x_train = x_train
+        self.y_train, self.corrupted = corrupt_labels(y_train, corrupt, seed + 1)
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        data = TensorDataset(self.x_train, self.y_train)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x_val, self.y_val), batch_size=250)
 
 
 def flagged_per_epoch(folder: Path, corrupted: Tensor) -> list[tuple[int, int, int]]:

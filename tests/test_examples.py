@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,3 +40,39 @@ def test_demo_writes_tensorboard_logs_and_finds_corrupted_labels(
     out = capsys.readouterr().out
     assert "of them corrupted" in out
     assert f"tensorboard --logdir {tmp_path}" in out
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:lightning")
+@pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+def test_quickstart(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("quickstart", EXAMPLES / "quickstart.py")
+    assert spec is not None
+    assert spec.loader is not None
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    trainer = quickstart.main(str(tmp_path), epochs=1)
+    tables = list(Path(trainer.log_dir).glob("sensitivity/flags_epoch0000.csv"))
+    assert len(tables) == 1
+
+
+def test_lightning_cli_config_configures_the_monitor(tmp_path: Path) -> None:
+    command = [
+        sys.executable,
+        str(EXAMPLES / "lightning_cli" / "train.py"),
+        "fit",
+        "--config",
+        str(EXAMPLES / "lightning_cli" / "config.yaml"),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    subprocess.run(command, check=True, capture_output=True)
+    (table,) = tmp_path.glob("lightning_logs/version_0/sensitivity/flags_epoch0000.csv")
+    rows = table.read_text().splitlines()
+    assert sum(",True," in row for row in rows if ",val," in row) == 5  # top_k: 5 from the YAML
