@@ -66,8 +66,14 @@ def _torchvision(name: str, root: Path) -> tuple[Tensor, Tensor, Tensor, Tensor]
     return tensors[0], tensors[1], tensors[2], tensors[3]
 
 
-def load_images(dataset: str, root: Path) -> tuple[str, Tensor, Tensor, Tensor, Tensor]:
-    """(name, train images, train labels, val images, val labels); pixels in [0, 1]."""
+def load_images(
+    dataset: str, root: Path, subset: tuple[int, int] | None = _SUBSET
+) -> tuple[str, Tensor, Tensor, Tensor, Tensor]:
+    """(name, train images, train labels, test images, test labels); pixels in [0, 1].
+
+    ``subset`` keeps the first (train, test) samples of the 28 × 28 and 32 × 32 sets; the
+    demo's default keeps it to a few minutes on 2 CPU cores. The digits are never cut.
+    """
     if dataset == "auto":
         dataset = "fashion-mnist-debian" if DEBIAN_FASHION_MNIST.is_dir() else "digits"
     if dataset == "digits":
@@ -89,7 +95,9 @@ def load_images(dataset: str, root: Path) -> tuple[str, Tensor, Tensor, Tensor, 
     else:
         loaded = (dataset, *_torchvision(dataset, root))
     name, x_train, y_train, x_val, y_val = loaded
-    n_train, n_val = _SUBSET  # a few minutes on 2 CPU cores
+    if subset is None:
+        return loaded
+    n_train, n_val = subset  # the demo: a few minutes on 2 CPU cores
     return name, x_train[:n_train], y_train[:n_train], x_val[:n_val], y_val[:n_val]
 
 

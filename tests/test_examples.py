@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from matplotlib.image import imread
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_sens.cli import main
@@ -76,3 +77,23 @@ def test_lightning_cli_config_configures_the_monitor(tmp_path: Path) -> None:
     (table,) = tmp_path.glob("lightning_logs/version_0/sensitivity/flags_epoch0000.csv")
     rows = table.read_text().splitlines()
     assert sum(",True," in row for row in rows if ",val," in row) == 5  # top_k: 5 from the YAML
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "densenet121"])
+def test_paper_reproduction_small_mode(arch: str, tmp_path: Path) -> None:
+    command = [sys.executable, str(EXAMPLES / "paper" / "reproduce.py"), "--small", "--arch", arch]
+    subprocess.run([*command, "--out", str(tmp_path)], check=True, capture_output=True)
+    for name in (
+        "setup1_manhattan",
+        "setup1_top5",
+        "setup2_layers",
+        "setup3_train_vs_test",
+        "setup4_maps",
+    ):
+        pixels = imread(tmp_path / f"{name}.png")
+        assert pixels.shape[0] > 100, name
+        assert pixels.std() > 0.01, name  # a real picture, not a blank canvas
+    results = (tmp_path / "results.md").read_text()
+    assert "| 99 % |" in results
+    assert "reach the closed form" in results
+    assert "top-FI pixel" in results
