@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens.callbacks import SensitivityMonitor
+from lightning_sens.reporting.html import write_report
 
 __all__ = ["DigitsData", "SmallCNN", "flagged_per_epoch", "load_images", "run_demo"]
 
@@ -195,7 +196,9 @@ def run_demo(out: Path, max_epochs: int | None, dataset: str, corrupt: float, se
     train = DataLoader(TensorDataset(x_train, y_noisy), batch_size=64, shuffle=True)
     val = DataLoader(TensorDataset(x_val, y_val), batch_size=250)
     logger = TensorBoardLogger(out, name="", version="")
-    monitor = SensitivityMonitor(train_probe_size=256, exact_probe_size=16, scan_train_set=True)
+    monitor = SensitivityMonitor(
+        train_probe_size=256, exact_probe_size=16, scan_train_set=True, save_figures=True
+    )
     trainer = pl.Trainer(
         max_epochs=epochs,
         logger=logger,
@@ -212,6 +215,25 @@ def run_demo(out: Path, max_epochs: int | None, dataset: str, corrupt: float, se
     for epoch, flagged, hits in flagged_per_epoch(Path(logger.log_dir) / "sensitivity", corrupted):
         print(f"  epoch {epoch:2d}: {flagged:4d} flagged, {hits:4d} of them corrupted")
     print("(As the network memorises the wrong labels, their FI falls: flag early.)")
-    print(f"Flag tables: {Path(logger.log_dir) / 'sensitivity'}")
-    print(f"TensorBoard logs: {logger.log_dir}\nView them with: tensorboard --logdir {out}")
+    folder = Path(logger.log_dir)
+    model_path = folder / "model.ckpt"
+    trainer.save_checkpoint(model_path)
+    last = trainer.current_epoch - 1
+    figures = sorted((folder / "sensitivity" / "figures").glob(f"*_epoch{last:04d}.png"))
+    rows = [(f"epoch {int(h['epoch'])}", int(h["epoch"]), int(h["step"])) for h in monitor.history]
+    report = folder / "report.html"
+    table = folder / "sensitivity" / f"flags_epoch{last:04d}.csv"
+    write_report(
+        report,
+        f"lightning-sens demo: {name}",
+        rows,
+        monitor.history,
+        figures,
+        table,
+        monitor.config.to_dict(),
+    )
+    print(f"Trained model: {model_path}")
+    print(f"Report: {report}")
+    print(f"Flag tables and figures: {folder / 'sensitivity'}")
+    print(f"TensorBoard logs: {folder}\nView them with: tensorboard --logdir {out}")
     return 0

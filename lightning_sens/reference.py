@@ -155,13 +155,13 @@ def input_fi(
         A dict with (all on the device of ``inputs``):
 
         - ``'fi'`` (B,) float64, ``'rank'`` (B,) int64: the whole input as one block
-          (``J_x`` of shape (K, prod(shape))).
+        (``J_x`` of shape (K, prod(shape))).
         - ``'relative_fi'`` (B,): ``fi / ((1 − p_y) / p_y)`` in [0, 1]; 0 where ``p_y = 1``.
         - ``'p_target'`` (B,) float64: ``p_y``; ``'target'`` (B,) int64: the labels used.
         - For 4-D inputs (B, C, H, W) and non-empty ``windows``: ``'maps'`` ``{w: (B, C, H, W)}``
-          and ``'map_ranks'`` ``{w: (B, C, H, W) int64}``, the block at (b, c, h, v) being channel
-          c, rows h−s..h+s and columns v−s..v+s clipped to the image; ``'pixel_map'`` (B, H, W)
-          and ``'pixel_map_rank'`` (B, H, W): the block of all C channels of pixel (h, v).
+        and ``'map_ranks'`` ``{w: (B, C, H, W) int64}``, the block at (b, c, h, v) being channel
+        c, rows h−s..h+s and columns v−s..v+s clipped to the image; ``'pixel_map'`` (B, H, W)
+        and ``'pixel_map_rank'`` (B, H, W): the block of all C channels of pixel (h, v).
     """
     for w in windows:
         if w < 1 or w % 2 != 1:
@@ -266,11 +266,11 @@ def parameter_fi(
         ``{layer: entries, ..., '__all__': {'fi', 'rank'}}`` with, per layer (all (B,)):
 
         - ``'fi'``, ``'rank'``: additive ``θ_l + ω`` on the layer's block (its direct trainable
-          parameters, weight and bias together), ``ω0 = 0``.
+        parameters, weight and bias together), ``ω0 = 0``.
         - ``'scale_fi'``: layer scaling ``θ_l → ω θ_l`` with one scalar, ``ω0 = 1`` (m = 1).
         - ``'channel_scale_fi'``, ``'channel_scale_rank'``: output channel c multiplied by
-          ``ω_c``, ``ω0 = 1``, all channels as one block (dim 1 for conv/batch/group/instance
-          norms, last dim for Linear/LayerNorm/Embedding; ``None`` for other module types).
+        ``ω_c``, ``ω0 = 1``, all channels as one block (dim 1 for conv/batch/group/instance
+        norms, last dim for Linear/LayerNorm/Embedding; ``None`` for other module types).
 
         ``'__all__'`` is the block of all listed layers' parameters together.
     """

@@ -38,8 +38,13 @@ def test_demo_writes_tensorboard_logs_and_finds_corrupted_labels(
     assert flagged >= 10  # 38 corrupted labels; after 2 epochs most stand out
     assert hits >= 0.8 * flagged  # and what is flagged is mostly corrupted
 
+    report = (tmp_path / "report.html").read_text()
+    assert report.count("<tr><td class='text'>epoch ") == 2
+    assert "data:image/png;base64," in report
+    assert (tmp_path / "model.ckpt").exists()
     out = capsys.readouterr().out
     assert "of them corrupted" in out
+    assert f"Report: {tmp_path / 'report.html'}" in out
     assert f"tensorboard --logdir {tmp_path}" in out
 
 

@@ -298,7 +298,9 @@ def fi_from_contrast_columns(columns: Tensor, probs: Tensor, c: Tensor, rtol: fl
 
     Args:
         columns: ``(..., K−1, m)``, U = Qᵀ J.
-        probs, c, rtol: as in :func:`fi_from_contrast_gram`.
+        probs: ``(..., K)`` probabilities, as in :func:`fi_from_contrast_gram`.
+        c: ``(..., K)`` gradient of the objective w.r.t. the logits.
+        rtol: relative eigenvalue tolerance of the rank decision.
     """
     K1, m = columns.shape[-2:]
     if m >= K1:
@@ -405,7 +407,8 @@ def fi_along_direction(u: Tensor, probs: Tensor, c: Tensor) -> BlockFI:
 
     Args:
         u: ``(..., K)`` the logits' derivative along the single direction (u = J for m = 1).
-        probs, c: as in :func:`fi_from_gram`, broadcastable against ``u``.
+        probs: ``(..., K)`` probabilities, broadcastable against ``u``.
+        c: ``(..., K)`` gradient of the objective w.r.t. the logits (as in :func:`fi_from_gram`).
 
     Returns:
         :class:`BlockFI`; FI is defined as 0 (rank 0) where uᵀHu = 0, i.e. u ∝ 1.

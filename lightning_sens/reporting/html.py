@@ -66,7 +66,9 @@ def write_report(
         "<p class='note'>FI is the influence measure of Shu &amp; Zhu (AAAI 2019). Whole-input FI "
         "equals (1 − p_y)/p_y exactly where the rank is K − 1; see docs/method.md.</p>"
     )
-    parts.append("<h2>Checkpoints</h2><table><tr><th>checkpoint</th><th>epoch</th><th>step</th>")
+    parts.append(
+        "<h2>Per epoch or checkpoint</h2><table><tr><th>at</th><th>epoch</th><th>step</th>"
+    )
     parts += [f"<th>{html.escape(name)}</th>" for name, _ in _COLUMNS]
     parts.append("</tr>")
     for (name, epoch, step), metrics in zip(checkpoints, history, strict=True):
