@@ -23,6 +23,7 @@ from lightning_sens.core.capture import (
 )
 from lightning_sens.core.fi import (
     Target,
+    closed_form_fi,
     contrast_basis,
     default_rtol,
     fi_from_contrast_columns,
@@ -151,13 +152,9 @@ def _chunk_sensitivity(
     y = resolve_target(logits, target)
     check_target(y, logits)
 
-    z = logits.detach().to(torch.float64)
-    log_probs = torch.log_softmax(z, dim=-1)
-    probs = log_probs.exp()
+    probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
     c = log_prob_gradient(probs, y)
-    p_target = probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    z_y = z.gather(-1, y.unsqueeze(-1))
-    log_fi_max = torch.logsumexp((z - z_y).scatter(-1, y.unsqueeze(-1), float("-inf")), dim=-1)
+    closed = closed_form_fi(logits, y)  # p_y and log((1 − p_y)/p_y), the largest FI
 
     held = {name: r.output for name, r in records.items() if r.output is not None}
     missing = sorted(set(layers) - set(held))
@@ -217,7 +214,7 @@ def _chunk_sensitivity(
             for i, (name, f) in enumerate(found.items())
         }
         parameter_result = ParameterFI(per_layer, blocks[-1])
-    return SensitivityResult(y, p_target, log_fi_max, input_result, parameter_result)
+    return SensitivityResult(y, closed.p_target, closed.log_fi, input_result, parameter_result)
 
 
 def _default_forward(model: nn.Module, x: Tensor) -> Tensor:
