@@ -30,7 +30,14 @@ _COLUMNS = (
     ("closed form holds (val probe)", keys.closed_form_holds("val")),
     ("flagged (val)", keys.flag_count("val")),
     ("flagged (train probe)", keys.flag_count("train")),
+    ("flagged (all training)", keys.flag_count("train_all")),
 )
+_FIGURE_ORDER = ("manhattan", "flagged", "layer_heatmap", "layer_strip", "fi_maps")
+
+
+def _figure_rank(path: Path) -> tuple[int, str]:
+    ranks = [i for i, prefix in enumerate(_FIGURE_ORDER) if path.stem.startswith(prefix)]
+    return (ranks[0] if ranks else len(_FIGURE_ORDER), path.stem)
 
 
 def _cell(value: object) -> str:
@@ -54,7 +61,7 @@ def write_report(
     Args:
         checkpoints: (name, epoch, step) per evaluated checkpoint, in evaluation order.
         history: the monitor's metrics per checkpoint, same order.
-        figures: PNG files to embed (base64), shown in the given order.
+        figures: PNG files to embed (base64): Manhattan plots first, FI maps last.
         flag_table: the last checkpoint's flag table (CSV); its flagged rows are listed.
         config: the monitor's configuration.
     """
@@ -81,7 +88,7 @@ def write_report(
 
     if figures:
         parts.append("<h2>Figures of the last checkpoint</h2>")
-        for figure in figures:
+        for figure in sorted(figures, key=_figure_rank):
             data = base64.b64encode(figure.read_bytes()).decode("ascii")
             parts.append(
                 f"<h3>{html.escape(figure.stem)}</h3><img alt='{html.escape(figure.stem)}' "
