@@ -1,26 +1,31 @@
 """Slow, float64, brute-force reference for the influence measure of Shu & Zhu (AAAI 2019).
 
-This module is a test oracle: it materialises full Jacobians with :mod:`torch.func`, builds the
-metric ``G = Jᵀ H J`` explicitly and uses a Moore–Penrose pseudo-inverse. It favours obviously
-correct code over speed; see ``/work/shared/METHOD.md`` (sections 1–7) for the math.
+This module is a test oracle: it materialises full Jacobians with :mod:`torch.func`, one sample at
+a time, builds the metric ``G = Jᵀ H J`` explicitly and uses a Moore–Penrose pseudo-inverse. It
+favours obviously correct code over speed; docs/method.md states the math.
 
-Notation (per sample, METHOD.md §1–3):
+Notation (per sample, docs/method.md, "The measure"):
 
-- ``z ∈ R^K``: logits, ``forward_fn(model, x.unsqueeze(0))[0]``; ``p = softmax(z)`` (float64).
+- ``z ∈ R^K``: logits of one sample, ``forward_fn(model, inputs of that sample)``;
+  ``p = softmax(z)`` (float64).
 - ``y``: target class, the true label or ``"pred"`` (the argmax of ``z``).
 - ``c = e_y − p``: gradient of ``f = log p_y`` with respect to ``z``.
 - ``H = diag(p) − p pᵀ``: Hessian of the cross-entropy with respect to ``z``.
 - ``J = ∂z/∂ω`` (K × m) for a perturbation ``ω ∈ R^m`` at its unperturbed value ``ω0``.
 - ``G = Jᵀ H J``, ``∇f = Jᵀ c``, ``FI = ∇fᵀ G⁺ ∇f`` (dimensionless), effective rank ``rank(G)``.
 
-Only :mod:`torch` is imported.
+Inputs are a tensor or a dict of tensors (passed as keyword arguments); outputs may carry the
+logits in a ``logits`` attribute or key. A parameter shared by several modules (tied weights) is
+one parameter: perturbing it perturbs every use. Only :mod:`torch` and the core's definition of
+channel axes are imported.
 """
 
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -28,18 +33,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
+from lightning_sens.core.inputs import default_forward, logits_of
+from lightning_sens.core.routes import channel_axes
+
 Target = Tensor | Literal["pred"]
-ForwardFn = Callable[[nn.Module, Tensor], Tensor]
-
-# Where "output channel c" lives, for channel scaling (anything else: not supported, None).
-_CHANNEL_DIM_1: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm)
-_CHANNEL_DIM_1 += (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CHANNEL_DIM_1 += (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-_CHANNEL_DIM_LAST: tuple[type[nn.Module], ...] = (nn.Linear, nn.LayerNorm, nn.Embedding)
-
-
-def _default_forward(model: nn.Module, x: Tensor) -> Tensor:
-    return model(x)
+Inputs = Tensor | Mapping[str, Any]
+ForwardFn = Callable[[nn.Module, Any], Any]
 
 
 class _Forward(nn.Module):
@@ -50,26 +49,49 @@ class _Forward(nn.Module):
         self.model = model
         self.forward_fn = forward_fn
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_fn(self.model, x)
+    def forward(self, x: Inputs) -> Tensor:
+        return logits_of(self.forward_fn(self.model, x))
 
 
 @contextmanager
 def _exact_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and autograd on (even under inference mode); restores every ``training`` flag."""
+    """Eval mode and autograd on (even under inference mode), no fused attention fast path,
+    no notices about vmap's per-sample fallback; restores every ``training`` flag."""
     flags = {module: module.training for module in model.modules()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            torch.backends.mha.set_fastpath_enabled(False)
             model.eval()
             yield
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for module, training in flags.items():
             module.training = training
 
 
-def _logits_one(forward: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """Logits ``z`` (K,) of one sample ``x`` (no batch dim); validates the (1, K) shape."""
-    logits = forward(x.unsqueeze(0))
+def _batch(inputs: Inputs) -> int:
+    if isinstance(inputs, Tensor):
+        return inputs.shape[0]
+    return next(v.shape[0] for v in inputs.values() if isinstance(v, Tensor) and v.dim() > 0)
+
+
+def _sample(inputs: Inputs, b: int) -> Inputs:
+    """A copy of sample ``b`` of a batch, keeping a batch dimension of 1 (a copy, so that tensors
+    made under inference mode can enter autograd)."""
+    if isinstance(inputs, Tensor):
+        return inputs[b : b + 1].clone()
+    B = _batch(inputs)
+    return {
+        k: v[b : b + 1].clone() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == B else v
+        for k, v in inputs.items()
+    }
+
+
+def _logits_one(forward: Callable[[Inputs], Tensor], x: Inputs) -> Tensor:
+    """Logits ``z`` (K,) of one sample ``x`` (a batch of one); validates the (1, K) shape."""
+    logits = forward(x)
     if logits.dim() != 2 or logits.shape[0] != 1 or logits.shape[1] < 2:
         raise ValueError(
             f"forward_fn must return logits of shape (1, K) with K >= 2 for one sample, "
@@ -95,7 +117,7 @@ def _targets(target: Target, logits: Tensor) -> Tensor:
 def fi_from_jacobian(
     jacobian: Tensor, probs: Tensor, c: Tensor, rtol: float = 1e-10
 ) -> tuple[Tensor, Tensor]:
-    """Exact influence of one perturbation block from its logit Jacobian (METHOD.md §2–3).
+    """Exact influence of one perturbation block from its logit Jacobian (docs/method.md).
 
     Args:
         jacobian: ``J = ∂z/∂ω`` at ``ω0``, shape (K, m).
@@ -109,7 +131,8 @@ def fi_from_jacobian(
     Returns:
         ``(fi, rank)``: ``FI = ∇fᵀ G⁺ ∇f`` with ``G = Jᵀ H J``, ``H = diag(p) − p pᵀ``,
         ``∇f = Jᵀ c`` (0-dim float64), and ``rank(G)`` (0-dim int64). Both are 0 when ``m = 0``
-        or ``G = 0``.
+        or ``G = 0``. ``c`` must be orthogonal to the all-ones vector (true for every function of
+        p, e.g. ``e_y − p``).
     """
     J = jacobian.detach().to(torch.float64)
     p = probs.detach().to(torch.float64)
@@ -125,74 +148,148 @@ def fi_from_jacobian(
     G = (G + G.T) / 2  # remove rounding asymmetry before the Hermitian routines
     if not bool(G.any()):
         return zero_fi, zero_rank
-    grad_f = J.T @ c64
     scale = torch.linalg.matrix_norm(H, ord=2) * torch.linalg.matrix_norm(J, ord=2) ** 2
     atol = float(64 * len(p) * torch.finfo(torch.float64).eps * scale)
-    fi = grad_f @ torch.linalg.pinv(G, hermitian=True, rtol=rtol, atol=atol) @ grad_f
     rank = torch.linalg.matrix_rank(G, hermitian=True, rtol=rtol, atol=atol)
+    # G⁺ with G = AᵀA, A = H^{1/2} J, and ∇f = Jᵀc = Aᵀb with b = H^{+1/2} c (c ⟂ 1 = null(H)):
+    # FI = bᵀ A (AᵀA)⁺ Aᵀ b is the squared projection of b onto the leading `rank` left singular
+    # vectors of A. The same number as ∇fᵀ G⁺ ∇f, without squaring A's condition number.
+    evals, V = torch.linalg.eigh(H)
+    kept = evals > 64 * len(p) * torch.finfo(torch.float64).eps * evals.max()
+    root = V[:, kept] * evals[kept].sqrt()
+    A = root @ V[:, kept].T @ J
+    b = (V[:, kept] / evals[kept].sqrt()) @ (V[:, kept].T @ c64)
+    U, _, _ = torch.linalg.svd(A, full_matrices=False)
+    fi = (U[:, : int(rank)].T @ b).square().sum()
     return fi, rank.to(torch.int64)
+
+
+def _perturbed(
+    inputs: Inputs, input_key: str | None, input_module: str | None
+) -> tuple[Callable[[Inputs, Tensor], Inputs], Callable[[Inputs], Tensor]]:
+    """How ``ω`` enters one sample's forward, and the shape of ``ω`` for a sample.
+
+    Returns ``(apply, like)``: ``apply(x, ω)`` gives the inputs to run (for a module output,
+    ``ω`` is added by the forward hook of :func:`_perturbing` instead); ``like(x)`` is a tensor
+    shaped as ``ω`` for input perturbations.
+    """
+    if input_module is not None:
+        return (lambda x, omega: x), (lambda x: torch.zeros(0))
+    if isinstance(inputs, Tensor):
+        return (lambda x, omega: x + omega), (lambda x: torch.zeros_like(x))
+    if input_key is None:
+        raise ValueError("dict inputs need input_key (a floating tensor) or input_module")
+    key = input_key
+    return (
+        lambda x, omega: {**x, key: x[key] + omega},  # type: ignore[dict-item]
+        lambda x: torch.zeros_like(x[key]),  # type: ignore[index]
+    )
+
+
+@contextmanager
+def _perturbing(module: nn.Module | None, omega_now: list[Tensor]) -> Iterator[list[Tensor]]:
+    """While open, ``module``'s output gets ``omega_now[0]`` added; records unperturbed outputs."""
+    seen: list[Tensor] = []
+    if module is None:
+        yield seen
+        return
+
+    def hook(_m: nn.Module, _args: Any, output: Tensor) -> Tensor | None:
+        if not omega_now:
+            seen.append(output.detach())
+            return None
+        return output + omega_now[0]
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def input_fi(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     target: Target,
     windows: tuple[int, ...] = (1, 3, 5, 7),
     forward_fn: ForwardFn | None = None,
     rtol: float = 1e-10,
+    input_key: str | None = None,
+    input_module: str | None = None,
 ) -> dict[str, Any]:
     """Influence of additive input perturbations ``x + ω``, ``ω0 = 0`` (Setups 1, 3, 4).
 
     Args:
         model: the classifier; never modified (eval mode during the call, flags restored).
-        inputs: a batch (B, *shape).
+        inputs: a batch (B, *shape), or a dict of tensors passed as keyword arguments.
         target: true labels (B,) or ``"pred"`` for the predicted label ``argmax z``.
-        windows: odd window sizes ``2s + 1`` for the per-channel maps (4-D inputs only).
-        forward_fn: ``forward_fn(model, x) -> logits (N, K)``; default ``model(x)``.
+        windows: odd window sizes ``2s + 1`` for the per-channel maps (images, and token
+            sequences perturbed at ``input_module``).
+        forward_fn: ``forward_fn(model, x) -> logits (N, K)``; default ``model(x)`` (or
+            ``model(**x)`` for a dict); an output's ``logits`` attribute or key is used.
         rtol: relative tolerance, see :func:`fi_from_jacobian`.
+        input_key: for dict inputs, the floating tensor to perturb.
+        input_module: perturb this module's output instead (``ω`` is added to it; token models
+            are perturbed at their input embedding's output ``(1, T, d)`` per sample).
 
     Returns:
-        A dict with (all on the device of ``inputs``):
+        A dict with (all on the device of the inputs):
 
-        - ``'fi'`` (B,) float64, ``'rank'`` (B,) int64: the whole input as one block
-        (``J_x`` of shape (K, prod(shape))).
+        - ``'fi'`` (B,) float64, ``'rank'`` (B,) int64: the whole input as one block.
         - ``'relative_fi'`` (B,): ``fi / ((1 − p_y) / p_y)`` in [0, 1]; 0 where ``p_y = 1``.
         - ``'p_target'`` (B,) float64: ``p_y``; ``'target'`` (B,) int64: the labels used.
-        - For 4-D inputs (B, C, H, W) and non-empty ``windows``: ``'maps'`` ``{w: (B, C, H, W)}``
-        and ``'map_ranks'`` ``{w: (B, C, H, W) int64}``, the block at (b, c, h, v) being channel
-        c, rows h−s..h+s and columns v−s..v+s clipped to the image; ``'pixel_map'`` (B, H, W)
-        and ``'pixel_map_rank'`` (B, H, W): the block of all C channels of pixel (h, v).
+        - For images (B, C, H, W) and non-empty ``windows``: ``'maps'`` ``{w: (B, C, H, W)}``
+        and ``'map_ranks'``, the block at (b, c, h, v) being channel c, rows h−s..h+s and
+        columns v−s..v+s clipped to the image; ``'position_map'`` (B, H, W) and
+        ``'position_map_rank'``: the block of all C channels of pixel (h, v).
+        - For a module output (1, T, d) per sample and non-empty ``windows``: ``'maps'``
+        ``{w: (B, T, d)}`` (coordinate j of tokens t−s..t+s) and ``'position_map'`` (B, T)
+        (every coordinate of token t).
     """
     for w in windows:
         if w < 1 or w % 2 != 1:
             raise ValueError(f"window sizes must be odd and positive, got {w}")
-    forward_fn = forward_fn or _default_forward
-    with _exact_mode(model):
-        x_all = inputs.clone()
+    forward_fn = forward_fn or default_forward
+    wrapper = _Forward(model, forward_fn)
+    apply, start = _perturbed(inputs, input_key, input_module)
+    hooked = model.get_submodule(input_module) if input_module is not None else None
+    omega_now: list[Tensor] = []
+    with _exact_mode(model), _perturbing(hooked, omega_now) as seen:
+        B = _batch(inputs)
+        samples = [_sample(inputs, b) for b in range(B)]
 
-        def logits_of(x: Tensor) -> Tensor:
-            return _logits_one(lambda xb: forward_fn(model, xb), x)
+        def logits_of_omega(x: Inputs, omega: Tensor) -> Tensor:
+            if hooked is not None:
+                omega_now[:] = [omega]
+            try:
+                return _logits_one(wrapper, apply(x, omega))
+            finally:
+                omega_now.clear()
 
-        logits = torch.stack([logits_of(x).detach() for x in x_all]).to(torch.float64)
+        logits = torch.stack([_logits_one(wrapper, x).detach() for x in samples])
+        logits = logits.to(torch.float64)
         probs = torch.softmax(logits, dim=1)
         labels = _targets(target, logits)
-        with_maps = x_all.dim() == 4 and len(windows) > 0
         per_sample: dict[str, list[Tensor]] = {}
-        for b, x in enumerate(x_all):
+        for b, x in enumerate(samples):
             p, c = probs[b], _grad_log_py(probs[b], labels[b])
-            J = jacrev(logits_of)(x).detach().to(torch.float64)  # (K, *shape)
+            omega0 = start(x) if hooked is None else seen[b]
+            omega0 = torch.zeros_like(omega0)
+            J = jacrev(lambda o, x=x: logits_of_omega(x, o))(omega0).detach().to(torch.float64)
+            J = J.reshape(J.shape[0], *omega0.shape[1:])  # (K, *shape of one sample)
             found = {"": fi_from_jacobian(J.reshape(J.shape[0], -1), p, c, rtol)}
-            if with_maps:
+            maps_shape = _maps_layout(J, hooked is not None)
+            if maps_shape is not None and windows:
                 for w in windows:
-                    found[f"map{w}"] = _window_map(J, p, c, w // 2, True, rtol)
-                found["pixel"] = _window_map(J, p, c, 0, False, rtol)
+                    found[f"map{w}"] = _window_map(maps_shape, p, c, w // 2, True, rtol)
+                found["position"] = _window_map(maps_shape, p, c, 0, False, rtol)
             for key, (fi, rank) in found.items():
                 per_sample.setdefault(f"fi{key}", []).append(fi)
                 per_sample.setdefault(f"rank{key}", []).append(rank)
     stacked = {k: torch.stack(v) for k, v in per_sample.items()}
 
     p_target = probs.gather(1, labels[:, None])[:, 0]
-    max_fi = (1.0 - p_target) / p_target  # the full-rank closed form, METHOD.md §5.1
+    max_fi = (1.0 - p_target) / p_target  # the full-rank closed form, docs/method.md
     positive = max_fi > 0
     relative = torch.where(positive, stacked["fi"] / torch.where(positive, max_fi, 1.0), 0.0)
     result: dict[str, Any] = {
@@ -202,12 +299,27 @@ def input_fi(
         "p_target": p_target,
         "target": labels,
     }
-    if with_maps:
-        result["maps"] = {w: stacked[f"fimap{w}"] for w in windows}
-        result["map_ranks"] = {w: stacked[f"rankmap{w}"] for w in windows}
-        result["pixel_map"] = stacked["fipixel"]
-        result["pixel_map_rank"] = stacked["rankpixel"]
+    if "fiposition" in stacked:
+        tokens = hooked is not None
+
+        def back(t: Tensor) -> Tensor:  # (B, d, 1, T) -> (B, T, d); (B, 1, T) -> (B, T)
+            return (t[:, :, 0].transpose(1, 2) if t.dim() == 4 else t[:, 0]) if tokens else t
+
+        result["maps"] = {w: back(stacked[f"fimap{w}"]) for w in windows}
+        result["map_ranks"] = {w: back(stacked[f"rankmap{w}"]) for w in windows}
+        result["position_map"] = back(stacked["fiposition"])
+        result["position_map_rank"] = back(stacked["rankposition"])
     return result
+
+
+def _maps_layout(J: Tensor, from_module: bool) -> Tensor | None:
+    """``J`` as (K, C, H, W) for window maps: images as they are, a token sequence (K, T, d) as
+    (K, d, 1, T); None for other shapes."""
+    if not from_module and J.dim() == 4:
+        return J
+    if from_module and J.dim() == 3:
+        return J.transpose(1, 2).unsqueeze(2)
+    return None
 
 
 def _grad_log_py(p: Tensor, y: Tensor) -> Tensor:
@@ -221,7 +333,8 @@ def _window_map(
     """FI and rank of every window of half-width ``s`` of an input Jacobian ``J`` (K, C, H, W).
 
     The block at (c, h, v) (``per_channel``; result (C, H, W)) or at (h, v) (all channels; result
-    (H, W)) is rows h−s..h+s and columns v−s..v+s, clipped to the image.
+    (H, W)) is rows h−s..h+s and columns v−s..v+s, clipped to the input. A sequence has H = 1,
+    so its windows span tokens only.
     """
     K, C, Hh, W = J.shape
     shape = (C, Hh, W) if per_channel else (Hh, W)
@@ -236,16 +349,29 @@ def _window_map(
     return fi, rank
 
 
+def _distinct(model: nn.Module, names: list[str]) -> list[str]:
+    """``names`` with every parameter counted once (tied weights have several names)."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    seen: set[int] = set()
+    out = []
+    for name in names:
+        if id(tensors[name]) not in seen:
+            seen.add(id(tensors[name]))
+            out.append(name)
+    return out
+
+
 def _block_names(model: nn.Module, layer: str) -> list[str]:
     """Full names of the direct, trainable parameters of module ``layer`` (its block)."""
     module = model.get_submodule(layer)
     prefix = f"{layer}." if layer else ""
-    return [prefix + n for n, t in module.named_parameters(recurse=False) if t.requires_grad]
+    own = [prefix + n for n, t in module.named_parameters(recurse=False) if t.requires_grad]
+    return _distinct(model, own)
 
 
 def parameter_fi(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     target: Target,
     layers: list[str] | None = None,
     forward_fn: ForwardFn | None = None,
@@ -255,26 +381,29 @@ def parameter_fi(
 
     Args:
         model: the classifier; never modified (eval mode during the call, flags restored).
-        inputs: a batch (B, *shape).
+        inputs: a batch (B, *shape), or a dict of tensors passed as keyword arguments.
         target: true labels (B,) or ``"pred"`` for the predicted label ``argmax z``.
         layers: module names as in ``model.named_modules()``; ``None`` selects every module that
             directly owns (``recurse=False``) a parameter with ``requires_grad=True``.
-        forward_fn: ``forward_fn(model, x) -> logits (N, K)``; default ``model(x)``.
+        forward_fn: ``forward_fn(model, x) -> logits (N, K)``; default as in :func:`input_fi`.
         rtol: relative tolerance, see :func:`fi_from_jacobian`.
 
     Returns:
         ``{layer: entries, ..., '__all__': {'fi', 'rank'}}`` with, per layer (all (B,)):
 
         - ``'fi'``, ``'rank'``: additive ``θ_l + ω`` on the layer's block (its direct trainable
-        parameters, weight and bias together), ``ω0 = 0``.
+        parameters, weight and bias together, each used wherever the forward uses it),
+        ``ω0 = 0``.
         - ``'scale_fi'``: layer scaling ``θ_l → ω θ_l`` with one scalar, ``ω0 = 1`` (m = 1).
-        - ``'channel_scale_fi'``, ``'channel_scale_rank'``: output channel c multiplied by
-        ``ω_c``, ``ω0 = 1``, all channels as one block (dim 1 for conv/batch/group/instance
-        norms, last dim for Linear/LayerNorm/Embedding; ``None`` for other module types).
+        - ``'channel_scale_fi'``, ``'channel_scale_rank'``: slice c of every trainable parameter
+        along its output-channel axis (:func:`lightning_sens.core.routes.channel_axes`)
+        multiplied by ``ω_c``, ``ω0 = 1``, all channels as one block (``None`` for layers
+        without channels).
 
-        ``'__all__'`` is the block of all listed layers' parameters together.
+        ``'__all__'`` is the block of all listed layers' parameters together, each parameter
+        counted once.
     """
-    forward_fn = forward_fn or _default_forward
+    forward_fn = forward_fn or default_forward
     if layers is None:
         layers = [
             n
@@ -284,22 +413,22 @@ def parameter_fi(
     wrapper = _Forward(model, forward_fn)
     params = {n: t.detach() for n, t in model.named_parameters(remove_duplicate=False)}
     blocks = {layer: _block_names(model, layer) for layer in layers}
-    blocks["__all__"] = list(dict.fromkeys(n for layer in layers for n in blocks[layer]))
+    blocks["__all__"] = _distinct(model, [n for layer in layers for n in blocks[layer]])
 
-    def call(substitute: dict[str, Tensor], x: Tensor) -> Tensor:
+    def call(substitute: dict[str, Tensor], x: Inputs) -> Tensor:
         named = {f"model.{n}": t for n, t in substitute.items()}
         return _logits_one(lambda xb: functional_call(wrapper, named, (xb,)), x)
 
-    def call_scaled(omega: Tensor, names: list[str], x: Tensor) -> Tensor:
+    def call_scaled(omega: Tensor, names: list[str], x: Inputs) -> Tensor:
         return call({n: omega * params[n] for n in names}, x)
 
     found: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
     with _exact_mode(model):
-        x_all = inputs.clone()
-        logits = torch.stack([call({}, x).detach() for x in x_all]).to(torch.float64)
+        samples = [_sample(inputs, b) for b in range(_batch(inputs))]
+        logits = torch.stack([call({}, x).detach() for x in samples]).to(torch.float64)
         probs = torch.softmax(logits, dim=1)
         labels = _targets(target, logits)
-        for b, x in enumerate(x_all):
+        for b, x in enumerate(samples):
             p, c = probs[b], _grad_log_py(probs[b], labels[b])
             for layer, names in blocks.items():
                 # additive θ_l + ω: Jacobian w.r.t. the block's parameters, flattened, concatenated
@@ -317,7 +446,7 @@ def parameter_fi(
                 one = torch.ones((), dtype=probs.dtype if not names else params[names[0]].dtype)
                 u = jacrev(call_scaled)(one.to(p.device), names, x).reshape(-1, 1)
                 found[layer, "scale_fi"].append(fi_from_jacobian(u, p, c, rtol)[0])
-                J_ch = _channel_scale_jacobian(wrapper, call, layer, x)  # (K, C) or None
+                J_ch = _channel_scale_jacobian(model, call, params, layer, names, x)
                 if J_ch is not None:
                     fi, rank = fi_from_jacobian(J_ch, p, c, rtol)
                     found[layer, "channel_scale_fi"].append(fi)
@@ -332,44 +461,35 @@ def parameter_fi(
 
 
 def _channel_scale_jacobian(
-    wrapper: _Forward,
-    call: Callable[[dict[str, Tensor], Tensor], Tensor],
+    model: nn.Module,
+    call: Callable[[dict[str, Tensor], Inputs], Tensor],
+    params: dict[str, Tensor],
     layer: str,
-    x: Tensor,
+    names: list[str],
+    x: Inputs,
 ) -> Tensor | None:
-    """``∂z/∂ω`` (K, C) of ``output[channel c] *= ω_c`` on module ``layer`` at ``ω0 = 1``.
+    """``∂z/∂ω`` (K, C) of ``θ[c] → ω_c θ[c]`` on the layer's parameters at ``ω0 = 1``.
 
-    Returns ``None`` for module types without a known channel dimension.
+    Slice c is taken along each parameter's output-channel axis; None for layers without one.
     """
-    module = wrapper.model.get_submodule(layer)
-    if not isinstance(module, _CHANNEL_DIM_1 + _CHANNEL_DIM_LAST):
+    axes = channel_axes(model.get_submodule(layer))
+    if not axes or not names:
         return None
-    dim = 1 if isinstance(module, _CHANNEL_DIM_1) else -1
-    omega_now: list[Tensor] = []  # the ω being traced; empty during the probe pass
-    seen: list[Tensor] = []  # the probe pass records the unperturbed output
+    prefix = f"{layer}." if layer else ""
+    own = {name: name[len(prefix) :] for name in names}
 
-    def hook(_m: nn.Module, _args: Any, output: Tensor) -> Tensor | None:
-        if not omega_now:
-            seen.append(output.detach())
-            return None
-        shape = [1] * output.dim()
-        shape[dim] = output.shape[dim]
-        return output * omega_now[0].reshape(shape)
+    def scaled(omega: Tensor) -> Tensor:
+        substitute = {}
+        for name, local in own.items():
+            shape = [1] * params[name].dim()
+            shape[axes[local]] = -1
+            substitute[name] = params[name] * omega.reshape(shape)
+        return call(substitute, x)
 
-    handle = module.register_forward_hook(hook)
-    try:
-        call({}, x)
-        if not seen:
-            raise ValueError(f"module {layer!r} is not called by the forward")
-
-        def scaled(omega: Tensor) -> Tensor:
-            omega_now[:] = [omega]
-            return call({}, x)
-
-        omega0 = seen[0].new_ones(seen[0].shape[dim])
-        return jacrev(scaled)(omega0).detach().to(torch.float64)
-    finally:
-        handle.remove()
+    first = next(iter(own))
+    size = params[first].shape[axes[own[first]]]
+    omega0 = params[first].new_ones(size)
+    return jacrev(scaled)(omega0).detach().to(torch.float64)
 
 
 def authors_recipe_fi(

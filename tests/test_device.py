@@ -56,7 +56,7 @@ def test_float32_model_agrees_with_float64(case, device: torch.device) -> None:
     )
     assert got.input is not None
     assert want.input is not None
-    pairs = [(got.input.whole, want.input.whole), (got.input.pixel_map, want.input.pixel_map)]
+    pairs = [(got.input.whole, want.input.whole), (got.input.position_map, want.input.position_map)]
     pairs += [(got.input.maps[w], want.input.maps[w]) for w in (1, 3, 5)]
     assert got.parameters is not None
     assert want.parameters is not None

@@ -104,9 +104,9 @@ def test_sub_families_never_exceed_their_family(case) -> None:
         for small, large in itertools.pairwise(windows):
             assert (result.input.maps[small].fi <= result.input.maps[large].fi * slack).all()
         if windows:
-            assert result.input.pixel_map is not None
+            assert result.input.position_map is not None
             per_channel = result.input.maps[1].fi
-            assert (per_channel <= result.input.pixel_map.fi.unsqueeze(1) * slack).all()
+            assert (per_channel <= result.input.position_map.fi.unsqueeze(1) * slack).all()
             assert (result.input.maps[windows[-1]].fi <= whole[:, None, None, None] * slack).all()
 
 
@@ -216,12 +216,23 @@ def test_forward_fn_adapts_models_that_return_more_than_logits() -> None:
         def forward(self, inputs: Tensor) -> dict[str, Tensor]:
             return {"logits": self.net(inputs), "aux": inputs.sum()}
 
-    wrapped = Wrapped()
-    with pytest.raises(TypeError, match="forward_fn"):
-        sensitivity(wrapped, x, labels, windows=(1,))
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+            return self.net(inputs), inputs.sum()
+
+    with pytest.raises(TypeError, match=r"returned tuple.*forward_fn"):
+        sensitivity(Pair(), x, labels, windows=(1,))
+    wrapped = Wrapped()  # a dict with "logits" is read as Hugging Face outputs are
+    by_key = sensitivity(wrapped, x, labels, windows=(1,))
     adapted = sensitivity(
         wrapped, x, labels, windows=(1,), forward_fn=lambda m, inp: m(inp)["logits"]
     )
+    assert by_key.input is not None
+    _close(by_key.input.whole.fi, adapted.input.whole.fi, rtol=1e-14)  # type: ignore[union-attr]
     plain = sensitivity(model, x, labels, windows=(1,))
     assert adapted.input is not None
     assert plain.input is not None

@@ -130,9 +130,9 @@ def test_input_maps_sub_blocks_bounded_by_whole() -> None:
     assert (res["maps"][1] <= res["maps"][3] * (1 + 1e-9) + 1e-15).all()
     assert (res["maps"][3] <= res["maps"][5] * (1 + 1e-9) + 1e-15).all()
     assert (res["map_ranks"][1] <= 1).all()
-    assert res["pixel_map"].shape == (2, 5, 5)
-    assert (res["pixel_map_rank"] <= 2).all()
-    assert (res["pixel_map"] <= whole[:, None, None] * (1 + 1e-9)).all()
+    assert res["position_map"].shape == (2, 5, 5)
+    assert (res["position_map_rank"] <= 2).all()
+    assert (res["position_map"] <= whole[:, None, None] * (1 + 1e-9)).all()
 
     # one corner window and one pixel by hand, from an explicit input Jacobian
     model.eval()
@@ -145,7 +145,7 @@ def test_input_maps_sub_blocks_bounded_by_whole() -> None:
     H = torch.diag(p) - torch.outer(p, p)
     torch.testing.assert_close(res["maps"][1][b, ch, 2, 1], (c @ u) ** 2 / (u @ H @ u))
     pixel = J[:, :, 0, 2]
-    torch.testing.assert_close(res["pixel_map"][b, 0, 2], fi_from_jacobian(pixel, p, c)[0])
+    torch.testing.assert_close(res["position_map"][b, 0, 2], fi_from_jacobian(pixel, p, c)[0])
 
 
 def test_parameter_blocks_cnn() -> None:

@@ -98,21 +98,40 @@ def test_options() -> None:
         parameter_fi(model, x, labels, layers="0")
 
 
-def test_token_inputs_have_no_input_fi() -> None:
-    model, tokens, labels = build(CASES[4])
-    with pytest.raises(TypeError, match=r"floating-point inputs.*parameter_fi"):
-        input_fi(model, tokens, labels)
-    result = sensitivity(model, tokens, labels)
+def test_token_inputs_without_an_embedding_reading_them() -> None:
+    """Input FI of token ids needs the embedding that reads them; without one, a way out."""
+
+    class Onehot(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Linear(6 * 7, 5).double()
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return self.head(nn.functional.one_hot(ids, 7).double().flatten(1))
+
+    _, tokens, labels = build(CASES[4])
+    with pytest.warns(UserWarning, match="input_module="):
+        result = sensitivity(Onehot(), tokens, labels, windows=(1, 3))
     assert result.input is None
     assert result.parameters is not None
+    with pytest.raises(TypeError, match="input_module="), pytest.warns(UserWarning, match="none"):
+        input_fi(Onehot(), tokens, labels, windows=(1, 3))
+    with pytest.raises(ValueError, match=r"input_module 'embd'.*did you mean \['embed'\]"):
+        input_fi(build(CASES[4])[0], tokens, labels, windows=(1,), input_module="embd")
+    with pytest.raises(ValueError, match="longer than the sequence of 6 tokens"):
+        input_fi(build(CASES[4])[0], tokens, labels, windows=(1, 7))
 
 
-def test_shared_layers_are_refused_with_a_way_out() -> None:
-    shared = nn.Linear(3, 3).double()
-    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(3, 4)).double()
-    with pytest.raises(ValueError, match=r"Layer '0' ran 2 times.*`layers=`"):
-        parameter_fi(model, X, Y)
-    assert set(parameter_fi(model, X, Y, layers=["3"]).layers) == {"3"}
+def test_layer_selection_by_name_and_pattern() -> None:
+    model, x, labels = build(CASES[2])  # resnet: 0, 1, 3.conv1, 3.bn1, 3.conv2, 3.bn2, 6
+    kept = parameter_fi(model, x, labels, exclude_layers=["3.*", "1"]).layers
+    assert set(kept) == {"0", "6"}
+    with pytest.raises(ValueError, match=r"exclude_layers holds '4\.\*'.*Choose among"):
+        parameter_fi(model, x, labels, exclude_layers=["4.*"])
+    with pytest.raises(TypeError, match=r"exclude_layers must be a sequence.*\['3\.\*'\]"):
+        parameter_fi(model, x, labels, exclude_layers="3.*")
+    with pytest.raises(ValueError, match=r"'3.conv'.*Did you mean \['3.conv[12]', '3.conv[12]'"):
+        parameter_fi(model, x, labels, layers=["3.conv"])
 
 
 def test_batchnorm_without_running_stats_is_refused() -> None:

@@ -8,6 +8,7 @@ from lightning_sens.core.engine import (
     LayerFI,
     ParameterFI,
     SensitivityResult,
+    UnsupportedLayerError,
     input_fi,
     parameter_fi,
     sensitivity,
@@ -23,6 +24,7 @@ from lightning_sens.core.fi import (
     fi_from_gram,
     log_prob_gradient,
 )
+from lightning_sens.core.inputs import default_forward, logits_of
 
 __all__ = [
     "BlockFI",
@@ -31,13 +33,16 @@ __all__ = [
     "LayerFI",
     "ParameterFI",
     "SensitivityResult",
+    "UnsupportedLayerError",
     "closed_form_fi",
     "contrast_basis",
+    "default_forward",
     "default_rtol",
     "fi_along_direction",
     "fi_from_gram",
     "input_fi",
     "log_prob_gradient",
+    "logits_of",
     "parameter_fi",
     "sensitivity",
     "trainable_layers",

@@ -1,4 +1,4 @@
-"""One forward pass with the layers' inputs and outputs kept, then the K − 1 backward products.
+"""The engine's forward passes and backward products, and the context that makes them exact.
 
 The model is treated as a function: modes are restored per module, hooks are removed, no
 parameter, buffer or ``.grad`` is touched, and parameters need not require grad.
@@ -12,23 +12,25 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
-__all__ = ["Backward", "Captured", "backprops", "eval_mode", "forward_capture"]
+__all__ = [
+    "Backward",
+    "CallShape",
+    "Captured",
+    "backprops",
+    "capture_calls",
+    "eval_mode",
+    "exact_context",
+    "record_shapes",
+    "unwrap_compiled",
+]
 
 Backward = Literal["auto", "batched", "loop"]
-ForwardFn = Callable[[nn.Module, Tensor], Any]
 
-
-@dataclass
-class Captured:
-    """What the forward pass recorded for one monitored layer."""
-
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    output: Tensor | None = None
-    calls: int = 0
-    versions: tuple[int, ...] = ()
+# What a route may read from a layer at call time (an upcast copy under functional_call).
+_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 @contextlib.contextmanager
@@ -43,64 +45,188 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _versions(tensors: tuple[Any, ...]) -> tuple[int, ...]:
-    return tuple(t._version for t in tensors if isinstance(t, Tensor))
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (hooks do not fire inside compiled code)."""
+    while hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+        model = model._orig_mod
+    return model
+
+
+def _has_compiled_parts(model: nn.Module) -> bool:
+    return any(
+        hasattr(m, "_orig_mod") or getattr(m, "_compiled_call_impl", None) is not None
+        for m in model.modules()
+    )
 
 
 @contextlib.contextmanager
-def forward_capture(layers: dict[str, nn.Module]) -> Iterator[dict[str, Captured]]:
-    """Record each layer's inputs and output while the context is open.
+def exact_context(model: nn.Module) -> Iterator[None]:
+    """Eval mode with autograd on, and nothing that trades exactness for speed.
 
-    The hook hands the rest of the network a clone of the layer's output, so that an in-place
-    operation downstream (``ReLU(inplace=True)``, ``out += identity``) cannot change the tensor
-    we differentiate against. Where nothing upstream requires grad, the output becomes a leaf
-    that does, so parameters never need ``requires_grad``.
+    Inside: ``inference_mode(False)`` and ``enable_grad`` (Lightning validates under inference
+    mode); autocast off; TF32 off; the fused fast path of ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer`` off (it is not differentiable); compiled submodules run
+    eagerly, so that forward hooks fire (``torch.compiler.set_stance``).
     """
-    records = {name: Captured() for name in layers}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(eval_mode(model))
+        for device in ("cpu", "cuda"):
+            stack.enter_context(torch.autocast(device, enabled=False))
+        stack.enter_context(torch.backends.cudnn.flags(allow_tf32=False))
+        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        stack.callback(setattr, torch.backends.cuda.matmul, "allow_tf32", matmul_tf32)
+        if hasattr(torch.backends, "mha"):
+            fastpath = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            stack.callback(torch.backends.mha.set_fastpath_enabled, fastpath)
+        if _has_compiled_parts(model):
+            if not hasattr(torch.compiler, "set_stance"):
+                raise RuntimeError(
+                    "The model contains torch.compile'd submodules, whose forward hooks do not "
+                    f"fire; this needs torch >= 2.6 (found {torch.__version__}). Pass the "
+                    "uncompiled module instead."
+                )
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        yield
+
+
+@dataclass
+class CallShape:
+    """The structure of one module call in a probe forward pass (shapes only, no data)."""
+
+    in_spec: Any
+    in_shapes: list[tuple[int, ...] | None]
+    out_spec: Any
+    out_shapes: list[tuple[int, ...] | None]
+    out_floating: list[bool]
+    first_arg: int | None  # data pointer of the first positional argument
+    versions: list[int | None] = field(default_factory=list)
+    modified: bool = False
+
+
+def _shape(leaf: Any) -> tuple[int, ...] | None:
+    return tuple(leaf.shape) if isinstance(leaf, Tensor) else None
+
+
+@contextlib.contextmanager
+def record_shapes(model: nn.Module) -> Iterator[dict[str, list[CallShape]]]:
+    """Record every module call's input and output structure while the context is open.
+
+    On exit, ``modified`` says whether a call's input tensors were changed in place afterwards
+    (their values at call time must then be copied when captured).
+    """
+    records: dict[str, list[CallShape]] = {}
+    inputs: list[tuple[CallShape, list[Any]]] = []
     handles = []
 
-    def make_hook(name: str) -> Callable[..., Tensor]:
-        def hook(
-            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-        ) -> Tensor:
-            record = records[name]
-            record.calls += 1
-            if not isinstance(output, Tensor):
-                raise TypeError(
-                    f"Layer {name!r} ({type(module).__name__}) returned {type(output).__name__}; "
-                    "per-layer FI needs layers that return one tensor. Leave it out with `layers=`."
-                )
-            held = output if output.requires_grad else output.detach().requires_grad_(True)
-            record.args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-            record.kwargs = dict(kwargs)
-            record.output = held
-            record.versions = _versions(record.args)
-            return held.clone()
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            in_leaves, in_spec = pytree.tree_flatten((args, kwargs))
+            out_leaves, out_spec = pytree.tree_flatten(output)
+            first = args[0] if args else None
+            shape = CallShape(
+                in_spec=in_spec,
+                in_shapes=[_shape(x) for x in in_leaves],
+                out_spec=out_spec,
+                out_shapes=[_shape(x) for x in out_leaves],
+                out_floating=[isinstance(x, Tensor) and x.is_floating_point() for x in out_leaves],
+                first_arg=first.data_ptr() if isinstance(first, Tensor) else None,
+                versions=[x._version if isinstance(x, Tensor) else None for x in in_leaves],
+            )
+            records.setdefault(name, []).append(shape)
+            inputs.append((shape, in_leaves))
 
         return hook
 
     try:
-        for name, module in layers.items():
+        for name, module in model.named_modules():
             handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
         yield records
     finally:
         for handle in handles:
             handle.remove()
+        for shape, leaves in inputs:
+            now = [x._version if isinstance(x, Tensor) else None for x in leaves]
+            shape.modified = now != shape.versions
 
 
-def check_captured(records: dict[str, Captured]) -> None:
-    """Fail clearly on layers that ran more than once or whose inputs were modified in place."""
-    for name, record in records.items():
-        if record.calls > 1:
-            raise ValueError(
-                f"Layer {name!r} ran {record.calls} times in one forward pass (shared weights); "
-                "its Gram needs every call's cross terms. Leave it out with `layers=`."
+@dataclass
+class Captured:
+    """One call of a hooked module in the engine's forward pass.
+
+    Attributes:
+        args, kwargs: what the module was called with (detached; copied if modified later).
+        tensors: the module's weight, bias and running statistics as the call saw them.
+        out_spec: the structure of the output; ``held`` maps output leaf positions to the
+            tensors the backward products differentiate against.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    tensors: dict[str, Tensor]
+    out_spec: Any
+    held: dict[int, Tensor]
+    first_arg: int | None = None  # data pointer of the first positional argument
+
+
+def _detach(x: Any, copy: bool) -> Any:
+    if not isinstance(x, Tensor):
+        return x
+    x = x.detach()
+    return x.clone() if copy else x
+
+
+@contextlib.contextmanager
+def capture_calls(
+    modules: dict[str, nn.Module], copy_inputs: set[str]
+) -> Iterator[dict[str, list[Captured]]]:
+    """Record the calls of ``modules``, holding each floating output tensor for differentiation.
+
+    The hook hands the rest of the network clones of the held outputs, so that an in-place
+    operation downstream (``ReLU(inplace=True)``, ``out += identity``) cannot change what we
+    differentiate against. An output that does not require grad becomes a leaf that does, so
+    parameters never need ``requires_grad``.
+    """
+    records: dict[str, list[Captured]] = {name: [] for name in modules}
+    handles = []
+
+    def make_hook(name: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+            copy = name in copy_inputs
+            leaves, spec = pytree.tree_flatten(output)
+            held = {}
+            for i, leaf in enumerate(leaves):
+                if isinstance(leaf, Tensor) and leaf.is_floating_point():
+                    held[i] = leaf if leaf.requires_grad else leaf.detach().requires_grad_(True)
+                    leaves[i] = held[i].clone()
+            tensors = {
+                n: t.detach() for n in _TENSORS if isinstance(t := getattr(module, n, None), Tensor)
+            }
+            first = args[0] if args else None
+            records[name].append(
+                Captured(
+                    args=tuple(_detach(a, copy) for a in args),
+                    kwargs={k: _detach(v, copy) for k, v in kwargs.items()},
+                    tensors=tensors,
+                    out_spec=spec,
+                    held=held,
+                    first_arg=first.data_ptr() if isinstance(first, Tensor) else None,
+                )
             )
-        if _versions(record.args) != record.versions:
-            raise ValueError(
-                f"The input of layer {name!r} was modified in place after the layer ran, so it "
-                "can no longer be used. Make the in-place operation out of place."
-            )
+            return pytree.tree_unflatten(leaves, spec)
+
+        return hook
+
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(make_hook(name), with_kwargs=True))
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def backprops(
@@ -109,6 +235,7 @@ def backprops(
     cotangents: Tensor,
     consume: Callable[[list[Tensor]], None],
     method: Backward = "auto",
+    retain_graph: bool = False,
 ) -> None:
     """Backpropagate each cotangent row of ``cotangents`` (K', K) to every tensor in ``targets``.
 
@@ -132,13 +259,22 @@ def backprops(
 
     if method == "batched":
         found = torch.autograd.grad(
-            logits, targets, grad_outputs, is_grads_batched=True, allow_unused=True
+            logits,
+            targets,
+            grad_outputs,
+            is_grads_batched=True,
+            allow_unused=True,
+            retain_graph=retain_graph,
         )
         for k in range(K1):
             consume(filled(found, k))
         return
     for k in range(K1):
         found = torch.autograd.grad(
-            logits, targets, grad_outputs[k], retain_graph=k < K1 - 1, allow_unused=True
+            logits,
+            targets,
+            grad_outputs[k],
+            retain_graph=retain_graph or k < K1 - 1,
+            allow_unused=True,
         )
         consume(filled(found, None))

@@ -2,67 +2,92 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from lightning_sens.core.fi import BlockFI
+from lightning_sens.core.routes import Method
 
 __all__ = ["InputFI", "LayerFI", "ParameterFI", "SensitivityResult", "concat_results"]
 
 
 @dataclass(frozen=True)
 class InputFI:
-    """Input perturbations (Setups 1, 3 and 4 of METHOD.md §9), f = log p_y.
+    """Input perturbations (Setups 1, 3 and 4 of docs/method.md), f = log p_y.
+
+    Images ``(B, C, H, W)`` are perturbed pixel by pixel. Token ids are perturbed where they
+    become continuous: at the output ``(B, T, d)`` of the embedding that reads them (the paper's
+    input perturbation applied to the embedded sequence); ``source`` says which.
 
     Attributes:
         whole: FI of perturbing every input coordinate, ``(B,)``, with its effective rank; it
-            equals (1 − p_y)/p_y exactly when the rank is K − 1 (METHOD.md §5.1).
-        maps: window size w = 2s + 1 → FI of perturbing one channel in the w × w window centred on
-            each pixel (clipped at the borders), ``(B, C, H, W)``. Empty for non-image inputs.
-        pixel_map: FI of perturbing all channels of one pixel together, ``(B, H, W)``; None for
-            non-image inputs.
+            equals (1 − p_y)/p_y exactly when the rank is K − 1 (docs/method.md).
+        maps: window size w = 2s + 1 → FI of perturbing one channel in the window of w positions
+            (w × w pixels, or w consecutive tokens) centred on each position, clipped at the
+            borders; shaped like the perturbed input, ``(B, C, H, W)`` or ``(B, T, d)``. Empty for
+            other inputs.
+        position_map: FI of perturbing all channels of one position together: ``(B, H, W)``
+            for images (every channel of a pixel), ``(B, T)`` for tokens (a token's embedding);
+            None for other inputs.
+        source: what was perturbed: ``"inputs"``, ``"inputs['pixel_values']"``, or
+            ``"output of 'embed'"`` for token inputs.
     """
 
     whole: BlockFI
     maps: dict[int, BlockFI]
-    pixel_map: BlockFI | None
+    position_map: BlockFI | None
+    source: str = "inputs"
 
 
 @dataclass(frozen=True)
 class LayerFI:
     """Parameter perturbations of one layer (Setup 2 and the scaling families), ``(B,)`` each.
 
+    A layer's family is every trainable parameter it owns directly, wherever the forward pass
+    uses it: a layer called twice, or a weight shared with another layer (tied embeddings),
+    perturbs every use at once.
+
     Attributes:
         parameters: FI of perturbing the layer's trainable parameters (weight and bias together).
         scale: FI of scaling them all by one factor, θ_l → ω θ_l, ω0 = 1 (m = 1).
         channel_scale: FI of scaling each output channel by its own factor, all channels jointly
-            (rank ≤ min(C, K − 1)); None for layer types without channels.
-        method: how the Gram was computed ("linear", "direct", "ghost", "norm", "embedding",
-            or "torch.func" for the generic per-sample fallback).
+            (rank ≤ min(C, K − 1)); None for layers without a channel notion (see
+            :func:`~lightning_sens.core.routes.channel_axes`).
+        method: how the Gram was computed (:data:`~lightning_sens.core.routes.Method`).
+        shared_with: other monitored layers that own one of this layer's parameters.
     """
 
     parameters: BlockFI
     scale: BlockFI
     channel_scale: BlockFI | None
-    method: str
+    method: Method
+    shared_with: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class ParameterFI:
-    """Per-layer FI (keys as in ``model.named_modules()``) and all layers' parameters jointly."""
+    """Per-layer FI (keys as in ``model.named_modules()``) and all layers' parameters jointly.
+
+    Attributes:
+        layers: layer name → its FI.
+        all_parameters: the block of every monitored parameter, each counted once.
+        skipped: layer name → why it could not be measured (only with
+            ``on_unsupported="skip"``; such layers are also left out of ``all_parameters``).
+    """
 
     layers: dict[str, LayerFI]
     all_parameters: BlockFI
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class SensitivityResult:
-    """Everything one call of :func:`sensitivity` measured, for a batch of B samples.
+    """Everything one call of :func:`~lightning_sens.core.engine.sensitivity` measured.
 
     Attributes:
-        target: the class y used per sample (the label, or the argmax for ``"pred"``), ``(B,)``.
+        target: the class y used per sample (the label, or the argmax for "pred"), ``(B,)``.
         p_target: p_y, float64, ``(B,)``.
         log_fi_max: log((1 − p_y)/p_y), the largest FI of any family (log space, exact).
         input: input FI, or None when not requested or the inputs are not floating point.
@@ -87,15 +112,19 @@ def concat_results(parts: list[SensitivityResult]) -> SensitivityResult:
         input_result = InputFI(
             whole=BlockFI.cat([i.whole for i in ins]),
             maps={w: BlockFI.cat([i.maps[w] for i in ins]) for w in first.input.maps},
-            pixel_map=None
-            if first.input.pixel_map is None
-            else BlockFI.cat([i.pixel_map for i in ins if i.pixel_map is not None]),
+            position_map=None
+            if first.input.position_map is None
+            else BlockFI.cat([i.position_map for i in ins if i.position_map is not None]),
+            source=first.input.source,
         )
     parameter_result = None
     if first.parameters is not None:
         ps = [p.parameters for p in parts if p.parameters is not None]
+        skipped = {k: v for p in ps for k, v in p.skipped.items()}
         layers = {}
         for name, layer in first.parameters.layers.items():
+            if name in skipped:  # a layer that failed in one chunk is left out everywhere
+                continue
             chunks = [p.layers[name] for p in ps]
             layers[name] = LayerFI(
                 parameters=BlockFI.cat([c.parameters for c in chunks]),
@@ -104,8 +133,9 @@ def concat_results(parts: list[SensitivityResult]) -> SensitivityResult:
                 if layer.channel_scale is None
                 else BlockFI.cat([c.channel_scale for c in chunks if c.channel_scale is not None]),
                 method=layer.method,
+                shared_with=layer.shared_with,
             )
-        parameter_result = ParameterFI(layers, BlockFI.cat([p.all_parameters for p in ps]))
+        parameter_result = ParameterFI(layers, BlockFI.cat([p.all_parameters for p in ps]), skipped)
     return SensitivityResult(
         torch.cat([p.target for p in parts]),
         torch.cat([p.p_target for p in parts]),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -51,29 +51,48 @@ def check_target(target: Tensor, logits: Tensor) -> None:
         )
 
 
-def check_inputs(inputs: object) -> Tensor:
-    """Raise unless ``inputs`` is a non-empty tensor with a batch dimension."""
+def check_inputs(inputs: object) -> None:
+    """Raise unless ``inputs`` is a non-empty batch: a tensor, or a dict of tensors."""
+    if isinstance(inputs, Mapping):
+        tensors = {k: v for k, v in inputs.items() if isinstance(v, Tensor) and v.dim() > 0}
+        if not tensors:
+            raise TypeError(
+                f"inputs is a dict without a batched tensor (keys {sorted(inputs)}); pass a "
+                "tensor or a dict such as {'input_ids': ..., 'attention_mask': ...}."
+            )
+        sizes = {v.shape[0] for v in tensors.values()}
+        if 0 in sizes:
+            raise ValueError("inputs is an empty batch (B = 0): pass at least one sample.")
+        return
     if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}.")
+        raise TypeError(
+            f"inputs must be a tensor or a dict of tensors, got {type(inputs).__name__}."
+        )
     if inputs.dim() == 0 or inputs.shape[0] == 0:
         raise ValueError(
             f"inputs must be a non-empty batch (B, ...), got shape {tuple(inputs.shape)}."
         )
-    return inputs
 
 
-def check_windows(windows: Sequence[int], height: int, width: int) -> tuple[int, ...]:
-    """Window sizes must be odd positive integers no larger than the image."""
+def check_windows(
+    windows: Sequence[int], height: int, width: int, what: str = "image of"
+) -> tuple[int, ...]:
+    """Window sizes must be odd positive integers no larger than the image (or sequence)."""
     sizes = tuple(windows)
     for w in sizes:
         if isinstance(w, bool) or not isinstance(w, int) or w < 1 or w % 2 == 0:
             raise ValueError(
                 f"windows must be odd positive integers (2s + 1, e.g. (1, 3, 5, 7)), got {w!r}."
             )
-        if w > height or w > width:
+        if height == 1 and w > width:
             raise ValueError(
-                f"Window size {w} is larger than the {height}×{width} image; use windows of at "
-                f"most {min(height, width)} pixels."
+                f"Window size {w} is longer than the {what} {width} tokens; use windows of at "
+                f"most {width} tokens."
+            )
+        if height > 1 and (w > height or w > width):
+            raise ValueError(
+                f"Window size {w} is larger than the {height}×{width} {what.split()[0]}; use "
+                f"windows of at most {min(height, width)} pixels."
             )
     if len(set(sizes)) != len(sizes):
         raise ValueError(f"windows must not repeat a size, got {sizes}.")

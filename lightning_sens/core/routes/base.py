@@ -1,0 +1,135 @@
+"""What every layer route shares: the captured call, the per-layer Gram, and the route interface.
+
+A *route* turns what one forward pass and the K' = K − 1 backward products recorded for a module
+into per-sample Gram matrices of that module's parameters (docs/engine.md, "Layer routes"). Fast
+routes use a formula for a known layer type; the Jacobian route works for any module.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FastCall", "LayerGram", "Method", "Route", "RouteResult", "gram_of"]
+
+Method = Literal["linear", "direct", "ghost", "norm", "embedding", "jacobian", "unused"]
+"""How a layer's Gram was computed (docs/engine.md, "Layer routes"):
+
+- ``"linear"``: a Linear layer applied once per sample, A = (‖a‖² + 1)⟨g_k, g_l⟩;
+- ``"direct"``: per-sample weight gradients Γ_k = G_kᵀU of a Linear/Conv layer, then ⟨Γ_k, Γ_l⟩;
+- ``"ghost"``: the same Gram as ⟨G_k, (UUᵀ) G_l⟩ without forming Γ_k (cheaper for few positions);
+- ``"norm"``: the affine parameters of BatchNorm (eval), LayerNorm and GroupNorm;
+- ``"embedding"``: an Embedding's rows, from per-token backprops;
+- ``"jacobian"``: per-sample parameter Jacobians with torch.func, for any other module;
+- ``"unused"``: the parameters do not reach the logits, so every FI of the layer is exactly 0.
+"""
+
+
+@dataclass
+class FastCall:
+    """One call of a layer on a fast route, batch dimension first.
+
+    Attributes:
+        x: the layer's input ``(B, ...)``.
+        output: the layer's output ``(B, ...)``.
+        tensors: the layer's parameters and buffers as the call saw them (``weight``, ``bias``,
+            ``running_mean``, ...), so that an upcast copy of a low-precision model is used.
+    """
+
+    x: Tensor
+    output: Tensor
+    tensors: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LayerGram:
+    """What the backward products yield for one layer's parameters, per sample, in contrast basis.
+
+    Attributes:
+        gram: ``(B, K', K')`` Gram of the Jacobian of the contrasts w.r.t. the layer's trainable
+            parameters (weight and bias together), float64.
+        scale: ``(B, K')`` derivative of the contrasts along θ_l → ω θ_l at ω = 1.
+        channel_scale: ``(B, K', C)`` derivatives along the scalings of output channel c
+            (θ_l[c] → ω_c θ_l[c] on the output-channel slice of every parameter), or None for
+            layers without a channel notion.
+        method: the route that computed ``gram``.
+    """
+
+    gram: Tensor
+    scale: Tensor
+    channel_scale: Tensor | None
+    method: Method
+
+    def __add__(self, other: LayerGram) -> LayerGram:
+        """Join the contributions of disjoint parameter sets of one layer (Grams add up)."""
+        if (self.channel_scale is None) != (other.channel_scale is None):
+            raise ValueError("cannot add a Gram with channel scaling to one without")
+        channel = None
+        if self.channel_scale is not None and other.channel_scale is not None:
+            channel = self.channel_scale + other.channel_scale
+        method = self.method if self.method == other.method else "jacobian"
+        return LayerGram(self.gram + other.gram, self.scale + other.scale, channel, method)
+
+
+@dataclass(frozen=True)
+class RouteResult:
+    """A route's per-layer Grams and the Gram of all distinct parameters it covered.
+
+    ``total`` is what ``all_parameters`` adds up: a parameter shared by two layers appears in both
+    layers' Grams but once in ``total``.
+    """
+
+    layers: dict[str, LayerGram]
+    total: Tensor
+
+
+def gram_of(features: list[Tensor]) -> Tensor:
+    """A[b, k, l] = ⟨f_k[b], f_l[b]⟩ in float64 for per-cotangent features ``(B, ...)``.
+
+    Gram matrices are always formed in float64, so that a block whose Jacobian is exactly rank
+    deficient keeps eigenvalues at float64 rounding level even when the features are float32
+    (docs/engine.md, "Numerics").
+    """
+    stacked = torch.stack([f.reshape(f.shape[0], -1) for f in features]).to(torch.float64)
+    return torch.einsum("kbn,lbn->bkl", stacked, stacked)
+
+
+class Route(ABC):
+    """Reduces one layer's backprops, one cotangent at a time, to its per-sample Gram.
+
+    Subclasses set :attr:`method` and implement :meth:`add` and :meth:`result`. A route owns its
+    state (what it keeps of each cotangent) and its cost formula (:meth:`cost`, multiply-adds per
+    sample), which the benchmark reports.
+    """
+
+    method: Method
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        calls: list[FastCall],
+        num_cotangents: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.calls = calls
+        self.num_cotangents = num_cotangents
+        self.dtype = dtype
+
+    @abstractmethod
+    def add(self, backprops: list[Tensor]) -> None:
+        """Take the backprop of every call's output (batch first) for the next cotangent."""
+
+    @abstractmethod
+    def result(self) -> RouteResult:
+        """The Gram and scaling derivatives from every cotangent added so far."""
+
+    def cost(self) -> int:
+        """Multiply-adds per sample to form the Gram from the backprops (0 when not estimated)."""
+        return 0

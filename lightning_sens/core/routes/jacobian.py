@@ -1,0 +1,187 @@
+"""The generic exact route: per-sample parameter Jacobians through a module's recorded calls.
+
+For any module (attention, recurrent layers, custom code, parameters used in several places) the
+route replays each recorded call of a *host* module sample by sample with :mod:`torch.func`
+(``vmap`` over samples of ``vjp`` over the K' cotangents) and pulls back the backprop that the
+host's outputs received. The host is the layer itself, or the nearest enclosing module whose calls
+contain every use of the parameters; the whole model (through ``forward_fn``) is the last resort.
+Where ``vmap`` cannot run a module (data-dependent control flow, unsupported operators), a loop
+over samples computes the same Jacobians (docs/engine.md, "The Jacobian route").
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+
+from lightning_sens.core.routes.base import LayerGram, RouteResult
+
+__all__ = ["JacobianCall", "ParamUse", "jacobian_route"]
+
+Replay = Callable[[dict[str, Tensor], list[Tensor]], list[Tensor]]
+
+# The per-sample Jacobians of one sub-batch may take this much memory (elements × bytes).
+_MEMORY_BUDGET = 256 * 2**20
+
+
+@dataclass
+class JacobianCall:
+    """One recorded call of a host, ready to be replayed per sample.
+
+    Attributes:
+        replay: ``(params, batched inputs) -> held outputs``; runs the host on the given inputs
+            with ``params`` substituted (torch.func.functional_call).
+        inputs: the call's batched input tensors.
+        in_dims: the batch dimension of each of ``inputs``.
+        cotangents: for each held output, its backprops ``(K', *output shape)``.
+        out_dims: the batch dimension of each held output.
+    """
+
+    replay: Replay
+    inputs: list[Tensor]
+    in_dims: list[int]
+    cotangents: list[Tensor]
+    out_dims: list[int]
+
+
+@dataclass(frozen=True)
+class ParamUse:
+    """A parameter handled by a Jacobian route, and the layers whose families contain it.
+
+    Attributes:
+        key: its name as the host's ``functional_call`` expects it.
+        value: its value (in the compute dtype).
+        layers: layer name → the parameter's output-channel axis in that layer (None: the layer
+            has no channel notion).
+    """
+
+    key: str
+    value: Tensor
+    layers: dict[str, int | None]
+
+
+def _vmapped(call: JacobianCall, params: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
+    size = rows.stop - rows.start
+    inputs = [t.narrow(d, rows.start, size) for t, d in zip(call.inputs, call.in_dims, strict=True)]
+    cots = [
+        c.narrow(d + 1, rows.start, size)
+        for c, d in zip(call.cotangents, call.out_dims, strict=True)
+    ]
+
+    def one_sample(sample_inputs: list[Tensor], sample_cots: list[Tensor]) -> dict[str, Tensor]:
+        kept = [t.unsqueeze(d) for t, d in zip(sample_inputs, call.in_dims, strict=True)]
+        per_k = [c.unsqueeze(d + 1) for c, d in zip(sample_cots, call.out_dims, strict=True)]
+        _, pull = vjp(lambda p: call.replay(p, kept), params)
+        (grads,) = vmap(lambda *cs: pull(list(cs)))(*per_k)
+        return grads
+
+    in_dims = ([*call.in_dims], [d + 1 for d in call.out_dims])
+    return vmap(one_sample, in_dims=in_dims)(inputs, cots)
+
+
+def _looped(call: JacobianCall, params: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
+    """The same Jacobians, one sample and one cotangent at a time (no vmap)."""
+    names = list(params)
+    per_sample = []
+    with torch.enable_grad():
+        for b in range(rows.start, rows.stop):
+            leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+            kept = [t.narrow(d, b, 1) for t, d in zip(call.inputs, call.in_dims, strict=True)]
+            outs = call.replay(leaves, kept)
+            K1 = call.cotangents[0].shape[0]
+            rows_k = []
+            for k in range(K1):
+                cots = [
+                    c[k].narrow(d, b, 1)
+                    for c, d in zip(call.cotangents, call.out_dims, strict=True)
+                ]
+                found = torch.autograd.grad(
+                    outs,
+                    [leaves[n] for n in names],
+                    cots,
+                    retain_graph=k < K1 - 1,
+                    allow_unused=True,
+                )
+                rows_k.append(
+                    [
+                        torch.zeros_like(params[n]) if g is None else g
+                        for n, g in zip(names, found, strict=True)
+                    ]
+                )
+            per_sample.append({n: torch.stack([r[i] for r in rows_k]) for i, n in enumerate(names)})
+    return {n: torch.stack([s[n] for s in per_sample]) for n in names}
+
+
+def per_sample_jacobians(
+    calls: Sequence[JacobianCall], params: dict[str, Tensor], batch: int
+) -> tuple[dict[str, Tensor], bool]:
+    """``(B, K', *shape)`` Jacobians of the contrasts w.r.t. each parameter, summed over calls.
+
+    Returns the Jacobians and whether the vmap path ran (False: the per-sample loop).
+    """
+    K1 = calls[0].cotangents[0].shape[0]
+    per_sample_size = K1 * sum(p.numel() * p.element_size() for p in params.values())
+    step = max(1, min(batch, _MEMORY_BUDGET // max(per_sample_size, 1)))
+    total: dict[str, Tensor] = {}
+    vectorised = True
+    with warnings.catch_warnings():
+        # vmap's notice that an operator runs in a slower per-sample loop; results are exact
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not")
+        for call in calls:
+            parts = []
+            for start in range(0, batch, step):
+                rows = slice(start, min(batch, start + step))
+                if vectorised:
+                    try:
+                        parts.append(_vmapped(call, params, rows))
+                        continue
+                    except Exception:
+                        vectorised = False
+                parts.append(_looped(call, params, rows))
+            joined = {n: torch.cat([p[n] for p in parts]) for n in params}
+            total = joined if not total else {n: total[n] + joined[n] for n in params}
+    return total, vectorised
+
+
+def _channel_columns(jac: Tensor, value: Tensor, axis: int) -> Tensor:
+    """Σ over every axis but ``axis`` of J ⊙ θ: ``(B, K', C)`` derivatives of channel scalings."""
+    weighted = jac * value.to(jac.dtype)
+    moved = weighted.movedim(axis + 2, 2)
+    return moved.reshape(*moved.shape[:3], -1).sum(-1)
+
+
+def jacobian_route(
+    calls: Sequence[JacobianCall], uses: Sequence[ParamUse], batch: int
+) -> tuple[RouteResult, dict[str, Tensor], bool]:
+    """Per-layer Grams and scaling derivatives of the parameters in ``uses``.
+
+    Each parameter's Gram enters every layer that owns it and ``total`` once.
+
+    Returns:
+        The route's result; per parameter key, the Jacobian summed over samples ``(K', *shape)``
+        (what the certificate compares with autograd); whether the vectorised path ran.
+    """
+    params = {use.key: use.value.detach() for use in uses}
+    jacobians, vectorised = per_sample_jacobians(calls, params, batch)
+    grams: dict[str, Tensor] = {}
+    layers: dict[str, LayerGram] = {}
+    for use in uses:
+        jac = jacobians[use.key]
+        flat = jac.reshape(batch, jac.shape[1], -1).to(torch.float64)
+        grams[use.key] = flat @ flat.transpose(-1, -2)
+        scale = (flat * use.value.reshape(-1).to(torch.float64)).sum(-1)
+        for layer, axis in use.layers.items():
+            channel = None
+            if axis is not None:
+                channel = _channel_columns(flat.reshape(jac.shape), use.value, axis)
+            part = LayerGram(grams[use.key], scale, channel, "jacobian")
+            layers[layer] = part if layer not in layers else layers[layer] + part
+    total = sum(grams.values())
+    assert isinstance(total, Tensor)  # a route covers at least one parameter
+    sums = {key: jac.sum(0) for key, jac in jacobians.items()}
+    return RouteResult(layers, total), sums, vectorised

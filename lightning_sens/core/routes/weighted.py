@@ -1,0 +1,145 @@
+"""Linear and convolution layers: out = W · patch + b at every position (docs/engine.md).
+
+For a layer with unfolded input U (T positions × d) and the backprop G_k (T × p) of its output
+for cotangent k, the per-sample weight gradient is Γ_k = G_kᵀ U and the bias gradient Σ_t G_k.
+A layer called several times in one forward pass (shared weights) contributes the positions of
+every call: they are concatenated along T, which gives the cross terms between calls for free.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_sens.core.routes.base import FastCall, LayerGram, Route, RouteResult, gram_of
+
+__all__ = ["WeightedRoute", "unfold_conv"]
+
+
+def unfold_conv(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """Patches of a 1-d/2-d convolution's input: ``(B, G, T, C_in/G · kernel)``."""
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        padding: tuple[int, ...] = (0,) * len(module.kernel_size)
+    else:
+        padding = tuple(module.padding)
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+        padding = (0, *padding)
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    B, G = x.shape[0], module.groups
+    return patches.reshape(B, G, -1, patches.shape[-1]).transpose(-1, -2)
+
+
+class WeightedRoute(Route):
+    """``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (grouped and depthwise included).
+
+    Picks, by counted multiply-adds, between the "linear" form (one position per sample), the
+    "direct" form (per-sample weight gradients) and the "ghost" form (⟨G_k, UUᵀ G_l⟩, cheaper
+    when there are few positions and many weights).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        module: nn.Module,
+        calls: list[FastCall],
+        num_cotangents: int,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__(name, module, calls, num_cotangents, dtype)
+        self.linear = isinstance(module, nn.Linear)
+        self.channel_dim = -1 if self.linear else 1
+        self.groups = 1 if self.linear else int(module.groups)  # type: ignore[arg-type]
+        self.train_weight = bool(module.weight.requires_grad)  # type: ignore[union-attr]
+        bias = getattr(module, "bias", None)
+        self.train_bias = isinstance(bias, Tensor) and bias.requires_grad
+        self.inputs = torch.cat([self._patches(call.x.to(dtype)) for call in calls], dim=2)
+        _, G, T, d = self.inputs.shape
+        p = int(calls[0].tensors["weight"].shape[0]) // G
+        K1 = num_cotangents
+        self.costs = {
+            "linear": G * (K1 * K1 * p + d),
+            "direct": G * (K1 * T * p * d + K1 * K1 * p * d),
+            "ghost": G * (T * T * d + K1 * T * T * p + K1 * K1 * T * p),
+        }
+        if T == 1:
+            self.method = "linear"
+        elif self.costs["ghost"] < self.costs["direct"] and self.train_weight:
+            self.method = "ghost"
+        else:
+            self.method = "direct"
+        self.features: list[Tensor] = []
+        self.bias_features: list[Tensor] = []
+        self.channels: list[Tensor] = []
+
+    def cost(self) -> int:
+        return self.costs[self.method]
+
+    def _patches(self, x: Tensor) -> Tensor:
+        if self.linear:
+            return x.reshape(x.shape[0], 1, -1, x.shape[-1])
+        return unfold_conv(self.module, x)  # type: ignore[arg-type]
+
+    def _grouped(self, g: Tensor) -> Tensor:
+        """Output backprop as ``(B, G, T, p)``, matching the unfolded inputs."""
+        B = g.shape[0]
+        if self.linear:
+            return g.reshape(B, 1, -1, g.shape[-1])
+        return g.reshape(B, self.groups, g.shape[1] // self.groups, -1).transpose(-1, -2)
+
+    def _channel(self, g: Tensor, call: FastCall) -> Tensor:
+        """∂⟨g, out⟩/∂ω_c for θ[c] → ω_c θ[c] on the trainable parameters: ``(B, C)``."""
+        B, C = g.shape[0], g.shape[self.channel_dim]
+
+        def per_channel(t: Tensor) -> Tensor:
+            return t.movedim(self.channel_dim, 1).reshape(B, C, -1).sum(-1)
+
+        total = per_channel(g * call.output.to(self.dtype))  # out = W·patch + b
+        bias = call.tensors.get("bias")
+        if bias is None:
+            return total if self.train_weight else torch.zeros_like(total)
+        from_bias = per_channel(g) * bias.to(self.dtype)
+        channel = total - from_bias if self.train_weight else torch.zeros_like(total)
+        return channel + from_bias if self.train_bias else channel
+
+    def add(self, backprops: list[Tensor]) -> None:
+        gs = [g.to(self.dtype) for g in backprops]
+        grouped = torch.cat([self._grouped(g) for g in gs], dim=2)
+        if self.method == "linear":
+            self.features.append(grouped[:, :, 0])
+        elif self.method == "ghost":
+            self.features.append(grouped)
+        elif self.train_weight:
+            self.features.append(torch.einsum("bgtp,bgtd->bgpd", grouped, self.inputs))
+        if self.train_bias and self.method != "linear":  # "linear" folds the bias in
+            self.bias_features.append(grouped.sum(2))
+        self.channels.append(sum(self._channel(g, c) for g, c in zip(gs, self.calls, strict=True)))
+
+    def result(self) -> RouteResult:
+        B = self.inputs.shape[0]
+        K1 = len(self.channels)
+        gram = torch.zeros(B, K1, K1, dtype=torch.float64, device=self.inputs.device)
+        if self.method == "linear" and self.features:
+            # one position: A = (‖a‖² [weight] + 1 [bias]) ⟨g_k, g_l⟩
+            norms = self.inputs.to(torch.float64).square().sum((-1, -2)) * float(self.train_weight)
+            norms = norms + float(self.train_bias)  # (B, G)
+            stacked = torch.stack(self.features).to(torch.float64)  # (K', B, G, p)
+            gram = torch.einsum("bg,kbgp,lbgp->bkl", norms, stacked, stacked)
+        elif self.method == "ghost":
+            inputs = self.inputs.to(torch.float64)
+            overlap = inputs @ inputs.transpose(-1, -2)  # (B, G, T, T)
+            stacked = torch.stack(self.features).to(torch.float64)  # (K', B, G, T, p)
+            mixed = torch.einsum("bgts,lbgsp->lbgtp", overlap, stacked)
+            gram = torch.einsum("kbgtp,lbgtp->bkl", stacked, mixed)
+        elif self.features:
+            gram = gram_of(self.features)
+        if self.bias_features:
+            gram = gram + gram_of(self.bias_features)
+        channel = torch.stack(self.channels, dim=1).to(torch.float64)  # (B, K', C)
+        layer = LayerGram(gram, channel.sum(-1), channel, self.method)  # type: ignore[arg-type]
+        return RouteResult({self.name: layer}, gram)

@@ -1,0 +1,597 @@
+"""One engine call: plan the routes on the first chunk, then compute every chunk (docs/engine.md).
+
+A chunk is one forward pass with the routed layers' calls recorded, the K − 1 backward products
+to the perturbed input and to those calls' outputs, the Jacobian routes, and the K-space algebra.
+On the first chunk a *certificate* checks every route against autograd before any number is
+returned: for a random combination r of the cotangents, the gradient that a route's recorded
+calls account for must equal the full gradient of the parameters. A route that misses a use of
+its parameters (a weight also used functionally elsewhere, a call that bypasses ``__call__``, an
+output changed by a hook) fails it and is recomputed through the whole model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lightning_sens.core.capture import (
+    Backward,
+    Captured,
+    backprops,
+    capture_calls,
+    record_shapes,
+)
+from lightning_sens.core.fi import (
+    Target,
+    closed_form_fi,
+    contrast_basis,
+    default_rtol,
+    fi_from_contrast_columns,
+    fi_from_contrast_gram,
+    log_prob_gradient,
+    resolve_target,
+)
+from lightning_sens.core.input_maps import input_result, layout_of
+from lightning_sens.core.inputs import (
+    FORWARD_HINT,
+    Inputs,
+    Perturbed,
+    batch_size,
+    batched_tensors,
+    get,
+    input_embedding_name,
+    repeat_first,
+    replace,
+    select,
+)
+from lightning_sens.core.plan import PROBE_SIZES, Ownership, Plan, batch_dims, make_plan
+from lightning_sens.core.results import LayerFI, ParameterFI, SensitivityResult
+from lightning_sens.core.routes import (
+    FastCall,
+    JacobianCall,
+    LayerGram,
+    ParamUse,
+    Route,
+    RouteResult,
+    channel_axes,
+    jacobian_route,
+)
+from lightning_sens.core.runner import Runner
+from lightning_sens.core.validation import check_logits, check_target
+
+__all__ = ["OnUnsupported", "Session", "UnsupportedLayerError"]
+
+OnUnsupported = Literal["raise", "skip"]
+
+# Relative disagreement between a route's gradient and autograd's that fails the certificate.
+_CERTIFICATE_TOL = {torch.float32: 1e-3, torch.float64: 1e-8}
+
+
+class UnsupportedLayerError(RuntimeError):
+    """A layer whose FI cannot be computed. The message names the layer and what to do."""
+
+
+class _DemoteError(Exception):
+    """Routes that failed a check: recompute their layers through the whole model."""
+
+    def __init__(self, layers: set[str]) -> None:
+        super().__init__(sorted(layers))
+        self.layers = layers
+
+
+@dataclass
+class _Slot:
+    """Where one backward target's backprops go."""
+
+    kind: Literal["input", "fast", "host"]
+    name: str = ""
+    call: int = 0
+    leaf: int = 0
+
+
+def _zero_gram(layer: nn.Module, batch: int, K1: int, device: torch.device) -> LayerGram:
+    zeros = torch.zeros(batch, K1, K1, dtype=torch.float64, device=device)
+    axes = channel_axes(layer)
+    channel = None
+    if axes:
+        name, axis = next(iter(axes.items()))
+        size = getattr(layer, name).shape[axis]
+        channel = torch.zeros(batch, K1, size, dtype=torch.float64, device=device)
+    scale = torch.zeros(batch, K1, dtype=torch.float64, device=device)
+    return LayerGram(zeros, scale, channel, "unused")
+
+
+class Session:
+    """The state of one :func:`~lightning_sens.core.engine.sensitivity` call across its chunks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        runner: Runner,
+        layers: dict[str, nn.Module],
+        perturbed: Perturbed,
+        input_module: str | None,
+        want_input: bool,
+        windows: tuple[int, ...],
+        rtol: float | None,
+        backward: Backward,
+        on_unsupported: OnUnsupported,
+    ) -> None:
+        self.model = model
+        self.runner = runner
+        self.layers = layers
+        self.perturbed = perturbed
+        self.requested_input_module = input_module
+        self.want_input = want_input and perturbed.kind != "none"
+        self.windows = windows
+        self.rtol = rtol
+        self.backward = backward
+        self.on_unsupported = on_unsupported
+        self.ownership = Ownership.of(model, layers)
+        self.param_ids = {self.ownership.canonical[id(p)]: id(p) for p in model.parameters()}
+        self.plan: Plan | None = None
+        self.input_call_dims: tuple[int, int] | None = None
+        self.skipped: dict[str, str] = {}
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def _probe(self, inputs: Inputs) -> None:
+        """Two tiny forward passes with every module's calls recorded, then the route plan."""
+        B = batch_size(inputs)
+        one = self.runner.inputs(select(inputs, slice(0, 1), B))
+        three = self.runner.inputs(repeat_first(inputs, PROBE_SIZES[1], B))
+        try:
+            with record_shapes(self.model) as shapes_one:
+                self.runner(one)
+            with record_shapes(self.model) as shapes_three:
+                logits = self.runner(three)
+            check_logits(logits, FORWARD_HINT)
+        except Exception as error:
+            # Say what is wrong with the user's own batch where that is the problem.
+            check_logits(self.runner(self.runner.inputs(inputs)), FORWARD_HINT)
+            raise UnsupportedLayerError(
+                f"The model runs on this batch of {B} but not on {PROBE_SIZES[0]} or "
+                f"{PROBE_SIZES[1]} copies of its first sample ({type(error).__name__}: {error}). "
+                "Per-sample FI needs a model that treats the samples of a batch independently; "
+                "a forward that depends on the batch size cannot be split into samples."
+            ) from error
+        params = sorted({p for ps in self.ownership.layer_params.values() for p in ps})
+        unused = set()
+        if params:
+            tensors = [self.runner.tensor(p) for p in params]
+            weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+            found = torch.autograd.grad(
+                (logits * weights.to(logits)).sum(), tensors, allow_unused=True
+            )
+            unused = {p for p, g in zip(params, found, strict=True) if g is None}
+        input_module = None
+        if self.want_input and self.perturbed.kind == "tokens":
+            input_module = self._input_module(shapes_one, get(one, self.perturbed.key).data_ptr())
+            if input_module is not None:
+                calls = list(
+                    zip(shapes_one[input_module], shapes_three[input_module], strict=False)
+                )
+                token = get(one, self.perturbed.key).data_ptr()
+                chosen = [(a, b) for a, b in calls if a.first_arg == token]
+                dims = batch_dims(*chosen[0]) if len(chosen) == 1 else None
+                if dims is None or dims[1][:1] != [0]:
+                    input_module = None
+                else:
+                    self.input_call_dims = (0, 0)
+            if input_module is None:
+                warnings.warn(
+                    "Input FI of token inputs perturbs the output of the embedding that reads "
+                    "them, and none was found: no module's forward takes the token ids as its "
+                    "first argument exactly once. Pass input_module='<name of the embedding>' "
+                    "to sensitivity() (input FI is left out).",
+                    stacklevel=4,
+                )
+                self.want_input = False
+        self.plan = make_plan(self.ownership, (shapes_one, shapes_three), unused, input_module)
+
+    def _input_module(self, shapes: dict[str, Any], token_ptr: int) -> str | None:
+        if self.requested_input_module is not None:
+            return self.requested_input_module
+        found = input_embedding_name(self.model)
+        if found is not None:
+            return found
+        readers = [
+            name
+            for name, calls in shapes.items()
+            if any(call.first_arg == token_ptr for call in calls)
+            and isinstance(self.model.get_submodule(name), nn.Embedding)
+        ]
+        return readers[0] if len(readers) == 1 else None
+
+    # -- one chunk ---------------------------------------------------------------------------
+
+    def run(self, inputs: Inputs, target: Target, first: bool) -> SensitivityResult:
+        if self.plan is None:
+            if self.layers or (self.want_input and self.perturbed.kind == "tokens"):
+                self._probe(inputs)
+            else:  # input FI of a floating input: nothing to plan
+                self.plan = Plan()
+        assert self.plan is not None
+        try:
+            return self._chunk(inputs, target, certify=first)
+        except _DemoteError as failed:
+            self.plan.demote(failed.layers, self.ownership)
+            return self._chunk(inputs, target, certify=False)
+
+    def _hooked(self) -> dict[str, nn.Module]:
+        assert self.plan is not None
+        names = set(self.plan.fast) | set(self.plan.hosts)
+        if self.want_input and self.plan.input_module:
+            names.add(self.plan.input_module)
+        return {name: self.model.get_submodule(name) for name in sorted(names)}
+
+    def _chunk(self, raw: Inputs, target: Target, certify: bool) -> SensitivityResult:
+        plan = self.plan
+        assert plan is not None
+        inputs = self.runner.inputs(raw)
+        B = batch_size(inputs)
+        leaf = None
+        if self.want_input and self.perturbed.kind == "direct":
+            leaf = get(inputs, self.perturbed.key).detach().clone().requires_grad_(True)
+            inputs = replace(inputs, self.perturbed.key, leaf.clone())  # in-place ops hit a copy
+        with capture_calls(self._hooked(), plan.copy_inputs) as records:
+            logits = self.runner(inputs)
+        check_logits(logits, FORWARD_HINT)
+        self._check_calls(records, B)
+        y = resolve_target(logits, target)
+        check_target(y, logits)
+        probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
+        c = log_prob_gradient(probs, y)
+        closed = closed_form_fi(logits, y)
+
+        slots, targets = [], []
+        if leaf is not None:
+            slots.append(_Slot("input"))
+            targets.append(leaf)
+        elif self.want_input and plan.input_module is not None:
+            token = get(inputs, self.perturbed.key).data_ptr()
+            calls = [r for r in records[plan.input_module] if r.first_arg == token]
+            if len(calls) != 1 or 0 not in calls[0].held:
+                raise _DemoteError(set())  # pragma: no cover (the probe found exactly one)
+            slots.append(_Slot("input"))
+            targets.append(calls[0].held[0])
+        for name in plan.fast:
+            for i, call in enumerate(records[name]):
+                slots.append(_Slot("fast", name, i))
+                targets.append(call.held[0])
+        for host in plan.hosts:
+            for i, call in enumerate(records[host]):
+                for leaf_index, held in call.held.items():
+                    slots.append(_Slot("host", host, i, leaf_index))
+                    targets.append(held)
+        if (targets or plan.root) and not logits.requires_grad:
+            raise ValueError(
+                "Nothing to differentiate: the logits depend on no floating-point input and on "
+                "no monitored layer." + FORWARD_HINT
+            )
+
+        K = logits.shape[1]
+        Q = contrast_basis(K, logits.dtype, logits.device)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        fast = {
+            name: spec.route(
+                name,
+                self.model.get_submodule(name),
+                [
+                    FastCall(
+                        call.args[0].movedim(spec.x_dim, 0),
+                        call.held[0].detach().movedim(spec.out_dim, 0),
+                        call.tensors,
+                    )
+                    for call in records[name]
+                ],
+                K - 1,
+                dtype,
+            )
+            for name, spec in plan.fast.items()
+        }
+        input_grads: list[Tensor] = []
+        host_grads: dict[tuple[str, int, int], list[Tensor]] = {}
+
+        def consume(found: list[Tensor]) -> None:
+            per_fast: dict[str, list[Tensor]] = {name: [] for name in fast}
+            for slot, g in zip(slots, found, strict=True):
+                if slot.kind == "input":
+                    input_grads.append(g)
+                elif slot.kind == "fast":
+                    per_fast[slot.name].append(g.movedim(plan.fast[slot.name].out_dim, 0))
+                else:
+                    host_grads.setdefault((slot.name, slot.call, slot.leaf), []).append(g)
+            for name, route in fast.items():
+                route.add(per_fast[name])
+
+        if targets:
+            backprops(logits, targets, Q.T, consume, self.backward, retain_graph=certify)
+        route_results, sums = self._jacobian_routes(records, host_grads, inputs, Q, B, dtype)
+        if certify and (fast or sums):
+            self._certify(logits, Q, records, fast, sums, B)
+        results = [route.result() for route in fast.values()] + route_results
+
+        input_part = None
+        if input_grads:
+            stacked = torch.stack(input_grads)
+            from_tokens = self.perturbed.kind == "tokens"
+            key = self.perturbed.key
+            source = (
+                f"output of {plan.input_module!r}"
+                if from_tokens
+                else (f"inputs[{key!r}]" if key else "inputs")
+            )
+            layout = layout_of(tuple(stacked.shape[1:]), from_tokens)
+            input_part = input_result(
+                stacked, probs, c, self.windows, self._tol(logits), layout, source
+            )
+        parameter_part = self._parameters(results, probs, c, B, K, logits) if self.layers else None
+        return SensitivityResult(y, closed.p_target, closed.log_fi, input_part, parameter_part)
+
+    def _tol(self, logits: Tensor) -> float:
+        return default_rtol(logits.dtype) if self.rtol is None else self.rtol
+
+    def _check_calls(self, records: dict[str, list[Captured]], batch: int) -> None:
+        """Every routed call carries the batch where the probes said it would."""
+        assert self.plan is not None
+        bad = set()
+        for name, spec in self.plan.fast.items():
+            calls = records[name]
+            if not calls or any(
+                call.args[0].shape[spec.x_dim] != batch or call.held[0].shape[spec.out_dim] != batch
+                for call in calls
+            ):
+                bad.add(name)
+        for host, hp in self.plan.hosts.items():
+            if len(records[host]) != len(hp.out_dims):
+                bad |= {
+                    layer
+                    for layer in self.layers
+                    if set(self.ownership.layer_params[layer]) & set(hp.params)
+                }
+        if bad:
+            raise _DemoteError(bad)
+
+    # -- Jacobian routes ---------------------------------------------------------------------
+
+    def _uses(self, params: list[str], host: str | None) -> list[ParamUse]:
+        uses = []
+        for p in params:
+            layers = {}
+            for layer in self.layers:
+                if p in self.ownership.layer_params[layer]:
+                    module = self.layers[layer]
+                    axes = channel_axes(module)
+                    local = next(
+                        n
+                        for n, t in module.named_parameters(recurse=False)
+                        if id(t) == self.param_ids[p]
+                    )
+                    layers[layer] = None if axes is None else axes[local]
+            key = p if host is None else self.ownership.key_under(p, host, self.param_ids)
+            uses.append(ParamUse(key, self.runner.tensor(p), layers))
+        return uses
+
+    def _jacobian_routes(
+        self,
+        records: dict[str, list[Captured]],
+        host_grads: dict[tuple[str, int, int], list[Tensor]],
+        inputs: Inputs,
+        Q: Tensor,
+        batch: int,
+        dtype: torch.dtype,
+    ) -> tuple[list[RouteResult], dict[str, dict[str, Tensor]]]:
+        assert self.plan is not None
+        results, sums = [], {}
+        for host, hp in self.plan.hosts.items():
+            module = self.model.get_submodule(host)
+            extra = self.runner.host_state(host)
+            calls = []
+            for i, call in enumerate(records[host]):
+                leaves, spec = pytree.tree_flatten((call.args, call.kwargs))
+                batched = [j for j, d in enumerate(hp.in_dims[i]) if d is not None]
+                held = sorted(call.held)
+
+                def replay(
+                    params: dict[str, Tensor],
+                    values: list[Tensor],
+                    leaves: list[Any] = leaves,
+                    spec: Any = spec,
+                    batched: list[int] = batched,
+                    held: list[int] = held,
+                    module: nn.Module = module,
+                    extra: dict[str, Tensor] = extra,
+                ) -> list[Tensor]:
+                    full = list(leaves)
+                    for j, v in zip(batched, values, strict=True):
+                        full[j] = v
+                    args, kwargs = pytree.tree_unflatten(full, spec)
+                    out = functional_call(module, {**extra, **params}, tuple(args), dict(kwargs))
+                    out_leaves = pytree.tree_leaves(out)
+                    return [out_leaves[j] for j in held]
+
+                calls.append(
+                    JacobianCall(
+                        replay,
+                        [leaves[j].clone() for j in batched],
+                        [hp.in_dims[i][j] for j in batched],  # type: ignore[misc]
+                        [torch.stack(host_grads[(host, i, j)]) for j in held],
+                        [hp.out_dims[i][j] for j in held],  # type: ignore[misc]
+                    )
+                )
+            results.append(
+                self._run_jacobian(calls, self._uses(hp.params, host), batch, sums, host)
+            )
+        if self.plan.root:
+            keys = batched_tensors(inputs, batch)
+
+            def root_replay(params: dict[str, Tensor], values: list[Tensor]) -> list[Tensor]:
+                rebuilt = inputs
+                for key, v in zip(keys, values, strict=True):
+                    rebuilt = replace(rebuilt, key, v)
+                return [self.runner(rebuilt, params)]
+
+            K1 = Q.shape[1]
+            cot = Q.T.to(dtype).unsqueeze(1).expand(K1, batch, -1)
+            call = JacobianCall(
+                root_replay,
+                [get(inputs, k).detach().clone() for k in keys],
+                [0] * len(keys),
+                [cot],
+                [0],
+            )
+            results.append(
+                self._run_jacobian([call], self._uses(self.plan.root, None), batch, sums, None)
+            )
+        return [r for r in results if r is not None], sums
+
+    def _run_jacobian(
+        self,
+        calls: list[JacobianCall],
+        uses: list[ParamUse],
+        batch: int,
+        sums: dict[str, dict[str, Tensor]],
+        host: str | None,
+    ) -> RouteResult | None:
+        try:
+            result, jac_sums, _ = jacobian_route(calls, uses, batch)
+        except Exception as error:
+            layers = sorted({layer for use in uses for layer in use.layers})
+            where = "the whole model" if host is None else f"module {host!r}"
+            message = (
+                f"Per-sample Jacobians through {where} failed ({type(error).__name__}: {error}). "
+                f"Leave the layers out with exclude_layers={layers!r}."
+            )
+            if self.on_unsupported == "raise":
+                raise UnsupportedLayerError(message) from error
+            for layer in layers:
+                self.skipped[layer] = message
+            return None
+        if host is not None:  # the whole-model route sees every use by construction
+            sums[host] = {use.key: jac_sums[use.key] for use in uses}
+        return result
+
+    # -- the certificate -----------------------------------------------------------------------
+
+    def _certify(
+        self,
+        logits: Tensor,
+        Q: Tensor,
+        records: dict[str, list[Captured]],
+        fast: dict[str, Route],
+        sums: dict[str, dict[str, Tensor]],
+        batch: int,
+    ) -> None:
+        """Demote the routes whose recorded calls miss a use of their parameters."""
+        assert self.plan is not None
+        K1 = Q.shape[1]
+        r = torch.randn(K1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        r = (r / r.norm()).to(logits.device)
+        cot = (Q.to(torch.float64) @ r).to(logits.dtype).expand(batch, -1)
+        fast_targets = [call.held[0] for name in fast for call in records[name]]
+        checked = {
+            layer: self.ownership.layer_params[layer]
+            for layer in self.layers
+            if layer in fast
+            or any(
+                p in hp.params
+                for hp in self.plan.hosts.values()
+                for p in self.ownership.layer_params[layer]
+            )
+        }
+        params = sorted({p for ps in checked.values() for p in ps})
+        tensors = [self.runner.tensor(p) for p in params]
+        found = torch.autograd.grad(logits, fast_targets + tensors, cot, allow_unused=True)
+        truth = {
+            p: (g if g is not None else torch.zeros_like(t))
+            for p, g, t in zip(params, found[len(fast_targets) :], tensors, strict=True)
+        }
+        tol = _CERTIFICATE_TOL.get(logits.dtype, 1e-3)
+        failed: set[str] = set()
+        position = 0
+        for name in fast:
+            module = self.layers[name]
+            calls = records[name]
+            gbar = found[position : position + len(calls)]
+            position += len(calls)
+            trainable = [n for n, t in module.named_parameters(recurse=False) if t.requires_grad]
+            leaves = {n: calls[0].tensors[n].detach().requires_grad_(True) for n in trainable}
+            total = sum(
+                (
+                    (g if g is not None else 0.0)
+                    * functional_call(module, {**call.tensors, **leaves}, call.args, call.kwargs)
+                ).sum()
+                for g, call in zip(gbar, calls, strict=True)
+            )
+            mine = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+            canonical = self.ownership.layer_params[name]
+            for n, g, p in zip(trainable, mine, canonical, strict=True):
+                if _disagree(g if g is not None else torch.zeros_like(leaves[n]), truth[p], tol):
+                    failed.add(name)
+        for host, per_key in sums.items():
+            for p in self.plan.hosts[host].params:
+                key = self.ownership.key_under(p, host, self.param_ids)
+                mine = torch.einsum("k,k...->...", r.to(per_key[key].dtype), per_key[key])
+                if _disagree(mine, truth[p], tol):
+                    failed |= {n for n in self.layers if p in self.ownership.layer_params[n]}
+        if failed:
+            raise _DemoteError(failed)
+
+    # -- assembling ----------------------------------------------------------------------------
+
+    def _parameters(
+        self,
+        results: list[RouteResult],
+        probs: Tensor,
+        c: Tensor,
+        batch: int,
+        K: int,
+        logits: Tensor,
+    ) -> ParameterFI:
+        assert self.plan is not None
+        per_layer: dict[str, LayerGram] = {}
+        for result in results:
+            for name, gram in result.layers.items():
+                per_layer[name] = gram if name not in per_layer else per_layer[name] + gram
+        for name in self.plan.unused:
+            per_layer[name] = _zero_gram(self.layers[name], batch, K - 1, logits.device)
+        names = [n for n in self.layers if n in per_layer and n not in self.skipped]
+        grams = [per_layer[n].gram for n in names]
+        channel_names = [n for n in names if per_layer[n].channel_scale is not None]
+        for name in channel_names:
+            u = per_layer[name].channel_scale
+            assert u is not None
+            grams.append(u @ u.transpose(-1, -2))
+        total = sum(
+            (r.total for r in results),
+            torch.zeros(batch, K - 1, K - 1, dtype=torch.float64, device=logits.device),
+        )
+        grams.append(total)
+        tol = self._tol(logits)
+        blocks = fi_from_contrast_gram(torch.stack(grams), probs, c, tol)
+        scales = torch.stack([per_layer[n].scale for n in names]).unsqueeze(-1) if names else None
+        scale_fi = fi_from_contrast_columns(scales, probs, c, tol) if scales is not None else None
+        channel_fi = {n: blocks[len(names) + i] for i, n in enumerate(channel_names)}
+        layers = {
+            name: LayerFI(
+                parameters=blocks[i],
+                scale=scale_fi[i],  # type: ignore[index]
+                channel_scale=channel_fi.get(name),
+                method=per_layer[name].method,
+                shared_with=self.ownership.shared_with(name),
+            )
+            for i, name in enumerate(names)
+        }
+        return ParameterFI(layers, blocks[-1], dict(self.skipped))
+
+
+def _disagree(mine: Tensor, truth: Tensor, tol: float) -> bool:
+    scale = max(float(truth.norm()), float(mine.norm()))
+    return scale > 0 and float((mine.to(truth.dtype) - truth).norm()) > tol * scale
