@@ -89,9 +89,18 @@ def _sample(inputs: Inputs, b: int) -> Inputs:
     }
 
 
+def _copy(x: Inputs) -> Inputs:
+    if isinstance(x, Tensor):
+        return x.clone()
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in x.items()}
+
+
 def _logits_one(forward: Callable[[Inputs], Tensor], x: Inputs) -> Tensor:
-    """Logits ``z`` (K,) of one sample ``x`` (a batch of one); validates the (1, K) shape."""
-    logits = forward(x)
+    """Logits ``z`` (K,) of one sample ``x`` (a batch of one); validates the (1, K) shape.
+
+    The forward gets a copy of ``x``, so that a model that modifies its input in place sees the
+    same input every time."""
+    logits = forward(_copy(x))
     if logits.dim() != 2 or logits.shape[0] != 1 or logits.shape[1] < 2:
         raise ValueError(
             f"forward_fn must return logits of shape (1, K) with K >= 2 for one sample, "
@@ -115,24 +124,29 @@ def _targets(target: Target, logits: Tensor) -> Tensor:
 
 
 def fi_from_jacobian(
-    jacobian: Tensor, probs: Tensor, c: Tensor, rtol: float = 1e-10
+    jacobian: Tensor, probs: Tensor, c: Tensor, rtol: float = 1e-10, floor: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """Exact influence of one perturbation block from its logit Jacobian (docs/method.md).
 
     Args:
         jacobian: ``J = ∂z/∂ω`` at ``ω0``, shape (K, m).
         probs: ``p = softmax(z)``, shape (K,).
-        c: ``∂f/∂z``, shape (K,); ``e_y − p`` for ``f = log p_y``.
-        rtol: relative tolerance of the pseudo-inverse and of the rank: eigenvalues of ``G``
-            below ``max(rtol · λ_max(G), atol)`` count as zero, where the rounding floor
-            ``atol = 64 K ε_float64 ‖H‖₂ ‖J‖₂²`` only removes noise (e.g. ``J = 1``, a shift of
-            all logits, gives ``G ≈ 1e-17`` instead of 0).
+        c: ``∂f/∂z``, shape (K,); ``e_y − p`` for ``f = log p_y``. Only its part orthogonal to
+            the all-ones vector matters (every function of p has ``c ⟂ 1``).
+        rtol: the rank rule of docs/method.md: with ``S = Qᵀ J Jᵀ Q`` the p-independent Gram in
+            the contrast basis Q (a basis of the complement of the all-ones vector), the
+            directions kept are the eigenvectors of S with ``λ > rtol · K · max(λ_max(S), floor)``.
+        floor: a size below which the family counts as numerically null (see
+            :func:`parameter_fi`); the uncentred size ``trace(J Jᵀ)/K`` is always a floor, since
+            a Jacobian that moves all logits alike leaves only rounding noise in S.
 
     Returns:
         ``(fi, rank)``: ``FI = ∇fᵀ G⁺ ∇f`` with ``G = Jᵀ H J``, ``H = diag(p) − p pᵀ``,
-        ``∇f = Jᵀ c`` (0-dim float64), and ``rank(G)`` (0-dim int64). Both are 0 when ``m = 0``
-        or ``G = 0``. ``c`` must be orthogonal to the all-ones vector (true for every function of
-        p, e.g. ``e_y − p``).
+        ``∇f = Jᵀ c``, over the kept directions (0-dim float64), and their number (0-dim int64).
+        Computed as the squared projection of ``b = H^{+1/2} c`` onto ``H^{1/2} Q U_r``, with
+        U_r the kept left singular vectors of ``QᵀJ``: the same number, without forming the
+        m × m matrix G or squaring J's condition number. Both are 0 when ``m = 0`` or nothing
+        is kept.
     """
     J = jacobian.detach().to(torch.float64)
     p = probs.detach().to(torch.float64)
@@ -141,27 +155,34 @@ def fi_from_jacobian(
     zero_rank = torch.zeros((), dtype=torch.int64, device=J.device)
     if J.dim() != 2 or J.shape[0] != p.shape[0]:
         raise ValueError(f"jacobian must be (K, m) with K = {p.shape[0]}, got {tuple(J.shape)}")
+    K = len(p)
     if J.shape[1] == 0:
         return zero_fi, zero_rank
-    H = torch.diag(p) - torch.outer(p, p)
-    G = J.T @ H @ J
-    G = (G + G.T) / 2  # remove rounding asymmetry before the Hermitian routines
-    if not bool(G.any()):
+    Q = _contrasts(K, J.device)
+    # S's eigenpairs from the SVD of QᵀJ: λ = σ², accurate without squaring J's condition
+    U, sigma, _ = torch.linalg.svd(Q.T @ J, full_matrices=False)
+    lam = sigma.square()
+    top = max(float(lam.max()), float(J.square().sum()) / K, floor)
+    keep = (lam > rtol * K * top) & (lam > 0)
+    rank = keep.sum()
+    if int(rank) == 0:
         return zero_fi, zero_rank
-    scale = torch.linalg.matrix_norm(H, ord=2) * torch.linalg.matrix_norm(J, ord=2) ** 2
-    atol = float(64 * len(p) * torch.finfo(torch.float64).eps * scale)
-    rank = torch.linalg.matrix_rank(G, hermitian=True, rtol=rtol, atol=atol)
-    # G⁺ with G = AᵀA, A = H^{1/2} J, and ∇f = Jᵀc = Aᵀb with b = H^{+1/2} c (c ⟂ 1 = null(H)):
-    # FI = bᵀ A (AᵀA)⁺ Aᵀ b is the squared projection of b onto the leading `rank` left singular
-    # vectors of A. The same number as ∇fᵀ G⁺ ∇f, without squaring A's condition number.
+    H = torch.diag(p) - torch.outer(p, p)
     evals, V = torch.linalg.eigh(H)
-    kept = evals > 64 * len(p) * torch.finfo(torch.float64).eps * evals.max()
-    root = V[:, kept] * evals[kept].sqrt()
-    A = root @ V[:, kept].T @ J
-    b = (V[:, kept] / evals[kept].sqrt()) @ (V[:, kept].T @ c64)
-    U, _, _ = torch.linalg.svd(A, full_matrices=False)
-    fi = (U[:, : int(rank)].T @ b).square().sum()
+    positive = evals > 64 * K * torch.finfo(torch.float64).eps * evals.max()
+    root = (V[:, positive] * evals[positive].sqrt()) @ V[:, positive].T
+    b = (V[:, positive] / evals[positive].sqrt()) @ (V[:, positive].T @ c64)
+    basis, _ = torch.linalg.qr(root @ Q @ U[:, keep])
+    fi = (basis.T @ b).square().sum()
     return fi, rank.to(torch.int64)
+
+
+def _contrasts(K: int, device: torch.device) -> Tensor:
+    """An orthonormal basis (K, K − 1) of the complement of the all-ones vector."""
+    ones = torch.ones(K, 1, dtype=torch.float64, device=device) / K**0.5
+    eye = torch.eye(K, dtype=torch.float64, device=device)
+    full, _ = torch.linalg.qr(torch.cat([ones, eye], 1))
+    return full[:, 1:K]
 
 
 def _perturbed(
@@ -442,13 +463,17 @@ def parameter_fi(
                 found[layer, "rank"].append(rank)
                 if layer == "__all__":
                     continue
+                # Scaling directions are numerically null below the tolerance times the most any
+                # direction of the same norm can do: trace(QᵀJJᵀQ)·‖θ_l‖² (docs/method.md).
+                theta2 = sum(float(params[n].double().square().sum()) for n in names)
+                floor = float((_contrasts(len(p), J.device).T @ J.detach()).square().sum()) * theta2
                 # layer scaling θ_l → ω θ_l at ω0 = 1: u = ∂z/∂ω, shape (K, 1)
                 one = torch.ones((), dtype=probs.dtype if not names else params[names[0]].dtype)
                 u = jacrev(call_scaled)(one.to(p.device), names, x).reshape(-1, 1)
-                found[layer, "scale_fi"].append(fi_from_jacobian(u, p, c, rtol)[0])
+                found[layer, "scale_fi"].append(fi_from_jacobian(u, p, c, rtol, floor)[0])
                 J_ch = _channel_scale_jacobian(model, call, params, layer, names, x)
                 if J_ch is not None:
-                    fi, rank = fi_from_jacobian(J_ch, p, c, rtol)
+                    fi, rank = fi_from_jacobian(J_ch, p, c, rtol, floor)
                     found[layer, "channel_scale_fi"].append(fi)
                     found[layer, "channel_scale_rank"].append(rank)
 

@@ -4,29 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor
 
 from lightning_sens import reference, sensitivity
+from tests.checks import assert_close as _assert_close
+from tests.checks import assert_equal as _assert_equal
 from tests.models import CASES, Case, build
-
-RTOL = 1e-8
-
-
-def _assert_close(name: str, got: Tensor, want: Tensor, rtol: float = RTOL) -> None:
-    got, want = got.to(torch.float64), want.to(torch.float64)
-    scale = want.abs().clamp_min(1e-12)
-    bad = ((got - want).abs() > rtol * scale).nonzero()
-    if len(bad):
-        rows = [
-            f"  {tuple(i.tolist())}: engine {got[tuple(i)]:.15g} vs reference {want[tuple(i)]:.15g}"
-            for i in bad[:10]
-        ]
-        pytest.fail(f"{name}: {len(bad)} of {got.numel()} entries differ\n" + "\n".join(rows))
-
-
-def _assert_equal(name: str, got: Tensor, want: Tensor) -> None:
-    if not torch.equal(got.long(), want.long()):
-        pytest.fail(f"{name}: engine {got.tolist()} vs reference {want.tolist()}")
 
 
 def _windows(case: Case) -> tuple[int, ...]:

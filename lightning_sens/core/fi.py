@@ -289,7 +289,9 @@ def _block_fi(fi: Tensor, best: Tensor, rank: Tensor, batch: torch.Size) -> Bloc
     return BlockFI(fi.reshape(batch), relative.reshape(batch), rank.reshape(batch))
 
 
-def fi_from_contrast_columns(columns: Tensor, probs: Tensor, c: Tensor, rtol: float) -> BlockFI:
+def fi_from_contrast_columns(
+    columns: Tensor, probs: Tensor, c: Tensor, rtol: float, noise_scale: Tensor | None = None
+) -> BlockFI:
     """FI of a family of m < K − 1 coordinates from its Jacobian columns in contrast coordinates.
 
     The cheap route for small blocks (one pixel's channels, a layer's few scaling factors):
@@ -301,18 +303,34 @@ def fi_from_contrast_columns(columns: Tensor, probs: Tensor, c: Tensor, rtol: fl
         probs: ``(..., K)`` probabilities, as in :func:`fi_from_contrast_gram`.
         c: ``(..., K)`` gradient of the objective w.r.t. the logits.
         rtol: relative eigenvalue tolerance of the rank decision.
+        noise_scale: ``(...)`` optional floor for the reference eigenvalue, as in
+            :func:`fi_from_contrast_gram`.
     """
     K1, m = columns.shape[-2:]
     if m >= K1:
-        return fi_from_contrast_gram(columns @ columns.transpose(-1, -2), probs, c, rtol)
-    if m == 1:  # closed form 2 of METHOD.md §5, no factorisation needed
+        gram = columns @ columns.transpose(-1, -2)
+        return fi_from_contrast_gram(gram, probs, c, rtol, noise_scale)
+    if m == 1:  # closed form 2 of docs/method.md, no factorisation needed
         Q = contrast_basis(K1 + 1, columns.dtype, columns.device)
-        return fi_along_direction((Q @ columns).squeeze(-1), probs, c)
+        found = fi_along_direction((Q @ columns).squeeze(-1), probs, c)
+        if noise_scale is None:
+            return found
+        size = columns.square().sum((-1, -2))
+        null = size <= rtol * (K1 + 1) * noise_scale.to(size.dtype)
+        return BlockFI(
+            torch.where(null, 0.0, found.fi),
+            torch.where(null, 0.0, found.relative_fi),
+            torch.where(null, 0, found.effective_rank),
+        )
     batch, frame, owner = _broadcast(columns.shape[:-2], probs, c)
     columns = columns.expand(*batch, K1, m).reshape(-1, K1, m)
     evals, evecs = torch.linalg.eigh(columns.transpose(-1, -2) @ columns)
     evals, evecs = evals.flip(-1), evecs.flip(-1)
-    keep = (evals > rtol * (K1 + 1) * evals[..., :1]) & (evals > 0)
+    top = evals[..., :1]
+    if noise_scale is not None:
+        noise = torch.zeros(batch, dtype=evals.dtype, device=evals.device) + noise_scale
+        top = torch.maximum(top, noise.reshape(-1, 1))
+    keep = (evals > rtol * (K1 + 1) * top) & (evals > 0)
     fi = _fi_on_range(columns @ evecs, keep, frame.take(owner))
     return _block_fi(fi, frame.best[owner], keep.sum(-1), batch)
 
@@ -403,7 +421,7 @@ def fi_from_gram(gram: Tensor, probs: Tensor, c: Tensor, rtol: float | None = No
 
 
 def fi_along_direction(u: Tensor, probs: Tensor, c: Tensor) -> BlockFI:
-    """FI of a one-parameter family (m = 1), closed form 2 of METHOD.md §5: (cᵀu)² / (uᵀHu).
+    """FI of a one-parameter family (m = 1), closed form 2 of docs/method.md: (cᵀu)² / (uᵀHu).
 
     Args:
         u: ``(..., K)`` the logits' derivative along the single direction (u = J for m = 1).

@@ -82,7 +82,10 @@ class Runner:
         """
         if self.state is None and params is None:
             return self.wrapper(inputs)
-        substitutes = {f"model.{k}": v for k, v in (self.state or {}).items()}
+        state = self.state or {}
+        if params is not None:  # a replay for Jacobians: nothing else is differentiated
+            state = {k: v.detach() for k, v in state.items()}
+        substitutes = {f"model.{k}": v for k, v in state.items()}
         substitutes.update({f"model.{k}": v for k, v in (params or {}).items()})
         return functional_call(self.wrapper, substitutes, (inputs,))
 
@@ -92,4 +95,4 @@ class Runner:
         if self.state is None:
             return {}
         prefix = f"{host}." if host else ""
-        return {k[len(prefix) :]: v for k, v in self.state.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v.detach() for k, v in self.state.items() if k.startswith(prefix)}

@@ -61,6 +61,7 @@ from lightning_sens.core.routes import (
     RouteResult,
     channel_axes,
     jacobian_route,
+    norm2,
 )
 from lightning_sens.core.runner import Runner
 from lightning_sens.core.validation import check_logits, check_target
@@ -104,7 +105,8 @@ def _zero_gram(layer: nn.Module, batch: int, K1: int, device: torch.device) -> L
         size = getattr(layer, name).shape[axis]
         channel = torch.zeros(batch, K1, size, dtype=torch.float64, device=device)
     scale = torch.zeros(batch, K1, dtype=torch.float64, device=device)
-    return LayerGram(zeros, scale, channel, "unused")
+    theta = norm2([p for p in layer.parameters(recurse=False) if p.requires_grad])
+    return LayerGram(zeros, scale, channel, "unused", theta)
 
 
 class Session:
@@ -564,6 +566,12 @@ class Session:
             per_layer[name] = _zero_gram(self.layers[name], batch, K - 1, logits.device)
         names = [n for n in self.layers if n in per_layer and n not in self.skipped]
         grams = [per_layer[n].gram for n in names]
+        # a scaling direction is null when its effect is below what any direction of the same
+        # norm can do, at the rank tolerance (LayerGram.theta_norm2)
+        noise = {
+            n: per_layer[n].gram.diagonal(dim1=-2, dim2=-1).sum(-1) * per_layer[n].theta_norm2
+            for n in names
+        }
         channel_names = [n for n in names if per_layer[n].channel_scale is not None]
         for name in channel_names:
             u = per_layer[name].channel_scale
@@ -575,9 +583,14 @@ class Session:
         )
         grams.append(total)
         tol = self._tol(logits)
-        blocks = fi_from_contrast_gram(torch.stack(grams), probs, c, tol)
-        scales = torch.stack([per_layer[n].scale for n in names]).unsqueeze(-1) if names else None
-        scale_fi = fi_from_contrast_columns(scales, probs, c, tol) if scales is not None else None
+        zero = torch.zeros(batch, dtype=torch.float64, device=logits.device)
+        floors = [zero] * len(names) + [noise[n] for n in channel_names] + [zero]
+        blocks = fi_from_contrast_gram(torch.stack(grams), probs, c, tol, torch.stack(floors))
+        scale_fi = None
+        if names:
+            scales = torch.stack([per_layer[n].scale for n in names]).unsqueeze(-1)
+            floor = torch.stack([noise[n] for n in names])
+            scale_fi = fi_from_contrast_columns(scales, probs, c, tol, floor)
         channel_fi = {n: blocks[len(names) + i] for i, n in enumerate(channel_names)}
         layers = {
             name: LayerFI(

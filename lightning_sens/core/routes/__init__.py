@@ -12,7 +12,14 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_sens.core.routes.base import FastCall, LayerGram, Method, Route, RouteResult
+from lightning_sens.core.routes.base import (
+    FastCall,
+    LayerGram,
+    Method,
+    Route,
+    RouteResult,
+    norm2,
+)
 from lightning_sens.core.routes.embedding import EmbeddingRoute
 from lightning_sens.core.routes.jacobian import JacobianCall, ParamUse, jacobian_route
 from lightning_sens.core.routes.norm import NormRoute
@@ -30,6 +37,7 @@ __all__ = [
     "channel_axes",
     "fast_route",
     "jacobian_route",
+    "norm2",
 ]
 
 ROUTES: dict[type[nn.Module], type[Route]] = {

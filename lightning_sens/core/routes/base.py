@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FastCall", "LayerGram", "Method", "Route", "RouteResult", "gram_of"]
+__all__ = ["FastCall", "LayerGram", "Method", "Route", "RouteResult", "gram_of", "norm2"]
 
 Method = Literal["linear", "direct", "ghost", "norm", "embedding", "jacobian", "unused"]
 """How a layer's Gram was computed (docs/engine.md, "Layer routes"):
@@ -57,12 +57,17 @@ class LayerGram:
             (θ_l[c] → ω_c θ_l[c] on the output-channel slice of every parameter), or None for
             layers without a channel notion.
         method: the route that computed ``gram``.
+        theta_norm2: ‖θ_l‖², the squared norm of the layer's trainable parameters (0-dim,
+            float64). A scaling direction whose effect ‖J θ_l‖² is below the tolerance times
+            trace(gram)·‖θ_l‖² (the most any direction of the same norm can do) is numerically
+            null: its FI is reported as 0 with rank 0 (docs/engine.md, "Numerics").
     """
 
     gram: Tensor
     scale: Tensor
     channel_scale: Tensor | None
     method: Method
+    theta_norm2: Tensor
 
     def __add__(self, other: LayerGram) -> LayerGram:
         """Join the contributions of disjoint parameter sets of one layer (Grams add up)."""
@@ -72,7 +77,13 @@ class LayerGram:
         if self.channel_scale is not None and other.channel_scale is not None:
             channel = self.channel_scale + other.channel_scale
         method = self.method if self.method == other.method else "jacobian"
-        return LayerGram(self.gram + other.gram, self.scale + other.scale, channel, method)
+        return LayerGram(
+            self.gram + other.gram,
+            self.scale + other.scale,
+            channel,
+            method,
+            self.theta_norm2 + other.theta_norm2,
+        )
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,14 @@ class RouteResult:
 
     layers: dict[str, LayerGram]
     total: Tensor
+
+
+def norm2(tensors: list[Tensor]) -> Tensor:
+    """Σ ‖t‖² in float64 (0-dim)."""
+    return sum(
+        (t.detach().to(torch.float64).square().sum() for t in tensors),
+        torch.zeros((), dtype=torch.float64),
+    ).to(tensors[0].device if tensors else "cpu")
 
 
 def gram_of(features: list[Tensor]) -> Tensor:
@@ -133,3 +152,8 @@ class Route(ABC):
     def cost(self) -> int:
         """Multiply-adds per sample to form the Gram from the backprops (0 when not estimated)."""
         return 0
+
+    def theta_norm2(self) -> Tensor:
+        """‖θ_l‖² of the trainable parameters, as the recorded calls saw them."""
+        trainable = [n for n, p in self.module.named_parameters(recurse=False) if p.requires_grad]
+        return norm2([self.calls[0].tensors[n] for n in trainable])

@@ -59,5 +59,5 @@ class EmbeddingRoute(Route):
         mixed = torch.einsum("bts,lbsd->lbtd", same, stacked)
         gram = torch.einsum("kbtd,lbtd->bkl", stacked, mixed)
         channel = torch.stack(self.channels, dim=1).to(torch.float64)  # (B, K', d)
-        layer = LayerGram(gram, channel.sum(-1), channel, "embedding")
+        layer = LayerGram(gram, channel.sum(-1), channel, "embedding", self.theta_norm2())
         return RouteResult({self.name: layer}, gram)

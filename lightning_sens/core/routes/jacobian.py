@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from lightning_sens.core.routes.base import LayerGram, RouteResult
+from lightning_sens.core.routes.base import LayerGram, RouteResult, norm2
 
 __all__ = ["JacobianCall", "ParamUse", "jacobian_route"]
 
@@ -129,7 +129,8 @@ def per_sample_jacobians(
     step = max(1, min(batch, _MEMORY_BUDGET // max(per_sample_size, 1)))
     total: dict[str, Tensor] = {}
     vectorised = True
-    with warnings.catch_warnings():
+    # no_grad outside the transforms: the host's other parameters must not build a graph
+    with torch.no_grad(), warnings.catch_warnings():
         # vmap's notice that an operator runs in a slower per-sample loop; results are exact
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not")
         for call in calls:
@@ -179,7 +180,7 @@ def jacobian_route(
             channel = None
             if axis is not None:
                 channel = _channel_columns(flat.reshape(jac.shape), use.value, axis)
-            part = LayerGram(grams[use.key], scale, channel, "jacobian")
+            part = LayerGram(grams[use.key], scale, channel, "jacobian", norm2([use.value]))
             layers[layer] = part if layer not in layers else layers[layer] + part
     total = sum(grams.values())
     assert isinstance(total, Tensor)  # a route covers at least one parameter

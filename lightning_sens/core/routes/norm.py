@@ -86,5 +86,5 @@ class NormRoute(Route):
     def result(self) -> RouteResult:
         gram = gram_of(self.features)
         channel = torch.stack(self.channels, dim=1).to(torch.float64)
-        layer = LayerGram(gram, channel.sum(-1), channel, "norm")
+        layer = LayerGram(gram, channel.sum(-1), channel, "norm", self.theta_norm2())
         return RouteResult({self.name: layer}, gram)

@@ -141,5 +141,11 @@ class WeightedRoute(Route):
         if self.bias_features:
             gram = gram + gram_of(self.bias_features)
         channel = torch.stack(self.channels, dim=1).to(torch.float64)  # (B, K', C)
-        layer = LayerGram(gram, channel.sum(-1), channel, self.method)  # type: ignore[arg-type]
+        layer = LayerGram(
+            gram,
+            channel.sum(-1),
+            channel,
+            self.method,  # type: ignore[arg-type]
+            self.theta_norm2(),
+        )
         return RouteResult({self.name: layer}, gram)

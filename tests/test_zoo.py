@@ -1,0 +1,150 @@
+"""Every architecture of the zoo against the float64 brute-force reference.
+
+For each model: whole-input FI and rank, the 1×1 and 3×3 maps (pixels, or tokens of the
+embedded sequence) and the position map; then one layer of every kind it contains (by module
+type and route) for parameter, layer-scaling and channel-scaling FI, and all those layers
+jointly. Low-precision models are compared with the reference on a float64 copy of the same
+weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_sens import default_rtol, reference, sensitivity
+from lightning_sens.core.capture import unwrap_compiled
+from tests.checks import RTOL, assert_close, assert_equal
+from tests.zoo import ZOO, ZooCase, build
+
+
+def _float64(model: nn.Module, inputs: Any, case: ZooCase) -> tuple[nn.Module, Any]:
+    """The model the reference differentiates: the uncompiled module, in float64."""
+    model = unwrap_compiled(model)
+    if case.dtype == torch.float64:
+        return model, inputs
+    model = copy.deepcopy(model).double()
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.double() if t.is_floating_point() else t
+
+    inputs = {k: cast(v) for k, v in inputs.items()} if isinstance(inputs, dict) else cast(inputs)
+    return model, inputs
+
+
+def _one_layer_per_kind(model: nn.Module, layers: dict[str, Any]) -> list[str]:
+    kinds: dict[tuple[str, str], str] = {}
+    for name, layer in layers.items():
+        kinds.setdefault((type(model.get_submodule(name)).__name__, layer.method), name)
+    return list(kinds.values())
+
+
+@pytest.mark.parametrize("case", ZOO, ids=[c.name for c in ZOO])
+def test_zoo_matches_reference(case: ZooCase) -> None:
+    if case.requires:
+        pytest.importorskip(case.requires)
+    model, x, labels = build(case)
+    got = sensitivity(model, x, labels, windows=case.windows)
+    ref_model, ref_x = _float64(model, x, case)
+    # A low-precision model is computed in float32: its ranks follow the float32 tolerance.
+    low = case.dtype != torch.float64
+    rtol = default_rtol(torch.float32) if low else 1e-10
+    tolerance = 1e-4 if low else RTOL
+
+    key = "pixel_values" if isinstance(x, dict) and "pixel_values" in x else None
+    want = reference.input_fi(
+        ref_model,
+        ref_x,
+        labels,
+        case.windows,
+        rtol=rtol,
+        input_key=key,
+        input_module=case.input_module,
+    )
+    assert got.input is not None
+    if case.input_module is not None:  # found without being told
+        assert got.input.source == f"output of {case.input_module!r}"
+    assert_close("whole-input fi", got.input.whole.fi, want["fi"], tolerance)
+    assert_equal("whole-input rank", got.input.whole.effective_rank, want["rank"])
+    for w in case.windows:
+        assert_close(f"map w={w}", got.input.maps[w].fi, want["maps"][w], tolerance)
+        assert_equal(f"map rank w={w}", got.input.maps[w].effective_rank, want["map_ranks"][w])
+    assert got.input.position_map is not None
+    assert_close("position map", got.input.position_map.fi, want["position_map"], tolerance)
+
+    assert got.parameters is not None
+    chosen = _one_layer_per_kind(ref_model, got.parameters.layers)
+    want_layers = reference.parameter_fi(ref_model, ref_x, labels, layers=chosen, rtol=rtol)
+    for name in chosen:
+        mine, ref = got.parameters.layers[name], want_layers[name]
+        assert_close(f"{name} fi", mine.parameters.fi, ref["fi"], tolerance)  # type: ignore[arg-type]
+        assert_equal(f"{name} rank", mine.parameters.effective_rank, ref["rank"])  # type: ignore[arg-type]
+        assert_close(f"{name} scale fi", mine.scale.fi, ref["scale_fi"], tolerance)  # type: ignore[arg-type]
+        if ref["channel_scale_fi"] is None:
+            assert mine.channel_scale is None, name
+        else:
+            assert mine.channel_scale is not None, name
+            assert_close(
+                f"{name} channel fi", mine.channel_scale.fi, ref["channel_scale_fi"], tolerance
+            )
+            assert_equal(
+                f"{name} channel rank",
+                mine.channel_scale.effective_rank,
+                ref["channel_scale_rank"],  # type: ignore[arg-type]
+            )
+    subset = sensitivity(model, x, labels, input_maps=False, layers=chosen)
+    assert subset.parameters is not None
+    want_all = want_layers["__all__"]
+    assert_close(
+        "all parameters fi", subset.parameters.all_parameters.fi, want_all["fi"], tolerance
+    )  # type: ignore[arg-type]
+    for name in chosen:  # a layer's numbers do not depend on which others are monitored
+        assert torch.equal(
+            subset.parameters.layers[name].parameters.fi, got.parameters.layers[name].parameters.fi
+        ), name
+
+
+def _methods(case: ZooCase) -> dict[str, str]:
+    model, x, labels = build(case)
+    result = sensitivity(model, x, labels, input_maps=False)
+    assert result.parameters is not None
+    return {name: layer.method for name, layer in result.parameters.layers.items()}
+
+
+def test_attention_and_recurrent_layers_take_the_jacobian_route() -> None:
+    text = _methods(next(c for c in ZOO if c.name == "text_transformer"))
+    attention = "encoder.layers.0.self_attn"
+    assert text[attention] == text[f"{attention}.out_proj"] == "jacobian"
+    assert text["encoder.layers.0.linear1"] in ("direct", "ghost")
+    assert text["embed"] == "embedding"
+    for name in ("lstm", "gru"):
+        assert _methods(next(c for c in ZOO if c.name == name))["rnn"] == "jacobian"
+
+
+def test_a_subclass_that_changes_forward_does_not_take_its_parents_route() -> None:
+    methods = _methods(next(c for c in ZOO if c.name == "layernorm2d"))
+    assert methods["1"] == "jacobian"  # ChannelsLastNorm(nn.LayerNorm) permutes channels
+    assert methods["0"] in ("direct", "ghost")
+
+
+def test_shared_weights_are_one_family_named_in_the_result() -> None:
+    case = next(c for c in ZOO if c.name == "tied_module")
+    model, x, labels = build(case)
+    result = sensitivity(model, x, labels, input_maps=False)
+    assert result.parameters is not None
+    assert result.parameters.layers["embed"].shared_with == ("head",)
+    assert result.parameters.layers["head"].shared_with == ("embed",)
+    twice = _methods(next(c for c in ZOO if c.name == "used_twice"))
+    assert twice["shared"] in ("direct", "ghost")  # both calls on the fast route
+
+
+def test_a_weight_also_used_outside_its_layer_is_caught_by_the_certificate() -> None:
+    """GPT-style tying (``F.linear(h, self.embed.weight)``): the embedding's own calls miss the
+    head's use; the certificate sends it through the whole model (exact, see the zoo test)."""
+    methods = _methods(next(c for c in ZOO if c.name == "tied_functional"))
+    assert methods["embed"] == "jacobian"
+    assert methods["mix"] in ("direct", "ghost")
