@@ -24,7 +24,7 @@ class ZooCase:
 
     Attributes:
         name: test id.
-        build: the model, in the mode a user would hand it over (training mode).
+        build: the model for a number of classes.
         inputs: a batch of the given size (tensor or dict).
         input_module: for token inputs, the embedding whose output is perturbed.
         requires: a package the case needs (skipped without it).
@@ -33,7 +33,7 @@ class ZooCase:
     """
 
     name: str
-    build: Callable[[], nn.Module]
+    build: Callable[[int], nn.Module]
     inputs: Callable[[int], Tensor | dict[str, Tensor]]
     input_module: str | None = None
     requires: str | None = None
@@ -70,7 +70,7 @@ def tokens(vocab: int, length: int, padded: bool = False) -> Callable[[int], dic
 class TextTransformer(nn.Module):
     """``nn.TransformerEncoder`` classifier over token ids with a padding mask (dict batches)."""
 
-    def __init__(self, vocab: int = 20, dim: int = 8, classes: int = CLASSES) -> None:
+    def __init__(self, classes: int = CLASSES, vocab: int = 20, dim: int = 8) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim, padding_idx=0)
         self.position = nn.Parameter(0.1 * torch.randn(16, dim, generator=_gen(3)))
@@ -88,11 +88,13 @@ class TextTransformer(nn.Module):
 class Recurrent(nn.Module):
     """Embedding → LSTM or GRU (two layers) → Linear on the last step."""
 
-    def __init__(self, kind: type[nn.RNNBase], vocab: int = 20, dim: int = 6) -> None:
+    def __init__(
+        self, kind: type[nn.RNNBase], classes: int = CLASSES, vocab: int = 20, dim: int = 6
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.rnn = kind(dim, dim, num_layers=2, batch_first=True)
-        self.head = nn.Linear(dim, CLASSES)
+        self.head = nn.Linear(dim, classes)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         out, _ = self.rnn(self.embed(input_ids))
@@ -106,8 +108,9 @@ class TiedEmbedding(nn.Module):
     otherwise the head module owns the same parameter.
     """
 
-    def __init__(self, functional: bool, vocab: int = CLASSES, dim: int = 3) -> None:
+    def __init__(self, functional: bool, classes: int = CLASSES, dim: int = 3) -> None:
         super().__init__()
+        vocab = classes
         self.embed = nn.Embedding(vocab, dim)
         self.mix = nn.Linear(dim, dim)
         self.functional = functional
@@ -125,11 +128,11 @@ class TiedEmbedding(nn.Module):
 class Twice(nn.Module):
     """One Linear applied twice (shared weights), and a Conv applied to two inputs."""
 
-    def __init__(self) -> None:
+    def __init__(self, classes: int = CLASSES) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 3, 3, padding=1)
         self.shared = nn.Linear(3, 3)
-        self.head = nn.Linear(3, CLASSES)
+        self.head = nn.Linear(3, classes)
 
     def forward(self, x: Tensor) -> Tensor:
         a = self.conv(x).mean((2, 3))
@@ -141,10 +144,10 @@ class Twice(nn.Module):
 class InPlaceInput(nn.Module):
     """A forward that modifies its input in place."""
 
-    def __init__(self) -> None:
+    def __init__(self, classes: int = CLASSES) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 3, 3)
-        self.head = nn.Linear(3, CLASSES)
+        self.head = nn.Linear(3, classes)
 
     def forward(self, x: Tensor) -> Tensor:
         x.mul_(2.0).add_(0.5)
@@ -160,18 +163,18 @@ class ChannelsLastNorm(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
-def layernorm2d_square() -> nn.Module:
+def layernorm2d_square(classes: int = CLASSES) -> nn.Module:
     """Width equals channels, where a LayerNorm route would silently normalise the wrong axis."""
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),
         ChannelsLastNorm(4),
         nn.Tanh(),
         nn.Flatten(),
-        nn.Linear(4 * 4 * 4, CLASSES),
+        nn.Linear(4 * 4 * 4, classes),
     )
 
 
-def small_cnn() -> nn.Module:
+def small_cnn(classes: int = CLASSES) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),
         nn.BatchNorm2d(4),
@@ -179,63 +182,63 @@ def small_cnn() -> nn.Module:
         nn.Conv2d(4, 4, 3, stride=2, padding=1),
         nn.Tanh(),
         nn.Flatten(),
-        nn.Linear(4 * 3 * 3, CLASSES),
+        nn.Linear(4 * 3 * 3, classes),
     )
 
 
-def compiled_cnn() -> nn.Module:
-    return torch.compile(small_cnn(), backend="aot_eager")
+def compiled_cnn(classes: int = CLASSES) -> nn.Module:
+    return torch.compile(small_cnn(classes), backend="aot_eager")
 
 
 # -- torchvision, Hugging Face and timm at tiny sizes -------------------------------------------
 
 
-def resnet18() -> nn.Module:
+def resnet18(classes: int = CLASSES) -> nn.Module:
     from torchvision.models import resnet18
 
-    return resnet18(num_classes=CLASSES)
+    return resnet18(num_classes=classes)
 
 
-def mobilenet_v3() -> nn.Module:
+def mobilenet_v3(classes: int = CLASSES) -> nn.Module:
     from torchvision.models import mobilenet_v3_small
 
-    return mobilenet_v3_small(num_classes=CLASSES)
+    return mobilenet_v3_small(num_classes=classes)
 
 
-def efficientnet_b0() -> nn.Module:
+def efficientnet_b0(classes: int = CLASSES) -> nn.Module:
     from torchvision.models import efficientnet_b0
 
-    return efficientnet_b0(num_classes=CLASSES)
+    return efficientnet_b0(num_classes=classes)
 
 
-def convnext() -> nn.Module:
+def convnext(classes: int = CLASSES) -> nn.Module:
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
-    return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=CLASSES)
+    return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=classes)
 
 
-def regnet() -> nn.Module:
+def regnet(classes: int = CLASSES) -> nn.Module:
     from torchvision.models.regnet import BlockParams, RegNet
 
     params = BlockParams.from_init_params(depth=2, w_0=8, w_a=8.0, w_m=2.0, group_width=4)
-    return RegNet(params, num_classes=CLASSES, stem_width=8)
+    return RegNet(params, num_classes=classes, stem_width=8)
 
 
-def shufflenet() -> nn.Module:
+def shufflenet(classes: int = CLASSES) -> nn.Module:
     from torchvision.models import ShuffleNetV2
 
-    return ShuffleNetV2([1, 1, 1], [8, 8, 16, 16, 32], num_classes=CLASSES)
+    return ShuffleNetV2([1, 1, 1], [8, 8, 16, 16, 32], num_classes=classes)
 
 
-def densenet() -> nn.Module:
+def densenet(classes: int = CLASSES) -> nn.Module:
     from torchvision.models import DenseNet
 
     return DenseNet(
-        growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=CLASSES
+        growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=classes
     )
 
 
-def vit() -> nn.Module:
+def vit(classes: int = CLASSES) -> nn.Module:
     from torchvision.models import VisionTransformer
 
     model = VisionTransformer(
@@ -245,13 +248,13 @@ def vit() -> nn.Module:
         num_heads=2,
         hidden_dim=8,
         mlp_dim=16,
-        num_classes=CLASSES,
+        num_classes=classes,
     )
     nn.init.normal_(model.heads.head.weight)  # torchvision starts it at zero: logits constant
     return model
 
 
-def swin() -> nn.Module:
+def swin(classes: int = CLASSES) -> nn.Module:
     from torchvision.models import SwinTransformer
 
     return SwinTransformer(
@@ -261,11 +264,11 @@ def swin() -> nn.Module:
         num_heads=[1, 2],
         window_size=[2, 2],
         stochastic_depth_prob=0.0,
-        num_classes=CLASSES,
+        num_classes=classes,
     )
 
 
-def hf_bert() -> nn.Module:
+def hf_bert(classes: int = CLASSES) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
@@ -275,12 +278,12 @@ def hf_bert() -> nn.Module:
         num_attention_heads=2,
         intermediate_size=16,
         max_position_embeddings=16,
-        num_labels=CLASSES,
+        num_labels=classes,
     )
     return BertForSequenceClassification(config)
 
 
-def hf_vit() -> nn.Module:
+def hf_vit(classes: int = CLASSES) -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
@@ -291,12 +294,12 @@ def hf_vit() -> nn.Module:
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=16,
-        num_labels=CLASSES,
+        num_labels=classes,
     )
     return ViTForImageClassification(config)
 
 
-def timm_vit() -> nn.Module:
+def timm_vit(classes: int = CLASSES) -> nn.Module:
     import timm
 
     return timm.create_model(
@@ -307,7 +310,7 @@ def timm_vit() -> nn.Module:
         embed_dim=8,
         depth=1,
         num_heads=2,
-        num_classes=CLASSES,
+        num_classes=classes,
         init_values=0.5,
     )
 
@@ -327,8 +330,12 @@ ZOO = [
     ZooCase("vit", vit, images(3, 8)),
     ZooCase("swin", swin, images(3, 8)),
     ZooCase("text_transformer", TextTransformer, tokens(20, 6, padded=True), "embed"),
-    ZooCase("lstm", lambda: Recurrent(nn.LSTM), lambda b: tokens(20, 5)(b)["input_ids"], "embed"),
-    ZooCase("gru", lambda: Recurrent(nn.GRU), lambda b: tokens(20, 5)(b)["input_ids"], "embed"),
+    ZooCase(
+        "lstm", lambda k: Recurrent(nn.LSTM, k), lambda b: tokens(20, 5)(b)["input_ids"], "embed"
+    ),
+    ZooCase(
+        "gru", lambda k: Recurrent(nn.GRU, k), lambda b: tokens(20, 5)(b)["input_ids"], "embed"
+    ),
     ZooCase(
         "hf_bert",
         hf_bert,
@@ -340,13 +347,13 @@ ZOO = [
     ZooCase("timm_vit", timm_vit, images(3, 8), requires="timm"),
     ZooCase(
         "tied_module",
-        lambda: TiedEmbedding(False),
+        lambda k: TiedEmbedding(False, k),
         lambda b: tokens(CLASSES, 4)(b)["input_ids"],
         "embed",
     ),
     ZooCase(
         "tied_functional",
-        lambda: TiedEmbedding(True),
+        lambda k: TiedEmbedding(True, k),
         lambda b: tokens(CLASSES, 4)(b)["input_ids"],
         "embed",
     ),
@@ -358,15 +365,17 @@ ZOO = [
 ]
 
 
-def build(case: ZooCase, batch: int = 2, seed: int = 0) -> tuple[nn.Module, object, Tensor]:
+def build(
+    case: ZooCase, batch: int = 2, seed: int = 0, classes: int = CLASSES
+) -> tuple[nn.Module, object, Tensor]:
     """The case's model (training mode, as a user hands it over), its inputs and labels."""
     torch.manual_seed(seed)
-    model = case.build().to(case.dtype).train()
+    model = case.build(classes).to(case.dtype).train()
     inputs = case.inputs(batch)
 
     def cast(t: Tensor) -> Tensor:
         return t.to(case.dtype) if t.is_floating_point() else t
 
     inputs = {k: cast(v) for k, v in inputs.items()} if isinstance(inputs, dict) else cast(inputs)
-    labels = torch.arange(batch) % CLASSES
+    labels = torch.arange(batch) % classes
     return model, inputs, labels

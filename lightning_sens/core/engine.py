@@ -160,8 +160,9 @@ def sensitivity(
             reads the token ids).
         chunk_size: samples per forward/backward pass, to bound memory. Results do not depend
             on it (every quantity is per sample). None: 16 on CPU, 64 on CUDA.
-        rtol: relative eigenvalue tolerance for rank decisions (default from the compute dtype,
-            see :func:`~lightning_sens.core.fi.default_rtol`).
+        rtol: relative eigenvalue tolerance for rank decisions: a direction counts when its
+            eigenvalue exceeds rtol · K · the block's largest. Default 1e-10 for float64 and
+            float32 models alike (see :func:`~lightning_sens.core.fi.default_rtol`).
         backward: "batched", "loop" or "auto" (see :func:`~lightning_sens.core.capture.backprops`).
         on_unsupported: "raise" an :class:`UnsupportedLayerError` for a layer whose FI cannot be
             computed, or "skip" it (listed in ``ParameterFI.skipped``).

@@ -99,10 +99,15 @@ class ClosedFormFI:
 
 
 def default_rtol(dtype: torch.dtype) -> float:
-    """Relative eigenvalue tolerance for rank decisions on a Gram computed in ``dtype``.
+    """Relative eigenvalue tolerance for rank decisions on a Gram *formed* in ``dtype``.
 
     An eigenvalue λ of the block Gram is kept when λ > rtol · K · λ_max. Gram entries carry a
-    relative error of a few units of the compute precision, so the tolerance scales with it.
+    relative error of a few units of the precision they were summed in, so the tolerance scales
+    with it. The engine forms every Gram in float64, also from float32 Jacobians, and so uses
+    the float64 value for float32 models too: there, a truly null direction's eigenvalue ratio
+    is the square of the Jacobian's relative error, at most about 2e-13 on the test zoo, while
+    real directions reach down to 1e-9 in every architecture measured (docs/engine.md,
+    "Numerics"; ``benchmarks/rank_tolerance.py``).
     """
     if dtype == torch.float64:
         return 1e-10

@@ -338,7 +338,8 @@ class Session:
         return SensitivityResult(y, closed.p_target, closed.log_fi, input_part, parameter_part)
 
     def _tol(self, logits: Tensor) -> float:
-        return default_rtol(logits.dtype) if self.rtol is None else self.rtol
+        """Every Gram is formed in float64, whatever the model's precision (default_rtol)."""
+        return default_rtol(torch.float64) if self.rtol is None else self.rtol
 
     def _check_calls(self, records: dict[str, list[Captured]], batch: int) -> None:
         """Every routed call carries the batch where the probes said it would."""

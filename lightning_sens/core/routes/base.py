@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FastCall", "LayerGram", "Method", "Route", "RouteResult", "gram_of", "norm2"]
+__all__ = ["FastCall", "Features", "LayerGram", "Method", "Route", "RouteResult", "norm2"]
 
 Method = Literal["linear", "direct", "ghost", "norm", "embedding", "jacobian", "unused"]
 """How a layer's Gram was computed (docs/engine.md, "Layer routes"):
@@ -106,15 +106,40 @@ def norm2(tensors: list[Tensor]) -> Tensor:
     ).to(tensors[0].device if tensors else "cpu")
 
 
-def gram_of(features: list[Tensor]) -> Tensor:
-    """A[b, k, l] = ⟨f_k[b], f_l[b]⟩ in float64 for per-cotangent features ``(B, ...)``.
+class Features:
+    """Per-sample features of the K' cotangents, copied into float64 as they arrive.
 
     Gram matrices are always formed in float64, so that a block whose Jacobian is exactly rank
     deficient keeps eigenvalues at float64 rounding level even when the features are float32
-    (docs/engine.md, "Numerics").
+    (docs/engine.md, "Numerics"). Writing each cotangent's features into one float64 buffer
+    ``(B, *leading, K', *trailing)`` converts them once, without a later stack.
+
+    Args:
+        num_cotangents: K'.
+        axis: where the cotangent axis goes among the feature's dimensions (after the batch).
     """
-    stacked = torch.stack([f.reshape(f.shape[0], -1) for f in features]).to(torch.float64)
-    return torch.einsum("kbn,lbn->bkl", stacked, stacked)
+
+    def __init__(self, num_cotangents: int, axis: int = 0) -> None:
+        self.num_cotangents = num_cotangents
+        self.axis = axis
+        self.buffer: Tensor | None = None
+        self.count = 0
+
+    def put(self, feature: Tensor) -> None:
+        """The next cotangent's features ``(B, ...)``."""
+        if self.buffer is None:
+            shape = list(feature.shape)
+            shape.insert(self.axis + 1, self.num_cotangents)
+            self.buffer = feature.new_empty(shape, dtype=torch.float64)
+        self.buffer.select(self.axis + 1, self.count).copy_(feature)
+        self.count += 1
+
+    def gram(self) -> Tensor:
+        """A[b, k, l] = ⟨f_k[b], f_l[b]⟩, ``(B, K', K')`` float64."""
+        assert self.buffer is not None  # at least one cotangent was added
+        flat = self.buffer.movedim(self.axis + 1, 1)
+        flat = flat.reshape(flat.shape[0], flat.shape[1], -1)
+        return flat @ flat.transpose(1, 2)
 
 
 class Route(ABC):

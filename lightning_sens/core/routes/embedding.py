@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_sens.core.routes.base import FastCall, LayerGram, Route, RouteResult
+from lightning_sens.core.routes.base import FastCall, Features, LayerGram, Route, RouteResult
 
 __all__ = ["EmbeddingRoute"]
 
@@ -34,7 +34,7 @@ class EmbeddingRoute(Route):
         padding = getattr(module, "padding_idx", None)
         # autograd gives the padding row no gradient (F.embedding's convention); so do we
         self.valid = self.tokens != padding if padding is not None else None
-        self.features: list[Tensor] = []
+        self.features = Features(num_cotangents, axis=1)  # (B, T, K', d)
         self.channels: list[Tensor] = []
 
     def cost(self) -> int:
@@ -47,7 +47,7 @@ class EmbeddingRoute(Route):
         g = torch.cat([g.to(self.dtype).reshape(B, -1, g.shape[-1]) for g in backprops], dim=1)
         if self.valid is not None:
             g = g * self.valid.unsqueeze(-1).to(self.dtype)
-        self.features.append(g)  # (B, T, d)
+        self.features.put(g)  # (B, T, d)
         out = torch.cat(
             [c.output.to(self.dtype).reshape(B, -1, g.shape[-1]) for c in self.calls], dim=1
         )
@@ -55,9 +55,10 @@ class EmbeddingRoute(Route):
 
     def result(self) -> RouteResult:
         same = (self.tokens.unsqueeze(2) == self.tokens.unsqueeze(1)).to(torch.float64)
-        stacked = torch.stack(self.features).to(torch.float64)  # (K', B, T, d)
-        mixed = torch.einsum("bts,lbsd->lbtd", same, stacked)
-        gram = torch.einsum("kbtd,lbtd->bkl", stacked, mixed)
+        found = self.features.buffer
+        assert found is not None  # at least one cotangent was added
+        mixed = same @ found.flatten(2)  # (B, T, K'·d)
+        gram = torch.einsum("btkd,btld->bkl", found, mixed.view(found.shape))
         channel = torch.stack(self.channels, dim=1).to(torch.float64)  # (B, K', d)
         layer = LayerGram(gram, channel.sum(-1), channel, "embedding", self.theta_norm2())
         return RouteResult({self.name: layer}, gram)

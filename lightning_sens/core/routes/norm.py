@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sens.core.routes.base import FastCall, LayerGram, Route, RouteResult, gram_of
+from lightning_sens.core.routes.base import FastCall, Features, LayerGram, Route, RouteResult
 
 __all__ = ["NormRoute"]
 
@@ -49,7 +49,7 @@ class NormRoute(Route):
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         self.train_weight = isinstance(weight, Tensor) and weight.requires_grad
         self.train_bias = isinstance(bias, Tensor) and bias.requires_grad
-        self.features: list[Tensor] = []
+        self.features = Features(num_cotangents)
         self.channels: list[Tensor] = []
 
     def cost(self) -> int:
@@ -79,12 +79,12 @@ class NormRoute(Route):
         if self.train_bias:
             parts.append(d_bias.flatten(1))
             channel = channel + d_bias * tensors["bias"].to(self.dtype)
-        self.features.append(torch.cat(parts, dim=1))
+        self.features.put(torch.cat(parts, dim=1))
         # the output-channel slice of a norm's parameters is their first axis
         self.channels.append(channel.reshape(channel.shape[0], channel.shape[1], -1).sum(-1))
 
     def result(self) -> RouteResult:
-        gram = gram_of(self.features)
+        gram = self.features.gram()
         channel = torch.stack(self.channels, dim=1).to(torch.float64)
         layer = LayerGram(gram, channel.sum(-1), channel, "norm", self.theta_norm2())
         return RouteResult({self.name: layer}, gram)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sens.core.routes.base import FastCall, LayerGram, Route, RouteResult, gram_of
+from lightning_sens.core.routes.base import FastCall, Features, LayerGram, Route, RouteResult
 
 __all__ = ["WeightedRoute", "unfold_conv"]
 
@@ -58,14 +58,17 @@ class WeightedRoute(Route):
         self.train_weight = bool(module.weight.requires_grad)  # type: ignore[union-attr]
         bias = getattr(module, "bias", None)
         self.train_bias = isinstance(bias, Tensor) and bias.requires_grad
-        self.inputs = torch.cat([self._patches(call.x.to(dtype)) for call in calls], dim=2)
+        patches = [self._patches(call.x.to(dtype)) for call in calls]
+        self.inputs = patches[0] if len(patches) == 1 else torch.cat(patches, dim=2)
         _, G, T, d = self.inputs.shape
         p = int(calls[0].tensors["weight"].shape[0]) // G
         K1 = num_cotangents
+        # Multiply-adds, with float64 work (every Gram contraction, the whole ghost route)
+        # counted twice: it runs at about half the float32 rate.
         self.costs = {
-            "linear": G * (K1 * K1 * p + d),
-            "direct": G * (K1 * T * p * d + K1 * K1 * p * d),
-            "ghost": G * (T * T * d + K1 * T * T * p + K1 * K1 * T * p),
+            "linear": G * (2 * K1 * K1 * p + d),
+            "direct": G * (K1 * T * p * d + 2 * K1 * K1 * p * d),
+            "ghost": 2 * G * (T * T * d + K1 * T * T * p + K1 * K1 * T * p),
         }
         if T == 1:
             self.method = "linear"
@@ -73,8 +76,9 @@ class WeightedRoute(Route):
             self.method = "ghost"
         else:
             self.method = "direct"
-        self.features: list[Tensor] = []
-        self.bias_features: list[Tensor] = []
+        # ghost keeps G_k as (B, G, T, K', p); the others their per-sample gradients
+        self.features = Features(num_cotangents, axis=2 if self.method == "ghost" else 0)
+        self.bias_features = Features(num_cotangents)
         self.channels: list[Tensor] = []
 
     def cost(self) -> int:
@@ -108,38 +112,38 @@ class WeightedRoute(Route):
         return channel + from_bias if self.train_bias else channel
 
     def add(self, backprops: list[Tensor]) -> None:
-        gs = [g.to(self.dtype) for g in backprops]
-        grouped = torch.cat([self._grouped(g) for g in gs], dim=2)
+        gs = [g if g.dtype == self.dtype else g.to(self.dtype) for g in backprops]
+        parts = [self._grouped(g) for g in gs]
+        grouped = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         if self.method == "linear":
-            self.features.append(grouped[:, :, 0])
+            self.features.put(grouped[:, :, 0])
         elif self.method == "ghost":
-            self.features.append(grouped)
+            self.features.put(grouped)
         elif self.train_weight:
-            self.features.append(torch.einsum("bgtp,bgtd->bgpd", grouped, self.inputs))
+            self.features.put(torch.einsum("bgtp,bgtd->bgpd", grouped, self.inputs))
         if self.train_bias and self.method != "linear":  # "linear" folds the bias in
-            self.bias_features.append(grouped.sum(2))
+            self.bias_features.put(grouped.sum(2))
         self.channels.append(sum(self._channel(g, c) for g, c in zip(gs, self.calls, strict=True)))
 
     def result(self) -> RouteResult:
         B = self.inputs.shape[0]
         K1 = len(self.channels)
         gram = torch.zeros(B, K1, K1, dtype=torch.float64, device=self.inputs.device)
-        if self.method == "linear" and self.features:
+        found = self.features.buffer
+        if self.method == "linear" and found is not None:
             # one position: A = (‖a‖² [weight] + 1 [bias]) ⟨g_k, g_l⟩
             norms = self.inputs.to(torch.float64).square().sum((-1, -2)) * float(self.train_weight)
             norms = norms + float(self.train_bias)  # (B, G)
-            stacked = torch.stack(self.features).to(torch.float64)  # (K', B, G, p)
-            gram = torch.einsum("bg,kbgp,lbgp->bkl", norms, stacked, stacked)
-        elif self.method == "ghost":
+            gram = torch.einsum("bg,bkgp,blgp->bkl", norms, found, found)
+        elif self.method == "ghost" and found is not None:
             inputs = self.inputs.to(torch.float64)
             overlap = inputs @ inputs.transpose(-1, -2)  # (B, G, T, T)
-            stacked = torch.stack(self.features).to(torch.float64)  # (K', B, G, T, p)
-            mixed = torch.einsum("bgts,lbgsp->lbgtp", overlap, stacked)
-            gram = torch.einsum("kbgtp,lbgtp->bkl", stacked, mixed)
-        elif self.features:
-            gram = gram_of(self.features)
-        if self.bias_features:
-            gram = gram + gram_of(self.bias_features)
+            mixed = overlap @ found.flatten(3)  # (B, G, T, K'·p)
+            gram = torch.einsum("bgtkp,bgtlp->bkl", found, mixed.view(found.shape))
+        elif found is not None:
+            gram = self.features.gram()
+        if self.bias_features.buffer is not None:
+            gram = gram + self.bias_features.gram()
         channel = torch.stack(self.channels, dim=1).to(torch.float64)  # (B, K', C)
         layer = LayerGram(
             gram,
