@@ -64,6 +64,11 @@ def tokens(vocab: int, length: int, padded: bool = False) -> Callable[[int], dic
     return make
 
 
+def ids(vocab: int, length: int) -> Callable[[int], Tensor]:
+    """A plain ``(B, T)`` tensor of token ids."""
+    return lambda batch: tokens(vocab, length)(batch)["input_ids"]
+
+
 # -- hand-written models that stand for common patterns -----------------------------------------
 
 
@@ -348,13 +353,13 @@ ZOO = [
     ZooCase(
         "tied_module",
         lambda k: TiedEmbedding(False, k),
-        lambda b: tokens(CLASSES, 4)(b)["input_ids"],
+        ids(CLASSES, 4),
         "embed",
     ),
     ZooCase(
         "tied_functional",
         lambda k: TiedEmbedding(True, k),
-        lambda b: tokens(CLASSES, 4)(b)["input_ids"],
+        ids(CLASSES, 4),
         "embed",
     ),
     ZooCase("used_twice", Twice, images(2, 5)),
