@@ -31,6 +31,8 @@ class MonitorConfig:
             size, also go through the exact engine (input maps, per-layer FI, ranks).
         windows: window sizes of the input FI maps on the exact probes (odd, ≤ image size).
         layers: module names for per-layer FI; None for every module with trainable parameters.
+        exclude_layers: module names or glob patterns (``"encoder.*.attn"``) left out of the
+            per-layer FI.
         flag_rule: "mad" (robust z-score of log FI above ``flag_threshold``) or "top_k".
         flag_threshold: the robust z-score cut-off of the "mad" rule.
         top_k: how many samples the "top_k" rule flags per split and epoch.
@@ -52,6 +54,7 @@ class MonitorConfig:
     exact_probe_size: int = 32
     windows: tuple[int, ...] = (1, 3, 5, 7)
     layers: tuple[str, ...] | None = None
+    exclude_layers: tuple[str, ...] = ()
     flag_rule: FlagRule = "mad"
     flag_threshold: float = 3.5
     top_k: int = 10
@@ -95,10 +98,17 @@ class MonitorConfig:
                     f"layers must be a sequence of module names, got the string {self.layers!r}."
                 )
             object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.exclude_layers, str):
+            raise ValueError(
+                "exclude_layers must be a sequence of module names or glob patterns, got the "
+                f"string {self.exclude_layers!r}; write [{self.exclude_layers!r}]."
+            )
+        object.__setattr__(self, "exclude_layers", tuple(self.exclude_layers))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for hparams, checkpoints and result files."""
         out = dataclasses.asdict(self)
         out["windows"] = list(self.windows)
         out["layers"] = None if self.layers is None else list(self.layers)
+        out["exclude_layers"] = list(self.exclude_layers)
         return out

@@ -275,28 +275,42 @@ def test_two_process_ddp_equals_one_process(tmp_path: Path) -> None:
     assert runs["ddp"] == runs["single"]
 
 
-class DictNet(TinyNet):
-    """A model whose forward returns a dict: the monitor needs forward_fn."""
+class PairNet(TinyNet):
+    """A model whose forward returns (logits, features): the monitor needs forward_fn."""
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
-        return {"logits": self.net(x)}
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return self.net(x), x.flatten(1)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        return nn.functional.cross_entropy(self(x)["logits"], y)
+        return nn.functional.cross_entropy(self(x)[0], y)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         return None
 
 
+class DictNet(PairNet):
+    """A forward returning a dict with "logits", as Hugging Face outputs: read as it is."""
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
+        return {"logits": self.net(x), "features": x.flatten(1)}
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x)["logits"], y)
+
+
 def test_outputs_that_are_not_logits_fail_at_the_first_validation(tmp_path: Path) -> None:
     train, val = _loaders()
     with pytest.raises(MonitorSetupError, match=r"not \(B, K\) logits.*forward_fn"):
-        _trainer(tmp_path, [SensitivityMonitor(SMALL)], epochs=1).fit(DictNet(), train, val)
-    monitor = SensitivityMonitor(SMALL, forward_fn=lambda module, x: module(x)["logits"])
-    _trainer(tmp_path / "adapted", [monitor], epochs=1).fit(DictNet(), train, val)
+        _trainer(tmp_path, [SensitivityMonitor(SMALL)], epochs=1).fit(PairNet(), train, val)
+    monitor = SensitivityMonitor(SMALL, forward_fn=lambda module, x: module(x)[0])
+    _trainer(tmp_path / "adapted", [monitor], epochs=1).fit(PairNet(), train, val)
     assert monitor.history
     assert monitor.history[-1][keys.layer_rank("val", "net.4")] > 0
+    by_key = SensitivityMonitor(SMALL)
+    _trainer(tmp_path / "by_key", [by_key], epochs=1).fit(DictNet(), train, val)
+    assert by_key.history[-1][keys.layer_rank("val", "net.4")] > 0
 
 
 def test_unreadable_batches_fail_with_a_pointer_to_batch_fn(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,17 @@ from tqdm.auto import tqdm
 
 from lightning_sens.config import MonitorConfig
 from lightning_sens.core import SensitivityResult, sensitivity
+from lightning_sens.core.inputs import (
+    Inputs,
+    default_forward,
+    logits_of,
+    select,
+    to_device,
+    usable_windows,
+)
 from lightning_sens.flagging import FlagHistory, flag
 from lightning_sens.reporting import keys
-from lightning_sens.reporting.images import epoch_images
+from lightning_sens.reporting.images import Describe, epoch_images
 from lightning_sens.reporting.summary import (
     SplitScores,
     epoch_metrics,
@@ -34,7 +43,11 @@ from lightning_sens.reporting.writers import Writer, save_png
 
 __all__ = ["MonitorSetupError", "SensitivityMonitor"]
 
-Batch = tuple[Tensor, Tensor, Tensor | None]
+Batch = tuple[Inputs, Tensor, Tensor | None]
+
+# Keys of a dict batch (Hugging Face style) that are not model inputs.
+LABEL_KEYS = ("labels", "label")
+ID_KEYS = ("sample_id", "idx")
 
 
 class MonitorSetupError(TypeError):
@@ -43,13 +56,30 @@ class MonitorSetupError(TypeError):
 
 
 def default_batch_fn(batch: Any) -> Batch:
-    """``(inputs, labels)`` or ``(inputs, labels, sample_ids)``."""
-    if isinstance(batch, list | tuple) and len(batch) in (2, 3) and isinstance(batch[0], Tensor):
+    """``(inputs, labels)``, ``(inputs, labels, sample_ids)``, or a dict batch.
+
+    Inputs are a tensor or a dict of tensors. A dict batch (Hugging Face style) holds its labels
+    under ``"labels"`` or ``"label"`` and optionally sample ids under ``"sample_id"`` or
+    ``"idx"``; every other entry is passed to the model as a keyword argument.
+    """
+    pair = isinstance(batch, list | tuple) and len(batch) in (2, 3)
+    if pair and isinstance(batch[0], Tensor | Mapping) and isinstance(batch[1], Tensor):
         return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
+    if isinstance(batch, Mapping):
+        found = [k for k in LABEL_KEYS if isinstance(batch.get(k), Tensor)]
+        if found:
+            ids = next((batch[k] for k in ID_KEYS if isinstance(batch.get(k), Tensor)), None)
+            inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS + ID_KEYS}
+            return inputs, batch[found[0]], ids
+        raise MonitorSetupError(
+            f"SensitivityMonitor cannot find the labels of a dict batch (keys {sorted(batch)}); "
+            f"it reads them from {' or '.join(map(repr, LABEL_KEYS))}. Pass batch_fn=lambda "
+            "batch: (inputs, labels, ids_or_None)."
+        )
     raise MonitorSetupError(
         f"SensitivityMonitor cannot read a batch of type {type(batch).__name__}; it expects "
-        "(inputs, labels) or (inputs, labels, sample_ids). Pass batch_fn=lambda batch: "
-        "(inputs, labels, ids_or_None)."
+        "(inputs, labels), (inputs, labels, sample_ids) or a dict with 'labels'. Pass "
+        "batch_fn=lambda batch: (inputs, labels, ids_or_None)."
     )
 
 
@@ -71,7 +101,7 @@ class SensitivityMonitor(Callback):
     Every monitored validation epoch (``every_n_epochs``):
 
     1. every validation sample: closed-form FI of the whole input with the true and the predicted
-       label, from the logits the validation loop computes (METHOD.md §5.1: exact, no backward);
+       label, from the logits the validation loop computes (docs/method.md: exact, no backward);
     2. a fixed training probe (``train_probe_size`` samples, chosen once with ``seed``): the same,
        from one eval forward pass;
     3. the first ``exact_probe_size`` samples of the training probe and of a validation probe:
@@ -83,14 +113,25 @@ class SensitivityMonitor(Callback):
        every training sample (split ``train_all``: one eval forward pass per sample, on rank
        zero), so that outliers anywhere in the training set are flagged.
 
+    It works on any model the engine supports (docs/engine.md): CNNs, transformers with dict
+    batches (Hugging Face conventions: ``labels`` in the batch, a ``logits`` attribute on the
+    output), recurrent, compiled and low-precision models. The monitor degrades per part, never
+    per epoch: the closed-form scores, curves, flags and tables are always written; if the exact
+    probes, a layer, the training probe or the figures fail, that part is left out with one
+    warning per run (``strict=True`` raises instead).
+
     Args:
         config: a :class:`~lightning_sens.config.MonitorConfig`; keyword options override its
             fields (``SensitivityMonitor(every_n_epochs=2)``).
-        batch_fn: batch → (inputs, labels, sample ids or None), for batches that are not
-            ``(inputs, labels[, ids])``.
-        forward_fn: (module, inputs) → logits, for modules whose forward returns more.
+        batch_fn: batch → (inputs, labels, sample ids or None), for batches that
+            :func:`default_batch_fn` cannot read.
+        forward_fn: (module, inputs) → logits, for modules whose forward returns something
+            else than logits or an output with a ``logits`` attribute or key.
         train_dataloader: where the training probe comes from when the Trainer has no training
             loader (``trainer.validate``, post-hoc evaluation).
+        describe_fn: one sample's inputs (a batch of one) → a line of text, for pictures of
+            samples that are not images (e.g. ``lambda x: tokenizer.decode(x["input_ids"][0])``;
+            default: the token ids).
 
     Logged metrics (all on the global-step axis; ``{t}`` is ``true`` or ``pred``, ``{s}`` is
     ``train``, ``val`` or, with the scan, ``train_all``; ``{stat}`` is ``median``, ``mean`` or
@@ -99,7 +140,8 @@ class SensitivityMonitor(Callback):
     - ``sensitivity/{t}_label/{s}/log_fi_{stat}``: statistics of whole-input log FI;
     - ``sensitivity/{t}_label/gap/log_fi_{stat}``: train minus validation;
     - ``sensitivity/probe/{s}/closed_form_holds``: fraction of exact-probe samples with rank K − 1;
-    - ``sensitivity/probe/{s}/map_w{w}_relative_fi_median``: input maps, window w;
+    - ``sensitivity/probe/{s}/map_w{w}_relative_fi_median``: input maps, window w (images and
+      token sequences);
     - ``sensitivity/layer_scale/{s}/{layer}``: median log FI of scaling the layer by one factor;
     - ``sensitivity/layer_channel/{s}/{layer}``: median relative FI of channel scaling;
     - ``sensitivity/layer_rank/{s}/{layer}``: mean effective rank of the layer's parameters;
@@ -108,10 +150,15 @@ class SensitivityMonitor(Callback):
     - TensorBoard only: histograms ``sensitivity/{t}_label/{s}/log_fi``, a custom-scalars
       layout that overlays train and validation curves, and images
       ``sensitivity/images/{name}_{s}`` for ``name`` in ``manhattan`` (log FI by class, flags in
-      red), ``flagged`` (the flagged samples, highest FI first), ``layer_heatmap`` (layer ×
-      epoch), ``layer_strip`` (per-layer scaling FI of each probe sample) and ``fi_maps`` (input
-      FI maps overlaid on the least confident probe samples);
+      red), ``flagged`` (the flagged samples, highest FI first: pictures of images, text of
+      anything else), ``layer_heatmap`` (layer × epoch), ``layer_strip`` (per-layer scaling FI
+      of each probe sample) and ``fi_maps`` (input FI maps overlaid on the least confident probe
+      samples; per-token strips for token inputs);
     - hyperparameters ``sensitivity/<option>``: the configuration.
+
+    Warnings (once per run each): a part of an epoch's monitoring that failed, a layer the
+    engine could not measure, token inputs without an embedding to perturb, and the other
+    loggers' lack of image support.
     """
 
     def __init__(
@@ -119,8 +166,9 @@ class SensitivityMonitor(Callback):
         config: MonitorConfig | None = None,
         *,
         batch_fn: Callable[[Any], Batch] | None = None,
-        forward_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
         train_dataloader: DataLoader | None = None,
+        describe_fn: Describe | None = None,
         **options: Any,
     ) -> None:
         base = config or MonitorConfig()
@@ -134,6 +182,7 @@ class SensitivityMonitor(Callback):
         self.batch_fn = batch_fn or default_batch_fn
         self.forward_fn = forward_fn
         self.train_dataloader = train_dataloader
+        self.describe_fn = describe_fn
         # (epoch, step) to log under instead of the Trainer's: post-hoc evaluation of checkpoints
         self.position: tuple[int, int] | None = None
         self.probes: dict[str, Tensor] = {}
@@ -144,6 +193,7 @@ class SensitivityMonitor(Callback):
         self._seen = 0
         self._num_classes = 0
         self._writer: Writer | None = None
+        self._warned: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -223,10 +273,16 @@ class SensitivityMonitor(Callback):
         self.history = list(state_dict["history"])
         self.flags = FlagHistory.from_state_dict(state_dict["flags"])
 
-    # -- the work of one monitored epoch ------------------------------------------------------
+    # -- failures: per epoch where nothing can be scored, per part otherwise -------------------
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
 
     @contextmanager
     def _failure_policy(self, trainer: Trainer) -> Iterator[None]:
+        """Reading the batches or their logits failed: nothing of this epoch can be scored."""
         try:
             yield
         except Exception as error:
@@ -238,22 +294,49 @@ class SensitivityMonitor(Callback):
                 f"{type(error).__name__}: {error} (pass strict=True to raise instead)."
             )
 
-    def _logits(self, outputs: Any, module: LightningModule, inputs: Tensor, size: int) -> Tensor:
+    @contextmanager
+    def _part(self, what: str) -> Iterator[None]:
+        """One part of an epoch's monitoring: on failure it is left out, the rest goes on."""
+        try:
+            yield
+        except Exception as error:
+            if self.config.strict or isinstance(error, MonitorSetupError):
+                raise
+            self._warn_once(
+                f"part:{what}:{type(error).__name__}",
+                f"SensitivityMonitor left out {what} ({type(error).__name__}: {error}); the "
+                "scores, curves, flags and tables are still written. This warning is not "
+                "repeated for later epochs (pass strict=True to raise instead).",
+            )
+
+    @contextmanager
+    def _engine_warnings(self) -> Iterator[None]:
+        """The engine's warnings (e.g. no embedding for token inputs), once per run each."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        for warning in caught:
+            self._warn_once(f"engine:{warning.message}", str(warning.message))
+
+    # -- reading batches and outputs ---------------------------------------------------------
+
+    def _logits(self, outputs: Any, module: LightningModule, inputs: Inputs, size: int) -> Tensor:
         """The validation step's logits where it returned them; otherwise one more forward."""
-        if isinstance(outputs, dict):
-            outputs = outputs.get("logits")
-        if isinstance(outputs, Tensor) and outputs.dim() == 2 and outputs.shape[0] == size:
-            return outputs
+        found = logits_of(outputs) if outputs is not None else None
+        if isinstance(found, Tensor) and found.dim() == 2 and found.shape[0] == size:
+            return found
         return self._forward(module, inputs)
 
-    def _forward(self, module: LightningModule, inputs: Tensor) -> Tensor:
+    def _forward(self, module: LightningModule, inputs: Inputs) -> Tensor:
         with torch.no_grad():
-            logits = self.forward_fn(module, inputs) if self.forward_fn else module(inputs)
+            output = (self.forward_fn or default_forward)(module, inputs)
+        logits = logits_of(output)
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise MonitorSetupError(
-                f"The module's forward returned {shape}, not (B, K) logits. Pass "
-                "SensitivityMonitor(forward_fn=lambda module, x: ...) that returns the logits."
+                f"The module's forward returned {shape}, not (B, K) logits or an output with a "
+                "`logits` attribute. Pass SensitivityMonitor(forward_fn=lambda module, x: ...) "
+                "that returns the logits."
             )
         return logits
 
@@ -265,10 +348,10 @@ class SensitivityMonitor(Callback):
 
     def _fetch(
         self, loader: DataLoader, indices: Tensor, device: torch.device
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Inputs, Tensor, Tensor]:
         samples = [loader.dataset[i] for i in indices.tolist()]
         inputs, labels, _ = self.batch_fn((loader.collate_fn or default_collate)(samples))
-        return inputs.to(device), labels.to(device), indices
+        return to_device(inputs, device), labels.to(device), indices
 
     def _scan_due(self) -> bool:
         done = len(self.flags.monitored.get("train", []))
@@ -292,36 +375,44 @@ class SensitivityMonitor(Callback):
             if ids is None:
                 ids = torch.arange(seen, seen + len(labels))
             seen += len(labels)
-            parts.append(split_scores(ids, labels, self._forward(module, inputs.to(module.device))))
+            inputs = to_device(inputs, module.device)
+            parts.append(split_scores(ids, labels, self._forward(module, inputs)))
         return SplitScores.cat(parts)
 
-    def _exact(self, module: LightningModule, inputs: Tensor, labels: Tensor) -> SensitivityResult:
+    def _exact(self, module: LightningModule, inputs: Inputs, labels: Tensor) -> SensitivityResult:
         """Input maps with the predicted label (Setup 4), layers with the true label (Setup 2).
 
         The two calls share nothing but the forward pass; their backward products differ (to the
-        input, and to the layers' outputs)."""
+        input, and to the layers' outputs). A layer the engine cannot measure is left out, with
+        one warning per run."""
         options: dict[str, Any] = {
             "forward_fn": self.forward_fn,
             "chunk_size": self.config.chunk_size,
         }
-        layers = sensitivity(
-            module, inputs, labels, input_maps=False, layers=self.config.layers, **options
-        )
-        if not inputs.is_floating_point():
-            return layers
-        image = inputs.dim() == 4
-        windows = tuple(w for w in self.config.windows if image and w <= min(inputs.shape[-2:]))
-        maps = sensitivity(module, inputs, "pred", windows=windows, parameters=False, **options)
+        with self._engine_warnings():
+            layers = sensitivity(
+                module,
+                inputs,
+                labels,
+                input_maps=False,
+                layers=self.config.layers,
+                exclude_layers=self.config.exclude_layers,
+                on_unsupported="skip",
+                **options,
+            )
+            windows = usable_windows(inputs, self.config.windows)
+            maps = sensitivity(module, inputs, "pred", windows=windows, parameters=False, **options)
+        if layers.parameters is not None:
+            for layer, reason in layers.parameters.skipped.items():
+                self._warn_once(
+                    f"layer:{layer}",
+                    f"SensitivityMonitor leaves layer {layer!r} out of the per-layer FI: {reason}",
+                )
         return dataclasses.replace(layers, input=maps.input)
 
-    def _monitor_epoch(
-        self, trainer: Trainer, module: LightningModule, val: SplitScores, log_dir: Path
-    ) -> None:
-        """Rank zero: probes, flags, logging and tables of one monitored epoch."""
-        epoch, step = self.position or (trainer.current_epoch, trainer.global_step)
-        scores = {"val": val}
-        probes: dict[str, SensitivityResult] = {}
-        probe_ids: dict[str, Tensor] = {}
+    # -- the work of one monitored epoch ------------------------------------------------------
+
+    def _loaders(self, trainer: Trainer) -> dict[str, DataLoader]:
         loaders = {}
         train = trainer.train_dataloader
         train = self.train_dataloader if train is None else train
@@ -329,22 +420,50 @@ class SensitivityMonitor(Callback):
             loader = found[0] if isinstance(found, list | tuple) and found else found
             if isinstance(loader, DataLoader):
                 loaders[split] = loader
+        return loaders
+
+    def _probes(
+        self,
+        module: LightningModule,
+        loaders: dict[str, DataLoader],
+        scores: dict[str, SplitScores],
+    ) -> tuple[dict[str, SensitivityResult], dict[str, Tensor]]:
+        """The training probe's closed form, then the exact engine on both probes."""
+        probes: dict[str, SensitivityResult] = {}
+        probe_ids: dict[str, Tensor] = {}
         for split, loader in loaders.items():
             size = (
                 self.config.train_probe_size if split == "train" else self.config.exact_probe_size
             )
+            if size == 0:
+                continue
             indices = self._probe_indices(split, len(loader.dataset), size)  # type: ignore[arg-type]
-            inputs, labels, ids = self._fetch(loader, indices, module.device)
-            if split == "train":
-                logits = torch.cat([self._forward(module, part) for part in inputs.split(256)])
-                scores["train"] = split_scores(ids, labels, logits)
-            exact = slice(0, self.config.exact_probe_size)
-            if self.config.exact_probe_size > 0:
-                probes[split] = self._exact(module, inputs[exact], labels[exact])
-                probe_ids[split] = ids[exact]
+            with self._part(f"the {split} probe"):
+                inputs, labels, ids = self._fetch(loader, indices, module.device)
+                if split == "train":
+                    scores["train"] = split_scores(
+                        ids, labels, self._logits(None, module, inputs, len(labels))
+                    )
+                exact = min(self.config.exact_probe_size, len(ids))
+                if exact > 0:
+                    with self._part("the exact engine on the probes"):
+                        first = select(inputs, slice(0, exact), len(labels))
+                        probes[split] = self._exact(module, first, labels[:exact])
+                        probe_ids[split] = ids[:exact]
+        return probes, probe_ids
+
+    def _monitor_epoch(
+        self, trainer: Trainer, module: LightningModule, val: SplitScores, log_dir: Path
+    ) -> None:
+        """Rank zero: probes, flags, logging and tables of one monitored epoch."""
+        epoch, step = self.position or (trainer.current_epoch, trainer.global_step)
+        scores = {"val": val}
+        loaders = self._loaders(trainer)
+        probes, probe_ids = self._probes(module, loaders, scores)
         if "train" in loaders and self._scan_due():
-            scores["train_all"] = self._scan(trainer, loaders["train"], module)
-            loaders["train_all"] = loaders["train"]
+            with self._part("the training-set scan"):
+                scores["train_all"] = self._scan(trainer, loaders["train"], module)
+                loaders["train_all"] = loaders["train"]
 
         metrics = epoch_metrics(scores)
         for split, result in probes.items():
@@ -374,29 +493,56 @@ class SensitivityMonitor(Callback):
             writer.histogram(keys.histogram("true", split), s.log_fi_true, step)
             writer.histogram(keys.histogram("pred", split), s.log_fi_pred, step)
         if self.config.log_images and (writer.tensorboard is not None or self.config.save_figures):
-
-            def fetch(split: str, ids: Tensor) -> Tensor:
-                return self._fetch(loaders[split], ids, module.device)[0]
-
-            images = epoch_images(
-                scores,
-                decisions,
-                probes,
-                probe_ids,
-                self.history,
-                self._num_classes,
-                self.config.num_images,
-                fetch,
-            )
-            for tag, image in images.items():
-                writer.image(tag, image, step)
-                if self.config.save_figures:
-                    name = f"{tag.rsplit('/', 1)[-1]}_epoch{epoch:04d}.png"
-                    save_png(image, log_dir / "sensitivity" / "figures" / name)
+            with self._part("the figures"):
+                self._figures(
+                    module,
+                    loaders,
+                    scores,
+                    decisions,
+                    probes,
+                    probe_ids,
+                    writer,
+                    step,
+                    epoch,
+                    log_dir,
+                )
         if self.config.log_images and writer.tensorboard is None:
             writer.skip_images()
         writer.flush()
         write_table(rows, log_dir / "sensitivity" / f"flags_epoch{epoch:04d}.csv")
+
+    def _figures(
+        self,
+        module: LightningModule,
+        loaders: dict[str, DataLoader],
+        scores: dict[str, SplitScores],
+        decisions: dict[str, Any],
+        probes: dict[str, SensitivityResult],
+        probe_ids: dict[str, Tensor],
+        writer: Writer,
+        step: int,
+        epoch: int,
+        log_dir: Path,
+    ) -> None:
+        def fetch(split: str, ids: Tensor) -> Inputs:
+            return self._fetch(loaders[split], ids, module.device)[0]
+
+        images = epoch_images(
+            scores,
+            decisions,
+            probes,
+            probe_ids,
+            self.history,
+            self._num_classes,
+            self.config.num_images,
+            fetch,
+            self.describe_fn,
+        )
+        for tag, image in images.items():
+            writer.image(tag, image, step)
+            if self.config.save_figures:
+                name = f"{tag.rsplit('/', 1)[-1]}_epoch{epoch:04d}.png"
+                save_png(image, log_dir / "sensitivity" / "figures" / name)
 
     def _new_writer(self, trainer: Trainer) -> Writer:
         writer = Writer(trainer.loggers)

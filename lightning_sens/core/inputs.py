@@ -20,11 +20,18 @@ __all__ = [
     "Inputs",
     "Perturbed",
     "batch_size",
+    "batched_tensors",
     "default_forward",
+    "get",
+    "input_embedding_name",
     "logits_of",
     "perturbed_input",
+    "repeat_first",
     "replace",
     "select",
+    "to_device",
+    "to_dtype",
+    "usable_windows",
 ]
 
 Inputs = Tensor | Mapping[str, Any]
@@ -157,6 +164,27 @@ def perturbed_input(inputs: Inputs, batch: int) -> Perturbed:
     if len(integers) == 1:
         return Perturbed("tokens", integers[0])
     return Perturbed("none", "")
+
+
+def usable_windows(inputs: Inputs, windows: tuple[int, ...]) -> tuple[int, ...]:
+    """The window sizes that fit the perturbed input: images (B, C, H, W) and token sequences
+    (B, T) get those no larger than the image or the sequence; other inputs none."""
+    perturbed = perturbed_input(inputs, batch_size(inputs))
+    if perturbed.kind == "none":
+        return ()
+    shape = get(inputs, perturbed.key).shape
+    if perturbed.kind == "direct" and len(shape) == 4:
+        return tuple(w for w in windows if w <= min(shape[2], shape[3]))
+    if perturbed.kind == "tokens" and len(shape) == 2:
+        return tuple(w for w in windows if w <= shape[1])
+    return ()
+
+
+def to_device(inputs: Inputs, device: torch.device) -> Inputs:
+    """Every tensor of ``inputs`` moved to ``device``."""
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
 
 
 def input_embedding_name(model: nn.Module) -> str | None:

@@ -3,18 +3,80 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from lightning_sens.core import SensitivityResult
+from lightning_sens.core.inputs import Inputs, batch_size, perturbed_input, select
 from lightning_sens.flagging import FlagDecision
 from lightning_sens.reporting import figures, keys
 from lightning_sens.reporting.summary import SplitScores
 
-__all__ = ["epoch_images"]
+__all__ = ["Describe", "describe_sample", "epoch_images"]
 
-FetchImages = Callable[[str, Tensor], Tensor]  # (split, sample ids) -> (n, C, H, W) inputs
+FetchInputs = Callable[[str, Tensor], Inputs]  # (split, sample ids) -> their inputs
+Describe = Callable[[Any], str]  # one sample's inputs (a batch of one) -> a line of text
+_SHOWN_TOKENS = 40
+
+
+def _images(inputs: Inputs) -> Tensor | None:
+    """The inputs as (n, C, H, W) pictures, or None when they are not images."""
+    if isinstance(inputs, Tensor):
+        return inputs if inputs.dim() == 4 and inputs.is_floating_point() else None
+    perturbed = perturbed_input(inputs, batch_size(inputs))
+    found = inputs.get(perturbed.key) if perturbed.kind == "direct" else None
+    return found if isinstance(found, Tensor) and found.dim() == 4 else None
+
+
+def _token_ids(inputs: Inputs, drop_padding: bool = True) -> list[list[int]] | None:
+    """Each sample's token ids (padding left out where an attention mask says so), or None."""
+    if isinstance(inputs, Tensor):
+        ids, mask = (inputs, None) if not inputs.is_floating_point() else (None, None)
+    else:
+        perturbed = perturbed_input(inputs, batch_size(inputs))
+        ids = inputs[perturbed.key] if perturbed.kind == "tokens" else None
+        mask = inputs.get("attention_mask")
+    if ids is None or ids.dim() != 2:
+        return None
+    rows = ids.cpu().tolist()
+    if drop_padding and isinstance(mask, Tensor) and mask.shape == ids.shape:
+        keep = mask.cpu().bool().tolist()
+        rows = [
+            [t for t, k in zip(row, m, strict=True) if k] for row, m in zip(rows, keep, strict=True)
+        ]
+    return rows
+
+
+def describe_sample(inputs: Inputs) -> str:
+    """A line of text for one sample that is not an image: its token ids, or its values."""
+    ids = _token_ids(inputs)
+    if ids is not None:
+        shown = " ".join(str(t) for t in ids[0][:_SHOWN_TOKENS])
+        more = f" … ({len(ids[0])} tokens)" if len(ids[0]) > _SHOWN_TOKENS else ""
+        return f"token ids: {shown}{more}"
+    x = (
+        inputs
+        if isinstance(inputs, Tensor)
+        else next(v for v in inputs.values() if isinstance(v, Tensor))
+    )
+    values = ", ".join(f"{v:.3g}" for v in x.flatten()[:12].tolist())
+    return f"shape {tuple(x.shape[1:])}: {values}{', …' if x[0].numel() > 12 else ''}"
+
+
+def _samples_figure(
+    inputs: Inputs, captions: list[str], title: str, describe: Describe | None
+) -> Figure:
+    """The flagged samples: pictures of images, text lines of anything else."""
+    images = _images(inputs) if describe is None else None
+    if images is not None:
+        return figures.sample_grid(images.cpu(), captions, title)
+    n = len(captions)
+    describe = describe or describe_sample
+    lines = [describe(select(inputs, slice(i, i + 1), n)) for i in range(n)]
+    return figures.sample_text(lines, captions, title)
 
 
 def _caption(sample: int, label: int, pred: int, log_fi: float) -> str:
@@ -42,7 +104,8 @@ def epoch_images(
     history: Sequence[Mapping[str, float]],
     num_classes: int,
     num_images: int,
-    fetch: FetchImages,
+    fetch: FetchInputs,
+    describe: Describe | None = None,
 ) -> dict[str, Tensor]:
     """Manhattan plots, per-layer views, flagged samples and FI-map overlays, keyed by tag.
 
@@ -52,7 +115,9 @@ def epoch_images(
             label for the per-layer families) and ``probe_ids`` their sample ids. Overlays show
             the probe samples with the largest whole-input FI (the least confident ones).
         history: the monitor's per-epoch metrics, this epoch included.
-        fetch: gives the input tensors of samples by split and id, for pictures of them.
+        fetch: gives the inputs of samples by split and id, for pictures of them.
+        describe: one sample's inputs → a line of text, for samples that are not images (default:
+            their token ids or values).
     """
     out: dict[str, Tensor] = {}
     for split, s in scores.items():
@@ -67,9 +132,11 @@ def epoch_images(
             _caption(int(s.ids[i]), int(s.labels[i]), int(s.preds[i]), float(s.log_fi_true[i]))
             for i in top.tolist()
         ]
-        images = fetch(split, s.ids[top]) if len(top) else torch.zeros(0, 1, 1, 1)
         title = f"{split}: flagged samples, highest FI first"
-        grid = figures.sample_grid(images.cpu(), captions, title)
+        if len(top):
+            grid = _samples_figure(fetch(split, s.ids[top]), captions, title, describe)
+        else:
+            grid = figures.sample_text([], [], title)
         out[keys.image(f"flagged_{split}")] = figures.figure_to_image(grid)
 
         heatmap = _layer_heatmap(history, split)
@@ -86,9 +153,22 @@ def epoch_images(
         if result.input is not None and result.input.maps:
             order = result.input.whole.fi.argsort(descending=True)[:num_images]
             ids = probe_ids[split][order.cpu()]
-            maps = {w: block.fi[order].amax(dim=1).cpu() for w, block in result.input.maps.items()}
-            captions = [f"#{int(i)}, max over channels" for i in ids]
             title = f"{split} probe: FI maps of the least confident samples, predicted label"
-            overlay = figures.fi_overlays(fetch(split, ids).cpu(), maps, captions, title)
-            out[keys.image(f"fi_maps_{split}")] = figures.figure_to_image(overlay)
+            inputs = fetch(split, ids)
+            first = next(iter(result.input.maps.values())).fi
+            if first.dim() == 3:  # token sequences (B, T, d): the maximum over coordinates
+                maps = {w: b.fi[order].amax(dim=-1).cpu() for w, b in result.input.maps.items()}
+                T = first.shape[1]
+                rows = _token_ids(inputs, drop_padding=False) or [[]] * len(ids)
+                tokens = [[str(t) for t in row[:T]] + [""] * (T - len(row[:T])) for row in rows]
+                captions = [f"#{int(i)}, max over embedding coordinates" for i in ids]
+                fig = figures.token_strips(maps, tokens, captions, title)
+            else:
+                images = _images(inputs)
+                if images is None:
+                    continue
+                maps = {w: b.fi[order].amax(dim=1).cpu() for w, b in result.input.maps.items()}
+                captions = [f"#{int(i)}, max over channels" for i in ids]
+                fig = figures.fi_overlays(images.cpu(), maps, captions, title)
+            out[keys.image(f"fi_maps_{split}")] = figures.figure_to_image(fig)
     return out
