@@ -14,6 +14,8 @@ from lightning_sens.reporting.figures import (
     layer_strip_plot,
     manhattan_plot,
     sample_grid,
+    sample_text,
+    token_strips,
 )
 
 
@@ -241,3 +243,26 @@ def test_fi_overlays_validates(
 ) -> None:
     with pytest.raises(ValueError, match=match):
         fi_overlays(torch.zeros(2, 3, 10, 10), maps, captions)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5])
+def test_sample_text_for_samples_that_are_not_images(n: int) -> None:
+    lines = [f"token ids: {' '.join(str(t) for t in range(3 * i + 1))}" for i in range(n)]
+    lines[-1:] = ["x" * 300] if n else []  # cut, not overflowing
+    _assert_renders(sample_text(lines, [f"#{i} y=0 ŷ=1" for i in range(n)], title="flagged"))
+    with pytest.raises(ValueError, match="captions must have length"):
+        sample_text(["a"], [], title="t")
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_token_strips_blank_where_fi_is_zero(n: int) -> None:
+    g = _generator()
+    maps = {w: torch.rand(n, 7, generator=g).exp() for w in (1, 3, 5)}
+    maps[1][0, -2:] = 0.0  # padding
+    tokens = [[str(t) for t in range(7)] for _ in range(n)]
+    image = _assert_renders(token_strips(maps, tokens, [f"#{i}" for i in range(n)], title="t"))
+    assert image.shape[2] >= 600  # wide enough for the title and the colour bar
+    with pytest.raises(ValueError, match=r"maps\[3\] must have shape"):
+        token_strips({1: maps[1], 3: maps[3][:, :5]}, tokens, ["#"] * n)
+    with pytest.raises(ValueError, match="at least one window"):
+        token_strips({}, tokens, ["#"] * n)

@@ -381,3 +381,85 @@ def test_mixed_precision_logits_are_scored_in_float64(tmp_path: Path) -> None:
     last = monitor.history[-1]
     assert math.isfinite(last[keys.curve("pred", "val", "median")])
     assert last[keys.closed_form_holds("val")] == 1.0
+
+
+class Picky(nn.Module):
+    """A layer whose forward insists on its own parameter: functional_call cannot replace it,
+    so no per-sample Jacobian can be taken through it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(self.scale, nn.Parameter):
+            raise TypeError("Picky needs its own parameter")
+        return torch.tanh(x * self.scale)
+
+
+class PickyNet(TinyNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            Picky(),
+            nn.Flatten(),
+            nn.Linear(4 * 8 * 8, CLASSES),
+        )
+
+
+def test_a_layer_that_cannot_be_measured_is_left_out_with_one_warning(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    train, val = _loaders()
+    monitor = SensitivityMonitor(SMALL)
+    with pytest.warns(UserWarning, match=r"leaves layer 'net.1' out.*exclude_layers") as caught:
+        _trainer(tmp_path, [monitor], epochs=2).fit(PickyNet(), train, val)
+    assert sum("net.1" in str(w.message) for w in caught) == 1  # once per run, not per epoch
+    for history in monitor.history:
+        assert keys.layer_scale("val", "net.0") in history
+        assert keys.layer_scale("val", "net.1") not in history
+        assert keys.curve("true", "val", "median") in history
+    excluded = SensitivityMonitor(SMALL, exclude_layers=["net.1", "net.0"])
+    _trainer(tmp_path / "excluded", [excluded], epochs=1).fit(PickyNet(), train, val)
+    layer_keys = [k for k in excluded.history[-1] if k.startswith(keys.layer_scale("val", ""))]
+    assert layer_keys == [keys.layer_scale("val", "net.3")]
+
+
+class BatchStatsNet(TinyNet):
+    """BatchNorm without running statistics: per-sample FI is undefined, the engine refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net[1] = nn.BatchNorm2d(4, track_running_stats=False)
+
+
+def test_scores_flags_and_tables_survive_a_failing_engine(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    train, val = _loaders()
+    monitor = SensitivityMonitor(SMALL)
+    with pytest.warns(
+        UserWarning, match="left out the exact engine.*track_running_stats"
+    ) as caught:
+        _trainer(tmp_path, [monitor], epochs=2).fit(BatchStatsNet(), train, val)
+    assert sum("exact engine" in str(w.message) for w in caught) == 1
+    assert len(monitor.history) == 2
+    for history in monitor.history:
+        assert keys.curve("true", "train", "q90") in history
+        assert keys.flag_count("val") in history
+        assert keys.closed_form_holds("val") not in history
+    folder = tmp_path / "tb" / "version_0" / "sensitivity"
+    assert (folder / "flags_epoch0001.csv").exists()
+    strict = SensitivityMonitor(SMALL, strict=True)
+    with pytest.raises(ValueError, match="track_running_stats"):
+        _trainer(tmp_path / "strict", [strict], epochs=1).fit(BatchStatsNet(), train, val)
+
+
+def test_no_exact_probes_still_writes_every_epoch(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    train, val = _loaders()
+    monitor = SensitivityMonitor(SMALL, exact_probe_size=0)
+    _trainer(tmp_path, [monitor], epochs=2).fit(TinyNet(), train, val)
+    assert len(monitor.history) == 2
+    assert keys.curve("true", "train", "median") in monitor.history[-1]
+    assert not any(k.startswith("sensitivity/layer_") for k in monitor.history[-1])
+    assert (tmp_path / "tb" / "version_0" / "sensitivity" / "flags_epoch0001.csv").exists()

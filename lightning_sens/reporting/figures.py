@@ -492,7 +492,7 @@ def token_strips(
     low = max(float(values[shown].min()), high * 10.0**-_OVERLAY_DECADES) if shown.any() else 1.0
     norm = LogNorm(vmin=low, vmax=high if high > low else low * 10.0)
     cmap = colormaps["inferno"].with_extremes(bad=(1.0, 1.0, 1.0, 0.0))
-    fig = _figure(max(4.0, 0.35 * T + 2.0), (0.32 * len(windows) + 0.75) * max(n, 1) + 1.0)
+    fig = _figure(max(7.0, 0.35 * T + 2.0), (0.32 * len(windows) + 0.75) * max(n, 1) + 1.2)
     if n == 0:
         fig.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=12)
     axes = [fig.add_subplot(n, 1, r + 1) for r in range(n)]
@@ -506,6 +506,10 @@ def token_strips(
     if axes:
         bar = fig.colorbar(axes[-1].images[-1], ax=axes, location="bottom", shrink=0.6)
         bar.set_label("FI (log scale); blank: FI 0")
+        bottom, top = float(norm.vmin), float(norm.vmax)  # type: ignore[arg-type]
+        bar.set_ticks([bottom, (bottom * top) ** 0.5, top], labels=None)
+        bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+        bar.ax.xaxis.set_minor_formatter(NullFormatter())
     if title:
         fig.suptitle(title)
     return fig
