@@ -202,8 +202,8 @@ def _perturbed(
         raise ValueError("dict inputs need input_key (a floating tensor) or input_module")
     key = input_key
     return (
-        lambda x, omega: {**x, key: x[key] + omega},  # type: ignore[dict-item]
-        lambda x: torch.zeros_like(x[key]),  # type: ignore[index]
+        lambda x, omega: {**x, key: x[key] + omega},
+        lambda x: torch.zeros_like(x[key]),
     )
 
 

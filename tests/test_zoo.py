@@ -167,3 +167,31 @@ def test_float32_shufflenet_keeps_every_real_direction() -> None:
     dropped = sensitivity(model, x, labels, windows=(), parameters=False, rtol=1e-5)
     assert dropped.input is not None
     assert (dropped.input.whole.effective_rank < 9).any()
+
+
+class Bypass(nn.Module):
+    """A Linear called once through ``__call__`` (hooks fire) and once through ``.forward``
+    (they do not): its recorded calls miss a use, which only the certificate can see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.shared.forward(torch.tanh(self.shared(x)))))
+
+
+def test_a_call_that_bypasses_the_hooks_is_caught_by_the_certificate() -> None:
+    torch.manual_seed(0)
+    model = Bypass().double()
+    x, labels = torch.randn(3, 3, dtype=torch.float64), torch.tensor([0, 1, 2])
+    got = sensitivity(model, x, labels, input_maps=False)
+    want = reference.parameter_fi(model, x, labels)
+    assert got.parameters is not None
+    assert got.parameters.layers["shared"].method == "jacobian"  # demoted, then exact
+    assert got.parameters.layers["head"].method == "linear"
+    for name in ("shared", "head"):
+        layer = got.parameters.layers[name]
+        assert_close(f"{name} fi", layer.parameters.fi, want[name]["fi"])  # type: ignore[arg-type]
+        assert_close(f"{name} scale", layer.scale.fi, want[name]["scale_fi"])  # type: ignore[arg-type]

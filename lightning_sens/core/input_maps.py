@@ -112,7 +112,9 @@ def input_result(
             maps[w] = fi_from_contrast_gram(window_grams, maps_probs, maps_c, rtol)
     if layout == "sequence":  # back to (B, T, d) and (B, T)
         maps = {w: _token_layout(block) for w, block in maps.items()}
-        position = position[:, 0]
+        position = BlockFI(
+            position.fi[:, 0], position.relative_fi[:, 0], position.effective_rank[:, 0]
+        )
     return InputFI(
         whole=whole, maps={w: maps[w] for w in windows}, position_map=position, source=source
     )

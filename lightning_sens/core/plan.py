@@ -276,9 +276,9 @@ def make_plan(
     for param in pending:
         start = _common_ancestor(ownership.owners[param])
         for candidate in _ancestors(start):
-            dims = _host_dims(probes, candidate)
-            if dims is not None:
-                host = plan.hosts.setdefault(candidate, HostPlan([], *dims))
+            host_dims = _host_dims(probes, candidate)
+            if host_dims is not None:
+                host = plan.hosts.setdefault(candidate, HostPlan([], *host_dims))
                 host.params.append(param)
                 break
         else:

@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from lightning_sens.core.capture import (
     Backward,
@@ -27,6 +25,7 @@ from lightning_sens.core.capture import (
     capture_calls,
     record_shapes,
 )
+from lightning_sens.core.certificate import FastShare, HostShare, certify
 from lightning_sens.core.fi import (
     Target,
     closed_form_fi,
@@ -43,7 +42,6 @@ from lightning_sens.core.inputs import (
     Inputs,
     Perturbed,
     batch_size,
-    batched_tensors,
     get,
     input_embedding_name,
     repeat_first,
@@ -51,13 +49,13 @@ from lightning_sens.core.inputs import (
     select,
 )
 from lightning_sens.core.plan import PROBE_SIZES, Ownership, Plan, batch_dims, make_plan
+from lightning_sens.core.replay import host_calls, model_call
 from lightning_sens.core.results import LayerFI, ParameterFI, SensitivityResult
 from lightning_sens.core.routes import (
     FastCall,
     JacobianCall,
     LayerGram,
     ParamUse,
-    Route,
     RouteResult,
     channel_axes,
     jacobian_route,
@@ -69,9 +67,6 @@ from lightning_sens.core.validation import check_logits, check_target
 __all__ = ["OnUnsupported", "Session", "UnsupportedLayerError"]
 
 OnUnsupported = Literal["raise", "skip"]
-
-# Relative disagreement between a route's gradient and autograd's that fails the certificate.
-_CERTIFICATE_TOL = {torch.float32: 1e-3, torch.float64: 1e-8}
 
 
 class UnsupportedLayerError(RuntimeError):
@@ -221,10 +216,10 @@ class Session:
                 self.plan = Plan()
         assert self.plan is not None
         try:
-            return self._chunk(inputs, target, certify=first)
+            return self._chunk(inputs, target, check=first)
         except _DemoteError as failed:
             self.plan.demote(failed.layers, self.ownership)
-            return self._chunk(inputs, target, certify=False)
+            return self._chunk(inputs, target, check=False)
 
     def _hooked(self) -> dict[str, nn.Module]:
         assert self.plan is not None
@@ -233,7 +228,7 @@ class Session:
             names.add(self.plan.input_module)
         return {name: self.model.get_submodule(name) for name in sorted(names)}
 
-    def _chunk(self, raw: Inputs, target: Target, certify: bool) -> SensitivityResult:
+    def _chunk(self, raw: Inputs, target: Target, check: bool) -> SensitivityResult:
         plan = self.plan
         assert plan is not None
         inputs = self.runner.inputs(raw)
@@ -314,10 +309,19 @@ class Session:
                 route.add(per_fast[name])
 
         if targets:
-            backprops(logits, targets, Q.T, consume, self.backward, retain_graph=certify)
-        route_results, sums = self._jacobian_routes(records, host_grads, inputs, Q, B, dtype)
-        if certify and (fast or sums):
-            self._certify(logits, Q, records, fast, sums, B)
+            backprops(logits, targets, Q.T, consume, self.backward, retain_graph=check)
+        route_results, shares = self._jacobian_routes(records, host_grads, inputs, Q, dtype)
+        if check and (fast or shares):
+            fast_shares = {
+                name: FastShare(self.layers[name], records[name], self.ownership.layer_params[name])
+                for name in fast
+            }
+            params = {p for share in fast_shares.values() for p in share.params}
+            params |= {p for share in shares for p in share.sums}
+            tensors = {p: self.runner.tensor(p) for p in params}
+            failed = certify(logits, Q, fast_shares, shares, tensors)
+            if failed:
+                raise _DemoteError(failed)
         results = [route.result() for route in fast.values()] + route_results
 
         input_part = None
@@ -388,83 +392,45 @@ class Session:
         host_grads: dict[tuple[str, int, int], list[Tensor]],
         inputs: Inputs,
         Q: Tensor,
-        batch: int,
         dtype: torch.dtype,
-    ) -> tuple[list[RouteResult], dict[str, dict[str, Tensor]]]:
+    ) -> tuple[list[RouteResult], list[HostShare]]:
+        """Every host's route and the whole-model route; their shares for the certificate."""
         assert self.plan is not None
-        results, sums = [], {}
+        batch = batch_size(inputs)
+        results, shares = [], []
         for host, hp in self.plan.hosts.items():
-            module = self.model.get_submodule(host)
-            extra = self.runner.host_state(host)
-            calls = []
-            for i, call in enumerate(records[host]):
-                leaves, spec = pytree.tree_flatten((call.args, call.kwargs))
-                batched = [j for j, d in enumerate(hp.in_dims[i]) if d is not None]
-                held = sorted(call.held)
-
-                def replay(
-                    params: dict[str, Tensor],
-                    values: list[Tensor],
-                    leaves: list[Any] = leaves,
-                    spec: Any = spec,
-                    batched: list[int] = batched,
-                    held: list[int] = held,
-                    module: nn.Module = module,
-                    extra: dict[str, Tensor] = extra,
-                ) -> list[Tensor]:
-                    full = list(leaves)
-                    for j, v in zip(batched, values, strict=True):
-                        full[j] = v
-                    args, kwargs = pytree.tree_unflatten(full, spec)
-                    out = functional_call(module, {**extra, **params}, tuple(args), dict(kwargs))
-                    out_leaves = pytree.tree_leaves(out)
-                    return [out_leaves[j] for j in held]
-
-                calls.append(
-                    JacobianCall(
-                        replay,
-                        [leaves[j].clone() for j in batched],
-                        [hp.in_dims[i][j] for j in batched],  # type: ignore[misc]
-                        [torch.stack(host_grads[(host, i, j)]) for j in held],
-                        [hp.out_dims[i][j] for j in held],  # type: ignore[misc]
+            grads = {(i, j): g for (h, i, j), g in host_grads.items() if h == host}
+            calls = host_calls(
+                self.model.get_submodule(host),
+                records[host],
+                hp.in_dims,
+                hp.out_dims,
+                grads,
+                self.runner.host_state(host),
+            )
+            uses = self._uses(hp.params, host)
+            found = self._run_jacobian(calls, uses, batch, host)
+            if found is not None:
+                results.append(found[0])
+                shares.append(
+                    HostShare(
+                        {p: found[1][u.key] for p, u in zip(hp.params, uses, strict=True)},
+                        {p: list(u.layers) for p, u in zip(hp.params, uses, strict=True)},
                     )
                 )
-            results.append(
-                self._run_jacobian(calls, self._uses(hp.params, host), batch, sums, host)
-            )
         if self.plan.root:
-            keys = batched_tensors(inputs, batch)
-
-            def root_replay(params: dict[str, Tensor], values: list[Tensor]) -> list[Tensor]:
-                rebuilt = inputs
-                for key, v in zip(keys, values, strict=True):
-                    rebuilt = replace(rebuilt, key, v)
-                return [self.runner(rebuilt, params)]
-
-            K1 = Q.shape[1]
-            cot = Q.T.to(dtype).unsqueeze(1).expand(K1, batch, -1)
-            call = JacobianCall(
-                root_replay,
-                [get(inputs, k).detach().clone() for k in keys],
-                [0] * len(keys),
-                [cot],
-                [0],
-            )
-            results.append(
-                self._run_jacobian([call], self._uses(self.plan.root, None), batch, sums, None)
-            )
-        return [r for r in results if r is not None], sums
+            call = model_call(self.runner, inputs, Q, dtype)
+            found = self._run_jacobian([call], self._uses(self.plan.root, None), batch, None)
+            if found is not None:
+                results.append(found[0])
+        return results, shares
 
     def _run_jacobian(
-        self,
-        calls: list[JacobianCall],
-        uses: list[ParamUse],
-        batch: int,
-        sums: dict[str, dict[str, Tensor]],
-        host: str | None,
-    ) -> RouteResult | None:
+        self, calls: list[JacobianCall], uses: list[ParamUse], batch: int, host: str | None
+    ) -> tuple[RouteResult, dict[str, Tensor]] | None:
+        """A Jacobian route's result and summed Jacobians; a failure raises or skips its layers."""
         try:
-            result, jac_sums, _ = jacobian_route(calls, uses, batch)
+            result, sums, _ = jacobian_route(calls, uses, batch)
         except Exception as error:
             layers = sorted({layer for use in uses for layer in use.layers})
             where = "the whole model" if host is None else f"module {host!r}"
@@ -477,75 +443,7 @@ class Session:
             for layer in layers:
                 self.skipped[layer] = message
             return None
-        if host is not None:  # the whole-model route sees every use by construction
-            sums[host] = {use.key: jac_sums[use.key] for use in uses}
-        return result
-
-    # -- the certificate -----------------------------------------------------------------------
-
-    def _certify(
-        self,
-        logits: Tensor,
-        Q: Tensor,
-        records: dict[str, list[Captured]],
-        fast: dict[str, Route],
-        sums: dict[str, dict[str, Tensor]],
-        batch: int,
-    ) -> None:
-        """Demote the routes whose recorded calls miss a use of their parameters."""
-        assert self.plan is not None
-        K1 = Q.shape[1]
-        r = torch.randn(K1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        r = (r / r.norm()).to(logits.device)
-        cot = (Q.to(torch.float64) @ r).to(logits.dtype).expand(batch, -1)
-        fast_targets = [call.held[0] for name in fast for call in records[name]]
-        checked = {
-            layer: self.ownership.layer_params[layer]
-            for layer in self.layers
-            if layer in fast
-            or any(
-                p in hp.params
-                for hp in self.plan.hosts.values()
-                for p in self.ownership.layer_params[layer]
-            )
-        }
-        params = sorted({p for ps in checked.values() for p in ps})
-        tensors = [self.runner.tensor(p) for p in params]
-        found = torch.autograd.grad(logits, fast_targets + tensors, cot, allow_unused=True)
-        truth = {
-            p: (g if g is not None else torch.zeros_like(t))
-            for p, g, t in zip(params, found[len(fast_targets) :], tensors, strict=True)
-        }
-        tol = _CERTIFICATE_TOL.get(logits.dtype, 1e-3)
-        failed: set[str] = set()
-        position = 0
-        for name in fast:
-            module = self.layers[name]
-            calls = records[name]
-            gbar = found[position : position + len(calls)]
-            position += len(calls)
-            trainable = [n for n, t in module.named_parameters(recurse=False) if t.requires_grad]
-            leaves = {n: calls[0].tensors[n].detach().requires_grad_(True) for n in trainable}
-            total = sum(
-                (
-                    (g if g is not None else 0.0)
-                    * functional_call(module, {**call.tensors, **leaves}, call.args, call.kwargs)
-                ).sum()
-                for g, call in zip(gbar, calls, strict=True)
-            )
-            mine = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
-            canonical = self.ownership.layer_params[name]
-            for n, g, p in zip(trainable, mine, canonical, strict=True):
-                if _disagree(g if g is not None else torch.zeros_like(leaves[n]), truth[p], tol):
-                    failed.add(name)
-        for host, per_key in sums.items():
-            for p in self.plan.hosts[host].params:
-                key = self.ownership.key_under(p, host, self.param_ids)
-                mine = torch.einsum("k,k...->...", r.to(per_key[key].dtype), per_key[key])
-                if _disagree(mine, truth[p], tol):
-                    failed |= {n for n in self.layers if p in self.ownership.layer_params[n]}
-        if failed:
-            raise _DemoteError(failed)
+        return result, sums
 
     # -- assembling ----------------------------------------------------------------------------
 
@@ -604,8 +502,3 @@ class Session:
             for i, name in enumerate(names)
         }
         return ParameterFI(layers, blocks[-1], dict(self.skipped))
-
-
-def _disagree(mine: Tensor, truth: Tensor, tol: float) -> bool:
-    scale = max(float(truth.norm()), float(mine.norm()))
-    return scale > 0 and float((mine.to(truth.dtype) - truth).norm()) > tol * scale

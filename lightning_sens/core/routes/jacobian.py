@@ -76,8 +76,8 @@ def _vmapped(call: JacobianCall, params: dict[str, Tensor], rows: slice) -> dict
     def one_sample(sample_inputs: list[Tensor], sample_cots: list[Tensor]) -> dict[str, Tensor]:
         kept = [t.unsqueeze(d) for t, d in zip(sample_inputs, call.in_dims, strict=True)]
         per_k = [c.unsqueeze(d + 1) for c, d in zip(sample_cots, call.out_dims, strict=True)]
-        _, pull = vjp(lambda p: call.replay(p, kept), params)
-        (grads,) = vmap(lambda *cs: pull(list(cs)))(*per_k)
+        pull = vjp(lambda p: call.replay(p, kept), params)[1]
+        grads: dict[str, Tensor] = vmap(lambda *cs: pull(list(cs))[0])(*per_k)
         return grads
 
     in_dims = ([*call.in_dims], [d + 1 for d in call.out_dims])

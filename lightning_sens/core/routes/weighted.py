@@ -55,7 +55,7 @@ class WeightedRoute(Route):
         self.linear = isinstance(module, nn.Linear)
         self.channel_dim = -1 if self.linear else 1
         self.groups = 1 if self.linear else int(module.groups)  # type: ignore[arg-type]
-        self.train_weight = bool(module.weight.requires_grad)  # type: ignore[union-attr]
+        self.train_weight = bool(module.weight.requires_grad)
         bias = getattr(module, "bias", None)
         self.train_bias = isinstance(bias, Tensor) and bias.requires_grad
         patches = [self._patches(call.x.to(dtype)) for call in calls]
@@ -123,7 +123,8 @@ class WeightedRoute(Route):
             self.features.put(torch.einsum("bgtp,bgtd->bgpd", grouped, self.inputs))
         if self.train_bias and self.method != "linear":  # "linear" folds the bias in
             self.bias_features.put(grouped.sum(2))
-        self.channels.append(sum(self._channel(g, c) for g, c in zip(gs, self.calls, strict=True)))
+        per_call = [self._channel(g, c) for g, c in zip(gs, self.calls, strict=True)]
+        self.channels.append(torch.stack(per_call).sum(0) if len(per_call) > 1 else per_call[0])
 
     def result(self) -> RouteResult:
         B = self.inputs.shape[0]
@@ -149,7 +150,7 @@ class WeightedRoute(Route):
             gram,
             channel.sum(-1),
             channel,
-            self.method,  # type: ignore[arg-type]
+            self.method,
             self.theta_norm2(),
         )
         return RouteResult({self.name: layer}, gram)
