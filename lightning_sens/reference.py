@@ -1,8 +1,9 @@
 """Slow, float64, brute-force reference for the influence measure of Shu & Zhu (AAAI 2019).
 
-This module is a test oracle: it materialises full Jacobians with :mod:`torch.func`, one sample at
-a time, builds the metric ``G = Jᵀ H J`` explicitly and uses a Moore–Penrose pseudo-inverse. It
-favours obviously correct code over speed; docs/method.md states the math.
+This module is a test oracle: it materialises full Jacobians with plain autograd, one sample and
+one logit at a time (parameters substituted with ``torch.func.functional_call``), and computes FI
+from them directly, in float64, with an SVD. It favours obviously correct code over speed;
+docs/method.md states the math.
 
 Notation (per sample, docs/method.md, "The measure"):
 
@@ -27,11 +28,12 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev
+from torch.func import functional_call
 
 from lightning_sens.core.inputs import default_forward, logits_of
 from lightning_sens.core.routes import channel_axes
@@ -87,6 +89,38 @@ def _sample(inputs: Inputs, b: int) -> Inputs:
         k: v[b : b + 1].clone() if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == B else v
         for k, v in inputs.items()
     }
+
+
+def jacobian(fn: Callable[[Any], Tensor], at: Any) -> Any:
+    """∂fn/∂at at ``at`` (a tensor or a dict of tensors), one output entry at a time.
+
+    Plain autograd, one backward pass per output: slow and obviously correct, and it works
+    where torch.func's transforms do not (packed sequences, fused kernels).
+
+    Returns:
+        ``(*out, *at)`` per tensor (the same structure as ``at``).
+    """
+    leaves = (
+        {k: v.detach().requires_grad_(True) for k, v in at.items()}
+        if isinstance(at, dict)
+        else at.detach().requires_grad_(True)
+    )
+    out = fn(leaves)
+    inputs = list(leaves.values()) if isinstance(leaves, dict) else [leaves]
+    rows = []
+    flat = out.reshape(-1)
+    for i in range(flat.numel()):
+        found = torch.autograd.grad(flat[i], inputs, retain_graph=True, allow_unused=True)
+        rows.append(
+            [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, found, strict=True)]
+        )
+    stacked = [
+        torch.stack([r[j] for r in rows]).reshape(*out.shape, *inputs[j].shape)
+        for j in range(len(inputs))
+    ]
+    if isinstance(leaves, dict):
+        return dict(zip(leaves, stacked, strict=True))
+    return stacked[0]
 
 
 def _copy(x: Inputs) -> Inputs:
@@ -296,7 +330,7 @@ def input_fi(
             p, c = probs[b], _grad_log_py(probs[b], labels[b])
             omega0 = start(x) if hooked is None else seen[b]
             omega0 = torch.zeros_like(omega0)
-            J = jacrev(lambda o, x=x: logits_of_omega(x, o))(omega0).detach().to(torch.float64)
+            J = jacobian(partial(logits_of_omega, x), omega0).to(torch.float64)
             J = J.reshape(J.shape[0], *omega0.shape[1:])  # (K, *shape of one sample)
             found = {"": fi_from_jacobian(J.reshape(J.shape[0], -1), p, c, rtol)}
             maps_shape = _maps_layout(J, hooked is not None)
@@ -454,7 +488,7 @@ def parameter_fi(
             for layer, names in blocks.items():
                 # additive θ_l + ω: Jacobian w.r.t. the block's parameters, flattened, concatenated
                 if names:
-                    jac = jacrev(call)({n: params[n] for n in names}, x)
+                    jac = jacobian(partial(call, x=x), {n: params[n] for n in names})
                     J = torch.cat([jac[n].reshape(len(p), -1) for n in names], 1)
                 else:
                     J = p.new_zeros(len(p), 0)
@@ -469,7 +503,8 @@ def parameter_fi(
                 floor = float((_contrasts(len(p), J.device).T @ J.detach()).square().sum()) * theta2
                 # layer scaling θ_l → ω θ_l at ω0 = 1: u = ∂z/∂ω, shape (K, 1)
                 one = torch.ones((), dtype=probs.dtype if not names else params[names[0]].dtype)
-                u = jacrev(call_scaled)(one.to(p.device), names, x).reshape(-1, 1)
+                scaled = partial(call_scaled, names=names, x=x)
+                u = jacobian(scaled, one.to(p.device)).reshape(-1, 1)
                 found[layer, "scale_fi"].append(fi_from_jacobian(u, p, c, rtol, floor)[0])
                 J_ch = _channel_scale_jacobian(model, call, params, layer, names, x)
                 if J_ch is not None:
@@ -514,7 +549,7 @@ def _channel_scale_jacobian(
     first = next(iter(own))
     size = params[first].shape[axes[own[first]]]
     omega0 = params[first].new_ones(size)
-    return jacrev(scaled)(omega0).detach().to(torch.float64)
+    return jacobian(scaled, omega0).to(torch.float64)
 
 
 def authors_recipe_fi(

@@ -115,14 +115,14 @@ def _methods(case: ZooCase) -> dict[str, str]:
     return {name: layer.method for name, layer in result.parameters.layers.items()}
 
 
-def test_attention_and_recurrent_layers_take_the_jacobian_route() -> None:
+def test_attention_takes_the_jacobian_route_and_recurrent_layers_their_own() -> None:
     text = _methods(next(c for c in ZOO if c.name == "text_transformer"))
     attention = "encoder.layers.0.self_attn"
     assert text[attention] == text[f"{attention}.out_proj"] == "jacobian"
     assert text["encoder.layers.0.linear1"] in ("direct", "ghost")
     assert text["embed"] == "embedding"
-    for name in ("lstm", "gru"):
-        assert _methods(next(c for c in ZOO if c.name == name))["rnn"] == "jacobian"
+    for name in ("lstm", "gru", "bilstm_projected", "birnn_relu"):
+        assert _methods(next(c for c in ZOO if c.name == name))["rnn"] == "recurrent", name
 
 
 def test_a_subclass_that_changes_forward_does_not_take_its_parents_route() -> None:

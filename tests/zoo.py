@@ -91,19 +91,49 @@ class TextTransformer(nn.Module):
 
 
 class Recurrent(nn.Module):
-    """Embedding → LSTM or GRU (two layers) → Linear on the last step."""
+    """Embedding → a two-layer LSTM, GRU or RNN → Linear on the last step.
+
+    ``options`` go to the recurrent layer (``bidirectional``, ``proj_size``, ``batch_first``...).
+    """
 
     def __init__(
-        self, kind: type[nn.RNNBase], classes: int = CLASSES, vocab: int = 20, dim: int = 6
+        self,
+        kind: type[nn.RNNBase],
+        classes: int = CLASSES,
+        vocab: int = 20,
+        dim: int = 6,
+        **options: object,
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.rnn = kind(dim, dim, num_layers=2, batch_first=True)
-        self.head = nn.Linear(dim, classes)
+        options = {"batch_first": True, **options}
+        self.batch_first = bool(options["batch_first"])
+        self.rnn = kind(dim, dim, num_layers=2, **options)  # type: ignore[arg-type]
+        out = (options.get("proj_size") or dim) * (2 if options.get("bidirectional") else 1)
+        self.head = nn.Linear(int(out), classes)  # type: ignore[call-overload]
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        out, _ = self.rnn(self.embed(input_ids))
-        return self.head(out[:, -1])
+        embedded = self.embed(input_ids)
+        out, _ = self.rnn(embedded if self.batch_first else embedded.transpose(0, 1))
+        return self.head(out[:, -1] if self.batch_first else out[-1])
+
+
+class Packed(nn.Module):
+    """An LSTM over a packed batch of sequences of different lengths (and an explicit state)."""
+
+    def __init__(self, classes: int = CLASSES, vocab: int = 20, dim: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.rnn = nn.LSTM(dim, dim, batch_first=True)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        lengths = attention_mask.sum(1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.embed(input_ids), lengths, batch_first=True, enforce_sorted=False
+        )
+        _, (h, _) = self.rnn(packed)
+        return self.head(h[-1])
 
 
 class TiedEmbedding(nn.Module):
@@ -335,11 +365,19 @@ ZOO = [
     ZooCase("vit", vit, images(3, 8)),
     ZooCase("swin", swin, images(3, 8)),
     ZooCase("text_transformer", TextTransformer, tokens(20, 6, padded=True), "embed"),
+    ZooCase("lstm", lambda k: Recurrent(nn.LSTM, k), ids(20, 5), "embed"),
+    ZooCase("gru", lambda k: Recurrent(nn.GRU, k), ids(20, 5), "embed"),
     ZooCase(
-        "lstm", lambda k: Recurrent(nn.LSTM, k), lambda b: tokens(20, 5)(b)["input_ids"], "embed"
+        "bilstm_projected",
+        lambda k: Recurrent(nn.LSTM, k, bidirectional=True, proj_size=4, batch_first=False),
+        ids(20, 5),
+        "embed",
     ),
     ZooCase(
-        "gru", lambda k: Recurrent(nn.GRU, k), lambda b: tokens(20, 5)(b)["input_ids"], "embed"
+        "birnn_relu",
+        lambda k: Recurrent(nn.RNN, k, bidirectional=True, nonlinearity="relu"),
+        ids(20, 5),
+        "embed",
     ),
     ZooCase(
         "hf_bert",
@@ -350,18 +388,9 @@ ZOO = [
     ),
     ZooCase("hf_vit", hf_vit, _pixel_values, requires="transformers"),
     ZooCase("timm_vit", timm_vit, images(3, 8), requires="timm"),
-    ZooCase(
-        "tied_module",
-        lambda k: TiedEmbedding(False, k),
-        ids(CLASSES, 4),
-        "embed",
-    ),
-    ZooCase(
-        "tied_functional",
-        lambda k: TiedEmbedding(True, k),
-        ids(CLASSES, 4),
-        "embed",
-    ),
+    ZooCase("lstm_packed", Packed, tokens(20, 6, padded=True), "embed"),
+    ZooCase("tied_module", lambda k: TiedEmbedding(False, k), ids(CLASSES, 4), "embed"),
+    ZooCase("tied_functional", lambda k: TiedEmbedding(True, k), ids(CLASSES, 4), "embed"),
     ZooCase("used_twice", Twice, images(2, 5)),
     ZooCase("in_place_input", InPlaceInput, images(2, 5)),
     ZooCase("layernorm2d", layernorm2d_square, images(2, 4)),

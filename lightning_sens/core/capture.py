@@ -28,9 +28,10 @@ __all__ = [
 ]
 
 Backward = Literal["auto", "batched", "loop"]
+Unroll = Callable[[nn.Module, tuple[Any, ...], dict[str, Tensor]], Any]
 
-# What a route may read from a layer at call time (an upcast copy under functional_call).
-_TENSORS = ("weight", "bias", "running_mean", "running_var")
+# How far a recomputed layer output may be from the layer's own (relative to its size).
+_RECOMPUTE_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
 
 @contextlib.contextmanager
@@ -170,6 +171,8 @@ class Captured:
     out_spec: Any
     held: dict[int, Tensor]
     first_arg: int | None = None  # data pointer of the first positional argument
+    extra: Any = None  # a route's record of the call (see ``unroll``)
+    mismatch: bool = False  # the recomputed output was not the layer's own
 
 
 def _detach(x: Any, copy: bool) -> Any:
@@ -179,9 +182,26 @@ def _detach(x: Any, copy: bool) -> Any:
     return x.clone() if copy else x
 
 
+def _same(recomputed: Any, output: Any) -> bool:
+    """The recomputed output equals the layer's own, to the rounding of its dtype."""
+    mine, theirs = pytree.tree_leaves(recomputed), pytree.tree_leaves(output)
+    if len(mine) != len(theirs):
+        return False
+    for a, b in zip(mine, theirs, strict=True):
+        if not isinstance(b, Tensor) or a.shape != b.shape:
+            return False
+        scale = float(b.detach().abs().max()) if b.numel() else 0.0
+        tol = _RECOMPUTE_TOL.get(b.dtype, 1e-2)
+        if b.numel() and float((a.detach() - b.detach()).abs().max()) > tol * max(scale, 1.0):
+            return False
+    return True
+
+
 @contextlib.contextmanager
 def capture_calls(
-    modules: dict[str, nn.Module], copy_inputs: set[str]
+    modules: dict[str, nn.Module],
+    copy_inputs: set[str],
+    unroll: dict[str, Unroll] | None = None,
 ) -> Iterator[dict[str, list[Captured]]]:
     """Record the calls of ``modules``, holding each floating output tensor for differentiation.
 
@@ -189,6 +209,12 @@ def capture_calls(
     operation downstream (``ReLU(inplace=True)``, ``out += identity``) cannot change what we
     differentiate against. An output that does not require grad becomes a leaf that does, so
     parameters never need ``requires_grad``.
+
+    For a module in ``unroll``, the hook instead recomputes the output with
+    ``unroll[name](module, args, tensors)`` (a record with ``output`` and ``held``), checks that it
+    equals the module's own, and hands the network the recomputed output, whose intermediate
+    tensors ``held`` are then what is differentiated against (recurrent layers). Where it differs,
+    the call is marked ``mismatch`` and left as it was.
     """
     records: dict[str, list[Captured]] = {name: [] for name in modules}
     handles = []
@@ -196,26 +222,33 @@ def capture_calls(
     def make_hook(name: str) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
             copy = name in copy_inputs
+            names = [*module._parameters, *module._buffers]
+            tensors = {n: t.detach() for n in names if isinstance(t := getattr(module, n), Tensor)}
+            first = args[0] if args else None
+            record = Captured(
+                args=tuple(_detach(a, copy) for a in args),
+                kwargs={k: _detach(v, copy) for k, v in kwargs.items()},
+                tensors=tensors,
+                out_spec=None,
+                held={},
+                first_arg=first.data_ptr() if isinstance(first, Tensor) else None,
+            )
+            records[name].append(record)
+            if unroll is not None and name in unroll:
+                live = {n: getattr(module, n) for n in module._parameters}
+                found = unroll[name](module, args, live)
+                if _same(found.output, output):
+                    record.extra = found
+                    record.held = dict(enumerate(found.held))
+                    return found.output
+                record.mismatch = True
             leaves, spec = pytree.tree_flatten(output)
-            held = {}
+            record.out_spec = spec
             for i, leaf in enumerate(leaves):
                 if isinstance(leaf, Tensor) and leaf.is_floating_point():
-                    held[i] = leaf if leaf.requires_grad else leaf.detach().requires_grad_(True)
-                    leaves[i] = held[i].clone()
-            tensors = {
-                n: t.detach() for n in _TENSORS if isinstance(t := getattr(module, n, None), Tensor)
-            }
-            first = args[0] if args else None
-            records[name].append(
-                Captured(
-                    args=tuple(_detach(a, copy) for a in args),
-                    kwargs={k: _detach(v, copy) for k, v in kwargs.items()},
-                    tensors=tensors,
-                    out_spec=spec,
-                    held=held,
-                    first_arg=first.data_ptr() if isinstance(first, Tensor) else None,
-                )
-            )
+                    held = leaf if leaf.requires_grad else leaf.detach().requires_grad_(True)
+                    record.held[i] = held
+                    leaves[i] = held.clone()
             return pytree.tree_unflatten(leaves, spec)
 
         return hook

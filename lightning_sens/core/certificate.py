@@ -55,13 +55,17 @@ def _fast_share(share: FastShare, backprops: tuple[Tensor | None, ...]) -> list[
     """The gradient of Σ_calls ⟨ḡ, layer(x)⟩ w.r.t. the layer's trainable parameters."""
     trainable = [n for n, p in share.module.named_parameters(recurse=False) if p.requires_grad]
     leaves = {n: share.calls[0].tensors[n].detach().requires_grad_(True) for n in trainable}
-    parts = [
-        (
-            g * functional_call(share.module, {**call.tensors, **leaves}, call.args, call.kwargs)
-        ).sum()
-        for g, call in zip(backprops, share.calls, strict=True)
-        if g is not None
-    ]
+    parts = []
+    position = 0
+    for call in share.calls:
+        found = backprops[position : position + len(call.held)]
+        position += len(call.held)
+        if call.extra is not None:  # a recurrent layer: its linear uses, recomputed
+            outputs = call.extra.replay({**call.tensors, **leaves})
+        else:
+            substitutes = {**call.tensors, **leaves}
+            outputs = [functional_call(share.module, substitutes, call.args, call.kwargs)]
+        parts += [(g * out).sum() for g, out in zip(found, outputs, strict=True) if g is not None]
     if not parts:
         return [torch.zeros_like(leaf) for leaf in leaves.values()]
     found = torch.autograd.grad(torch.stack(parts).sum(), list(leaves.values()), allow_unused=True)
@@ -91,7 +95,9 @@ def certify(
     r = torch.randn(K1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     r = (r / r.norm()).to(logits.device)
     cotangent = (Q.to(torch.float64) @ r).to(logits.dtype).expand(logits.shape[0], -1)
-    held = [call.held[0] for share in fast.values() for call in share.calls]
+    held = [
+        call.held[i] for share in fast.values() for call in share.calls for i in sorted(call.held)
+    ]
     names = sorted(
         {p for share in fast.values() for p in share.params}
         | {p for host in hosts for p in host.sums}
@@ -107,8 +113,9 @@ def certify(
     failed: set[str] = set()
     position = 0
     for layer, share in fast.items():
-        backprops = found[position : position + len(share.calls)]
-        position += len(share.calls)
+        count = sum(len(call.held) for call in share.calls)
+        backprops = found[position : position + count]
+        position += count
         shares = _fast_share(share, backprops)
         if any(disagree(g, truth[p], tol) for g, p in zip(shares, share.params, strict=True)):
             failed.add(layer)

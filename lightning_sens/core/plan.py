@@ -186,9 +186,26 @@ def _host_dims(
     return ins, outs
 
 
+def _recurrent_dims(
+    module: nn.RNNBase, calls: list[tuple[CallShape, CallShape]]
+) -> tuple[int, int] | None:
+    """An RNN called on a padded batch without an initial state; the route's pre-activations
+    are batch first."""
+    expected = 0 if module.batch_first else 1
+    for one, three in calls:
+        dims = batch_dims(one, three)
+        if dims is None or one.in_spec != _SINGLE_ARG or len(one.in_shapes[0] or ()) != 3:
+            return None
+        if dims[0] != [expected] or dims[1][0] != expected:
+            return None
+    return expected, 0
+
+
 def _fast_dims(
     module: nn.Module, calls: list[tuple[CallShape, CallShape]]
 ) -> tuple[int, int] | None:
+    if isinstance(module, nn.RNNBase):
+        return _recurrent_dims(module, calls)
     found = set()
     for one, three in calls:
         dims = batch_dims(one, three)

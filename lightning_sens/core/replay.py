@@ -42,8 +42,9 @@ def host_calls(
     """
     calls = []
     for i, call in enumerate(records):
+        dims = in_dims[i]
         leaves, spec = pytree.tree_flatten((call.args, call.kwargs))
-        batched = [j for j, d in enumerate(in_dims[i]) if d is not None]
+        batched = [j for j, d in enumerate(dims) if d is not None]
         held = sorted(call.held)
 
         def replay(
@@ -66,7 +67,7 @@ def host_calls(
             JacobianCall(
                 replay,
                 [leaves[j].clone() for j in batched],  # a replay may modify them in place
-                [d for d in in_dims[i] if d is not None],
+                [d for d in dims if d is not None],
                 [torch.stack(backprops[(i, j)]) for j in held],
                 [_dim(out_dims[i][j]) for j in held],
             )

@@ -237,7 +237,12 @@ class Session:
         if self.want_input and self.perturbed.kind == "direct":
             leaf = get(inputs, self.perturbed.key).detach().clone().requires_grad_(True)
             inputs = replace(inputs, self.perturbed.key, leaf.clone())  # in-place ops hit a copy
-        with capture_calls(self._hooked(), plan.copy_inputs) as records:
+        unroll = {
+            name: spec.route.unroll_call
+            for name, spec in plan.fast.items()
+            if hasattr(spec.route, "unroll_call")
+        }
+        with capture_calls(self._hooked(), plan.copy_inputs, unroll) as records:
             logits = self.runner(inputs)
         check_logits(logits, FORWARD_HINT)
         self._check_calls(records, B)
@@ -260,8 +265,9 @@ class Session:
             targets.append(calls[0].held[0])
         for name in plan.fast:
             for i, call in enumerate(records[name]):
-                slots.append(_Slot("fast", name, i))
-                targets.append(call.held[0])
+                for leaf_index in sorted(call.held):
+                    slots.append(_Slot("fast", name, i, leaf_index))
+                    targets.append(call.held[leaf_index])
         for host in plan.hosts:
             for i, call in enumerate(records[host]):
                 for leaf_index, held in call.held.items():
@@ -285,6 +291,7 @@ class Session:
                         call.args[0].movedim(spec.x_dim, 0),
                         call.held[0].detach().movedim(spec.out_dim, 0),
                         call.tensors,
+                        call.extra,
                     )
                     for call in records[name]
                 ],
@@ -352,7 +359,9 @@ class Session:
         for name, spec in self.plan.fast.items():
             calls = records[name]
             if not calls or any(
-                call.args[0].shape[spec.x_dim] != batch or call.held[0].shape[spec.out_dim] != batch
+                call.mismatch
+                or call.args[0].shape[spec.x_dim] != batch
+                or call.held[0].shape[spec.out_dim] != batch
                 for call in calls
             ):
                 bad.add(name)

@@ -23,6 +23,7 @@ from lightning_sens.core.routes.base import (
 from lightning_sens.core.routes.embedding import EmbeddingRoute
 from lightning_sens.core.routes.jacobian import JacobianCall, ParamUse, jacobian_route
 from lightning_sens.core.routes.norm import NormRoute
+from lightning_sens.core.routes.recurrent import RecurrentRoute
 from lightning_sens.core.routes.weighted import WeightedRoute
 
 __all__ = [
@@ -50,10 +51,13 @@ ROUTES: dict[type[nn.Module], type[Route]] = {
     nn.LayerNorm: NormRoute,
     nn.GroupNorm: NormRoute,
     nn.Embedding: EmbeddingRoute,
+    nn.LSTM: RecurrentRoute,
+    nn.GRU: RecurrentRoute,
+    nn.RNN: RecurrentRoute,
 }
 
 # Methods a subclass must not override to keep its parent's route.
-_BEHAVIOUR = ("forward", "_conv_forward", "_check_input_dim")
+_BEHAVIOUR = ("forward", "_conv_forward", "_check_input_dim", "flatten_parameters")
 
 
 def _behaves_like(module: nn.Module, base: type[nn.Module]) -> bool:
@@ -69,6 +73,8 @@ def _behaves_like(module: nn.Module, base: type[nn.Module]) -> bool:
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
         return False  # batch statistics even in eval mode (the engine refuses such models)
     own = {name for name, _ in module.named_parameters(recurse=False)}
+    if isinstance(module, nn.RNNBase):
+        return all(n.split("_")[0] in ("weight", "bias") for n in own)
     return own <= {"weight", "bias"}
 
 

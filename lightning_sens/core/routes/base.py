@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 __all__ = ["FastCall", "Features", "LayerGram", "Method", "Route", "RouteResult", "norm2"]
 
-Method = Literal["linear", "direct", "ghost", "norm", "embedding", "jacobian", "unused"]
+Method = Literal[
+    "linear", "direct", "ghost", "norm", "embedding", "recurrent", "jacobian", "unused"
+]
 """How a layer's Gram was computed (docs/engine.md, "Layer routes"):
 
 - ``"linear"``: a Linear layer applied once per sample, A = (‖a‖² + 1)⟨g_k, g_l⟩;
@@ -24,6 +26,7 @@ Method = Literal["linear", "direct", "ghost", "norm", "embedding", "jacobian", "
 - ``"ghost"``: the same Gram as ⟨G_k, (UUᵀ) G_l⟩ without forming Γ_k (cheaper for few positions);
 - ``"norm"``: the affine parameters of BatchNorm (eval), LayerNorm and GroupNorm;
 - ``"embedding"``: an Embedding's rows, from per-token backprops;
+- ``"recurrent"``: LSTM, GRU and RNN weights as linear maps applied at every time step;
 - ``"jacobian"``: per-sample parameter Jacobians with torch.func, for any other module;
 - ``"unused"``: the parameters do not reach the logits, so every FI of the layer is exactly 0.
 """
@@ -38,11 +41,13 @@ class FastCall:
         output: the layer's output ``(B, ...)``.
         tensors: the layer's parameters and buffers as the call saw them (``weight``, ``bias``,
             ``running_mean``, ...), so that an upcast copy of a low-precision model is used.
+        extra: what a route recorded during the call itself (the unrolled steps of an RNN).
     """
 
     x: Tensor
     output: Tensor
     tensors: dict[str, Any] = field(default_factory=dict)
+    extra: Any = None
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def per_sample_jacobians(
     # no_grad outside the transforms: the host's other parameters must not build a graph
     with torch.no_grad(), warnings.catch_warnings():
         # vmap's notice that an operator runs in a slower per-sample loop; results are exact
-        warnings.filterwarnings("ignore", message="There is a performance drop because we have not")
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have")
         for call in calls:
             parts = []
             for start in range(0, batch, step):
@@ -141,7 +141,7 @@ def per_sample_jacobians(
                     try:
                         parts.append(_vmapped(call, params, rows))
                         continue
-                    except Exception:
+                    except Exception:  # any vmap limitation: the loop computes the same
                         vectorised = False
                 parts.append(_looped(call, params, rows))
             joined = {n: torch.cat([p[n] for p in parts]) for n in params}

@@ -8,13 +8,15 @@ every call: they are concatenated along T, which gives the cross terms between c
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sens.core.routes.base import FastCall, Features, LayerGram, Route, RouteResult
 
-__all__ = ["WeightedRoute", "unfold_conv"]
+__all__ = ["PatchGram", "WeightedRoute", "unfold_conv"]
 
 
 def unfold_conv(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
@@ -35,13 +37,84 @@ def unfold_conv(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     return patches.reshape(B, G, -1, patches.shape[-1]).transpose(-1, -2)
 
 
-class WeightedRoute(Route):
-    """``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (grouped and depthwise included).
+class PatchGram:
+    """The per-sample Gram of one weight (and bias) applied to patches: out = W · patch + b.
+
+    Args:
+        inputs: the unfolded inputs ``(B, G, T, d)`` (groups, positions, patch size).
+        out_per_group: p, the output channels per group.
+        train_weight, train_bias: which of the two are in the family.
+        num_cotangents: K'.
 
     Picks, by counted multiply-adds, between the "linear" form (one position per sample), the
     "direct" form (per-sample weight gradients) and the "ghost" form (⟨G_k, UUᵀ G_l⟩, cheaper
     when there are few positions and many weights).
     """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        out_per_group: int,
+        train_weight: bool,
+        train_bias: bool,
+        num_cotangents: int,
+    ) -> None:
+        self.inputs = inputs
+        self.train_weight, self.train_bias = train_weight, train_bias
+        _, G, T, d = inputs.shape
+        p, K1 = out_per_group, num_cotangents
+        # Multiply-adds, with float64 work (every Gram contraction, the whole ghost route)
+        # counted twice: it runs at about half the float32 rate.
+        self.costs = {
+            "linear": G * (2 * K1 * K1 * p + d),
+            "direct": G * (K1 * T * p * d + 2 * K1 * K1 * p * d),
+            "ghost": 2 * G * (T * T * d + K1 * T * T * p + K1 * K1 * T * p),
+        }
+        self.method: Literal["linear", "direct", "ghost"] = "direct"
+        if T == 1:
+            self.method = "linear"
+        elif self.costs["ghost"] < self.costs["direct"] and train_weight:
+            self.method = "ghost"
+        # ghost keeps G_k as (B, G, T, K', p); the others their per-sample gradients
+        self.features = Features(num_cotangents, axis=2 if self.method == "ghost" else 0)
+        self.bias_features = Features(num_cotangents)
+
+    def add(self, grouped: Tensor) -> None:
+        """The next cotangent's backprop of the output, ``(B, G, T, p)``."""
+        if self.method == "linear":
+            self.features.put(grouped[:, :, 0])
+        elif self.method == "ghost":
+            self.features.put(grouped)
+        elif self.train_weight:
+            self.features.put(torch.einsum("bgtp,bgtd->bgpd", grouped, self.inputs))
+        if self.train_bias and self.method != "linear":  # "linear" folds the bias in
+            self.bias_features.put(grouped.sum(2))
+
+    def gram(self, num_added: int) -> Tensor:
+        """``(B, K', K')`` float64 Gram of the weight and bias in the family."""
+        B = self.inputs.shape[0]
+        gram = torch.zeros(B, num_added, num_added, dtype=torch.float64, device=self.inputs.device)
+        found = self.features.buffer
+        if self.method == "linear" and found is not None:
+            # one position: A = (‖a‖² [weight] + 1 [bias]) ⟨g_k, g_l⟩
+            inputs = self.inputs.to(torch.float64)
+            norms = inputs.square().sum((-1, -2)) * float(self.train_weight)
+            norms = norms + float(self.train_bias)  # (B, G)
+            gram = torch.einsum("bg,bkgp,blgp->bkl", norms, found, found)
+        elif self.method == "ghost" and found is not None:
+            inputs = self.inputs.to(torch.float64)
+            overlap = inputs @ inputs.transpose(-1, -2)  # (B, G, T, T)
+            mixed = overlap @ found.flatten(3)  # (B, G, T, K'·p)
+            gram = torch.einsum("bgtkp,bgtlp->bkl", found, mixed.view(found.shape))
+        elif found is not None:
+            gram = self.features.gram()
+        if self.bias_features.buffer is not None:
+            gram = gram + self.bias_features.gram()
+        return gram
+
+
+class WeightedRoute(Route):
+    """``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (grouped and depthwise included)."""
 
     def __init__(
         self,
@@ -59,30 +132,14 @@ class WeightedRoute(Route):
         bias = getattr(module, "bias", None)
         self.train_bias = isinstance(bias, Tensor) and bias.requires_grad
         patches = [self._patches(call.x.to(dtype)) for call in calls]
-        self.inputs = patches[0] if len(patches) == 1 else torch.cat(patches, dim=2)
-        _, G, T, d = self.inputs.shape
-        p = int(calls[0].tensors["weight"].shape[0]) // G
-        K1 = num_cotangents
-        # Multiply-adds, with float64 work (every Gram contraction, the whole ghost route)
-        # counted twice: it runs at about half the float32 rate.
-        self.costs = {
-            "linear": G * (2 * K1 * K1 * p + d),
-            "direct": G * (K1 * T * p * d + 2 * K1 * K1 * p * d),
-            "ghost": 2 * G * (T * T * d + K1 * T * T * p + K1 * K1 * T * p),
-        }
-        if T == 1:
-            self.method = "linear"
-        elif self.costs["ghost"] < self.costs["direct"] and self.train_weight:
-            self.method = "ghost"
-        else:
-            self.method = "direct"
-        # ghost keeps G_k as (B, G, T, K', p); the others their per-sample gradients
-        self.features = Features(num_cotangents, axis=2 if self.method == "ghost" else 0)
-        self.bias_features = Features(num_cotangents)
+        inputs = patches[0] if len(patches) == 1 else torch.cat(patches, dim=2)
+        p = int(calls[0].tensors["weight"].shape[0]) // self.groups
+        self.grams = PatchGram(inputs, p, self.train_weight, self.train_bias, num_cotangents)
+        self.method = self.grams.method
         self.channels: list[Tensor] = []
 
     def cost(self) -> int:
-        return self.costs[self.method]
+        return self.grams.costs[self.method]
 
     def _patches(self, x: Tensor) -> Tensor:
         if self.linear:
@@ -114,43 +171,12 @@ class WeightedRoute(Route):
     def add(self, backprops: list[Tensor]) -> None:
         gs = [g if g.dtype == self.dtype else g.to(self.dtype) for g in backprops]
         parts = [self._grouped(g) for g in gs]
-        grouped = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        if self.method == "linear":
-            self.features.put(grouped[:, :, 0])
-        elif self.method == "ghost":
-            self.features.put(grouped)
-        elif self.train_weight:
-            self.features.put(torch.einsum("bgtp,bgtd->bgpd", grouped, self.inputs))
-        if self.train_bias and self.method != "linear":  # "linear" folds the bias in
-            self.bias_features.put(grouped.sum(2))
+        self.grams.add(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
         per_call = [self._channel(g, c) for g, c in zip(gs, self.calls, strict=True)]
         self.channels.append(torch.stack(per_call).sum(0) if len(per_call) > 1 else per_call[0])
 
     def result(self) -> RouteResult:
-        B = self.inputs.shape[0]
-        K1 = len(self.channels)
-        gram = torch.zeros(B, K1, K1, dtype=torch.float64, device=self.inputs.device)
-        found = self.features.buffer
-        if self.method == "linear" and found is not None:
-            # one position: A = (‖a‖² [weight] + 1 [bias]) ⟨g_k, g_l⟩
-            norms = self.inputs.to(torch.float64).square().sum((-1, -2)) * float(self.train_weight)
-            norms = norms + float(self.train_bias)  # (B, G)
-            gram = torch.einsum("bg,bkgp,blgp->bkl", norms, found, found)
-        elif self.method == "ghost" and found is not None:
-            inputs = self.inputs.to(torch.float64)
-            overlap = inputs @ inputs.transpose(-1, -2)  # (B, G, T, T)
-            mixed = overlap @ found.flatten(3)  # (B, G, T, K'·p)
-            gram = torch.einsum("bgtkp,bgtlp->bkl", found, mixed.view(found.shape))
-        elif found is not None:
-            gram = self.features.gram()
-        if self.bias_features.buffer is not None:
-            gram = gram + self.bias_features.gram()
+        gram = self.grams.gram(len(self.channels))
         channel = torch.stack(self.channels, dim=1).to(torch.float64)  # (B, K', C)
-        layer = LayerGram(
-            gram,
-            channel.sum(-1),
-            channel,
-            self.method,
-            self.theta_norm2(),
-        )
+        layer = LayerGram(gram, channel.sum(-1), channel, self.method, self.theta_norm2())
         return RouteResult({self.name: layer}, gram)
