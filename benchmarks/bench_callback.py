@@ -14,6 +14,7 @@ import argparse
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--log-dir", default="/tmp/bench_callback")
+    parser.add_argument("--out", type=Path, default=None, help="also write a markdown table")
     args = parser.parse_args()
 
     epochs: dict[bool, list[float]] = {False: [], True: []}
@@ -122,6 +124,22 @@ def main() -> None:
     share = 100 * overhead / cifar_epoch
     label = "45k/5k CIFAR10 epoch, scaled"
     print(f"{label:28s}{cifar_epoch:8.0f} s   monitoring = {share:.1f} % of it")
+    if args.out is not None:
+        rows = [
+            f"Measured on {machine}, device {args.device}, {samples}, {args.epochs} epochs per "
+            f"run, median of the epochs after the first "
+            f"(`python benchmarks/bench_callback.py --out ...`).",
+            "",
+            "| | per epoch |",
+            "|---|---:|",
+            f"| training epoch without the monitor | {plain:.1f} s |",
+            f"| with the monitor at its defaults | {with_monitor:.1f} s |",
+            f"| monitoring | **{overhead:.1f} s** ({100 * overhead / plain:.0f} % of this epoch) |",
+            f"| a full 45k / 5k CIFAR10 epoch on this machine, scaled per sample | "
+            f"{cifar_epoch:.0f} s |",
+            f"| monitoring as a share of that epoch | **{share:.1f} %** |",
+        ]
+        args.out.write_text("\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

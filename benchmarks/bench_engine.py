@@ -227,6 +227,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--authors-samples", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="also write a markdown table")
     parser.add_argument("--measure-memory", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure_memory:
@@ -254,9 +255,58 @@ def main() -> None:
     print(f"{'authors (scaled to batch)':28s} {authors_batch:9.3f} s")
     print(f"engine / lower bound          {best['engine'] / lower:6.2f}")
     print(f"authors / engine              {authors_batch / best['engine']:6.1f}")
+    memory: dict[str, float] = {}
     if not args.no_memory:
         for method in ("forward", "lower bound (loop)", "engine", "authors"):
-            print(f"peak memory {method:22s} {_peak_memory(method, args):9.0f} MiB")
+            memory[method] = _peak_memory(method, args)
+            print(f"peak memory {method:22s} {memory[method]:9.0f} MiB")
+    if args.out is not None:
+        args.out.write_text(_markdown(best, authors_batch, lower, memory, args, cpu))
+
+
+def _markdown(
+    best: dict[str, float],
+    authors_batch: float,
+    lower: float,
+    memory: dict[str, float],
+    args: argparse.Namespace,
+    cpu: str,
+) -> str:
+    forward = best["forward"]
+
+    def row(name: str, seconds: float, peak: float | None = None) -> str:
+        mib = f"{peak:,.0f} MiB" if peak is not None else ""
+        return f"| {name} | {seconds:.2f} s | {seconds / forward:,.1f} | {mib} |"
+
+    authors_key = next(k for k in best if k.startswith("authors"))
+    lines = [
+        f"Measured on {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"device {args.device}, batch {args.batch}, best of {args.repeats} interleaved runs "
+        f"(`python benchmarks/bench_engine.py --out ...`).",
+        "",
+        "| method | time | × forward | peak memory |",
+        "|---|---:|---:|---:|",
+        row("forward (eval)", forward, memory.get("forward")),
+        row(
+            "lower bound (loop backward)",
+            best["lower bound (loop)"],
+            memory.get("lower bound (loop)"),
+        ),
+        row("lower bound (batched backward)", best["lower bound (batched)"]),
+        row("engine, everything", best["engine"], memory.get("engine")),
+        row("engine, input FI and maps only", best["  engine: input maps only"]),
+        row("engine, per-layer results only", best["  engine: per-layer only"]),
+        row(
+            f"authors' recipe (scaled from {args.authors_samples} samples)",
+            authors_batch,
+            memory.get("authors"),
+        ),
+        "",
+        f"Engine ÷ lower bound: {best['engine'] / lower:.2f}. Authors' recipe ÷ engine: "
+        f"{authors_batch / best['engine']:.0f} (timed on {best[authors_key]:.1f} s for "
+        f"{args.authors_samples} samples).",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

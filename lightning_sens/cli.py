@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--train-probe-size", type=int, default=512)
     evaluate.add_argument("--exact-probe-size", type=int, default=32)
     evaluate.add_argument("--windows", type=int, nargs="*", default=[1, 3, 5, 7])
+    evaluate.add_argument(
+        "--exclude-layers", nargs="*", default=[], help="module names or glob patterns to skip"
+    )
     evaluate.add_argument("--flag-rule", choices=["mad", "top_k"], default="mad")
     evaluate.add_argument("--flag-threshold", type=float, default=3.5)
     evaluate.add_argument("--top-k", type=int, default=10)
@@ -115,6 +118,7 @@ def _evaluate(args: argparse.Namespace, lightning_args: list[str]) -> int:
         train_probe_size=args.train_probe_size,
         exact_probe_size=args.exact_probe_size,
         windows=tuple(args.windows),
+        exclude_layers=tuple(args.exclude_layers),
         flag_rule=args.flag_rule,
         flag_threshold=args.flag_threshold,
         top_k=args.top_k,

@@ -82,6 +82,18 @@ def test_config_file_and_globs(checkpoints: Path, tmp_path: Path) -> None:
     assert (out / "report.html").exists()
 
 
+def test_exclude_layers(checkpoints: Path, tmp_path: Path) -> None:
+    one = str(sorted(checkpoints.glob("*.ckpt"))[-1])
+    out = tmp_path / "eval"
+    skip = ["--exclude-layers", "net.0", "net.[1]"]
+    assert main(["evaluate", one, "--output", str(out), *SMALL, *skip, "--", *MODEL]) == 0
+    events = EventAccumulator(str(out), size_guidance={"scalars": 0})
+    events.Reload()
+    prefix = keys.layer_scale("val", "")
+    layers = {t[len(prefix) :] for t in events.Tags()["scalars"] if t.startswith(prefix)}
+    assert layers == {"net.4"}
+
+
 def test_usage_errors(checkpoints: Path, tmp_path: Path, capsys) -> None:
     assert (
         main(

@@ -133,7 +133,6 @@ class Session:
         self.ownership = Ownership.of(model, layers)
         self.param_ids = {self.ownership.canonical[id(p)]: id(p) for p in model.parameters()}
         self.plan: Plan | None = None
-        self.input_call_dims: tuple[int, int] | None = None
         self.skipped: dict[str, str] = {}
 
     # -- planning ----------------------------------------------------------------------------
@@ -169,18 +168,15 @@ class Session:
             unused = {p for p, g in zip(params, found, strict=True) if g is None}
         input_module = None
         if self.want_input and self.perturbed.kind == "tokens":
-            input_module = self._input_module(shapes_one, get(one, self.perturbed.key).data_ptr())
+            token = get(one, self.perturbed.key).data_ptr()
+            input_module = self._input_module(shapes_one, token)
             if input_module is not None:
-                calls = list(
-                    zip(shapes_one[input_module], shapes_three[input_module], strict=False)
-                )
-                token = get(one, self.perturbed.key).data_ptr()
-                chosen = [(a, b) for a, b in calls if a.first_arg == token]
+                # the call that reads the ids must give (B, ...) embeddings
+                pairs = zip(shapes_one[input_module], shapes_three[input_module], strict=False)
+                chosen = [(a, b) for a, b in pairs if a.first_arg == token]
                 dims = batch_dims(*chosen[0]) if len(chosen) == 1 else None
                 if dims is None or dims[1][:1] != [0]:
                     input_module = None
-                else:
-                    self.input_call_dims = (0, 0)
             if input_module is None:
                 warnings.warn(
                     "Input FI of token inputs perturbs the output of the embedding that reads "
@@ -215,11 +211,20 @@ class Session:
             else:  # input FI of a floating input: nothing to plan
                 self.plan = Plan()
         assert self.plan is not None
+        check = first
+        for _ in range(len(self.layers)):  # each round sends at least one layer to the model
+            try:
+                return self._chunk(inputs, target, check=check)
+            except _DemoteError as failed:
+                self.plan.demote(failed.layers, self.ownership)
+                check = False
         try:
-            return self._chunk(inputs, target, check=first)
-        except _DemoteError as failed:
-            self.plan.demote(failed.layers, self.ownership)
             return self._chunk(inputs, target, check=False)
+        except _DemoteError as failed:  # pragma: no cover (the whole-model route always fits)
+            raise UnsupportedLayerError(
+                f"The calls of layers {sorted(failed.layers)} change between batches in a way "
+                "the engine cannot follow; leave them out with exclude_layers=."
+            ) from failed
 
     def _hooked(self) -> dict[str, nn.Module]:
         assert self.plan is not None
@@ -260,7 +265,11 @@ class Session:
             token = get(inputs, self.perturbed.key).data_ptr()
             calls = [r for r in records[plan.input_module] if r.first_arg == token]
             if len(calls) != 1 or 0 not in calls[0].held:
-                raise _DemoteError(set())  # pragma: no cover (the probe found exactly one)
+                raise UnsupportedLayerError(
+                    f"{plan.input_module!r} read the token ids once in the probe passes but "
+                    f"{len(calls)} times in this batch; pass input_module= to name the embedding "
+                    "whose output is the perturbed input."
+                )
             slots.append(_Slot("input"))
             targets.append(calls[0].held[0])
         for name in plan.fast:
