@@ -17,8 +17,8 @@ Notation (per sample, docs/method.md, "The measure"):
 
 Inputs are a tensor or a dict of tensors (passed as keyword arguments); outputs may carry the
 logits in a ``logits`` attribute or key. A parameter shared by several modules (tied weights) is
-one parameter: perturbing it perturbs every use. Only :mod:`torch` and the core's definition of
-channel axes are imported.
+one parameter: perturbing it perturbs every use. Besides :mod:`torch`, it imports from the core
+only definitions (channel axes, how inputs reach the model), never its computations.
 """
 
 from __future__ import annotations
@@ -35,24 +35,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_sens.core.inputs import default_forward, logits_of
+from lightning_sens.core.inputs import ForwardModule, default_forward
 from lightning_sens.core.routes import channel_axes
 
 Target = Tensor | Literal["pred"]
 Inputs = Tensor | Mapping[str, Any]
 ForwardFn = Callable[[nn.Module, Any], Any]
-
-
-class _Forward(nn.Module):
-    """Wraps ``forward_fn(model, x)`` so that :func:`functional_call` can substitute parameters."""
-
-    def __init__(self, model: nn.Module, forward_fn: ForwardFn) -> None:
-        super().__init__()
-        self.model = model
-        self.forward_fn = forward_fn
-
-    def forward(self, x: Inputs) -> Tensor:
-        return logits_of(self.forward_fn(self.model, x))
 
 
 @contextmanager
@@ -305,7 +293,7 @@ def input_fi(
         if w < 1 or w % 2 != 1:
             raise ValueError(f"window sizes must be odd and positive, got {w}")
     forward_fn = forward_fn or default_forward
-    wrapper = _Forward(model, forward_fn)
+    wrapper = ForwardModule(model, forward_fn)
     apply, start = _perturbed(inputs, input_key, input_module)
     hooked = model.get_submodule(input_module) if input_module is not None else None
     omega_now: list[Tensor] = []
@@ -465,7 +453,7 @@ def parameter_fi(
             for n, m in model.named_modules()
             if any(t.requires_grad for t in m.parameters(recurse=False))
         ]
-    wrapper = _Forward(model, forward_fn)
+    wrapper = ForwardModule(model, forward_fn)
     params = {n: t.detach() for n, t in model.named_parameters(remove_duplicate=False)}
     blocks = {layer: _block_names(model, layer) for layer in layers}
     blocks["__all__"] = _distinct(model, [n for layer in layers for n in blocks[layer]])

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "ForwardFn",
+    "ForwardModule",
     "Inputs",
     "Perturbed",
     "batch_size",
@@ -67,6 +68,19 @@ def logits_of(output: Any) -> Any:
     if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
         return output["logits"]
     return output
+
+
+class ForwardModule(nn.Module):
+    """``logits_of(forward_fn(model, inputs))`` as a module, so that
+    ``torch.func.functional_call`` can substitute the model's parameters (as ``model.<name>``)."""
+
+    def __init__(self, model: nn.Module, forward_fn: ForwardFn) -> None:
+        super().__init__()
+        self.model = model
+        self.forward_fn = forward_fn
+
+    def forward(self, inputs: Inputs) -> Any:
+        return logits_of(self.forward_fn(self.model, inputs))
 
 
 def batch_size(inputs: Inputs) -> int:

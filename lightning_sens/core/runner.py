@@ -13,21 +13,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_sens.core.inputs import ForwardFn, Inputs, default_forward, logits_of, to_dtype
+from lightning_sens.core.inputs import ForwardFn, ForwardModule, Inputs, default_forward, to_dtype
 
 __all__ = ["Runner"]
-
-
-class _Forward(nn.Module):
-    """``forward_fn(model, inputs)`` as a module, so that functional_call can substitute tensors."""
-
-    def __init__(self, model: nn.Module, forward_fn: ForwardFn) -> None:
-        super().__init__()
-        self.model = model
-        self.forward_fn = forward_fn
-
-    def forward(self, inputs: Inputs) -> Any:
-        return logits_of(self.forward_fn(self.model, inputs))
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype:
@@ -50,7 +38,7 @@ class Runner:
     def __init__(self, model: nn.Module, forward_fn: ForwardFn | None) -> None:
         self.model = model
         self.forward_fn = forward_fn or default_forward
-        self.wrapper = _Forward(model, self.forward_fn)
+        self.wrapper = ForwardModule(model, self.forward_fn)
         self.dtype = _compute_dtype(model)
         self.parameters = dict(model.named_parameters())
         floating = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]

@@ -150,9 +150,9 @@ class Features:
 class Route(ABC):
     """Reduces one layer's backprops, one cotangent at a time, to its per-sample Gram.
 
-    Subclasses set :attr:`method` and implement :meth:`add` and :meth:`result`. A route owns its
-    state (what it keeps of each cotangent) and its cost formula (:meth:`cost`, multiply-adds per
-    sample), which the benchmark reports.
+    Subclasses set :attr:`method` and implement :meth:`prepare` (what the route keeps of the
+    recorded calls), :meth:`add` and :meth:`result`. A route owns its state (what it keeps of each
+    cotangent) and its cost formula (:meth:`cost`, multiply-adds per sample).
     """
 
     method: Method
@@ -170,6 +170,11 @@ class Route(ABC):
         self.calls = calls
         self.num_cotangents = num_cotangents
         self.dtype = dtype
+        self.prepare()
+
+    @abstractmethod
+    def prepare(self) -> None:
+        """Read what the route needs from the recorded calls (``self.calls``)."""
 
     @abstractmethod
     def add(self, backprops: list[Tensor]) -> None:

@@ -9,9 +9,9 @@ positions; ``padding_idx`` rows receive no gradient.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_sens.core.routes.base import FastCall, Features, LayerGram, Route, RouteResult
+from lightning_sens.core.routes.base import Features, LayerGram, Route, RouteResult
 
 __all__ = ["EmbeddingRoute"]
 
@@ -21,20 +21,13 @@ class EmbeddingRoute(Route):
 
     method = "embedding"
 
-    def __init__(
-        self,
-        name: str,
-        module: nn.Module,
-        calls: list[FastCall],
-        num_cotangents: int,
-        dtype: torch.dtype,
-    ) -> None:
-        super().__init__(name, module, calls, num_cotangents, dtype)
+    def prepare(self) -> None:
+        calls = self.calls
         self.tokens = torch.cat([call.x.reshape(call.x.shape[0], -1) for call in calls], dim=1)
-        padding = getattr(module, "padding_idx", None)
+        padding = getattr(self.module, "padding_idx", None)
         # autograd gives the padding row no gradient (F.embedding's convention); so do we
         self.valid = self.tokens != padding if padding is not None else None
-        self.features = Features(num_cotangents, axis=1)  # (B, T, K', d)
+        self.features = Features(self.num_cotangents, axis=1)  # (B, T, K', d)
         self.channels: list[Tensor] = []
 
     def cost(self) -> int:

@@ -36,20 +36,13 @@ class NormRoute(Route):
 
     method = "norm"
 
-    def __init__(
-        self,
-        name: str,
-        module: nn.Module,
-        calls: list[FastCall],
-        num_cotangents: int,
-        dtype: torch.dtype,
-    ) -> None:
-        super().__init__(name, module, calls, num_cotangents, dtype)
-        self.x_hat = [_normalized(module, call, dtype) for call in calls]
+    def prepare(self) -> None:
+        module = self.module
+        self.x_hat = [_normalized(module, call, self.dtype) for call in self.calls]
         weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
         self.train_weight = isinstance(weight, Tensor) and weight.requires_grad
         self.train_bias = isinstance(bias, Tensor) and bias.requires_grad
-        self.features = Features(num_cotangents)
+        self.features = Features(self.num_cotangents)
         self.channels: list[Tensor] = []
 
     def cost(self) -> int:

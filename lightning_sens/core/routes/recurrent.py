@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sens.core.routes.base import FastCall, LayerGram, Route, RouteResult
+from lightning_sens.core.routes.base import LayerGram, Route, RouteResult
 from lightning_sens.core.routes.weighted import PatchGram
 
 __all__ = ["LinearUse", "RecurrentRoute", "Unrolled", "unroll"]
@@ -157,25 +157,17 @@ class RecurrentRoute(Route):
         assert isinstance(module, nn.RNNBase)
         return unroll(module, args[0], tensors)
 
-    def __init__(
-        self,
-        name: str,
-        module: nn.Module,
-        calls: list[FastCall],
-        num_cotangents: int,
-        dtype: torch.dtype,
-    ) -> None:
-        super().__init__(name, module, calls, num_cotangents, dtype)
-        self.trainable = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    def prepare(self) -> None:
+        named = self.module.named_parameters(recurse=False)
+        self.trainable = {n for n, p in named if p.requires_grad}
         self.parts: list[tuple[LinearUse, PatchGram, Tensor | None]] = []
-        for call in calls:
+        for call in self.calls:
             for use in call.extra.uses:
-                inputs = use.inputs.to(dtype).unsqueeze(1)  # (B, 1, T, d)
+                inputs = use.inputs.to(self.dtype).unsqueeze(1)  # (B, 1, T, d)
                 p = int(call.tensors[use.weight].shape[0])
+                train_weight = use.weight in self.trainable
                 train_bias = use.bias is not None and use.bias in self.trainable
-                grams = PatchGram(
-                    inputs, p, use.weight in self.trainable, train_bias, num_cotangents
-                )
+                grams = PatchGram(inputs, p, train_weight, train_bias, self.num_cotangents)
                 bias = call.tensors[use.bias] if use.bias is not None else None
                 self.parts.append((use, grams, bias))
         self.scales: list[Tensor] = []

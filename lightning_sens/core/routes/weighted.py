@@ -116,25 +116,19 @@ class PatchGram:
 class WeightedRoute(Route):
     """``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (grouped and depthwise included)."""
 
-    def __init__(
-        self,
-        name: str,
-        module: nn.Module,
-        calls: list[FastCall],
-        num_cotangents: int,
-        dtype: torch.dtype,
-    ) -> None:
-        super().__init__(name, module, calls, num_cotangents, dtype)
+    def prepare(self) -> None:
+        module = self.module
         self.linear = isinstance(module, nn.Linear)
         self.channel_dim = -1 if self.linear else 1
         self.groups = 1 if self.linear else int(module.groups)  # type: ignore[arg-type]
         self.train_weight = bool(module.weight.requires_grad)
         bias = getattr(module, "bias", None)
         self.train_bias = isinstance(bias, Tensor) and bias.requires_grad
-        patches = [self._patches(call.x.to(dtype)) for call in calls]
+        patches = [self._patches(call.x.to(self.dtype)) for call in self.calls]
         inputs = patches[0] if len(patches) == 1 else torch.cat(patches, dim=2)
-        p = int(calls[0].tensors["weight"].shape[0]) // self.groups
-        self.grams = PatchGram(inputs, p, self.train_weight, self.train_bias, num_cotangents)
+        p = int(self.calls[0].tensors["weight"].shape[0]) // self.groups
+        K1 = self.num_cotangents
+        self.grams = PatchGram(inputs, p, self.train_weight, self.train_bias, K1)
         self.method = self.grams.method
         self.channels: list[Tensor] = []
 
