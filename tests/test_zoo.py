@@ -195,3 +195,23 @@ def test_a_call_that_bypasses_the_hooks_is_caught_by_the_certificate() -> None:
         layer = got.parameters.layers[name]
         assert_close(f"{name} fi", layer.parameters.fi, want[name]["fi"])  # type: ignore[arg-type]
         assert_close(f"{name} scale", layer.scale.fi, want[name]["scale_fi"])  # type: ignore[arg-type]
+
+
+def test_a_model_handed_over_in_training_mode_is_measured_in_eval_mode() -> None:
+    """Dropout off and the attention computed as in evaluation, whatever mode the user left the
+    model in; each module's own mode is restored."""
+    case = next(c for c in ZOO if c.name == "text_transformer")
+    model, x, labels = build(case)
+    model.encoder.layers[0].train(False)  # mixed modes, restored module by module
+    modes = [m.training for m in model.modules()]
+    in_training = sensitivity(model, x, labels, windows=(1,))
+    assert [m.training for m in model.modules()] == modes
+    in_eval = sensitivity(model.eval(), x, labels, windows=(1,))
+    assert in_training.input is not None
+    assert in_eval.input is not None
+    assert torch.equal(in_training.input.whole.fi, in_eval.input.whole.fi)
+    assert torch.equal(in_training.input.maps[1].fi, in_eval.input.maps[1].fi)
+    assert in_training.parameters is not None
+    assert in_eval.parameters is not None
+    for name, layer in in_eval.parameters.layers.items():
+        assert torch.equal(in_training.parameters.layers[name].parameters.fi, layer.parameters.fi)
