@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from lightning_sens.core.capture import CallShape
-from lightning_sens.core.routes import Route, channel_axes, fast_route
+from lightning_sens.core.routes import Route, fast_route
 
 __all__ = ["FastPlan", "HostPlan", "Ownership", "Plan", "batch_dims", "make_plan"]
 
@@ -306,9 +306,3 @@ def make_plan(
         name for name in hooked if any(call.modified for call in probes[1].get(name, []))
     }
     return plan
-
-
-def channel_axis_of(module: nn.Module, local_name: str) -> int | None:
-    """The output-channel axis of a parameter of ``module`` (None: no channel notion)."""
-    axes = channel_axes(module)
-    return None if axes is None else axes.get(local_name)

@@ -152,7 +152,8 @@ class Route(ABC):
 
     Subclasses set :attr:`method` and implement :meth:`prepare` (what the route keeps of the
     recorded calls), :meth:`add` and :meth:`result`. A route owns its state (what it keeps of each
-    cotangent) and its cost formula (:meth:`cost`, multiply-adds per sample).
+    cotangent); where it has a choice of formulas (direct or ghost), it owns the cost model that
+    makes it (:class:`~lightning_sens.core.routes.weighted.PatchGram`).
     """
 
     method: Method
@@ -183,10 +184,6 @@ class Route(ABC):
     @abstractmethod
     def result(self) -> RouteResult:
         """The Gram and scaling derivatives from every cotangent added so far."""
-
-    def cost(self) -> int:
-        """Multiply-adds per sample to form the Gram from the backprops (0 when not estimated)."""
-        return 0
 
     def theta_norm2(self) -> Tensor:
         """‖θ_l‖² of the trainable parameters, as the recorded calls saw them."""

@@ -30,11 +30,6 @@ class EmbeddingRoute(Route):
         self.features = Features(self.num_cotangents, axis=1)  # (B, T, K', d)
         self.channels: list[Tensor] = []
 
-    def cost(self) -> int:
-        T = self.tokens.shape[1]
-        d = int(self.calls[0].output.shape[-1])
-        return T * T + self.num_cotangents * (T * T * d + self.num_cotangents * T * d)
-
     def add(self, backprops: list[Tensor]) -> None:
         B = self.tokens.shape[0]
         g = torch.cat([g.to(self.dtype).reshape(B, -1, g.shape[-1]) for g in backprops], dim=1)

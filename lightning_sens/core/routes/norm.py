@@ -45,9 +45,6 @@ class NormRoute(Route):
         self.features = Features(self.num_cotangents)
         self.channels: list[Tensor] = []
 
-    def cost(self) -> int:
-        return int(sum(x.shape[1:].numel() for x in self.x_hat)) * 2 * self.num_cotangents
-
     def _positions(self, g: Tensor) -> tuple[int, ...]:
         if isinstance(self.module, nn.LayerNorm):
             return tuple(range(1, g.dim() - len(self.module.normalized_shape)))

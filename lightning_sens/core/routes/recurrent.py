@@ -172,9 +172,6 @@ class RecurrentRoute(Route):
                 self.parts.append((use, grams, bias))
         self.scales: list[Tensor] = []
 
-    def cost(self) -> int:
-        return sum(grams.costs[grams.method] for _, grams, _ in self.parts)
-
     def add(self, backprops: list[Tensor]) -> None:
         position = 0
         scale = None

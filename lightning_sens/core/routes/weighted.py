@@ -132,9 +132,6 @@ class WeightedRoute(Route):
         self.method = self.grams.method
         self.channels: list[Tensor] = []
 
-    def cost(self) -> int:
-        return self.grams.costs[self.method]
-
     def _patches(self, x: Tensor) -> Tensor:
         if self.linear:
             return x.reshape(x.shape[0], 1, -1, x.shape[-1])
