@@ -25,8 +25,8 @@ from lightning_sens.core.results import (
     concat_results,
 )
 from lightning_sens.core.runner import Runner
-from lightning_sens.core.session import OnUnsupported, Session, UnsupportedLayerError
-from lightning_sens.core.validation import check_inputs, check_windows
+from lightning_sens.core.session import OnUnsupported, Session
+from lightning_sens.core.validation import UnsupportedLayerError, check_inputs, check_windows
 
 __all__ = [
     "InputFI",

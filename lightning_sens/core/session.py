@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from lightning_sens.core.assemble import parameter_result, zero_gram
 from lightning_sens.core.capture import (
     Backward,
     Captured,
     backprops,
     capture_calls,
-    record_shapes,
 )
 from lightning_sens.core.certificate import FastShare, HostShare, certify
 from lightning_sens.core.fi import (
@@ -31,8 +31,6 @@ from lightning_sens.core.fi import (
     closed_form_fi,
     contrast_basis,
     default_rtol,
-    fi_from_contrast_columns,
-    fi_from_contrast_gram,
     log_prob_gradient,
     resolve_target,
 )
@@ -43,34 +41,26 @@ from lightning_sens.core.inputs import (
     Perturbed,
     batch_size,
     get,
-    input_embedding_name,
-    repeat_first,
     replace,
-    select,
 )
-from lightning_sens.core.plan import PROBE_SIZES, Ownership, Plan, batch_dims, make_plan
+from lightning_sens.core.plan import Ownership, Plan, make_plan
+from lightning_sens.core.probe import probe, token_reader
 from lightning_sens.core.replay import host_calls, model_call
-from lightning_sens.core.results import LayerFI, ParameterFI, SensitivityResult
+from lightning_sens.core.results import SensitivityResult
 from lightning_sens.core.routes import (
     FastCall,
     JacobianCall,
-    LayerGram,
     ParamUse,
     RouteResult,
     channel_axes,
     jacobian_route,
-    norm2,
 )
 from lightning_sens.core.runner import Runner
-from lightning_sens.core.validation import check_logits, check_target
+from lightning_sens.core.validation import UnsupportedLayerError, check_logits, check_target
 
-__all__ = ["OnUnsupported", "Session", "UnsupportedLayerError"]
+__all__ = ["OnUnsupported", "Session"]
 
 OnUnsupported = Literal["raise", "skip"]
-
-
-class UnsupportedLayerError(RuntimeError):
-    """A layer whose FI cannot be computed. The message names the layer and what to do."""
 
 
 class _DemoteError(Exception):
@@ -89,19 +79,6 @@ class _Slot:
     name: str = ""
     call: int = 0
     leaf: int = 0
-
-
-def _zero_gram(layer: nn.Module, batch: int, K1: int, device: torch.device) -> LayerGram:
-    zeros = torch.zeros(batch, K1, K1, dtype=torch.float64, device=device)
-    axes = channel_axes(layer)
-    channel = None
-    if axes:
-        name, axis = next(iter(axes.items()))
-        size = getattr(layer, name).shape[axis]
-        channel = torch.zeros(batch, K1, size, dtype=torch.float64, device=device)
-    scale = torch.zeros(batch, K1, dtype=torch.float64, device=device)
-    theta = norm2([p for p in layer.parameters(recurse=False) if p.requires_grad])
-    return LayerGram(zeros, scale, channel, "unused", theta)
 
 
 class Session:
@@ -139,44 +116,11 @@ class Session:
 
     def _probe(self, inputs: Inputs) -> None:
         """Two tiny forward passes with every module's calls recorded, then the route plan."""
-        B = batch_size(inputs)
-        one = self.runner.inputs(select(inputs, slice(0, 1), B))
-        three = self.runner.inputs(repeat_first(inputs, PROBE_SIZES[1], B))
-        try:
-            with record_shapes(self.model) as shapes_one:
-                self.runner(one)
-            with record_shapes(self.model) as shapes_three:
-                logits = self.runner(three)
-            check_logits(logits, FORWARD_HINT)
-        except Exception as error:
-            # Say what is wrong with the user's own batch where that is the problem.
-            check_logits(self.runner(self.runner.inputs(inputs)), FORWARD_HINT)
-            raise UnsupportedLayerError(
-                f"The model runs on this batch of {B} but not on {PROBE_SIZES[0]} or "
-                f"{PROBE_SIZES[1]} copies of its first sample ({type(error).__name__}: {error}). "
-                "Per-sample FI needs a model that treats the samples of a batch independently; "
-                "a forward that depends on the batch size cannot be split into samples."
-            ) from error
-        params = sorted({p for ps in self.ownership.layer_params.values() for p in ps})
-        unused = set()
-        if params:
-            tensors = [self.runner.tensor(p) for p in params]
-            weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
-            found = torch.autograd.grad(
-                (logits * weights.to(logits)).sum(), tensors, allow_unused=True
-            )
-            unused = {p for p, g in zip(params, found, strict=True) if g is None}
+        probes = probe(self.model, self.runner, self.ownership, inputs)
         input_module = None
         if self.want_input and self.perturbed.kind == "tokens":
-            token = get(one, self.perturbed.key).data_ptr()
-            input_module = self._input_module(shapes_one, token)
-            if input_module is not None:
-                # the call that reads the ids must give (B, ...) embeddings
-                pairs = zip(shapes_one[input_module], shapes_three[input_module], strict=False)
-                chosen = [(a, b) for a, b in pairs if a.first_arg == token]
-                dims = batch_dims(*chosen[0]) if len(chosen) == 1 else None
-                if dims is None or dims[1][:1] != [0]:
-                    input_module = None
+            requested = self.requested_input_module
+            input_module = token_reader(self.model, probes, self.perturbed.key, requested)
             if input_module is None:
                 warnings.warn(
                     "Input FI of token inputs perturbs the output of the embedding that reads "
@@ -186,21 +130,7 @@ class Session:
                     stacklevel=4,
                 )
                 self.want_input = False
-        self.plan = make_plan(self.ownership, (shapes_one, shapes_three), unused, input_module)
-
-    def _input_module(self, shapes: dict[str, Any], token_ptr: int) -> str | None:
-        if self.requested_input_module is not None:
-            return self.requested_input_module
-        found = input_embedding_name(self.model)
-        if found is not None:
-            return found
-        readers = [
-            name
-            for name, calls in shapes.items()
-            if any(call.first_arg == token_ptr for call in calls)
-            and isinstance(self.model.get_submodule(name), nn.Embedding)
-        ]
-        return readers[0] if len(readers) == 1 else None
+        self.plan = make_plan(self.ownership, probes.shapes, probes.unused, input_module)
 
     # -- one chunk ---------------------------------------------------------------------------
 
@@ -354,7 +284,21 @@ class Session:
             input_part = input_result(
                 stacked, probs, c, self.windows, self._tol(logits), layout, source
             )
-        parameter_part = self._parameters(results, probs, c, B, K, logits) if self.layers else None
+        parameter_part = None
+        if self.layers:
+            unused = {
+                name: zero_gram(self.layers[name], B, K - 1, logits.device) for name in plan.unused
+            }
+            parameter_part = parameter_result(
+                results,
+                unused,
+                self.layers,
+                self.ownership,
+                self.skipped,
+                probs,
+                c,
+                self._tol(logits),
+            )
         return SensitivityResult(y, closed.p_target, closed.log_fi, input_part, parameter_part)
 
     def _tol(self, logits: Tensor) -> float:
@@ -464,59 +408,3 @@ class Session:
         return result, sums
 
     # -- assembling ----------------------------------------------------------------------------
-
-    def _parameters(
-        self,
-        results: list[RouteResult],
-        probs: Tensor,
-        c: Tensor,
-        batch: int,
-        K: int,
-        logits: Tensor,
-    ) -> ParameterFI:
-        assert self.plan is not None
-        per_layer: dict[str, LayerGram] = {}
-        for result in results:
-            for name, gram in result.layers.items():
-                per_layer[name] = gram if name not in per_layer else per_layer[name] + gram
-        for name in self.plan.unused:
-            per_layer[name] = _zero_gram(self.layers[name], batch, K - 1, logits.device)
-        names = [n for n in self.layers if n in per_layer and n not in self.skipped]
-        grams = [per_layer[n].gram for n in names]
-        # a scaling direction is null when its effect is below what any direction of the same
-        # norm can do, at the rank tolerance (LayerGram.theta_norm2)
-        noise = {
-            n: per_layer[n].gram.diagonal(dim1=-2, dim2=-1).sum(-1) * per_layer[n].theta_norm2
-            for n in names
-        }
-        channel_names = [n for n in names if per_layer[n].channel_scale is not None]
-        for name in channel_names:
-            u = per_layer[name].channel_scale
-            assert u is not None
-            grams.append(u @ u.transpose(-1, -2))
-        total = sum(
-            (r.total for r in results),
-            torch.zeros(batch, K - 1, K - 1, dtype=torch.float64, device=logits.device),
-        )
-        grams.append(total)
-        tol = self._tol(logits)
-        zero = torch.zeros(batch, dtype=torch.float64, device=logits.device)
-        floors = [zero] * len(names) + [noise[n] for n in channel_names] + [zero]
-        blocks = fi_from_contrast_gram(torch.stack(grams), probs, c, tol, torch.stack(floors))
-        scale_fi = None
-        if names:
-            scales = torch.stack([per_layer[n].scale for n in names]).unsqueeze(-1)
-            floor = torch.stack([noise[n] for n in names])
-            scale_fi = fi_from_contrast_columns(scales, probs, c, tol, floor)
-        channel_fi = {n: blocks[len(names) + i] for i, n in enumerate(channel_names)}
-        layers = {
-            name: LayerFI(
-                parameters=blocks[i],
-                scale=scale_fi[i],  # type: ignore[index]
-                channel_scale=channel_fi.get(name),
-                method=per_layer[name].method,
-                shared_with=self.ownership.shared_with(name),
-            )
-            for i, name in enumerate(names)
-        }
-        return ParameterFI(layers, blocks[-1], dict(self.skipped))

@@ -7,7 +7,17 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["check_inputs", "check_logits", "check_target", "check_windows"]
+__all__ = [
+    "UnsupportedLayerError",
+    "check_inputs",
+    "check_logits",
+    "check_target",
+    "check_windows",
+]
+
+
+class UnsupportedLayerError(RuntimeError):
+    """A layer (or model) whose FI cannot be computed; the message names it and what to do."""
 
 
 def check_logits(logits: object, hint: str = "") -> None:
