@@ -14,9 +14,8 @@ from lightning_sens.reporting.figures import (
     layer_strip_plot,
     manhattan_plot,
     sample_grid,
-    sample_text,
-    token_strips,
 )
+from lightning_sens.reporting.sequences import sample_text, token_strips
 
 
 def _generator() -> torch.Generator:

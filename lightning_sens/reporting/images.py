@@ -12,7 +12,7 @@ from torch import Tensor
 from lightning_sens.core import SensitivityResult
 from lightning_sens.core.inputs import Inputs, batch_size, perturbed_input, select
 from lightning_sens.flagging import FlagDecision
-from lightning_sens.reporting import figures, keys
+from lightning_sens.reporting import figures, keys, sequences
 from lightning_sens.reporting.summary import SplitScores
 
 __all__ = ["Describe", "describe_sample", "epoch_images"]
@@ -76,7 +76,7 @@ def _samples_figure(
     n = len(captions)
     describe = describe or describe_sample
     lines = [describe(select(inputs, slice(i, i + 1), n)) for i in range(n)]
-    return figures.sample_text(lines, captions, title)
+    return sequences.sample_text(lines, captions, title)
 
 
 def _caption(sample: int, label: int, pred: int, log_fi: float) -> str:
@@ -136,7 +136,7 @@ def epoch_images(
         if len(top):
             grid = _samples_figure(fetch(split, s.ids[top]), captions, title, describe)
         else:
-            grid = figures.sample_text([], [], title)
+            grid = sequences.sample_text([], [], title)
         out[keys.image(f"flagged_{split}")] = figures.figure_to_image(grid)
 
         heatmap = _layer_heatmap(history, split)
@@ -162,7 +162,7 @@ def epoch_images(
                 rows = _token_ids(inputs, drop_padding=False) or [[]] * len(ids)
                 tokens = [[str(t) for t in row[:T]] + [""] * (T - len(row[:T])) for row in rows]
                 captions = [f"#{int(i)}, max over embedding coordinates" for i in ids]
-                fig = figures.token_strips(maps, tokens, captions, title)
+                fig = sequences.token_strips(maps, tokens, captions, title)
             else:
                 images = _images(inputs)
                 if images is None:
