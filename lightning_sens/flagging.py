@@ -1,14 +1,21 @@
 """Flagging high-influence samples: the rules and their persistence across epochs (pure torch).
 
 The per-sample score is log FI with the true label (Setup 1 of the paper: candidate outliers and
-mislabelled samples). Two rules, chosen by the user:
+mislabelled samples). Three rules, chosen by the user:
 
-- ``"mad"`` (default): a sample is flagged when its robust z-score
+- ``"counterfactual"`` (default): estimates how many labels of each class are wrong, by comparing
+  each class's scores with the scores the model gives samples of the other classes under that
+  label, and flags that many (:mod:`lightning_sens.label_noise`; docs/flags.md has the
+  benchmark). Every flag carries ``p_bad``, the estimated share of wrong labels among the samples
+  of its class scoring at least as high. It stays quiet on clean data and does not break down
+  when 10–40 % of the labels are wrong, where the bad labels are no longer a few outliers.
+- ``"mad"``: a sample is flagged when its robust z-score
   z = (log FI − median) / (1.4826 · MAD) exceeds ``threshold`` (3.5 by default, the cut-off
   Iglewicz and Hoaglin recommend for modified z-scores). Median and MAD ignore the flagged tail
   itself, so a handful of extreme samples cannot hide each other, and the cut-off adapts as the
   whole distribution moves during training. log FI is used because FI spans many orders of
-  magnitude.
+  magnitude. Suited to a few outliers; when many labels are wrong they inflate the MAD and
+  recall collapses.
 - ``"top_k"``: the k samples with the largest log FI (the paper shows the top 5). Always flags k
   samples, whether or not any is unusual.
 
@@ -20,14 +27,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
+from lightning_sens.label_noise import estimate_noise
+
 __all__ = ["FlagDecision", "FlagHistory", "FlagRule", "flag", "robust_z"]
 
-FlagRule = Literal["mad", "top_k"]
+FlagRule = Literal["counterfactual", "mad", "top_k"]
 
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution is 0.6745 σ
 _MEAN_AD_TO_SIGMA = 1.2533  # mean absolute deviation of a normal distribution is 0.7979 σ
@@ -69,34 +78,83 @@ class FlagDecision:
 
     Attributes:
         flagged: bool ``(N,)``.
-        cutoff: the log FI above which samples were flagged (for "top_k", the k-th largest).
+        cutoff: ``(N,)`` the log FI above which each sample's split (for "top_k": the k-th
+            largest) or, for "counterfactual", its class looks like a wrong label.
         rule: the rule used, with its parameter, e.g. ``"mad>3.5"`` or ``"top_k=10"``.
+        p_bad: ``(N,)`` for "counterfactual": the estimated share of wrong labels among the
+            samples of the same class scoring at least as high (NaN where the rule does not say).
+        estimated: for "counterfactual": the estimated number of wrong labels per class (−1
+            where the model does not separate the class from the others yet); else None.
     """
 
     flagged: Tensor
-    cutoff: float
+    cutoff: Tensor
     rule: str
+    p_bad: Tensor
+    estimated: Tensor | None = None
+
+    def take(self, index: Tensor) -> FlagDecision:
+        """The decision of a subset of the samples (``estimated`` stays per class)."""
+        return FlagDecision(
+            self.flagged[index], self.cutoff[index], self.rule, self.p_bad[index], self.estimated
+        )
+
+    @property
+    def estimated_share(self) -> float:
+        """The estimated share of wrong labels (classes not yet separated left out); NaN
+        for the rules that do not estimate it."""
+        if self.estimated is None or self.flagged.numel() == 0:
+            return float("nan")
+        return float(self.estimated.clamp(min=0).sum()) / self.flagged.numel()
 
 
 def flag(
-    log_fi: Tensor, rule: FlagRule = "mad", threshold: float = 3.5, top_k: int = 10
+    log_fi: Tensor,
+    rule: FlagRule = "counterfactual",
+    threshold: float = 3.5,
+    top_k: int = 10,
+    *,
+    label_scores: Tensor | None = None,
+    labels: Tensor | None = None,
+    at_least: Tensor | None = None,
 ) -> FlagDecision:
-    """Apply a flag rule to per-sample log FI (see the module docstring)."""
-    scores = log_fi.detach().to(torch.float64).flatten()
+    """Apply a flag rule to per-sample log FI with the true label (see the module docstring).
+
+    ``"counterfactual"`` also needs ``label_scores`` ``(N, K)``, the log FI of every label
+    (:func:`~lightning_sens.label_noise.label_log_fi`, or evidence accumulated over training),
+    and the ``labels``; ``at_least`` ``(K,)`` are counts of wrong labels per class estimated
+    earlier in training (:func:`~lightning_sens.label_noise.estimate_noise`).
+    """
+    scores = log_fi.detach().to(torch.float64).flatten().cpu()
+    n = scores.numel()
+    unknown = torch.full((n,), float("nan"), dtype=torch.float64)
+
+    def same(value: float) -> Tensor:
+        return torch.full((n,), value, dtype=torch.float64)
+
+    if rule == "counterfactual":
+        if label_scores is None or labels is None:
+            raise ValueError(
+                "flag(rule='counterfactual') needs label_scores (N, K) and labels (N,); pass "
+                "them, or choose rule='mad' or 'top_k'."
+            )
+        found = estimate_noise(label_scores, labels, at_least)
+        cutoff = found.cutoff[labels.detach().long().cpu()]
+        return FlagDecision(found.flagged, cutoff, rule, found.p_bad, found.estimated)
     if rule == "top_k":
-        k = min(top_k, scores.numel())
-        flagged = torch.zeros(scores.numel(), dtype=torch.bool)
+        k = min(top_k, n)
+        flagged = torch.zeros(n, dtype=torch.bool)
         if k == 0:
-            return FlagDecision(flagged, float("inf"), f"top_k={top_k}")
+            return FlagDecision(flagged, same(float("inf")), f"top_k={top_k}", unknown)
         values, order = scores.topk(k)
-        flagged[order.cpu()] = True
-        return FlagDecision(flagged, float(values[-1]), f"top_k={top_k}")
+        flagged[order] = True
+        return FlagDecision(flagged, same(float(values[-1])), f"top_k={top_k}", unknown)
     if rule == "mad":
-        flagged = (robust_z(scores) > threshold).cpu()
-        found = _location_scale(scores)
-        cutoff = float("inf") if found is None else found[0] + threshold * found[1]
-        return FlagDecision(flagged, cutoff, f"mad>{threshold:g}")
-    raise ValueError(f"rule must be 'mad' or 'top_k', got {rule!r}.")
+        flagged = robust_z(scores) > threshold
+        location = _location_scale(scores)
+        above = float("inf") if location is None else location[0] + threshold * location[1]
+        return FlagDecision(flagged, same(above), f"mad>{threshold:g}", unknown)
+    raise ValueError(f"rule must be one of {get_args(FlagRule)}, got {rule!r}.")
 
 
 @dataclass
@@ -129,6 +187,15 @@ class FlagHistory:
         if not recent:
             return 0
         return sum(1 for e in self.epochs.get(split, {}).get(int(sample), []) if e >= recent[0])
+
+    def counts(self, split: str) -> dict[int, int]:
+        """:meth:`count` of every sample flagged in the window (the others are 0)."""
+        recent = self.monitored.get(split, [])[-self.window :]
+        if not recent:
+            return {}
+        per_sample = self.epochs.get(split, {}).items()
+        found = {s: sum(1 for e in epochs if e >= recent[0]) for s, epochs in per_sample}
+        return {s: c for s, c in found.items() if c}
 
     def state_dict(self) -> dict[str, object]:
         return {"window": self.window, "epochs": self.epochs, "monitored": self.monitored}
