@@ -10,7 +10,13 @@ from lightning_sens.core import *  # noqa: F403  (the core's public API is the p
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [*core.__all__, "MonitorConfig", "SensitivityMonitor", "__version__"]  # noqa: F405
+__all__ = [  # noqa: F405
+    *core.__all__,
+    "MonitorConfig",
+    "SensitivityMonitor",
+    "WithIndex",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> object:
@@ -23,4 +29,8 @@ def __getattr__(name: str) -> object:
         from lightning_sens.config import MonitorConfig
 
         return MonitorConfig
+    if name == "WithIndex":
+        from lightning_sens.data import WithIndex
+
+        return WithIndex
     raise AttributeError(f"module 'lightning_sens' has no attribute {name!r}")

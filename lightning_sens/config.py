@@ -33,10 +33,16 @@ class MonitorConfig:
         layers: module names for per-layer FI; None for every module with trainable parameters.
         exclude_layers: module names or glob patterns (``"encoder.*.attn"``) left out of the
             per-layer FI.
-        flag_rule: "mad" (robust z-score of log FI above ``flag_threshold``) or "top_k".
+        flag_rule: "counterfactual" (estimates how many labels of each class are wrong and
+            flags that many; docs/flags.md), "mad" (robust z-score of log FI above
+            ``flag_threshold``: a few outliers) or "top_k".
         flag_threshold: the robust z-score cut-off of the "mad" rule.
         top_k: how many samples the "top_k" rule flags per split and epoch.
         persistence: n in "flagged in m of the last n monitored epochs".
+        score_training_steps: score every training sample from the logits its training step
+            computes (no extra pass; train-mode logits) and flag training labels by the mean over
+            all steps so far. Needs sample ids: batches ``(x, y, ids)``, or a loader with a batch
+            sampler, whose order the monitor records.
         scan_train_set: every ``scan_every_n_epochs`` monitored epochs, also compute the
             closed-form FI of every training sample (one eval forward pass per sample) so that
             outliers anywhere in the training set can be flagged.
@@ -55,10 +61,11 @@ class MonitorConfig:
     windows: tuple[int, ...] = (1, 3, 5, 7)
     layers: tuple[str, ...] | None = None
     exclude_layers: tuple[str, ...] = ()
-    flag_rule: FlagRule = "mad"
+    flag_rule: FlagRule = "counterfactual"
     flag_threshold: float = 3.5
     top_k: int = 10
     persistence: int = 5
+    score_training_steps: bool = True
     scan_train_set: bool = False
     scan_every_n_epochs: int = 1
     chunk_size: int | None = None

@@ -146,7 +146,11 @@ def test_logs_every_documented_scalar_and_the_flag_tables(tmp_path: Path) -> Non
         val_rows = [r for r in rows if r["split"] == "val"]
         train_rows = [r for r in rows if r["split"] == "train"]
         assert sorted(int(r["sample"]) for r in val_rows) == list(range(32))
-        assert len(train_rows) == 32
+        # every training sample, scored in its training step, once per epoch
+        assert sorted(int(r["sample"]) for r in train_rows) == list(range(64))
+        assert all(int(r["seen"]) == epoch + 1 for r in train_rows)
+        assert all(math.isfinite(float(r["log_fi_mean"])) for r in train_rows)
+        assert all(r["seen"] == "0" and r["log_fi_mean"] == "nan" for r in val_rows)
         assert sum(r["flagged"] == "True" for r in val_rows) == 3
         for r in val_rows:
             p = float(r["p_label"])
@@ -196,7 +200,10 @@ def test_failures_warn_and_skip_or_raise_when_strict(tmp_path: Path) -> None:
 
     train, val = _loaders()
     monitor = SensitivityMonitor(SMALL, batch_fn=broken)
-    with pytest.warns(UserWarning, match="skipped the monitoring of epoch 0.*broken batch_fn"):
+    with (
+        pytest.warns(UserWarning, match="stopped scoring the training steps.*broken batch_fn"),
+        pytest.warns(UserWarning, match="skipped the monitoring of epoch 0.*broken batch_fn"),
+    ):
         _trainer(tmp_path, [monitor], epochs=1).fit(TinyNet(), train, val)
     assert monitor.history == []
     strict = SensitivityMonitor(SMALL, batch_fn=broken, strict=True)
@@ -207,7 +214,9 @@ def test_failures_warn_and_skip_or_raise_when_strict(tmp_path: Path) -> None:
 def test_bad_configuration_fails_at_construction() -> None:
     with pytest.raises(ValueError, match="every_n_epochs must be a positive integer, got 0"):
         SensitivityMonitor(every_n_epochs=0)
-    with pytest.raises(ValueError, match=r"flag_rule must be one of \('mad', 'top_k'\)"):
+    with pytest.raises(
+        ValueError, match=r"flag_rule must be one of \('counterfactual', 'mad', 'top_k'\)"
+    ):
         SensitivityMonitor(flag_rule="zscore")
     with pytest.raises(ValueError, match="windows must be odd"):
         SensitivityMonitor(windows=(2,))

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
@@ -18,6 +16,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
+from lightning_sens.callbacks.rng import preserved_rng
+from lightning_sens.callbacks.train_scores import TrainScores
 from lightning_sens.config import MonitorConfig
 from lightning_sens.core import SensitivityResult, sensitivity
 from lightning_sens.core.inputs import (
@@ -28,13 +28,15 @@ from lightning_sens.core.inputs import (
     to_device,
     usable_windows,
 )
-from lightning_sens.flagging import FlagHistory, flag
+from lightning_sens.flagging import FlagDecision, FlagHistory, flag
+from lightning_sens.label_noise import LabelEvidence, estimate_noise
 from lightning_sens.reporting import keys
 from lightning_sens.reporting.images import Describe, epoch_images
 from lightning_sens.reporting.summary import (
     SplitScores,
     epoch_metrics,
     flag_rows,
+    label_scores,
     probe_metrics,
     split_scores,
 )
@@ -81,18 +83,6 @@ def default_batch_fn(batch: Any) -> Batch:
         "(inputs, labels), (inputs, labels, sample_ids) or a dict with 'labels'. Pass "
         "batch_fn=lambda batch: (inputs, labels, ids_or_None)."
     )
-
-
-@contextmanager
-def _preserved_rng() -> Iterator[None]:
-    """Monitoring must not move any random stream that training uses."""
-    states = (random.getstate(), np.random.get_state())  # noqa: NPY002 (the global stream)
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
-        try:
-            yield
-        finally:
-            random.setstate(states[0])
-            np.random.set_state(states[1])  # noqa: NPY002
 
 
 class SensitivityMonitor(Callback):
@@ -188,6 +178,14 @@ class SensitivityMonitor(Callback):
         self.probes: dict[str, Tensor] = {}
         self.history: list[dict[str, float]] = []
         self.flags = FlagHistory(self.config.persistence)
+        # every training sample's log FI under every label, summed over the training steps
+        self.evidence: LabelEvidence | None = None
+        # per class, the largest count of wrong labels estimated from one epoch's training
+        # steps (after the first): memorisation lowers later estimates, this keeps the evidence
+        self.noise_floor: Tensor | None = None
+        self._folds = 0
+        self._train = TrainScores(self.batch_fn, self._warn_once)
+        self._train_epoch: SplitScores | None = None
         self._active = False
         self._buffer: list[SplitScores] = []
         self._seen = 0
@@ -203,7 +201,46 @@ class SensitivityMonitor(Callback):
             seed=self.config.seed, every_n_epochs=self.config.every_n_epochs, **post_hoc
         )
 
-    # -- Lightning hooks --------------------------------------------------------------------
+    # -- Lightning hooks: training steps ------------------------------------------------------
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.config.score_training_steps:
+            self._train.start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._train.on_epoch_start()
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._train.on_batch_start()
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._train.active:
+            return
+        try:
+            self._train.on_batch_end(trainer, pl_module, outputs, batch)
+        except Exception as error:
+            if self.config.strict or isinstance(error, MonitorSetupError):
+                raise
+            self._train.active = False
+            self._warn_once(
+                "train-error",
+                f"SensitivityMonitor stopped scoring the training steps ({type(error).__name__}: "
+                f"{error}); the training curves come from the probe (strict=True raises).",
+            )
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._train.stop()
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        self._train.stop()
+
+    # -- Lightning hooks: validation ---------------------------------------------------------
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         due = self.position is not None or trainer.current_epoch % self.config.every_n_epochs == 0
@@ -231,9 +268,11 @@ class SensitivityMonitor(Callback):
             self._buffer.append(split_scores(ids, labels, logits))
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._train.started and not trainer.sanity_checking:
+            self._fold_training_steps(trainer)  # a collective: every rank takes part
         if not self._active or not self._buffer:
             return
-        with self._failure_policy(trainer), _preserved_rng():
+        with self._failure_policy(trainer), preserved_rng():
             scores = SplitScores.cat(self._buffer)
             self._buffer = []
             if trainer.world_size > 1:  # every rank scored its shard; rank zero gets them all
@@ -241,6 +280,24 @@ class SensitivityMonitor(Callback):
             log_dir = trainer.log_dir or trainer.default_root_dir  # a collective: every rank asks
             if trainer.is_global_zero:
                 self._monitor_epoch(trainer, pl_module, scores.unique(), Path(log_dir))
+
+    def _fold_training_steps(self, trainer: Trainer) -> None:
+        """Add the training steps' scores since the last validation to the evidence; keep
+        their per-sample mean as this epoch's view of the training set."""
+        found = self._train.collect(trainer)
+        if found is None or not trainer.is_global_zero:
+            return
+        ids, labels, scores = found
+        window = LabelEvidence.empty(scores.shape[-1]).update(ids, labels, scores)
+        self._train_epoch = label_scores(window.ids, window.labels, window.mean)
+        if self._folds > 0:  # the first epoch's scores mix in the untrained network's
+            estimated = estimate_noise(window.mean, window.labels).estimated.clamp(min=0)
+            floor = self.noise_floor
+            self.noise_floor = estimated if floor is None else torch.maximum(floor, estimated)
+        self._folds += 1
+        self.evidence = (self.evidence or LabelEvidence.empty(scores.shape[-1])).update(
+            ids, labels, scores
+        )
 
     def _default_ids(self, trainer: Trainer, size: int) -> Tensor:
         """Dataset indices of an unshuffled validation loader, also under DistributedSampler,
@@ -264,6 +321,9 @@ class SensitivityMonitor(Callback):
             "probes": {k: v.tolist() for k, v in self.probes.items()},
             "history": self.history,
             "flags": self.flags.state_dict(),
+            "evidence": None if self.evidence is None else self.evidence.state_dict(),
+            "noise_floor": self.noise_floor,
+            "folds": self._folds,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -272,6 +332,10 @@ class SensitivityMonitor(Callback):
         }
         self.history = list(state_dict["history"])
         self.flags = FlagHistory.from_state_dict(state_dict["flags"])
+        evidence = state_dict.get("evidence")
+        self.evidence = None if evidence is None else LabelEvidence.from_state_dict(evidence)
+        self.noise_floor = state_dict.get("noise_floor")
+        self._folds = int(state_dict.get("folds", 0))
 
     # -- failures: per epoch where nothing can be scored, per part otherwise -------------------
 
@@ -438,9 +502,13 @@ class SensitivityMonitor(Callback):
             if size == 0:
                 continue
             indices = self._probe_indices(split, len(loader.dataset), size)  # type: ignore[arg-type]
+            if split in scores:  # scored already (the training steps): the exact part only
+                indices = indices[: self.config.exact_probe_size]
+            if len(indices) == 0:
+                continue
             with self._part(f"the {split} probe"):
                 inputs, labels, ids = self._fetch(loader, indices, module.device)
-                if split == "train":
+                if split == "train" and "train" not in scores:
                     scores["train"] = split_scores(
                         ids, labels, self._logits(None, module, inputs, len(labels))
                     )
@@ -458,6 +526,8 @@ class SensitivityMonitor(Callback):
         """Rank zero: probes, flags, logging and tables of one monitored epoch."""
         epoch, step = self.position or (trainer.current_epoch, trainer.global_step)
         scores = {"val": val}
+        if self._train_epoch is not None:  # scored in the training steps: no probe pass needed
+            scores["train"], self._train_epoch = self._train_epoch, None
         loaders = self._loaders(trainer)
         probes, probe_ids = self._probes(module, loaders, scores)
         if "train" in loaders and self._scan_due():
@@ -471,19 +541,20 @@ class SensitivityMonitor(Callback):
         rows = []
         decisions = {}
         for split, s in scores.items():
-            decision = decisions[split] = flag(
-                s.log_fi_true, self.config.flag_rule, self.config.flag_threshold, self.config.top_k
-            )
+            decision, evidence = self._decide(split, s)
+            decisions[split] = decision
             self.flags.update(split, epoch, s.ids[decision.flagged].tolist())
             ranks: dict[int, int] = {}
             if split in probes and probes[split].input is not None:
                 whole = probes[split].input.whole.effective_rank  # type: ignore[union-attr]
                 ranks = dict(zip(probe_ids[split].tolist(), whole.tolist(), strict=True))
-            split_rows = flag_rows(split, epoch, s, decision, self.flags, ranks)
+            split_rows = flag_rows(split, epoch, s, decision, self.flags, ranks, evidence)
             rows += split_rows
             metrics[keys.flag_count(split)] = float(decision.flagged.sum())
             persistent = sum(r.flagged_recent * 2 > self.config.persistence for r in split_rows)
             metrics[keys.persistent_count(split)] = float(persistent)
+            if decision.estimated is not None:
+                metrics[keys.estimated_wrong(split)] = decision.estimated_share
 
         self.history.append({"epoch": epoch, "step": step, **metrics})
         writer = self._writer = self._writer or self._new_writer(trainer)
@@ -510,6 +581,37 @@ class SensitivityMonitor(Callback):
             writer.skip_images()
         writer.flush()
         write_table(rows, log_dir / "sensitivity" / f"flags_epoch{epoch:04d}.csv")
+
+    def _decide(
+        self, split: str, scores: SplitScores
+    ) -> tuple[FlagDecision, tuple[Tensor, Tensor] | None]:
+        """Flags of one split: the training split by its evidence over all training steps so
+        far (when they were scored), every other split by this epoch's scores."""
+        c = self.config
+        evidence = self.evidence if split == "train" and self._train.started else None
+        if evidence is None or evidence.ids.numel() == 0:
+            decision = flag(
+                scores.log_fi_true,
+                c.flag_rule,
+                c.flag_threshold,
+                c.top_k,
+                label_scores=scores.label_log_fi,
+                labels=scores.labels,
+            )
+            return decision, None
+        mean = evidence.mean
+        own = mean.gather(-1, evidence.labels.unsqueeze(-1)).squeeze(-1)
+        decision = flag(
+            own,
+            c.flag_rule,
+            c.flag_threshold,
+            c.top_k,
+            label_scores=mean,
+            labels=evidence.labels,
+            at_least=self.noise_floor,
+        )
+        where = torch.searchsorted(evidence.ids, scores.ids)
+        return decision.take(where), (own[where], evidence.seen[where])
 
     def _figures(
         self,

@@ -11,6 +11,7 @@ __all__ = [
     "closed_form_holds",
     "curve",
     "custom_scalars_layout",
+    "estimated_wrong",
     "flag_count",
     "gap",
     "histogram",
@@ -76,6 +77,11 @@ def layer_rank(split: str, layer: str) -> str:
 
 def flag_count(split: str) -> str:
     return f"{PREFIX}/flags/{split}/flagged"
+
+
+def estimated_wrong(split: str) -> str:
+    """The share of the split's labels the "counterfactual" rule estimates to be wrong."""
+    return f"{PREFIX}/flags/{split}/estimated_wrong"
 
 
 def persistent_count(split: str) -> str:

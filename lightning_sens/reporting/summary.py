@@ -10,11 +10,19 @@ from torch import Tensor
 
 from lightning_sens.core import SensitivityResult, closed_form_fi
 from lightning_sens.flagging import FlagDecision, FlagHistory
+from lightning_sens.label_noise import label_log_fi
 from lightning_sens.reporting import keys
 from lightning_sens.reporting.stats import log_fi_summary
 from lightning_sens.reporting.tables import FlagRow
 
-__all__ = ["SplitScores", "epoch_metrics", "flag_rows", "probe_metrics", "split_scores"]
+__all__ = [
+    "SplitScores",
+    "epoch_metrics",
+    "flag_rows",
+    "label_scores",
+    "probe_metrics",
+    "split_scores",
+]
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,8 @@ class SplitScores:
         labels, preds: true and predicted classes ``(N,)``.
         p_label: probability of the true label ``(N,)``.
         log_fi_true, log_fi_pred: log FI with the true and the predicted label ``(N,)``.
+        label_log_fi: log FI under every label ``(N, K)`` (what the "counterfactual" flag rule
+            compares); ``log_fi_true`` is its column of the true label.
     """
 
     ids: Tensor
@@ -34,6 +44,7 @@ class SplitScores:
     p_label: Tensor
     log_fi_true: Tensor
     log_fi_pred: Tensor
+    label_log_fi: Tensor
 
     @staticmethod
     def cat(parts: list[SplitScores]) -> SplitScores:
@@ -53,11 +64,11 @@ class SplitScores:
         return self.map(lambda t: t[keep])
 
 
-_FIELDS = ("ids", "labels", "preds", "p_label", "log_fi_true", "log_fi_pred")
+_FIELDS = ("ids", "labels", "preds", "p_label", "log_fi_true", "log_fi_pred", "label_log_fi")
 
 
 def split_scores(ids: Tensor, labels: Tensor, logits: Tensor) -> SplitScores:
-    """Score a batch from its logits: two closed forms, no backward pass (METHOD.md §5.1)."""
+    """Score a batch from its logits: closed forms, no backward pass (docs/method.md)."""
     true = closed_form_fi(logits, labels)
     pred = closed_form_fi(logits, "pred")
     return SplitScores(
@@ -67,6 +78,26 @@ def split_scores(ids: Tensor, labels: Tensor, logits: Tensor) -> SplitScores:
         true.p_target.cpu(),
         true.log_fi.cpu(),
         pred.log_fi.cpu(),
+        label_log_fi(logits).cpu(),
+    )
+
+
+def label_scores(ids: Tensor, labels: Tensor, scores: Tensor) -> SplitScores:
+    """SplitScores from log FI under every label ``(N, K)`` (e.g. the training steps' scores,
+    averaged per sample): the predicted class is the one with the smallest log FI, and
+    p_label = 1 / (1 + FI_label)."""
+    y = labels.detach().cpu().long()
+    x = scores.detach().cpu().to(torch.float64)
+    pred = x.argmin(dim=-1)
+    true = x.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    return SplitScores(
+        ids.detach().cpu().long(),
+        y,
+        pred,
+        torch.sigmoid(-true),
+        true,
+        x.gather(-1, pred.unsqueeze(-1)).squeeze(-1),
+        x,
     )
 
 
@@ -120,27 +151,62 @@ def flag_rows(
     decision: FlagDecision,
     history: FlagHistory,
     ranks: dict[int, int],
+    evidence: tuple[Tensor, Tensor] | None = None,
 ) -> list[FlagRow]:
-    """The flag table of one split and epoch (``history`` must already include this epoch)."""
-    rows = []
-    for i, sample in enumerate(scores.ids.tolist()):
-        log_fi = float(scores.log_fi_true[i])
-        rows.append(
-            FlagRow(
-                sample=sample,
-                split=split,
-                epoch=epoch,
-                label=int(scores.labels[i]),
-                prediction=int(scores.preds[i]),
-                p_label=float(scores.p_label[i]),
-                fi=float(torch.tensor(log_fi, dtype=torch.float64).exp()),
-                log_fi=log_fi,
-                relative_fi=1.0,
-                rank=ranks.get(sample, -1),
-                flagged=bool(decision.flagged[i]),
-                flagged_recent=history.count(split, sample),
-                rule=decision.rule,
-                cutoff=decision.cutoff,
-            )
+    """The flag table of one split and epoch (``history`` must already include this epoch).
+
+    ``evidence``: (mean log FI with the true label over training, number of steps), aligned
+    with ``scores``, where the split was scored in the training steps.
+    """
+    n = len(scores.ids)
+    nan = [float("nan")] * n
+    log_fi = scores.log_fi_true.tolist()
+    columns = zip(
+        scores.ids.tolist(),
+        scores.labels.tolist(),
+        scores.preds.tolist(),
+        scores.p_label.tolist(),
+        scores.log_fi_true.to(torch.float64).exp().tolist(),
+        log_fi,
+        evidence[0].tolist() if evidence is not None else nan,
+        evidence[1].tolist() if evidence is not None else [0] * n,
+        decision.flagged.tolist(),
+        decision.p_bad.tolist(),
+        decision.cutoff.tolist(),
+        strict=True,
+    )
+    recent = history.counts(split)
+    return [
+        FlagRow(
+            sample=sample,
+            split=split,
+            epoch=epoch,
+            label=label,
+            prediction=prediction,
+            p_label=p_label,
+            fi=fi,
+            log_fi=log_fi,
+            relative_fi=1.0,
+            rank=ranks.get(sample, -1),
+            log_fi_mean=mean,
+            seen=seen,
+            flagged=flagged,
+            p_bad=p_bad,
+            flagged_recent=recent.get(sample, 0),
+            rule=decision.rule,
+            cutoff=cutoff,
         )
-    return rows
+        for (
+            sample,
+            label,
+            prediction,
+            p_label,
+            fi,
+            log_fi,
+            mean,
+            seen,
+            flagged,
+            p_bad,
+            cutoff,
+        ) in columns
+    ]

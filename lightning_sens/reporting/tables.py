@@ -8,7 +8,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 __all__ = ["FlagRow", "write_table"]
@@ -28,10 +28,18 @@ class FlagRow:
         relative_fi: FI over its largest possible value: 1 for the whole input (closed form).
         rank: effective rank of the whole input, where the exact engine ran on this sample
             (K − 1 certifies the closed form); -1 where it did not.
+        log_fi_mean: for the training set scored in the training steps: the mean log FI (true
+            label) over every step that scored the sample so far, a soft area under the margin
+            curve; the evidence the "counterfactual" rule flags by. NaN elsewhere.
+        seen: how many training steps scored the sample (0 outside the training split).
         flagged: flagged by ``rule`` in this epoch.
+        p_bad: "counterfactual" rule: the estimated share of wrong labels among the samples of
+            this class that score at least as high (1 − the q-value of the flag); NaN for the
+            other rules.
         flagged_recent: in how many of the last ``persistence`` monitored epochs it was flagged.
         rule: the flag rule and its parameter, e.g. "mad>3.5".
-        cutoff: the log FI above which samples were flagged in this split and epoch.
+        cutoff: the score above which a sample looks like a wrong label: per split (mad, top_k)
+            or per class (counterfactual).
     """
 
     sample: int
@@ -44,7 +52,10 @@ class FlagRow:
     log_fi: float
     relative_fi: float
     rank: int
+    log_fi_mean: float
+    seen: int
     flagged: bool
+    p_bad: float
     flagged_recent: int
     rule: str
     cutoff: float
@@ -72,16 +83,16 @@ def write_table(rows: Sequence[FlagRow], path: Path) -> list[Path]:
     Returns the paths written.
     """
 
+    def text(value: object) -> object:  # floats in full precision: repr, or inf / nan
+        if isinstance(value, float):
+            return repr(value) if math.isfinite(value) else str(value)
+        return value
+
     def to_csv(target: Path) -> None:
         with target.open("w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=COLUMNS)
-            writer.writeheader()
-            for row in rows:
-                record = asdict(row)
-                for key in ("p_label", "fi", "log_fi", "relative_fi", "cutoff"):
-                    value = record[key]
-                    record[key] = repr(value) if math.isfinite(value) else str(value)
-                writer.writerow(record)
+            writer = csv.writer(stream)
+            writer.writerow(COLUMNS)
+            writer.writerows(tuple(text(getattr(r, c)) for c in COLUMNS) for r in rows)
 
     written = [path]
     _atomic(path, to_csv)
