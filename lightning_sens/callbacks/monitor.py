@@ -35,7 +35,7 @@ from lightning_sens.reporting.images import Describe, epoch_images
 from lightning_sens.reporting.summary import (
     SplitScores,
     epoch_metrics,
-    flag_rows,
+    flag_columns,
     label_scores,
     probe_metrics,
     split_scores,
@@ -538,7 +538,7 @@ class SensitivityMonitor(Callback):
         metrics = epoch_metrics(scores)
         for split, result in probes.items():
             metrics.update(probe_metrics(split, result, self._num_classes))
-        rows = []
+        table: dict[str, list[Any]] = {}
         decisions = {}
         for split, s in scores.items():
             decision, evidence = self._decide(split, s)
@@ -548,10 +548,12 @@ class SensitivityMonitor(Callback):
             if split in probes and probes[split].input is not None:
                 whole = probes[split].input.whole.effective_rank  # type: ignore[union-attr]
                 ranks = dict(zip(probe_ids[split].tolist(), whole.tolist(), strict=True))
-            split_rows = flag_rows(split, epoch, s, decision, self.flags, ranks, evidence)
-            rows += split_rows
+            recent = self.flags.counts(split)
+            columns = flag_columns(split, epoch, s, decision, recent, ranks, evidence)
+            for name, values in columns.items():
+                table.setdefault(name, []).extend(values)
             metrics[keys.flag_count(split)] = float(decision.flagged.sum())
-            persistent = sum(r.flagged_recent * 2 > self.config.persistence for r in split_rows)
+            persistent = sum(m * 2 > self.config.persistence for m in columns["flagged_recent"])
             metrics[keys.persistent_count(split)] = float(persistent)
             if decision.estimated is not None:
                 metrics[keys.estimated_wrong(split)] = decision.estimated_share
@@ -580,7 +582,7 @@ class SensitivityMonitor(Callback):
         if self.config.log_images and writer.tensorboard is None:
             writer.skip_images()
         writer.flush()
-        write_table(rows, log_dir / "sensitivity" / f"flags_epoch{epoch:04d}.csv")
+        write_table(table, log_dir / "sensitivity" / f"flags_epoch{epoch:04d}.csv")
 
     def _decide(
         self, split: str, scores: SplitScores

@@ -1,24 +1,24 @@
-"""From per-sample FI to what is logged: scalar metrics and flag-table rows (no Lightning here)."""
+"""From per-sample FI to what is logged: scalar metrics and flag tables (no Lightning here)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_sens.core import SensitivityResult, closed_form_fi
-from lightning_sens.flagging import FlagDecision, FlagHistory
+from lightning_sens.flagging import FlagDecision
 from lightning_sens.label_noise import label_log_fi
 from lightning_sens.reporting import keys
 from lightning_sens.reporting.stats import log_fi_summary
-from lightning_sens.reporting.tables import FlagRow
 
 __all__ = [
     "SplitScores",
     "epoch_metrics",
-    "flag_rows",
+    "flag_columns",
     "label_scores",
     "probe_metrics",
     "split_scores",
@@ -144,69 +144,41 @@ def probe_metrics(split: str, result: SensitivityResult, num_classes: int) -> di
     return metrics
 
 
-def flag_rows(
+def flag_columns(
     split: str,
     epoch: int,
     scores: SplitScores,
     decision: FlagDecision,
-    history: FlagHistory,
+    recent: dict[int, int],
     ranks: dict[int, int],
     evidence: tuple[Tensor, Tensor] | None = None,
-) -> list[FlagRow]:
-    """The flag table of one split and epoch (``history`` must already include this epoch).
+) -> dict[str, list[Any]]:
+    """The flag table of one split and epoch, column by column (the columns of
+    :class:`~lightning_sens.reporting.tables.FlagRow`).
 
-    ``evidence``: (mean log FI with the true label over training, number of steps), aligned
-    with ``scores``, where the split was scored in the training steps.
+    ``recent``: sample → in how many of the last monitored epochs it was flagged, this one
+    included (:meth:`FlagHistory.counts`). ``evidence``: (mean log FI with the true label over
+    training, number of steps), aligned with ``scores``, where the split was scored in the
+    training steps.
     """
-    n = len(scores.ids)
-    nan = [float("nan")] * n
-    log_fi = scores.log_fi_true.tolist()
-    columns = zip(
-        scores.ids.tolist(),
-        scores.labels.tolist(),
-        scores.preds.tolist(),
-        scores.p_label.tolist(),
-        scores.log_fi_true.to(torch.float64).exp().tolist(),
-        log_fi,
-        evidence[0].tolist() if evidence is not None else nan,
-        evidence[1].tolist() if evidence is not None else [0] * n,
-        decision.flagged.tolist(),
-        decision.p_bad.tolist(),
-        decision.cutoff.tolist(),
-        strict=True,
-    )
-    recent = history.counts(split)
-    return [
-        FlagRow(
-            sample=sample,
-            split=split,
-            epoch=epoch,
-            label=label,
-            prediction=prediction,
-            p_label=p_label,
-            fi=fi,
-            log_fi=log_fi,
-            relative_fi=1.0,
-            rank=ranks.get(sample, -1),
-            log_fi_mean=mean,
-            seen=seen,
-            flagged=flagged,
-            p_bad=p_bad,
-            flagged_recent=recent.get(sample, 0),
-            rule=decision.rule,
-            cutoff=cutoff,
-        )
-        for (
-            sample,
-            label,
-            prediction,
-            p_label,
-            fi,
-            log_fi,
-            mean,
-            seen,
-            flagged,
-            p_bad,
-            cutoff,
-        ) in columns
-    ]
+    ids = scores.ids.tolist()
+    n = len(ids)
+    return {
+        "sample": ids,
+        "split": [split] * n,
+        "epoch": [epoch] * n,
+        "label": scores.labels.tolist(),
+        "prediction": scores.preds.tolist(),
+        "p_label": scores.p_label.tolist(),
+        "fi": scores.log_fi_true.to(torch.float64).exp().tolist(),
+        "log_fi": scores.log_fi_true.tolist(),
+        "relative_fi": [1.0] * n,
+        "rank": [ranks.get(i, -1) for i in ids] if ranks else [-1] * n,
+        "log_fi_mean": evidence[0].tolist() if evidence is not None else [float("nan")] * n,
+        "seen": evidence[1].tolist() if evidence is not None else [0] * n,
+        "flagged": decision.flagged.tolist(),
+        "p_bad": decision.p_bad.tolist(),
+        "flagged_recent": [recent.get(i, 0) for i in ids],
+        "rule": [decision.rule] * n,
+        "cutoff": decision.cutoff.tolist(),
+    }

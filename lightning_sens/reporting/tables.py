@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import math
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 __all__ = ["FlagRow", "write_table"]
 
@@ -77,22 +77,26 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> None:
             os.remove(temporary)
 
 
-def write_table(rows: Sequence[FlagRow], path: Path) -> list[Path]:
-    """Write ``rows`` to ``path`` (.csv) atomically, and as .parquet beside it with pyarrow.
+Table = Mapping[str, Sequence[Any]]
 
-    Returns the paths written.
+
+def write_table(rows: Sequence[FlagRow] | Table, path: Path) -> list[Path]:
+    """Write a flag table to ``path`` (.csv) atomically, and as .parquet beside it with pyarrow.
+
+    ``rows``: :class:`FlagRow` objects, or the table column by column (a mapping from every name
+    in :data:`COLUMNS` to a list). Floats are written in full precision (``repr``: ``inf`` and
+    ``nan`` included). Returns the paths written.
     """
-
-    def text(value: object) -> object:  # floats in full precision: repr, or inf / nan
-        if isinstance(value, float):
-            return repr(value) if math.isfinite(value) else str(value)
-        return value
+    if isinstance(rows, Mapping):
+        columns = {name: list(rows[name]) for name in COLUMNS}
+    else:
+        columns = {name: [getattr(r, name) for r in rows] for name in COLUMNS}
 
     def to_csv(target: Path) -> None:
         with target.open("w", newline="") as stream:
             writer = csv.writer(stream)
             writer.writerow(COLUMNS)
-            writer.writerows(tuple(text(getattr(r, c)) for c in COLUMNS) for r in rows)
+            writer.writerows(zip(*columns.values(), strict=True))  # str(float) is its repr
 
     written = [path]
     _atomic(path, to_csv)
@@ -100,7 +104,7 @@ def write_table(rows: Sequence[FlagRow], path: Path) -> list[Path]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.table({name: [getattr(r, name) for r in rows] for name in COLUMNS})
+        table = pa.table(columns)
         parquet = path.with_suffix(".parquet")
         _atomic(parquet, lambda target: pq.write_table(table, target))
         written.append(parquet)
