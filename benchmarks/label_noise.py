@@ -9,7 +9,8 @@ small CNN, Adam 1e-3, batch 128, ``--epochs`` epochs) with the same seed:
 
 - ``monitor``: ``SensitivityMonitor()`` (training-set scores from the training steps, the
   "counterfactual" rule on the evidence of all steps), at its defaults and with the exact-engine
-  probes off (``exact_probe_size=0``: the flags alone);
+  probes off (``exact_probe_size=0``: the flags alone), and with the opt-in rule
+  ``flag_rule="counterfactual_pairs"``;
 - ``cleanlab``: ``cleanlab.filter.find_label_issues`` on 4-fold cross-validated probabilities
   (its documented use; four more trainings on 3/4 of the data);
 - ``AUM``: area under the margin with threshold samples (Pleiss et al. 2020): two runs, each
@@ -50,6 +51,7 @@ from lightning_sens.flagging import flag
 METHODS = {  # command-line name: name in the table
     "flags": "monitor, flags only",
     "defaults": "monitor, defaults",
+    "pairs": "monitor, flag_rule=counterfactual_pairs",
     "cleanlab": "cleanlab (4-fold)",
     "aum": "AUM (threshold samples)",
     "rankings": "loss and TracIn",
@@ -158,7 +160,11 @@ def monitor_method(s: Setting, y: Tensor, **options: object) -> tuple[Tensor, Te
     assert len(evidence.ids) == len(y), "every sample was scored"
     own = evidence.mean.gather(-1, evidence.labels.unsqueeze(-1)).squeeze(-1)
     decision = flag(
-        own, label_scores=evidence.mean, labels=evidence.labels, at_least=monitor.noise_floor
+        own,
+        monitor.config.flag_rule,
+        label_scores=evidence.mean,
+        labels=evidence.labels,
+        at_least=monitor.noise_floor,
     )
     flagged = torch.zeros(len(y), dtype=torch.bool)
     flagged[evidence.ids] = decision.flagged
@@ -316,6 +322,9 @@ def run(args: argparse.Namespace) -> list[str]:
                 every: dict[str, Callable[[Setting, Tensor], tuple[Tensor, Tensor, float]]] = {
                     "flags": partial(monitor_method, exact_probe_size=0),
                     "defaults": monitor_method,
+                    "pairs": partial(
+                        monitor_method, exact_probe_size=0, flag_rule="counterfactual_pairs"
+                    ),
                     "cleanlab": cleanlab_method,
                     "aum": aum_method,
                 }

@@ -34,8 +34,10 @@ class MonitorConfig:
         exclude_layers: module names or glob patterns (``"encoder.*.attn"``) left out of the
             per-layer FI.
         flag_rule: "counterfactual" (estimates how many labels of each class are wrong and
-            flags that many; docs/flags.md), "mad" (robust z-score of log FI above
-            ``flag_threshold``: a few outliers) or "top_k".
+            flags that many; docs/flags.md), "counterfactual_pairs" (the same class by class
+            pair: finds wrong labels between similar classes, and flags samples the model finds
+            ambiguous), "mad" (robust z-score of log FI above ``flag_threshold``: a few
+            outliers) or "top_k".
         flag_threshold: the robust z-score cut-off of the "mad" rule.
         top_k: how many samples the "top_k" rule flags per split and epoch.
         persistence: n in "flagged in m of the last n monitored epochs".

@@ -36,7 +36,7 @@ from lightning_sens.label_noise import estimate_noise
 
 __all__ = ["FlagDecision", "FlagHistory", "FlagRule", "flag", "robust_z"]
 
-FlagRule = Literal["counterfactual", "mad", "top_k"]
+FlagRule = Literal["counterfactual", "counterfactual_pairs", "mad", "top_k"]
 
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution is 0.6745 σ
 _MEAN_AD_TO_SIGMA = 1.2533  # mean absolute deviation of a normal distribution is 0.7979 σ
@@ -83,8 +83,9 @@ class FlagDecision:
         rule: the rule used, with its parameter, e.g. ``"mad>3.5"`` or ``"top_k=10"``.
         p_bad: ``(N,)`` for "counterfactual": the estimated share of wrong labels among the
             samples of the same class scoring at least as high (NaN where the rule does not say).
-        estimated: for "counterfactual": the estimated number of wrong labels per class (−1
-            where the model does not separate the class from the others yet); else None.
+        estimated: for the counterfactual rules: the estimated number of wrong labels per class
+            (−1 where the model does not separate the class from the others yet); else None.
+        per_cell: the same per class and cell (:class:`~lightning_sens.label_noise.NoiseEstimate`).
     """
 
     flagged: Tensor
@@ -92,11 +93,17 @@ class FlagDecision:
     rule: str
     p_bad: Tensor
     estimated: Tensor | None = None
+    per_cell: Tensor | None = None
 
     def take(self, index: Tensor) -> FlagDecision:
-        """The decision of a subset of the samples (``estimated`` stays per class)."""
+        """The decision of a subset of the samples (the counts stay per class)."""
         return FlagDecision(
-            self.flagged[index], self.cutoff[index], self.rule, self.p_bad[index], self.estimated
+            self.flagged[index],
+            self.cutoff[index],
+            self.rule,
+            self.p_bad[index],
+            self.estimated,
+            self.per_cell,
         )
 
     @property
@@ -122,8 +129,10 @@ def flag(
 
     ``"counterfactual"`` also needs ``label_scores`` ``(N, K)``, the log FI of every label
     (:func:`~lightning_sens.label_noise.label_log_fi`, or evidence accumulated over training),
-    and the ``labels``; ``at_least`` ``(K,)`` are counts of wrong labels per class estimated
+    and the ``labels``; ``at_least`` are counts of wrong labels per class and cell estimated
     earlier in training (:func:`~lightning_sens.label_noise.estimate_noise`).
+    ``"counterfactual_pairs"`` compares each class with every other class separately (it finds
+    wrong labels between similar classes, and flags samples the model finds ambiguous).
     """
     scores = log_fi.detach().to(torch.float64).flatten().cpu()
     n = scores.numel()
@@ -132,15 +141,17 @@ def flag(
     def same(value: float) -> Tensor:
         return torch.full((n,), value, dtype=torch.float64)
 
-    if rule == "counterfactual":
+    if rule in ("counterfactual", "counterfactual_pairs"):
         if label_scores is None or labels is None:
             raise ValueError(
-                "flag(rule='counterfactual') needs label_scores (N, K) and labels (N,); pass "
-                "them, or choose rule='mad' or 'top_k'."
+                f"flag(rule={rule!r}) needs label_scores (N, K) and labels (N,); pass them, or "
+                "choose rule='mad' or 'top_k'."
             )
-        found = estimate_noise(label_scores, labels, at_least)
-        cutoff = found.cutoff[labels.detach().long().cpu()]
-        return FlagDecision(found.flagged, cutoff, rule, found.p_bad, found.estimated)
+        pairs = rule == "counterfactual_pairs"
+        found = estimate_noise(label_scores, labels, at_least, pairs)
+        return FlagDecision(
+            found.flagged, found.cutoff, rule, found.p_bad, found.estimated, found.per_cell
+        )
     if rule == "top_k":
         k = min(top_k, n)
         flagged = torch.zeros(n, dtype=torch.bool)

@@ -12,7 +12,9 @@ Pure torch, no Lightning. Three pieces (docs/flags.md explains the rule and its 
   to this very model. If at most half of the wrong labels are memorised below that reference's
   median, twice the number of class-i samples above it estimates how many class-i labels are
   wrong; the highest-scoring that many are flagged. On clean data almost no sample scores like a
-  wrong label, so almost nothing is flagged; no threshold is tuned.
+  wrong label, so almost nothing is flagged; no threshold is tuned. With ``pairs``, each class
+  is compared with every other class separately: it finds wrong labels between classes the
+  model confuses, and also flags samples it finds ambiguous between them.
 """
 
 from __future__ import annotations
@@ -111,15 +113,19 @@ class NoiseEstimate:
     Attributes:
         flagged: bool ``(N,)``.
         p_bad: ``(N,)`` the estimated share of wrong labels among the samples of the same class
-            that score at least as high (1 − the local false discovery rate of flagging down to
-            this sample); NaN in a class the model does not yet separate.
+            (and cell) that score at least as high: 1 − the q-value of flagging down to this
+            sample. NaN in a class the model does not yet separate.
         estimated: ``(K,)`` estimated number of wrong labels per class (−1: not separated).
-        cutoff: ``(K,)`` the reference median per class: log FI above it looks like a wrong label.
+        per_cell: ``(K, C)`` the same per class and cell: C = 1, or C = K with ``pairs`` (cell
+            ``[i, j]``: labelled i, most likely other class j).
+        cutoff: ``(N,)`` the median of each sample's reference: log FI above it looks like a
+            wrong label.
     """
 
     flagged: Tensor
     p_bad: Tensor
     estimated: Tensor
+    per_cell: Tensor
     cutoff: Tensor
 
     @property
@@ -129,44 +135,70 @@ class NoiseEstimate:
         return [int(k) for k in torch.nonzero(self.estimated < 0).flatten()]
 
 
-def estimate_noise(scores: Tensor, labels: Tensor, at_least: Tensor | None = None) -> NoiseEstimate:
+def estimate_noise(
+    scores: Tensor, labels: Tensor, at_least: Tensor | None = None, pairs: bool = False
+) -> NoiseEstimate:
     """The counterfactual-label rule on per-sample log FI under every label (module docstring).
 
     Args:
         scores: ``(N, K)`` log FI of every label (one epoch's :func:`label_log_fi`, or the
             :attr:`LabelEvidence.mean` over training).
         labels: ``(N,)`` the given labels.
-        at_least: ``(K,)`` counts estimated earlier in training (e.g. the largest per-epoch
-            estimate so far): memorisation lowers the estimate as training goes on, so the
-            flagged count of a class is the larger of the two.
+        at_least: ``(K, C)`` (or ``(K,)`` when C = 1) counts estimated earlier in training (e.g.
+            the largest per-epoch estimate so far): memorisation lowers the estimate as training
+            goes on, so the flagged count of a cell is the larger of the two.
+        pairs: split each class i into cells by the sample's most likely other class j, and
+            compare cell (i, j) with the samples labelled j only. This finds wrong labels between
+            classes the model confuses (class-conditional noise), which the pooled reference of
+            all other classes misses; it also flags samples that the model itself finds
+            ambiguous between such classes, also when every label is right (docs/flags.md).
     """
     x = scores.detach().to(torch.float64).cpu()
     y = labels.detach().long().cpu()
     n, num_classes = x.shape
     own = x[torch.arange(n), y]
+    width = num_classes if pairs else 1
+    floor = None if at_least is None else at_least.reshape(num_classes, -1).cpu()
+    if pairs:
+        alternative = x.scatter(-1, y.unsqueeze(-1), float("inf")).argmin(dim=-1)
     flagged = torch.zeros(n, dtype=torch.bool)
-    p_bad = torch.zeros(n, dtype=torch.float64)
+    p_bad = torch.full((n,), float("nan"), dtype=torch.float64)
     estimated = torch.zeros(num_classes, dtype=torch.long)
-    cutoff = torch.full((num_classes,), float("inf"), dtype=torch.float64)
+    per_cell = torch.zeros(num_classes, width, dtype=torch.long)
+    cutoff = torch.full((n,), float("inf"), dtype=torch.float64)
+    members_of = [torch.nonzero(y == k).flatten() for k in range(num_classes)]
     for k in range(num_classes):
-        mine = torch.nonzero(y == k).flatten()
-        reference = x[y != k, k].sort().values
-        if mine.numel() == 0 or reference.numel() == 0:
-            continue
-        cutoff[k] = median = reference[(reference.numel() - 1) // 2]
-        count = 2 * int((own[mine] > median).sum())
-        if count > mine.numel() // 2:  # more than half "wrong": the classes are not separated
+        mine = members_of[k]
+        if pairs:  # only the cells that hold samples: K² cells, mostly empty when K is large
+            sources = alternative[mine]
+            cells = [
+                (j, mine[sources == j], x[members_of[j], k]) for j in sources.unique().tolist()
+            ]
+        else:
+            cells = [(0, mine, x[y != k, k])]
+        found = []
+        for cell, members, reference in cells:
+            if members.numel() == 0 or reference.numel() == 0:
+                continue
+            reference = reference.sort().values
+            median = reference[(reference.numel() - 1) // 2]
+            count = min(2 * int((own[members] > median).sum()), members.numel())
+            if floor is not None:
+                count = min(max(count, int(floor[k, cell])), members.numel())
+            found.append((cell, members, reference, median, count))
+        total = sum(f[-1] for f in found)
+        if total > mine.numel() // 2:  # more than half "wrong": the classes are not separated
             estimated[k] = -1
-            p_bad[mine] = float("nan")
             continue
-        if at_least is not None:
-            count = min(max(count, int(at_least[k])), mine.numel() // 2)
-        estimated[k] = count
-        order = mine[own[mine].argsort(descending=True)]
-        flagged[order[:count]] = True
-        # share of wrong labels among the samples scoring ≥ s: count · S_ref(s) / #{own ≥ s}
-        survival = 1 - torch.searchsorted(reference, own[order], side="left") / reference.numel()
-        ahead = torch.arange(1, order.numel() + 1, dtype=torch.float64)
-        share = (count * survival.to(torch.float64) / ahead).clamp(max=1.0)
-        p_bad[order] = share.flip(0).cummax(0).values.flip(0)  # never rises as scores fall
-    return NoiseEstimate(flagged, p_bad, estimated, cutoff)
+        estimated[k] = total
+        for cell, members, reference, median, count in found:
+            per_cell[k, cell] = count
+            cutoff[members] = median
+            order = members[own[members].argsort(descending=True)]
+            flagged[order[:count]] = True
+            # share of wrong labels among the samples scoring ≥ s: count · S_ref(s) / #{own ≥ s}
+            survival = 1 - torch.searchsorted(reference, own[order], side="left") / len(reference)
+            ahead = torch.arange(1, order.numel() + 1, dtype=torch.float64)
+            share = (count * survival.to(torch.float64) / ahead).clamp(max=1.0)
+            p_bad[order] = share.flip(0).cummax(0).values.flip(0)  # never rises as scores fall
+    return NoiseEstimate(flagged, p_bad, estimated, per_cell, cutoff)

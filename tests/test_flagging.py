@@ -46,7 +46,8 @@ def test_top_k_rule() -> None:
     assert decision.flagged.tolist() == [False, True, False, True]
     assert (decision.cutoff == 2.0).all()
     assert flag(scores, "top_k", top_k=10).flagged.all()
-    with pytest.raises(ValueError, match="'counterfactual', 'mad', 'top_k'"):
+    rules = "'counterfactual', 'counterfactual_pairs', 'mad', 'top_k'"
+    with pytest.raises(ValueError, match=rules):
         flag(scores, "zscore")  # type: ignore[arg-type]
 
 

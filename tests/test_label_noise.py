@@ -97,7 +97,7 @@ def test_rule_refuses_classes_the_model_does_not_separate() -> None:
 def test_earlier_estimates_keep_memorised_labels_flagged() -> None:
     logits, labels, bad = _population(3000, 0.2, seed=5)
     scores = label_log_fi(logits)
-    early = estimate_noise(scores, labels).estimated
+    early = estimate_noise(scores, labels).per_cell
     memorised = scores.clone()
     memorised[bad] -= 3.0  # training pulls the wrong labels' scores down
     late = estimate_noise(memorised, labels)
@@ -111,4 +111,27 @@ def test_earlier_estimates_keep_memorised_labels_flagged() -> None:
     )
     assert torch.equal(decision.flagged, kept.flagged)
     assert decision.estimated_share == pytest.approx(int(early.sum()) / 3000)
-    assert torch.equal(decision.cutoff, kept.cutoff[labels])
+    assert torch.equal(decision.cutoff, kept.cutoff)
+
+
+def test_pairs_rule_finds_swaps_between_similar_classes() -> None:
+    g = torch.Generator().manual_seed(6)
+    n = 6000
+    true = torch.randint(0, 5, (n,), generator=g)
+    logits = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    logits[torch.arange(n), true] += 5.0
+    similar = true < 2  # classes 0 and 1 look alike: the partner's logit is raised too
+    logits[similar, 1 - true[similar]] += 2.0
+    labels = true.clone()
+    swap = similar & (torch.rand(n, generator=g) < 0.2)
+    labels[swap] = 1 - true[swap]
+    scores = label_log_fi(logits)
+    pooled = estimate_noise(scores, labels)
+    pairs = estimate_noise(scores, labels, pairs=True)
+    assert int((pooled.flagged & swap).sum()) < 0.5 * int(swap.sum())  # the pooled rule misses
+    hits = int((pairs.flagged & swap).sum())
+    assert hits >= 0.8 * int(swap.sum())
+    assert hits >= 0.8 * int(pairs.flagged.sum())
+    assert int(pairs.per_cell[0, 1]) + int(pairs.per_cell[1, 0]) == int(pairs.estimated[:2].sum())
+    clean = estimate_noise(scores, true, pairs=True)  # the same model, every label right
+    assert clean.flagged.float().mean() < 0.01

@@ -214,9 +214,8 @@ def test_failures_warn_and_skip_or_raise_when_strict(tmp_path: Path) -> None:
 def test_bad_configuration_fails_at_construction() -> None:
     with pytest.raises(ValueError, match="every_n_epochs must be a positive integer, got 0"):
         SensitivityMonitor(every_n_epochs=0)
-    with pytest.raises(
-        ValueError, match=r"flag_rule must be one of \('counterfactual', 'mad', 'top_k'\)"
-    ):
+    rules = r"\('counterfactual', 'counterfactual_pairs', 'mad', 'top_k'\)"
+    with pytest.raises(ValueError, match=rf"flag_rule must be one of {rules}"):
         SensitivityMonitor(flag_rule="zscore")
     with pytest.raises(ValueError, match="windows must be odd"):
         SensitivityMonitor(windows=(2,))

@@ -180,7 +180,7 @@ class SensitivityMonitor(Callback):
         self.flags = FlagHistory(self.config.persistence)
         # every training sample's log FI under every label, summed over the training steps
         self.evidence: LabelEvidence | None = None
-        # per class, the largest count of wrong labels estimated from one epoch's training
+        # per class and cell, the largest count of wrong labels estimated from one epoch's training
         # steps (after the first): memorisation lowers later estimates, this keeps the evidence
         self.noise_floor: Tensor | None = None
         self._folds = 0
@@ -285,13 +285,21 @@ class SensitivityMonitor(Callback):
         """Add the training steps' scores since the last validation to the evidence; keep
         their per-sample mean as this epoch's view of the training set."""
         found = self._train.collect(trainer)
+        if found is None and self._train.active:
+            self._warn_once(
+                "train-none",
+                "SensitivityMonitor scored no training step since the last validation (no "
+                "batch of the training loader reached it with its sample ids); the training "
+                "curves come from the probe.",
+            )
         if found is None or not trainer.is_global_zero:
             return
         ids, labels, scores = found
         window = LabelEvidence.empty(scores.shape[-1]).update(ids, labels, scores)
         self._train_epoch = label_scores(window.ids, window.labels, window.mean)
         if self._folds > 0:  # the first epoch's scores mix in the untrained network's
-            estimated = estimate_noise(window.mean, window.labels).estimated.clamp(min=0)
+            pairs = self.config.flag_rule == "counterfactual_pairs"
+            estimated = estimate_noise(window.mean, window.labels, pairs=pairs).per_cell
             floor = self.noise_floor
             self.noise_floor = estimated if floor is None else torch.maximum(floor, estimated)
         self._folds += 1
