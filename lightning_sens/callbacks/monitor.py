@@ -269,7 +269,8 @@ class SensitivityMonitor(Callback):
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._train.started and not trainer.sanity_checking:
-            self._fold_training_steps(trainer)  # a collective: every rank takes part
+            with self._part("the training-step scores"):
+                self._fold_training_steps(trainer)  # a collective: every rank takes part
         if not self._active or not self._buffer:
             return
         with self._failure_policy(trainer), preserved_rng():
@@ -297,7 +298,8 @@ class SensitivityMonitor(Callback):
         ids, labels, scores = found
         window = LabelEvidence.empty(scores.shape[-1]).update(ids, labels, scores)
         self._train_epoch = label_scores(window.ids, window.labels, window.mean)
-        if self._folds > 0:  # the first epoch's scores mix in the untrained network's
+        counterfactual = self.config.flag_rule in ("counterfactual", "counterfactual_pairs")
+        if counterfactual and self._folds > 0:  # the first epoch mixes in the untrained network
             pairs = self.config.flag_rule == "counterfactual_pairs"
             estimated = estimate_noise(window.mean, window.labels, pairs=pairs).per_cell
             floor = self.noise_floor
