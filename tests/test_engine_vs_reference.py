@@ -35,6 +35,10 @@ def test_engine_matches_reference(case: Case, target_kind: str) -> None:
         _assert_equal("whole-input rank", got.input.whole.effective_rank, want["rank"])
         _assert_close("whole-input relative fi", got.input.whole.relative_fi, want["relative_fi"])
         _assert_close("p_target", got.p_target, want["p_target"])
+        assert got.input.metric_map is not None
+        assert got.input.gradient is not None
+        _assert_close("input metric diagonal", got.input.metric_map, want["metric_map"])
+        _assert_close("input gradient", got.input.gradient, want["gradient"])
         assert set(got.input.maps) == set(windows)
         for w in windows:
             _assert_close(f"map w={w}", got.input.maps[w].fi, want["maps"][w])
@@ -56,6 +60,17 @@ def test_engine_matches_reference(case: Case, target_kind: str) -> None:
         _assert_close(f"{name} fi", layer.parameters.fi, want["fi"])
         _assert_equal(f"{name} rank", layer.parameters.effective_rank, want["rank"])
         _assert_close(f"{name} scale fi", layer.scale.fi, want["scale_fi"])
+        _assert_close(f"{name} metric", layer.metric, want["metric"])
+        _assert_close(f"{name} scale metric", layer.scale_metric, want["scale_metric"])
+        if want["weight_channel_metric"] is None:
+            assert layer.weight_channel_metric is None, name
+        else:
+            assert layer.weight_channel_metric is not None, name
+            _assert_close(
+                f"{name} weight channel metric",
+                layer.weight_channel_metric,
+                want["weight_channel_metric"],
+            )
         if want["channel_scale_fi"] is None:
             assert layer.channel_scale is None, name
         else:

@@ -12,6 +12,7 @@ from lightning_sens import (
     fi_along_direction,
     fi_from_gram,
     log_prob_gradient,
+    metric_frame,
 )
 from lightning_sens.reference import fi_from_jacobian
 
@@ -86,6 +87,44 @@ def test_fi_is_exact_for_confident_predictions(margin: float, m: int) -> None:
         if m == 1:
             along = float(fi_along_direction(J[:, 0], p, c).fi)
             assert abs(along / want - 1) < 1e-12, (margin, y, along, want)
+
+
+def _mp_metric(J: torch.Tensor, z: torch.Tensor, y: int) -> tuple[float, float]:
+    """tr(Jᵀ H J) and Σ_i cᵀ J_i with 250 significant digits."""
+    with mpmath.workdps(250):
+        K, m = J.shape
+        top = max(mpmath.mpf(float(v)) for v in z)
+        e = [mpmath.exp(mpmath.mpf(float(v)) - top) for v in z]
+        p = [v / sum(e) for v in e]
+        trace, slope = mpmath.mpf(0), mpmath.mpf(0)
+        for i in range(m):
+            u = [mpmath.mpf(float(J[k, i])) for k in range(K)]
+            mean = sum(p[k] * u[k] for k in range(K))
+            trace += sum(p[k] * u[k] ** 2 for k in range(K)) - mean**2
+            slope += u[y] - mean
+        return float(trace), float(slope)
+
+
+@pytest.mark.parametrize("margin", [0.0, 30.0, 60.0, 200.0])
+def test_metric_frame_is_exact_for_confident_predictions(margin: float) -> None:
+    """tr(G) from the contrast Gram and per column, and cᵀu, at p_y up to 1 − 1e-87."""
+    generator = torch.Generator().manual_seed(int(margin) + 7)
+    K, m = 6, 9
+    J = torch.randn(K, m, dtype=torch.float64, generator=generator)
+    z = torch.randn(K, dtype=torch.float64, generator=generator)
+    z[0] += margin
+    p = torch.softmax(z, -1)
+    Q = contrast_basis(K)
+    columns = Q.T @ J  # (K', m): what the engine's backward products give
+    for y in (0, 1):
+        frame = metric_frame(p[None], log_prob_gradient(p, torch.tensor(y))[None])
+        trace, slope = _mp_metric(Q @ columns, z, y)  # J's component along 1 does not count
+        from_gram = float(frame.trace((columns @ columns.T)[None])[0])
+        per_column = float(frame.columns(columns[None]).sum())
+        along = float(frame.slope(columns[None]).sum())
+        for got in (from_gram, per_column):
+            assert abs(got / trace - 1) < 1e-12, (margin, y, got, trace)
+        assert abs(along / slope - 1) < 1e-12, (margin, y, along, slope)
 
 
 def test_no_nan_when_probabilities_underflow() -> None:

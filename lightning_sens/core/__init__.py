@@ -17,12 +17,14 @@ from lightning_sens.core.engine import (
 from lightning_sens.core.fi import (
     BlockFI,
     ClosedFormFI,
+    MetricFrame,
     closed_form_fi,
     contrast_basis,
     default_rtol,
     fi_along_direction,
     fi_from_gram,
     log_prob_gradient,
+    metric_frame,
 )
 from lightning_sens.core.inputs import default_forward, logits_of
 
@@ -31,6 +33,7 @@ __all__ = [
     "ClosedFormFI",
     "InputFI",
     "LayerFI",
+    "MetricFrame",
     "ParameterFI",
     "SensitivityResult",
     "UnsupportedLayerError",
@@ -43,6 +46,7 @@ __all__ = [
     "input_fi",
     "log_prob_gradient",
     "logits_of",
+    "metric_frame",
     "parameter_fi",
     "sensitivity",
     "trainable_layers",

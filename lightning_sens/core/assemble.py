@@ -11,7 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_sens.core.fi import fi_from_contrast_columns, fi_from_contrast_gram
+from lightning_sens.core.fi import (
+    MetricFrame,
+    fi_from_contrast_columns,
+    fi_from_contrast_gram,
+    metric_frame,
+)
 from lightning_sens.core.plan import Ownership
 from lightning_sens.core.results import LayerFI, ParameterFI
 from lightning_sens.core.routes import LayerGram, RouteResult, channel_axes, norm2
@@ -42,13 +47,23 @@ def parameter_result(
     probs: Tensor,
     c: Tensor,
     tol: float,
+    frame: MetricFrame | None = None,
+    weight_metrics: dict[str, Tensor | None] | None = None,
 ) -> ParameterFI:
-    """Parameter, layer-scaling and channel-scaling FI of every layer, and all parameters."""
+    """Parameter, layer-scaling and channel-scaling FI of every layer, and all parameters.
+
+    Also the metric of each layer's families (tr(G_l), uᵀHu of its scaling) and, from
+    ``weight_metrics`` (layer → what its Gram route split by weight rows), the per-channel weight
+    metric of layers whose whole Gram came from that one route.
+    """
     batch, K = probs.shape
     device = probs.device
+    frame = metric_frame(probs, c) if frame is None else frame
     per_layer: dict[str, LayerGram] = dict(unused)
+    sources: dict[str, int] = {}
     for result in results:
         for name, gram in result.layers.items():
+            sources[name] = sources.get(name, 0) + 1
             per_layer[name] = gram if name not in per_layer else per_layer[name] + gram
     names = [n for n in layers if n in per_layer and n not in skipped]
     grams = [per_layer[n].gram for n in names]
@@ -73,14 +88,35 @@ def parameter_result(
         scales = torch.stack([per_layer[n].scale for n in names]).unsqueeze(-1)
         floor = torch.stack([noise[n] for n in names])
         scale_fi = fi_from_contrast_columns(scales, probs, c, tol, floor)
+        metrics = frame.trace(torch.stack([per_layer[n].gram for n in names], 1))  # (B, L)
+        scale_metrics = frame.columns(scales.squeeze(-1).permute(1, 2, 0))  # (B, L)
+        split = weight_metrics or {}
         found = {
             name: LayerFI(
                 parameters=blocks[i],
                 scale=scale_fi[i],
                 channel_scale=channel_fi.get(name),
                 method=per_layer[name].method,
+                metric=metrics[:, i],
+                scale_metric=scale_metrics[:, i],
+                weight_channel_metric=_weight_metric(
+                    per_layer[name], split.get(name), sources.get(name), frame
+                ),
                 shared_with=ownership.shared_with(name),
             )
             for i, name in enumerate(names)
         }
     return ParameterFI(found, blocks[-1], dict(skipped))
+
+
+def _weight_metric(
+    gram: LayerGram, from_route: Tensor | None, sources: int | None, frame: MetricFrame
+) -> Tensor | None:
+    """The per-channel weight metric of a layer whose whole Gram came from one route."""
+    if sources != 1:
+        return None
+    if from_route is not None:
+        return from_route
+    if gram.weight_rows is not None:
+        return frame.columns(gram.weight_rows).sum(-1)
+    return None

@@ -29,6 +29,7 @@ from torch import Tensor
 __all__ = [
     "BlockFI",
     "ClosedFormFI",
+    "MetricFrame",
     "closed_form_fi",
     "contrast_basis",
     "default_rtol",
@@ -37,6 +38,7 @@ __all__ = [
     "fi_from_contrast_gram",
     "fi_from_gram",
     "log_prob_gradient",
+    "metric_frame",
     "resolve_target",
 ]
 
@@ -450,3 +452,57 @@ def fi_along_direction(u: Tensor, probs: Tensor, c: Tensor) -> BlockFI:
     slope = (here.c_ref * delta).sum(-1)
     fi = torch.where(positive, slope.square() / curvature.where(positive, 1.0), 0.0)
     return _block_fi(fi, here.best, positive.long(), batch)
+
+
+@dataclass(frozen=True)
+class MetricFrame:
+    """The metric G = Jᵀ H J and the gradient ∇ log p_y = Jᵀ c of any family, per sample.
+
+    Both depend on a family only through its logit changes u = J v. In contrast coordinates
+    (u = Q x, the engine's native form, Q = :func:`contrast_basis`) the metric is
+    uᵀ H u = ‖W x‖² and the gradient cᵀ u = gᵀ x, where W and g are built relative to the most
+    probable class r (as :class:`_Frame`): no entry of H = diag(p) − p pᵀ is formed by
+    subtracting numbers close to 1, so the metric of a confident prediction (H ≈ 1e-26) keeps
+    every digit.
+
+    Attributes:
+        factor: W, ``(B, K', K')`` float64, with Qᵀ H Q = Wᵀ W.
+        gradient: g, ``(B, K')`` float64, with Qᵀ c = g (c = ∂ log p_y / ∂z).
+    """
+
+    factor: Tensor
+    gradient: Tensor
+
+    def trace(self, gram: Tensor) -> Tensor:
+        """tr(G) = tr(Qᵀ H Q · A) of blocks with contrast Gram A ``(B, *blocks, K', K')``."""
+        W = self.factor.reshape(self.factor.shape[0], *([1] * (gram.dim() - 3)), *gram.shape[-2:])
+        return ((W @ gram) * W).sum((-1, -2))
+
+    def columns(self, columns: Tensor) -> Tensor:
+        """uᵀ H u of each column x (u = Q x), ``(B, K', *rest)`` → ``(B, *rest)``."""
+        return torch.einsum("bjk,bk...->bj...", self.factor, columns).square().sum(1)
+
+    def slope(self, columns: Tensor) -> Tensor:
+        """cᵀ u of each column x, ``(B, K', *rest)`` → ``(B, *rest)``: ∂ log p_y along it."""
+        return torch.einsum("bk,bk...->b...", self.gradient, columns)
+
+
+def metric_frame(probs: Tensor, c: Tensor) -> MetricFrame:
+    """The :class:`MetricFrame` of samples with probabilities ``(B, K)`` and c = ∂f/∂z ``(B, K)``.
+
+    With R the map u ↦ δ = (u_k − u_r)_{k≠r}, uᵀ H u = δᵀ (diag(q) − q qᵀ) δ (q = p without r)
+    and diag(q) − q qᵀ = D N D with D = diag(√q), N = I − √q √qᵀ = (N^{1/2})²; so
+    W = N^{1/2} D R Q and g = (R Q)ᵀ c̃ (c̃ = c without r).
+    """
+    K = probs.shape[-1]
+    frame = _frame(probs.to(torch.float64), c.to(torch.float64))
+    Q = contrast_basis(K, torch.float64, probs.device)
+    B = frame.r.shape[0]
+    span = Q.expand(B, K, K - 1)
+    r = frame.r.reshape(-1, 1, 1).expand(-1, 1, K - 1)
+    delta = _drop_reference(span - span.gather(-2, r), frame.r, K)  # R Q, (B, K', K')
+    whitened = frame.a.unsqueeze(-1) * (
+        delta - frame.alpha.unsqueeze(-1) * (frame.q.unsqueeze(-2) @ delta)
+    )
+    gradient = (frame.c_ref.unsqueeze(-2) @ delta).squeeze(-2)
+    return MetricFrame(whitened, gradient)

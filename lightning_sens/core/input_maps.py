@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_sens.core.fi import BlockFI, fi_from_contrast_columns, fi_from_contrast_gram
+from lightning_sens.core.fi import (
+    BlockFI,
+    MetricFrame,
+    fi_from_contrast_columns,
+    fi_from_contrast_gram,
+    metric_frame,
+)
 from lightning_sens.core.results import InputFI
 
 __all__ = ["Layout", "input_result", "layout_of"]
@@ -78,13 +84,28 @@ def input_result(
     rtol: float,
     layout: Layout,
     source: str,
+    frame: MetricFrame | None = None,
 ) -> InputFI:
-    """Input FI of every family from the backprops ``(K', B, *shape)`` to the perturbed input."""
+    """Input FI of every family from the backprops ``(K', B, *shape)`` to the perturbed input.
+
+    Also the per-coordinate metric diagonal J_iᵀ H J_i and gradient ∂ log p_y/∂x_i, from the
+    same backprops (``frame``: the samples' :class:`MetricFrame`, computed here if None).
+    """
     grads = grads.to(torch.float64)
+    frame = metric_frame(probs, c) if frame is None else frame
+    per_sample = grads.transpose(0, 1)  # (B, K', *shape)
+    metric_map, gradient = frame.columns(per_sample), frame.slope(per_sample)
     whole_gram = torch.einsum("kbn,lbn->bkl", grads.flatten(2), grads.flatten(2))
     whole = fi_from_contrast_gram(whole_gram, probs, c, rtol)
     if layout == "flat" or not windows:
-        return InputFI(whole=whole, maps={}, position_map=None, source=source)
+        return InputFI(
+            whole=whole,
+            maps={},
+            position_map=None,
+            source=source,
+            metric_map=metric_map,
+            gradient=gradient,
+        )
     if layout == "sequence":  # (K', B, T, d) -> channels first, one row: (K', B, d, 1, T)
         grads = grads.movedim(-1, 2).unsqueeze(3)
     columns = grads.permute(1, 3, 4, 0, 2)  # (B, H, W, K', C): one position's channels
@@ -116,7 +137,12 @@ def input_result(
             position.fi[:, 0], position.relative_fi[:, 0], position.effective_rank[:, 0]
         )
     return InputFI(
-        whole=whole, maps={w: maps[w] for w in windows}, position_map=position, source=source
+        whole=whole,
+        maps={w: maps[w] for w in windows},
+        position_map=position,
+        source=source,
+        metric_map=metric_map,
+        gradient=gradient,
     )
 
 

@@ -33,12 +33,20 @@ class InputFI:
             None for other inputs.
         source: what was perturbed: ``"inputs"``, ``"inputs['pixel_values']"``, or
             ``"output of 'embed'"`` for token inputs.
+        metric_map: the diagonal of the input metric, J_iᵀ H J_i, per input coordinate, shaped
+            like the perturbed input (float64): the magnitude FI normalises away. A small edit
+            ε_i of coordinate i changes the prediction by KL ≈ ½ ε_i² · metric_map
+            (docs/damage.md).
+        gradient: ∂ log p_y / ∂x_i per input coordinate (float64), the plain saliency; from the
+            same backward products.
     """
 
     whole: BlockFI
     maps: dict[int, BlockFI]
     position_map: BlockFI | None
     source: str = "inputs"
+    metric_map: Tensor | None = None
+    gradient: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,15 @@ class LayerFI:
             (rank ≤ min(C, K − 1)); None for layers without a channel notion (see
             :func:`~lightning_sens.core.routes.channel_axes`).
         method: how the Gram was computed (:data:`~lightning_sens.core.routes.Method`).
+        metric: tr(G_l), the trace of the perturbation manifold's metric over the layer's
+            trainable parameters (float64): Σ_k p_k ‖∂ log p_k / ∂θ_l‖². Weight noise
+            ε ~ N(0, σ² I) on the layer changes the prediction by E[KL] ≈ ½ σ² tr(G_l)
+            (docs/damage.md).
+        scale_metric: uᵀ H u for the scaling direction u = ∂z/∂ω (θ_l → ω θ_l): scaling the
+            layer by 1 + δ changes the prediction by KL ≈ ½ δ² · scale_metric.
+        weight_channel_metric: ``(B, C)`` tr(G) of each output channel's slice of the weight
+            alone (bias excluded), what weight quantisation with per-channel steps needs;
+            None where the layer is not a Linear/Conv layer on its own Gram route.
         shared_with: other monitored layers that own one of this layer's parameters.
     """
 
@@ -63,6 +80,9 @@ class LayerFI:
     scale: BlockFI
     channel_scale: BlockFI | None
     method: Method
+    metric: Tensor
+    scale_metric: Tensor
+    weight_channel_metric: Tensor | None = None
     shared_with: tuple[str, ...] = ()
 
 
@@ -116,6 +136,8 @@ def concat_results(parts: list[SensitivityResult]) -> SensitivityResult:
             if first.input.position_map is None
             else BlockFI.cat([i.position_map for i in ins if i.position_map is not None]),
             source=first.input.source,
+            metric_map=_cat_optional([i.metric_map for i in ins]),
+            gradient=_cat_optional([i.gradient for i in ins]),
         )
     parameter_result = None
     if first.parameters is not None:
@@ -133,6 +155,9 @@ def concat_results(parts: list[SensitivityResult]) -> SensitivityResult:
                 if layer.channel_scale is None
                 else BlockFI.cat([c.channel_scale for c in chunks if c.channel_scale is not None]),
                 method=layer.method,
+                metric=torch.cat([c.metric for c in chunks]),
+                scale_metric=torch.cat([c.scale_metric for c in chunks]),
+                weight_channel_metric=_cat_optional([c.weight_channel_metric for c in chunks]),
                 shared_with=layer.shared_with,
             )
         parameter_result = ParameterFI(layers, BlockFI.cat([p.all_parameters for p in ps]), skipped)
@@ -143,3 +168,10 @@ def concat_results(parts: list[SensitivityResult]) -> SensitivityResult:
         input_result,
         parameter_result,
     )
+
+
+def _cat_optional(parts: list[Tensor | None]) -> Tensor | None:
+    """Concatenate per-chunk tensors, or None where a chunk has none."""
+    if any(p is None for p in parts):
+        return None
+    return torch.cat([p for p in parts if p is not None])

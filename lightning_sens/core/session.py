@@ -32,6 +32,7 @@ from lightning_sens.core.fi import (
     contrast_basis,
     default_rtol,
     log_prob_gradient,
+    metric_frame,
     resolve_target,
 )
 from lightning_sens.core.input_maps import input_result, layout_of
@@ -48,6 +49,7 @@ from lightning_sens.core.probe import probe, token_reader
 from lightning_sens.core.replay import host_calls, model_call
 from lightning_sens.core.results import SensitivityResult
 from lightning_sens.core.routes import (
+    WEIGHT_LAYERS,
     FastCall,
     JacobianCall,
     ParamUse,
@@ -186,6 +188,7 @@ class Session:
         probs = torch.softmax(logits.detach().to(torch.float64), dim=-1)
         c = log_prob_gradient(probs, y)
         closed = closed_form_fi(logits, y)
+        frame = metric_frame(probs, c)
 
         slots, targets = [], []
         if leaf is not None:
@@ -269,6 +272,7 @@ class Session:
             if failed:
                 raise _DemoteError(failed)
         results = [route.result() for route in fast.values()] + route_results
+        weight_metrics = {name: route.weight_metric(frame) for name, route in fast.items()}
 
         input_part = None
         if input_grads:
@@ -282,7 +286,7 @@ class Session:
             )
             layout = layout_of(tuple(stacked.shape[1:]), from_tokens)
             input_part = input_result(
-                stacked, probs, c, self.windows, self._tol(logits), layout, source
+                stacked, probs, c, self.windows, self._tol(logits), layout, source, frame
             )
         parameter_part = None
         if self.layers:
@@ -298,6 +302,8 @@ class Session:
                 probs,
                 c,
                 self._tol(logits),
+                frame,
+                weight_metrics,
             )
         return SensitivityResult(y, closed.p_target, closed.log_fi, input_part, parameter_part)
 
@@ -333,7 +339,7 @@ class Session:
     def _uses(self, params: list[str], host: str | None) -> list[ParamUse]:
         uses = []
         for p in params:
-            layers = {}
+            layers, weight_of = {}, []
             for layer in self.layers:
                 if p in self.ownership.layer_params[layer]:
                     module = self.layers[layer]
@@ -344,8 +350,10 @@ class Session:
                         if id(t) == self.param_ids[p]
                     )
                     layers[layer] = None if axes is None else axes[local]
+                    if isinstance(module, WEIGHT_LAYERS) and local == "weight":
+                        weight_of.append(layer)
             key = p if host is None else self.ownership.key_under(p, host, self.param_ids)
-            uses.append(ParamUse(key, self.runner.tensor(p), layers))
+            uses.append(ParamUse(key, self.runner.tensor(p), layers, tuple(weight_of)))
         return uses
 
     def _jacobian_routes(

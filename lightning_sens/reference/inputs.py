@@ -22,6 +22,7 @@ from lightning_sens.reference.measure import (
     grad_log_py,
     jacobian,
     logits_one,
+    metric_diagonal,
     sample,
     targets,
 )
@@ -102,6 +103,8 @@ def input_fi(
 
         - ``'fi'`` (B,) float64, ``'rank'`` (B,) int64: the whole input as one block.
         - ``'relative_fi'`` (B,): ``fi / ((1 − p_y) / p_y)`` in [0, 1]; 0 where ``p_y = 1``.
+        - ``'metric_map'`` and ``'gradient'`` (B, *shape): per coordinate, J_iᵀ H J_i and
+        ∂ log p_y / ∂x_i (of the perturbed tensor: the input, or ``input_module``'s output).
         - ``'p_target'`` (B,) float64: ``p_y``; ``'target'`` (B,) int64: the labels used.
         - For images (B, C, H, W) and non-empty ``windows``: ``'maps'`` ``{w: (B, C, H, W)}``
         and ``'map_ranks'``, the block at (b, c, h, v) being channel c, rows h−s..h+s and
@@ -142,7 +145,11 @@ def input_fi(
             omega0 = torch.zeros_like(omega0)
             J = jacobian(partial(logits_of_omega, x), omega0).to(torch.float64)
             J = J.reshape(J.shape[0], *omega0.shape[1:])  # (K, *shape of one sample)
-            found = {"": fi_from_jacobian(J.reshape(J.shape[0], -1), p, c, rtol)}
+            flat = J.reshape(J.shape[0], -1)
+            found = {"": fi_from_jacobian(flat, p, c, rtol)}
+            shape = J.shape[1:]
+            per_sample.setdefault("metric_map", []).append(metric_diagonal(flat, p).reshape(shape))
+            per_sample.setdefault("gradient", []).append((c @ flat).reshape(shape))
             maps_shape = _maps_layout(J, hooked is not None)
             if maps_shape is not None and windows:
                 for w in windows:
@@ -163,6 +170,8 @@ def input_fi(
         "relative_fi": relative,
         "p_target": p_target,
         "target": labels,
+        "metric_map": stacked["metric_map"],
+        "gradient": stacked["gradient"],
     }
     if "fiposition" in stacked:
         tokens = hooked is not None

@@ -25,6 +25,7 @@ __all__ = [
     "grad_log_py",
     "jacobian",
     "logits_one",
+    "metric_diagonal",
     "sample",
     "targets",
 ]
@@ -196,6 +197,15 @@ def contrasts(K: int, device: torch.device) -> Tensor:
     eye = torch.eye(K, dtype=torch.float64, device=device)
     full, _ = torch.linalg.qr(torch.cat([ones, eye], 1))
     return full[:, 1:K]
+
+
+def metric_diagonal(J: Tensor, p: Tensor) -> Tensor:
+    """diag(Jᵀ H J) with H = diag(p) − p pᵀ, by definition: Σ_k p_k J_ki² − (Σ_k p_k J_ki)².
+
+    Args:
+        J: ``(K, m)`` float64 Jacobian of the logits; p: ``(K,)`` probabilities.
+    """
+    return (p[:, None] * J.square()).sum(0) - (p @ J).square()
 
 
 def grad_log_py(p: Tensor, y: Tensor) -> Tensor:

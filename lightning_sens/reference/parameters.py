@@ -23,11 +23,14 @@ from lightning_sens.reference.measure import (
     grad_log_py,
     jacobian,
     logits_one,
+    metric_diagonal,
     sample,
     targets,
 )
 
 __all__ = ["parameter_fi"]
+
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _distinct(model: nn.Module, names: list[str]) -> list[str]:
@@ -81,6 +84,11 @@ def parameter_fi(
         multiplied by ``ω_c``, ``ω0 = 1``, all channels as one block (``None`` for layers
         without channels).
 
+        - ``'metric'``: tr(G) = Σ_i J_iᵀ H J_i over the block's coordinates;
+        ``'scale_metric'``: uᵀ H u of the layer-scaling direction;
+        ``'weight_channel_metric'`` (B, C): tr(G) over each output channel's slice of the weight
+        alone, for Linear and Conv layers (``None`` for others).
+
         ``'__all__'`` is the block of all listed layers' parameters together, each parameter
         counted once.
     """
@@ -113,6 +121,7 @@ def parameter_fi(
             p, c = probs[b], grad_log_py(probs[b], labels[b])
             for layer, names in blocks.items():
                 # additive θ_l + ω: Jacobian w.r.t. the block's parameters, flattened, concatenated
+                jac = {}
                 if names:
                     jac = jacobian(partial(call, x=x), {n: params[n] for n in names})
                     J = torch.cat([jac[n].reshape(len(p), -1) for n in names], 1)
@@ -123,6 +132,13 @@ def parameter_fi(
                 found[layer, "rank"].append(rank)
                 if layer == "__all__":
                     continue
+                found[layer, "metric"].append(metric_diagonal(J.to(torch.float64), p).sum())
+                weight = f"{layer}.weight" if layer else "weight"
+                if isinstance(model.get_submodule(layer), _WEIGHTED) and weight in jac:
+                    J_w = jac[weight].to(torch.float64)
+                    diagonal = metric_diagonal(J_w.reshape(len(p), -1), p)
+                    per_channel = diagonal.reshape(J_w.shape[1], -1).sum(-1)
+                    found[layer, "weight_channel_metric"].append(per_channel)
                 # Scaling directions are numerically null below the tolerance times the most any
                 # direction of the same norm can do: trace(QᵀJJᵀQ)·‖θ_l‖² (docs/method.md).
                 theta2 = sum(float(params[n].double().square().sum()) for n in names)
@@ -132,6 +148,7 @@ def parameter_fi(
                 scaled = partial(call_scaled, names=names, x=x)
                 u = jacobian(scaled, one.to(p.device)).reshape(-1, 1)
                 found[layer, "scale_fi"].append(fi_from_jacobian(u, p, c, rtol, floor)[0])
+                found[layer, "scale_metric"].append(metric_diagonal(u.to(torch.float64), p)[0])
                 J_ch = _channel_scale_jacobian(model, call, params, layer, names, x)
                 if J_ch is not None:
                     fi, rank = fi_from_jacobian(J_ch, p, c, rtol, floor)
@@ -139,7 +156,16 @@ def parameter_fi(
                     found[layer, "channel_scale_rank"].append(rank)
 
     result: dict[str, dict[str, Tensor | None]] = {}
-    keys = ("fi", "rank", "scale_fi", "channel_scale_fi", "channel_scale_rank")
+    keys = (
+        "fi",
+        "rank",
+        "scale_fi",
+        "channel_scale_fi",
+        "channel_scale_rank",
+        "metric",
+        "scale_metric",
+        "weight_channel_metric",
+    )
     for layer in layers:
         result[layer] = {k: torch.stack(found[layer, k]) if found[layer, k] else None for k in keys}
     result["__all__"] = {k: torch.stack(found["__all__", k]) for k in ("fi", "rank")}

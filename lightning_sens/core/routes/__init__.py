@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_sens.core.routes.base import (
+    WEIGHT_LAYERS,
     FastCall,
     LayerGram,
     Method,
@@ -28,6 +29,7 @@ from lightning_sens.core.routes.weighted import WeightedRoute
 
 __all__ = [
     "ROUTES",
+    "WEIGHT_LAYERS",
     "FastCall",
     "JacobianCall",
     "LayerGram",

@@ -14,7 +14,21 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FastCall", "Features", "LayerGram", "Method", "Route", "RouteResult", "norm2"]
+from lightning_sens.core.fi import MetricFrame
+
+__all__ = [
+    "WEIGHT_LAYERS",
+    "FastCall",
+    "Features",
+    "LayerGram",
+    "Method",
+    "Route",
+    "RouteResult",
+    "norm2",
+]
+
+WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""Layers whose ``weight`` is what quantisation rounds (output channel on axis 0)."""
 
 Method = Literal[
     "linear", "direct", "ghost", "norm", "embedding", "recurrent", "jacobian", "unused"
@@ -66,6 +80,9 @@ class LayerGram:
             float64). A scaling direction whose effect ‖J θ_l‖² is below the tolerance times
             trace(gram)·‖θ_l‖² (the most any direction of the same norm can do) is numerically
             null: its FI is reported as 0 with rank 0 (docs/engine.md, "Numerics").
+        weight_rows: ``(B, K', C, r)`` float64 Jacobian of the contrasts w.r.t. the weight of a
+            Linear/Conv layer, output channel first, where a route has it whole (the Jacobian
+            route); gives the per-channel weight metric. None elsewhere.
     """
 
     gram: Tensor
@@ -73,6 +90,7 @@ class LayerGram:
     channel_scale: Tensor | None
     method: Method
     theta_norm2: Tensor
+    weight_rows: Tensor | None = None
 
     def __add__(self, other: LayerGram) -> LayerGram:
         """Join the contributions of disjoint parameter sets of one layer (Grams add up)."""
@@ -82,12 +100,14 @@ class LayerGram:
         if self.channel_scale is not None and other.channel_scale is not None:
             channel = self.channel_scale + other.channel_scale
         method = self.method if self.method == other.method else "jacobian"
+        rows = [r for r in (self.weight_rows, other.weight_rows) if r is not None]
         return LayerGram(
             self.gram + other.gram,
             self.scale + other.scale,
             channel,
             method,
             self.theta_norm2 + other.theta_norm2,
+            rows[0] if len(rows) == 1 else None,
         )
 
 
@@ -184,6 +204,14 @@ class Route(ABC):
     @abstractmethod
     def result(self) -> RouteResult:
         """The Gram and scaling derivatives from every cotangent added so far."""
+
+    def weight_metric(self, frame: MetricFrame) -> Tensor | None:
+        """tr(G) of each output channel's slice of the weight alone, ``(B, C)``, or None.
+
+        The per-channel metric that weight quantisation with per-channel steps needs
+        (docs/damage.md). Routes that cannot split their Gram by weight rows return None.
+        """
+        return None
 
     def theta_norm2(self) -> Tensor:
         """‖θ_l‖² of the trainable parameters, as the recorded calls saw them."""

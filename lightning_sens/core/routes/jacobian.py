@@ -58,11 +58,13 @@ class ParamUse:
         value: its value (in the compute dtype).
         layers: layer name → the parameter's output-channel axis in that layer (None: the layer
             has no channel notion).
+        weight_of: the layers (Linear/Conv) whose ``weight`` this parameter is.
     """
 
     key: str
     value: Tensor
     layers: dict[str, int | None]
+    weight_of: tuple[str, ...] = ()
 
 
 def _vmapped(call: JacobianCall, params: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
@@ -180,7 +182,11 @@ def jacobian_route(
             channel = None
             if axis is not None:
                 channel = _channel_columns(flat.reshape(jac.shape), use.value, axis)
-            part = LayerGram(grams[use.key], scale, channel, "jacobian", norm2([use.value]))
+            rows = None
+            if layer in use.weight_of:
+                rows = flat.reshape(batch, flat.shape[1], use.value.shape[0], -1)
+            theta = norm2([use.value])
+            part = LayerGram(grams[use.key], scale, channel, "jacobian", theta, rows)
             layers[layer] = part if layer not in layers else layers[layer] + part
     total = sum(grams.values())
     assert isinstance(total, Tensor)  # a route covers at least one parameter

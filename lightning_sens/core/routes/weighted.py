@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_sens.core.fi import MetricFrame
 from lightning_sens.core.routes.base import FastCall, Features, LayerGram, Route, RouteResult
 
 __all__ = ["PatchGram", "WeightedRoute", "unfold_conv"]
@@ -90,6 +91,33 @@ class PatchGram:
         if self.train_bias and self.method != "linear":  # "linear" folds the bias in
             self.bias_features.put(grouped.sum(2))
 
+    def weight_metric(self, frame: MetricFrame) -> Tensor | None:
+        """tr(G) per output channel of the weight alone, ``(B, G·p)``, or None if it is frozen.
+
+        Every cotangent's features are rotated by the metric factor W (Qᵀ H Q = Wᵀ W), so the
+        per-channel trace is a sum of squares of per-sample gradients (or, on the ghost route,
+        ⟨G̃_j, UUᵀ G̃_j⟩ per channel), at the cost of the Gram itself.
+        """
+        found = self.features.buffer
+        if found is None or not self.train_weight:
+            return None
+        W = frame.factor.to(found.device)
+        B = self.inputs.shape[0]
+        if self.method == "linear":  # (B, K', G, p): ‖a‖² Σ_j (Σ_k W_jk g_k)²
+            norms = self.inputs.to(torch.float64).square().sum((-1, -2))  # (B, G)
+            rotated = torch.einsum("bjk,bkgp->bjgp", W, found)
+            per_channel = norms.unsqueeze(-1) * rotated.square().sum(1)
+        elif self.method == "ghost":  # (B, G, T, K', p)
+            rotated = torch.einsum("bjk,bgtkp->bgtjp", W, found)
+            inputs = self.inputs.to(torch.float64)
+            overlap = inputs @ inputs.transpose(-1, -2)  # (B, G, T, T)
+            mixed = (overlap @ rotated.flatten(3)).view(rotated.shape)
+            per_channel = (rotated * mixed).sum((2, 3))
+        else:  # direct: (B, K', G, p, d)
+            rotated = torch.einsum("bjk,bkgpd->bjgpd", W, found)
+            per_channel = rotated.square().sum((1, -1))
+        return per_channel.reshape(B, -1)
+
     def gram(self, num_added: int) -> Tensor:
         """``(B, K', K')`` float64 Gram of the weight and bias in the family."""
         B = self.inputs.shape[0]
@@ -165,6 +193,9 @@ class WeightedRoute(Route):
         self.grams.add(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
         per_call = [self._channel(g, c) for g, c in zip(gs, self.calls, strict=True)]
         self.channels.append(torch.stack(per_call).sum(0) if len(per_call) > 1 else per_call[0])
+
+    def weight_metric(self, frame: MetricFrame) -> Tensor | None:
+        return self.grams.weight_metric(frame)
 
     def result(self) -> RouteResult:
         gram = self.grams.gram(len(self.channels))
