@@ -1,0 +1,108 @@
+"""Predicted damage from the metric against measured damage, quantisation, and the invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_sens import sensitivity
+from lightning_sens.damage import (
+    Perturbation,
+    damage_table,
+    measure_damage,
+    predict_damage,
+    quantization_error,
+    quantize,
+)
+
+
+def _model() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.Tanh(),
+        nn.Conv2d(4, 6, 3, stride=2),
+        nn.BatchNorm2d(6),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 5),
+    ).double()
+    model[3].running_mean.normal_()
+    model[3].running_var.uniform_(0.5, 2.0)
+    return model, torch.randn(16, 1, 12, 12, dtype=torch.float64)
+
+
+def test_quantize_uses_symmetric_levels_per_tensor_and_per_channel() -> None:
+    w = torch.randn(6, 5, dtype=torch.float64)
+    w[2] *= 10  # one channel with a larger range
+    for per_channel in (False, True):
+        q = quantize(w, 4, per_channel)
+        top = w.abs().amax(1, keepdim=True) if per_channel else w.abs().amax()
+        step = top / 7  # 4 bits: levels -7 … 7
+        levels = q / step
+        assert torch.allclose(levels, levels.round(), atol=1e-9)
+        assert levels.abs().max() <= 7 + 1e-9
+        assert (q - w).abs().le(step / 2 + 1e-12).all()  # rounding to the nearest level
+        assert torch.equal(quantize(torch.zeros(3, 2), 4, per_channel), torch.zeros(3, 2))
+    per_tensor = quantization_error(w, 4, False)
+    per_channel = quantization_error(w, 4, True)
+    assert per_channel.sum() < per_tensor.sum()  # finer steps on the small channels
+    with pytest.raises(ValueError, match="bits must be at least 2"):
+        quantize(w, 1, False)
+
+
+def test_predicted_kl_is_the_second_order_term_of_the_measured_kl() -> None:
+    """Small noise and scaling: measured E[KL] → ½ σ² tr(G_l) and ½ δ² uᵀHu (float64)."""
+    model, x = _model()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    result = sensitivity(model, x, "pred", input_maps=False)
+    assert result.parameters is not None
+    predicted = predict_damage(model, result.parameters, noise=(1e-3,), bits=(8,), scale=(1e-3,))
+    assert set(predicted) == {"0", "2", "3", "6"}
+    for name, layer in predicted.items():
+        noise = Perturbation("noise", 1e-3)
+        measured = measure_damage(model, x, name, noise, draws=2000, seed=1)
+        # the KL of one draw is a quadratic form in Gaussian noise: its mean over 2000 draws
+        # is within a few percent of the expectation
+        assert measured == pytest.approx(layer.noise[1e-3], rel=0.06), name
+        scale = Perturbation("scale", 1e-3)
+        assert measure_damage(model, x, name, scale) == pytest.approx(
+            layer.scale[1e-3], rel=5e-3
+        ), name
+    assert set(predicted["3"].quant) == set()  # BatchNorm: not a quantised weight
+    assert set(predicted["6"].quant) == {(8, False), (8, True)}
+    for name, tensor in model.state_dict().items():  # the model is left untouched
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_weight_channel_metric_adds_up_to_the_layer_metric_without_bias() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4, bias=False)
+    ).double()
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
+    result = sensitivity(model, x, "pred", input_maps=False)
+    assert result.parameters is not None
+    for name in ("0", "3"):
+        layer = result.parameters.layers[name]
+        assert layer.weight_channel_metric is not None
+        torch.testing.assert_close(layer.weight_channel_metric.sum(-1), layer.metric)
+
+
+def test_quantisation_of_a_layer_without_weight_is_refused() -> None:
+    model, x = _model()
+    with pytest.raises(ValueError, match="quantises the weight of a Linear or convolution"):
+        measure_damage(model, x, "3", Perturbation("quant", 4))
+
+
+def test_damage_table_has_a_row_per_layer_and_perturbation() -> None:
+    model, x = _model()
+    result = sensitivity(model, x, "pred", input_maps=False)
+    assert result.parameters is not None
+    predicted = predict_damage(model, result.parameters, noise=(0.1,), bits=(4,), scale=(0.1,))
+    rows = damage_table(predicted, lambda layer, p: measure_damage(model, x, layer, p, draws=2))
+    labels = {(r["layer"], r["perturbation"]) for r in rows}
+    assert ("6", "4-bit weights (per channel)") in labels
+    assert ("3", "noise 0.1 x rms") in labels
+    assert all(float(r["measured_kl"]) >= 0 for r in rows)  # type: ignore[arg-type]
+    assert len(rows) == 4 * 2 + 3 * 2  # noise and scale everywhere, 2 quant rows on 3 layers
