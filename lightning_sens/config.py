@@ -33,6 +33,10 @@ class MonitorConfig:
         layers: module names for per-layer FI; None for every module with trainable parameters.
         exclude_layers: module names or glob patterns (``"encoder.*.attn"``) left out of the
             per-layer FI.
+        damage_noise: ρ of the per-layer curves "expected KL under Gaussian weight noise of
+            ρ × the layer's rms" (docs/damage.md).
+        damage_bits: b of the per-layer curves "expected KL of rounding the layer's weights to
+            b bits, one step per output channel" (Linear and convolution layers).
         flag_rule: "counterfactual" (estimates how many labels of each class are wrong and
             flags that many; docs/flags.md), "counterfactual_pairs" (the same class by class
             pair: finds wrong labels between similar classes, and flags samples the model finds
@@ -63,6 +67,8 @@ class MonitorConfig:
     windows: tuple[int, ...] = (1, 3, 5, 7)
     layers: tuple[str, ...] | None = None
     exclude_layers: tuple[str, ...] = ()
+    damage_noise: float = 0.1
+    damage_bits: int = 4
     flag_rule: FlagRule = "counterfactual"
     flag_threshold: float = 3.5
     top_k: int = 10
@@ -85,6 +91,21 @@ class MonitorConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
         _positive_int("chunk_size", self.chunk_size, allow_none=True)
+        if (
+            isinstance(self.damage_bits, bool)
+            or not isinstance(self.damage_bits, int)
+            or (self.damage_bits < 2)
+        ):
+            raise ValueError(
+                f"damage_bits must be an integer >= 2 (symmetric levels), got {self.damage_bits!r}."
+            )
+        if isinstance(self.damage_noise, bool) or not (
+            isinstance(self.damage_noise, int | float) and self.damage_noise > 0
+        ):
+            raise ValueError(
+                "damage_noise must be a positive number (noise relative to each layer's rms), "
+                f"got {self.damage_noise!r}."
+            )
         if self.flag_rule not in get_args(FlagRule):
             raise ValueError(
                 f"flag_rule must be one of {get_args(FlagRule)}, got {self.flag_rule!r}."

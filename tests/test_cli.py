@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_sens.cli import main
+from lightning_sens.damage import quantization_report
 from lightning_sens.reporting import keys
 from tests.cli_models import TinyData, TinyModule
 
@@ -89,9 +92,40 @@ def test_exclude_layers(checkpoints: Path, tmp_path: Path) -> None:
     assert main(["evaluate", one, "--output", str(out), *SMALL, *skip, "--", *MODEL]) == 0
     events = EventAccumulator(str(out), size_guidance={"scalars": 0})
     events.Reload()
-    prefix = keys.layer_scale("val", "")
+    prefix = keys.layer_kl_noise("val", "")
     layers = {t[len(prefix) :] for t in events.Tags()["scalars"] if t.startswith(prefix)}
     assert layers == {"net.4"}
+
+
+def test_quantization_report_ranks_layers_by_measured_and_predicted_damage(
+    checkpoints: Path, tmp_path: Path, capsys
+) -> None:
+    """The report's predictions are the engine's on the last checkpoint; measured KL is real."""
+    last = sorted(checkpoints.glob("*.ckpt"))[-1]
+    out = tmp_path / "eval"
+    options = ["--quantization", "--bits", "4", "8", "--damage-samples", "16", "--measure-damage"]
+    assert main(["evaluate", str(last), "--output", str(out), *SMALL, *options, "--", *MODEL]) == 0
+    printed = capsys.readouterr().out
+    assert "Quantisation sensitivity of" in printed
+    with (out / "quantization.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    model = TinyModule.load_from_checkpoint(last)
+    data = TinyData()
+    data.setup("fit")
+    x = torch.stack([data.val_dataloader().dataset[i][0] for i in range(16)])
+    want = quantization_report(model, x, (4, 8))
+    assert [(r["bits"], r["steps"], r["layer"]) for r in rows] == [
+        (str(w["bits"]), w["steps"], w["layer"]) for w in want
+    ]
+    for row, w in zip(rows, want, strict=True):
+        assert float(row["predicted_kl"]) == pytest.approx(float(w["predicted_kl"]), rel=1e-9)
+        assert float(row["measured_kl"]) >= 0
+    four = [r for r in rows if r["bits"] == "4" and r["steps"] == "channel"]
+    assert [int(r["rank"]) for r in four] == list(range(1, len(four) + 1))
+    predicted = [float(r["predicted_kl"]) for r in four]
+    assert predicted == sorted(predicted, reverse=True)
+    eight = {r["layer"]: float(r["measured_kl"]) for r in rows if r["bits"] == "8"}
+    assert all(eight[r["layer"]] < float(r["measured_kl"]) for r in four)  # 8 bits hurt less
 
 
 def test_usage_errors(checkpoints: Path, tmp_path: Path, capsys) -> None:

@@ -15,8 +15,9 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_sens import MonitorConfig, SensitivityMonitor
+from lightning_sens import MonitorConfig, SensitivityMonitor, sensitivity
 from lightning_sens.callbacks import MonitorSetupError
+from lightning_sens.damage import predict_damage
 from lightning_sens.reporting import keys
 
 pytestmark = [
@@ -114,9 +115,8 @@ def test_logs_every_documented_scalar_and_the_flag_tables(tmp_path: Path) -> Non
             keys.persistent_count(split),
         }
         expected |= {keys.map_relative(split, w) for w in (1, 3)}
-        for layer in ("net.0", "net.1", "net.4"):
-            expected |= {keys.layer_scale(split, layer), keys.layer_rank(split, layer)}
-            expected |= {keys.layer_channel(split, layer), keys.layer_relative(split, layer)}
+        expected |= {keys.layer_kl_noise(split, layer) for layer in ("net.0", "net.1", "net.4")}
+        expected |= {keys.layer_kl_quant(split, layer, 4) for layer in ("net.0", "net.4")}
     missing = expected - scalars
     assert not missing, sorted(missing)
     assert len(events.Scalars(keys.curve("pred", "val", "median"))) == 2  # one per epoch
@@ -315,10 +315,10 @@ def test_outputs_that_are_not_logits_fail_at_the_first_validation(tmp_path: Path
     monitor = SensitivityMonitor(SMALL, forward_fn=lambda module, x: module(x)[0])
     _trainer(tmp_path / "adapted", [monitor], epochs=1).fit(PairNet(), train, val)
     assert monitor.history
-    assert monitor.history[-1][keys.layer_rank("val", "net.4")] > 0
+    assert monitor.history[-1][keys.layer_kl_noise("val", "net.4")] > 0
     by_key = SensitivityMonitor(SMALL)
     _trainer(tmp_path / "by_key", [by_key], epochs=1).fit(DictNet(), train, val)
-    assert by_key.history[-1][keys.layer_rank("val", "net.4")] > 0
+    assert by_key.history[-1][keys.layer_kl_noise("val", "net.4")] > 0
 
 
 def test_unreadable_batches_fail_with_a_pointer_to_batch_fn(tmp_path: Path) -> None:
@@ -424,13 +424,47 @@ def test_a_layer_that_cannot_be_measured_is_left_out_with_one_warning(tmp_path: 
         _trainer(tmp_path, [monitor], epochs=2).fit(PickyNet(), train, val)
     assert sum("net.1" in str(w.message) for w in caught) == 1  # once per run, not per epoch
     for history in monitor.history:
-        assert keys.layer_scale("val", "net.0") in history
-        assert keys.layer_scale("val", "net.1") not in history
+        assert keys.layer_kl_noise("val", "net.0") in history
+        assert keys.layer_kl_noise("val", "net.1") not in history
         assert keys.curve("true", "val", "median") in history
     excluded = SensitivityMonitor(SMALL, exclude_layers=["net.1", "net.0"])
     _trainer(tmp_path / "excluded", [excluded], epochs=1).fit(PickyNet(), train, val)
-    layer_keys = [k for k in excluded.history[-1] if k.startswith(keys.layer_scale("val", ""))]
-    assert layer_keys == [keys.layer_scale("val", "net.3")]
+    prefix = keys.layer_kl_noise("val", "")
+    layer_keys = [k for k in excluded.history[-1] if k.startswith(prefix)]
+    assert layer_keys == [keys.layer_kl_noise("val", "net.3")]
+
+
+def test_layer_curves_are_the_predicted_damage_of_the_probe(tmp_path: Path) -> None:
+    """The per-layer curves and table equal predict_damage of the engine on the probe samples,
+    recomputed here from the final model; the table keeps the paper's FI families beside them."""
+    pl.seed_everything(0)
+    train, val = _loaders()
+    monitor = SensitivityMonitor(SMALL, every_n_epochs=1)
+    model = TinyNet()
+    _trainer(tmp_path, [monitor], epochs=2).fit(model, train, val)
+    ids = monitor.probes["val"][: SMALL.exact_probe_size]
+    x = torch.stack([val.dataset[i][0] for i in ids.tolist()])
+    y = torch.stack([val.dataset[i][1] for i in ids.tolist()])
+    result = sensitivity(model, x, y, input_maps=False)
+    assert result.parameters is not None
+    want = predict_damage(model, result.parameters, (0.1,), (4,), (0.1,))
+    last = monitor.history[-1]
+    for name, layer in want.items():
+        assert math.isclose(last[keys.layer_kl_noise("val", name)], layer.noise[0.1], rel_tol=1e-6)
+        if (4, True) in layer.quant:
+            got = last[keys.layer_kl_quant("val", name, 4)]
+            assert math.isclose(got, layer.quant[4, True], rel_tol=1e-6)
+    assert set(want) == {"net.0", "net.1", "net.4"}
+    assert (4, True) not in want["net.1"].quant  # BatchNorm: no weight quantisation entry
+
+    with (tmp_path / "tb" / "version_0" / "sensitivity" / "layers_epoch0001.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    assert [r["layer"] for r in rows] == ["net.0", "net.1", "net.4"]
+    for row in rows:
+        assert math.isclose(float(row["kl_noise"]), want[row["layer"]].noise[0.1], rel_tol=1e-6)
+        fi = result.parameters.layers[row["layer"]]
+        assert float(row["rank_mean"]) == float(fi.parameters.effective_rank.double().mean())
+    assert math.isnan(float(rows[1]["kl_quant_channel"]))
 
 
 class BatchStatsNet(TinyNet):

@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sens import SensitivityMonitor
-from lightning_sens.core.routes import channel_axes
 from lightning_sens.reporting import keys
 from tests import zoo
 
@@ -147,10 +146,9 @@ def test_monitor_at_defaults(name: str, tmp_path: Path) -> None:
         expected |= {keys.closed_form_holds(split)}
         expected |= {keys.map_relative(split, w) for w in windows}
         for layer, m in layers.items():
-            expected |= {keys.layer_scale(split, layer), keys.layer_rank(split, layer)}
-            expected.add(keys.layer_relative(split, layer))
-            if channel_axes(m):
-                expected.add(keys.layer_channel(split, layer))
+            expected.add(keys.layer_kl_noise(split, layer))
+            if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d) and m.weight.requires_grad:
+                expected.add(keys.layer_kl_quant(split, layer, 4))
     missing = expected - scalars
     assert not missing, sorted(missing)
     images = set(events.Tags()["images"])

@@ -28,6 +28,7 @@ from lightning_sens.core.inputs import (
     to_device,
     usable_windows,
 )
+from lightning_sens.damage import LayerDamage, predict_damage
 from lightning_sens.flagging import FlagDecision, FlagHistory, flag
 from lightning_sens.label_noise import LabelEvidence, estimate_noise
 from lightning_sens.reporting import keys
@@ -37,13 +38,16 @@ from lightning_sens.reporting.summary import (
     epoch_metrics,
     flag_columns,
     label_scores,
+    layer_rows,
     probe_metrics,
     split_scores,
 )
-from lightning_sens.reporting.tables import write_table
+from lightning_sens.reporting.tables import LAYER_COLUMNS, LayerRow, write_table
 from lightning_sens.reporting.writers import Writer, save_png
 
 __all__ = ["MonitorSetupError", "SensitivityMonitor"]
+
+_SCALE = 0.1  # δ of the layer table's "scale by 1 + δ" column
 
 Batch = tuple[Inputs, Tensor, Tensor | None]
 
@@ -98,7 +102,9 @@ class SensitivityMonitor(Callback):
        the exact engine (whole-input rank certifying the closed form, input FI maps, per-layer FI,
        layer- and channel-scaling FI);
     4. flags: high-FI samples (true label) by ``flag_rule``, with persistence across epochs,
-       written with every score to ``<log_dir>/sensitivity/flags_epoch<E>.csv``;
+       written with every score to ``<log_dir>/sensitivity/flags_epoch<E>.csv``; per-layer
+       predicted damage next to the paper's per-layer FI families in
+       ``<log_dir>/sensitivity/layers_epoch<E>.csv``;
     5. with ``scan_train_set``, every ``scan_every_n_epochs`` monitored epochs: closed-form FI of
        every training sample (split ``train_all``: one eval forward pass per sample, on rank
        zero), so that outliers anywhere in the training set are flagged.
@@ -132,18 +138,19 @@ class SensitivityMonitor(Callback):
     - ``sensitivity/probe/{s}/closed_form_holds``: fraction of exact-probe samples with rank K − 1;
     - ``sensitivity/probe/{s}/map_w{w}_relative_fi_median``: input maps, window w (images and
       token sequences);
-    - ``sensitivity/layer_scale/{s}/{layer}``: median log FI of scaling the layer by one factor;
-    - ``sensitivity/layer_channel/{s}/{layer}``: median relative FI of channel scaling;
-    - ``sensitivity/layer_rank/{s}/{layer}``: mean effective rank of the layer's parameters;
-    - ``sensitivity/layer_relative/{s}/{layer}``: median relative FI of the layer's parameters;
+    - ``sensitivity/layer_kl_noise/{s}/{layer}``: expected KL (nats per sample) of Gaussian
+      noise of ``damage_noise`` × the layer's rms on its parameters, from the metric tr(G_l):
+      which layers a perturbation damages most (docs/damage.md);
+    - ``sensitivity/layer_kl_{b}bit/{s}/{layer}``: expected KL of rounding the layer's weights to
+      ``damage_bits`` bits, one step per output channel (Linear and convolution layers);
     - ``sensitivity/flags/{s}/flagged`` and ``.../persistent``: flag counts;
     - TensorBoard only: histograms ``sensitivity/{t}_label/{s}/log_fi``, a custom-scalars
       layout that overlays train and validation curves, and images
       ``sensitivity/images/{name}_{s}`` for ``name`` in ``manhattan`` (log FI by class, flags in
       red), ``flagged`` (the flagged samples, highest FI first: pictures of images, text of
-      anything else), ``layer_heatmap`` (layer × epoch), ``layer_strip`` (per-layer scaling FI
-      of each probe sample) and ``fi_maps`` (input FI maps overlaid on the least confident probe
-      samples; per-token strips for token inputs);
+      anything else), ``layer_heatmap`` (expected KL under noise, layer × epoch),
+      ``layer_strip`` (the same per probe sample) and ``fi_maps`` (input maps overlaid on the
+      least confident probe samples; per-token strips for token inputs);
     - hyperparameters ``sensitivity/<option>``: the configuration.
 
     Warnings (once per run each): a part of an epoch's monitoring that failed, a layer the
@@ -546,8 +553,26 @@ class SensitivityMonitor(Callback):
                 loaders["train_all"] = loaders["train"]
 
         metrics = epoch_metrics(scores)
+        c = self.config
+        damage = {
+            split: predict_damage(
+                module, result.parameters, (c.damage_noise,), (c.damage_bits,), (_SCALE,)
+            )
+            for split, result in probes.items()
+            if result.parameters is not None
+        }
+        layers: list[LayerRow] = []
         for split, result in probes.items():
-            metrics.update(probe_metrics(split, result, self._num_classes))
+            found = damage.get(split)
+            metrics.update(
+                probe_metrics(
+                    split, result, self._num_classes, found, c.damage_noise, c.damage_bits
+                )
+            )
+            if found:
+                layers += layer_rows(
+                    split, epoch, result, found, c.damage_noise, c.damage_bits, _SCALE
+                )
         table: dict[str, list[Any]] = {}
         decisions = {}
         for split, s in scores.items():
@@ -588,11 +613,15 @@ class SensitivityMonitor(Callback):
                     step,
                     epoch,
                     log_dir,
+                    damage,
                 )
         if self.config.log_images and writer.tensorboard is None:
             writer.skip_images()
         writer.flush()
         write_table(table, log_dir / "sensitivity" / f"flags_epoch{epoch:04d}.csv")
+        if layers:
+            path = log_dir / "sensitivity" / f"layers_epoch{epoch:04d}.csv"
+            write_table(layers, path, LAYER_COLUMNS)
 
     def _decide(
         self, split: str, scores: SplitScores
@@ -637,6 +666,7 @@ class SensitivityMonitor(Callback):
         step: int,
         epoch: int,
         log_dir: Path,
+        damage: dict[str, dict[str, LayerDamage]],
     ) -> None:
         def fetch(split: str, ids: Tensor) -> Inputs:
             return self._fetch(loaders[split], ids, module.device)[0]
@@ -651,6 +681,8 @@ class SensitivityMonitor(Callback):
             self.config.num_images,
             fetch,
             self.describe_fn,
+            damage,
+            self.config.damage_noise,
         )
         for tag, image in images.items():
             writer.image(tag, image, step)

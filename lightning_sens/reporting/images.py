@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lightning_sens.core import SensitivityResult
 from lightning_sens.core.inputs import Inputs, batch_size, perturbed_input, select
+from lightning_sens.damage import LayerDamage
 from lightning_sens.flagging import FlagDecision
 from lightning_sens.reporting import figures, keys, sequences
 from lightning_sens.reporting.summary import SplitScores
@@ -83,17 +84,21 @@ def _caption(sample: int, label: int, pred: int, log_fi: float) -> str:
     return f"#{sample} y={label} ŷ={pred}\nlog FI {log_fi:.2f}"
 
 
-def _layer_heatmap(history: Sequence[Mapping[str, float]], split: str) -> Tensor | None:
-    prefix = keys.layer_scale(split, "")
+def _layer_heatmap(
+    history: Sequence[Mapping[str, float]], split: str, noise: float
+) -> Tensor | None:
+    prefix = keys.layer_kl_noise(split, "")
     names = sorted({k[len(prefix) :] for h in history for k in h if k.startswith(prefix)})
     if not names or not history:
         return None
     values = torch.tensor(
-        [[h.get(keys.layer_scale(split, n), float("nan")) for h in history] for n in names]
-    )
+        [[h.get(keys.layer_kl_noise(split, n), float("nan")) for h in history] for n in names]
+    ).log10()
     epochs = [int(h["epoch"]) for h in history]
-    title = f"{split}: median log FI of scaling each layer, by epoch"
-    return figures.figure_to_image(figures.layer_heatmap(values, names, epochs, title))
+    title = f"{split}: expected KL under weight noise {noise:g} × rms, per layer and epoch"
+    label = "log10 expected KL (nats)"
+    figure = figures.layer_heatmap(values, names, epochs, title, value_label=label)
+    return figures.figure_to_image(figure)
 
 
 def epoch_images(
@@ -106,6 +111,8 @@ def epoch_images(
     num_images: int,
     fetch: FetchInputs,
     describe: Describe | None = None,
+    damage: Mapping[str, Mapping[str, LayerDamage]] | None = None,
+    noise: float = 0.1,
 ) -> dict[str, Tensor]:
     """Manhattan plots, per-layer views, flagged samples and FI-map overlays, keyed by tag.
 
@@ -118,6 +125,8 @@ def epoch_images(
         fetch: gives the inputs of samples by split and id, for pictures of them.
         describe: one sample's inputs → a line of text, for samples that are not images (default:
             their token ids or values).
+        damage: split → layer → predicted damage of the probe (the per-layer views);
+            ``noise``: its noise level ρ.
     """
     out: dict[str, Tensor] = {}
     for split, s in scores.items():
@@ -139,16 +148,26 @@ def epoch_images(
             grid = sequences.sample_text([], [], title)
         out[keys.image(f"flagged_{split}")] = figures.figure_to_image(grid)
 
-        heatmap = _layer_heatmap(history, split)
+        heatmap = _layer_heatmap(history, split, noise)
         if heatmap is not None:
             out[keys.image(f"layer_heatmap_{split}")] = heatmap
 
     for split, result in probes.items():
-        if result.parameters is not None and result.parameters.layers:
-            names = list(result.parameters.layers)
-            values = torch.stack([result.parameters.layers[n].scale.log_fi for n in names])
-            title = f"{split} probe: log FI of scaling each layer (true label), per sample"
-            strip = figures.layer_strip_plot(values.cpu(), names, title)
+        found = (damage or {}).get(split, {})
+        if result.parameters is not None and found:
+            names = [n for n in result.parameters.layers if n in found]
+            # per sample: tr(G_l) times the layer's factor ½ ρ² rms², i.e. expected KL
+            values = torch.stack(
+                [
+                    result.parameters.layers[n].metric.cpu()
+                    * (found[n].noise[noise] / found[n].metric if found[n].metric > 0 else 0.0)
+                    for n in names
+                ]
+            ).log10()
+            title = f"{split} probe: expected KL under weight noise {noise:g} × rms, per sample"
+            strip = figures.layer_strip_plot(
+                values, names, title, value_label="log10 expected KL (nats)"
+            )
             out[keys.image(f"layer_strip_{split}")] = figures.figure_to_image(strip)
         if result.input is not None and result.input.maps:
             order = result.input.whole.fi.argsort(descending=True)[:num_images]

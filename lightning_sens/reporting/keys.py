@@ -16,10 +16,8 @@ __all__ = [
     "gap",
     "histogram",
     "image",
-    "layer_channel",
-    "layer_rank",
-    "layer_relative",
-    "layer_scale",
+    "layer_kl_noise",
+    "layer_kl_quant",
     "map_relative",
     "persistent_count",
 ]
@@ -55,24 +53,16 @@ def map_relative(split: str, window: int) -> str:
     return f"{PREFIX}/probe/{split}/map_w{window}_relative_fi_median"
 
 
-def layer_scale(split: str, layer: str) -> str:
-    """Median over probe samples of log FI of scaling the layer's parameters by one factor."""
-    return f"{PREFIX}/layer_scale/{split}/{layer}"
+def layer_kl_noise(split: str, layer: str) -> str:
+    """Expected KL (nats per sample, mean over probe samples) of Gaussian noise of
+    ``damage_noise`` × the layer's rms on its parameters, from tr(G_l) (docs/damage.md)."""
+    return f"{PREFIX}/layer_kl_noise/{split}/{layer}"
 
 
-def layer_channel(split: str, layer: str) -> str:
-    """Median over probe samples of the relative FI of scaling the layer's output channels."""
-    return f"{PREFIX}/layer_channel/{split}/{layer}"
-
-
-def layer_relative(split: str, layer: str) -> str:
-    """Median over probe samples of the relative FI of the layer's parameters (1 at full rank)."""
-    return f"{PREFIX}/layer_relative/{split}/{layer}"
-
-
-def layer_rank(split: str, layer: str) -> str:
-    """Mean over probe samples of the effective rank of the layer's parameter block."""
-    return f"{PREFIX}/layer_rank/{split}/{layer}"
+def layer_kl_quant(split: str, layer: str, bits: int) -> str:
+    """Expected KL (nats per sample) of rounding the layer's weights to ``bits`` bits, one step
+    per output channel (Linear and convolution layers; docs/damage.md)."""
+    return f"{PREFIX}/layer_kl_{bits}bit/{split}/{layer}"
 
 
 def flag_count(split: str) -> str:

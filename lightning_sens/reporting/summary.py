@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,16 +10,19 @@ import torch
 from torch import Tensor
 
 from lightning_sens.core import SensitivityResult, closed_form_fi
+from lightning_sens.damage import LayerDamage
 from lightning_sens.flagging import FlagDecision
 from lightning_sens.label_noise import label_log_fi
 from lightning_sens.reporting import keys
 from lightning_sens.reporting.stats import log_fi_summary
+from lightning_sens.reporting.tables import LayerRow
 
 __all__ = [
     "SplitScores",
     "epoch_metrics",
     "flag_columns",
     "label_scores",
+    "layer_rows",
     "probe_metrics",
     "split_scores",
 ]
@@ -117,31 +120,75 @@ def epoch_metrics(scores: dict[str, SplitScores]) -> dict[str, float]:
     return metrics
 
 
-def probe_metrics(split: str, result: SensitivityResult, num_classes: int) -> dict[str, float]:
-    """Exact-engine summaries of a probe: rank certificate, maps and per-layer scores."""
+def probe_metrics(
+    split: str,
+    result: SensitivityResult,
+    num_classes: int,
+    damage: Mapping[str, LayerDamage] | None = None,
+    noise: float = 0.1,
+    bits: int = 4,
+) -> dict[str, float]:
+    """Exact-engine summaries of a probe: rank certificate, maps, and per layer the damage that
+    its metric predicts (``damage``: :func:`~lightning_sens.damage.predict_damage` of the probe
+    with this ``noise`` and ``bits``)."""
     metrics: dict[str, float] = {}
     if result.input is not None:
         full = (result.input.whole.effective_rank == num_classes - 1).double().mean()
         metrics[keys.closed_form_holds(split)] = float(full)
         for window, block in result.input.maps.items():
             metrics[keys.map_relative(split, window)] = float(block.relative_fi.median())
-    if result.parameters is not None:
-        for name, layer in result.parameters.layers.items():
-            scale = layer.scale.log_fi
-            finite = scale[torch.isfinite(scale)]
-            metrics[keys.layer_scale(split, name)] = (
-                float(finite.median()) if finite.numel() else float("nan")
-            )
-            metrics[keys.layer_rank(split, name)] = float(
-                layer.parameters.effective_rank.double().mean()
-            )
-            relative = layer.parameters.relative_fi
-            metrics[keys.layer_relative(split, name)] = float(relative.median())
-            if layer.channel_scale is not None:
-                metrics[keys.layer_channel(split, name)] = float(
-                    layer.channel_scale.relative_fi.median()
-                )
+    for name, layer in (damage or {}).items():
+        metrics[keys.layer_kl_noise(split, name)] = layer.noise[noise]
+        if (bits, True) in layer.quant:
+            metrics[keys.layer_kl_quant(split, name, bits)] = layer.quant[bits, True]
     return metrics
+
+
+def _median(values: Tensor) -> float:
+    finite = values[torch.isfinite(values)]
+    return float(finite.median()) if finite.numel() else float("nan")
+
+
+def layer_rows(
+    split: str,
+    epoch: int,
+    result: SensitivityResult,
+    damage: Mapping[str, LayerDamage],
+    noise: float,
+    bits: int,
+    scale: float,
+) -> list[LayerRow]:
+    """The layer table of one probe: predicted damage next to the paper's per-layer FI."""
+    rows = []
+    if result.parameters is None:
+        return rows
+    nan = float("nan")
+    for name, layer in result.parameters.layers.items():
+        predicted = damage[name]
+        channel = layer.channel_scale
+        rows.append(
+            LayerRow(
+                split=split,
+                epoch=epoch,
+                layer=name,
+                method=layer.method,
+                samples=int(layer.metric.numel()),
+                kl_noise=predicted.noise[noise],
+                kl_quant_tensor=predicted.quant.get((bits, False), nan),
+                kl_quant_channel=predicted.quant.get((bits, True), nan),
+                kl_scale=predicted.scale[scale],
+                metric=predicted.metric,
+                rank_mean=float(layer.parameters.effective_rank.double().mean()),
+                relative_fi_median=float(layer.parameters.relative_fi.median()),
+                scale_log_fi_median=_median(layer.scale.log_fi),
+                channel_relative_fi_median=nan
+                if channel is None
+                else float(channel.relative_fi.median()),
+                noise=noise,
+                bits=bits,
+            )
+        )
+    return rows
 
 
 def flag_columns(

@@ -1,4 +1,5 @@
-"""The flag table: one row per monitored sample and epoch, written atomically as CSV/Parquet."""
+"""The monitor's tables, written atomically as CSV/Parquet: flags (one row per monitored sample
+and epoch) and layers (one row per layer, split and epoch)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FlagRow", "write_table"]
+__all__ = ["FlagRow", "LayerRow", "write_table"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,48 @@ class FlagRow:
 COLUMNS = tuple(f.name for f in fields(FlagRow))
 
 
+@dataclass(frozen=True)
+class LayerRow:
+    """One layer on one exact probe in one monitored epoch (docs/damage.md, docs/method.md).
+
+    Attributes:
+        split, epoch, layer: where; ``method``: the engine's route for the layer.
+        samples: probe samples averaged over.
+        kl_noise: expected KL (nats per sample) of Gaussian noise of ``noise`` × the layer's rms.
+        kl_quant_tensor, kl_quant_channel: expected KL of rounding the weights to ``bits`` bits
+            with one step per tensor / per output channel; NaN for layers other than Linear and
+            convolutions.
+        kl_scale: expected KL of scaling the layer's parameters by 1.1.
+        metric: mean tr(G_l) over the probe samples.
+        rank_mean, relative_fi_median: the paper's per-layer FI (Setup 2): mean effective rank and
+            median relative FI (1 at full rank: the closed form).
+        scale_log_fi_median: median log FI of scaling the layer by one factor.
+        channel_relative_fi_median: median relative FI of scaling its output channels (NaN for
+            layers without channels).
+        noise, bits: the perturbation sizes of the KL columns.
+    """
+
+    split: str
+    epoch: int
+    layer: str
+    method: str
+    samples: int
+    kl_noise: float
+    kl_quant_tensor: float
+    kl_quant_channel: float
+    kl_scale: float
+    metric: float
+    rank_mean: float
+    relative_fi_median: float
+    scale_log_fi_median: float
+    channel_relative_fi_median: float
+    noise: float
+    bits: int
+
+
+LAYER_COLUMNS = tuple(f.name for f in fields(LayerRow))
+
+
 def _atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,22 +123,29 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> None:
 Table = Mapping[str, Sequence[Any]]
 
 
-def write_table(rows: Sequence[FlagRow] | Table, path: Path) -> list[Path]:
-    """Write a flag table to ``path`` (.csv) atomically, and as .parquet beside it with pyarrow.
+def write_table(
+    rows: Sequence[Any] | Table, path: Path, names: Sequence[str] = COLUMNS
+) -> list[Path]:
+    """Write a table to ``path`` (.csv) atomically, and as .parquet beside it with pyarrow.
 
-    ``rows``: :class:`FlagRow` objects, or the table column by column (a mapping from every name
-    in :data:`COLUMNS` to a list). Floats are written in full precision (``repr``: ``inf`` and
-    ``nan`` included). Returns the paths written.
+    ``rows``: row objects (:class:`FlagRow`, :class:`LayerRow`) or dicts, or the table column
+    by column (a mapping from every name in ``names`` to a list). ``names``: the columns, in order
+    (default: the flag table's :data:`COLUMNS`; :data:`LAYER_COLUMNS` for the layer table).
+    Floats are written in full precision (``repr``: ``inf`` and ``nan`` included). Returns the
+    paths written.
     """
     if isinstance(rows, Mapping):
-        columns = {name: list(rows[name]) for name in COLUMNS}
+        columns = {name: list(rows[name]) for name in names}
     else:
-        columns = {name: [getattr(r, name) for r in rows] for name in COLUMNS}
+        columns = {
+            name: [r[name] if isinstance(r, Mapping) else getattr(r, name) for r in rows]
+            for name in names
+        }
 
     def to_csv(target: Path) -> None:
         with target.open("w", newline="") as stream:
             writer = csv.writer(stream)
-            writer.writerow(COLUMNS)
+            writer.writerow(names)
             writer.writerows(zip(*columns.values(), strict=True))  # str(float) is its repr
 
     written = [path]
