@@ -215,10 +215,26 @@ def test_fi_overlays_renders_columns_sorted_and_marks_top_pixel() -> None:
     fig = fi_overlays(images, maps, ["first", "second"], title="maps")
     _assert_renders(fig)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
-    assert titles == ["image", "w = 1", "w = 3", "w = 5"]
+    assert titles == ["image", "FI, w = 1", "FI, w = 3", "FI, w = 5"]
     assert any(ax.get_xlabel() == "FI (log scale)" for ax in fig.axes)  # colorbars
     cross = fig.axes[0].get_lines()[0]
     assert (np.asarray(cross.get_xdata()).item(), np.asarray(cross.get_ydata()).item()) == (7, 4)
+
+
+def test_fi_overlays_lead_map_comes_first_and_carries_the_cross() -> None:
+    images, maps = _overlay_inputs()
+    metric = torch.rand(2, 10, 10, generator=_generator())
+    metric[0, 2, 3] = 50.0
+    fig = fi_overlays(images, maps, ["a", "b"], "t", ("edit damage", "KL per unit²", metric))
+    _assert_renders(fig)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["image", "edit damage", "FI, w = 1", "FI, w = 3", "FI, w = 5"]
+    assert any(ax.get_xlabel() == "KL per unit²" for ax in fig.axes)
+    cross = fig.axes[0].get_lines()[0]  # the lead map's top pixel, not the 1 × 1 FI map's
+    assert (np.asarray(cross.get_xdata()).item(), np.asarray(cross.get_ydata()).item()) == (3, 2)
+    assert fig.axes[1].get_lines()  # marked on the lead column too
+    with pytest.raises(ValueError, match="lead map"):
+        fi_overlays(images, maps, ["a", "b"], "t", ("x", "y", metric[:, :5]))
 
 
 def test_fi_overlays_grey_images_and_no_maps() -> None:

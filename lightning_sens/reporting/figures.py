@@ -353,6 +353,7 @@ def fi_overlays(
     maps: Mapping[int, torch.Tensor],
     captions: Sequence[str],
     title: str = "",
+    lead: tuple[str, str, torch.Tensor] | None = None,
 ) -> Figure:
     """FI maps over their images (Setup 4, METHOD.md §9.4): where the model is vulnerable.
 
@@ -363,11 +364,16 @@ def fi_overlays(
     colour scale across rows, explained by the colorbar below it. A cross marks the top-FI pixel of
     the smallest window (the one-pixel-attack candidate) on the image and on that window's column.
 
+    With ``lead``, a first map column comes before the FI windows, and the cross marks its top
+    pixel instead.
+
     Args:
         images: (n, C, H, W); C = 3 shown as RGB in column 0, else the first channel.
         maps: window size w → (n, H, W) FI (not log FI) per pixel.
         captions: n strings.
         title: figure title.
+        lead: (column title, colour-bar label, (n, H, W) positive values), e.g. the input metric
+            diagonal, the map the monitor reads as "where an edit changes the prediction most".
 
     Returns:
         The figure (n × (1 + len(maps)) image axes plus one colorbar per window size).
@@ -380,13 +386,20 @@ def fi_overlays(
         if not isinstance(w, int) or w < 1:
             raise ValueError(f"maps keys must be positive int window sizes, got {w!r}")
         _check_shape(f"maps[{w}]", maps[w], [n, height, width])
+    if lead is not None:
+        _check_shape("lead map", lead[2], [n, height, width])
     if n == 0:
         return sample_grid(images, captions, title=title)
     data = _numpy(images)
-    fi = {w: _numpy(maps[w]) for w in windows}
+    fi: dict[Any, np.ndarray] = {w: _numpy(maps[w]) for w in windows}
+    titles: dict[Any, tuple[str, str]] = {w: (f"FI, w = {w}", "FI (log scale)") for w in windows}
+    if lead is not None:
+        fi = {"lead": _numpy(lead[2]), **fi}
+        titles["lead"] = (lead[0], lead[1])
+    columns = list(fi)
     cmap = colormaps["inferno"].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
 
-    n_columns = 1 + len(windows)
+    n_columns = 1 + len(columns)
     fig = _figure(1.9 * n_columns + 0.3, 1.9 * n + 1.2)
     grid = fig.add_gridspec(n, n_columns)
     axes = [[fig.add_subplot(grid[r, c]) for c in range(n_columns)] for r in range(n)]
@@ -394,7 +407,7 @@ def fi_overlays(
         _show(axes[r][0], data[r])
         axes[r][0].set_xlabel(str(captions[r]), fontsize=7)
     axes[0][0].set_title("image", fontsize=9)
-    for c, w in enumerate(windows, start=1):
+    for c, w in enumerate(columns, start=1):
         shown = (fi[w] > 0) & np.isfinite(fi[w])
         high = float(fi[w][shown].max()) if shown.any() else 10.0
         # Lower FI than _OVERLAY_DECADES below the peak takes the lowest colour: peaks stand out.
@@ -405,19 +418,17 @@ def fi_overlays(
             _show(axes[r][c], grey[None])
             layer = np.ma.masked_array(np.where(shown[r], fi[w][r], 1.0), mask=~shown[r])
             axes[r][c].imshow(layer, cmap=cmap, norm=norm, alpha=0.6, interpolation="nearest")
-        axes[0][c].set_title(f"w = {w}", fontsize=9)
+        axes[0][c].set_title(titles[w][0], fontsize=9)
         column = [axes[r][c] for r in range(n)]
         mappable = column[-1].images[-1]
-        bar = fig.colorbar(
-            mappable, ax=column, location="bottom", shrink=0.9, label="FI (log scale)"
-        )
+        bar = fig.colorbar(mappable, ax=column, location="bottom", shrink=0.9, label=titles[w][1])
         # Three labelled ticks, geometrically spaced: readable for narrow and wide ranges alike.
         bottom, top = float(norm.vmin), float(norm.vmax)  # type: ignore[arg-type]
         bar.set_ticks([bottom, (bottom * top) ** 0.5, top], labels=None)
         bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))
         bar.ax.xaxis.set_minor_formatter(NullFormatter())
-    if windows:
-        smallest = fi[windows[0]]
+    if columns:
+        smallest = fi[columns[0]]
         for r in range(n):
             scores = np.where(np.isfinite(smallest[r]), smallest[r], -np.inf)
             if scores.max() <= 0:

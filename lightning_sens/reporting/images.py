@@ -188,6 +188,14 @@ def epoch_images(
                     continue
                 maps = {w: b.fi[order].amax(dim=1).cpu() for w, b in result.input.maps.items()}
                 captions = [f"#{int(i)}, max over channels" for i in ids]
-                fig = figures.fi_overlays(images.cpu(), maps, captions, title)
+                lead = None
+                if result.input.metric_map is not None:  # KL of editing a pixel's channels
+                    metric = result.input.metric_map[order].sum(dim=1).cpu()
+                    lead = ("edit damage J'HJ", "KL per unit² edit (log scale)", metric)
+                    title = (
+                        f"{split} probe: where an edit changes the prediction most (× its top "
+                        "pixel), and FI maps; least confident samples, predicted label"
+                    )
+                fig = figures.fi_overlays(images.cpu(), maps, captions, title, lead)
             out[keys.image(f"fi_maps_{split}")] = figures.figure_to_image(fig)
     return out
