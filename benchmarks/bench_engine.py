@@ -187,6 +187,9 @@ def _methods(
         "  engine: per-layer only": lambda: sensitivity(
             model, x, labels, input_maps=False, chunk_size=args.chunk
         ),
+        "  engine: + channel metric": lambda: sensitivity(
+            model, x, labels, windows=WINDOWS, chunk_size=args.chunk, channel_metric=True
+        ),
         f"authors ({n} samples)": lambda: authors(model, x[:n], labels[:n]),
     }
 
@@ -296,6 +299,10 @@ def _markdown(
         row("engine, everything", best["engine"], memory.get("engine")),
         row("engine, input FI and maps only", best["  engine: input maps only"]),
         row("engine, per-layer results only", best["  engine: per-layer only"]),
+        row(
+            "engine, everything + per-channel weight metric",
+            best["  engine: + channel metric"],
+        ),
         row(
             f"authors' recipe (scaled from {args.authors_samples} samples)",
             authors_batch,

@@ -158,7 +158,25 @@ def predict_damage(
 
     Returns:
         layer name → :class:`LayerDamage`, in the engine's layer order.
+
+    Raises:
+        ValueError: ``bits`` asks for quantisation but the Linear/Conv layers carry no
+            per-channel weight metric (``sensitivity(..., channel_metric=True)`` computes it).
     """
+    bits = tuple(bits)
+    quantisable = [
+        name
+        for name in parameters.layers
+        if isinstance(model.get_submodule(name), WEIGHT_LAYERS)
+        and model.get_submodule(name).weight.requires_grad
+    ]
+    missing = [n for n in quantisable if parameters.layers[n].weight_channel_metric is None]
+    if bits and missing:
+        raise ValueError(
+            f"bits={bits} asks for quantisation damage, but layers {missing} carry no per-channel "
+            "weight metric: compute the scores with sensitivity(..., channel_metric=True), or "
+            "pass bits=()."
+        )
     found = {}
     for name, layer in parameters.layers.items():
         module = model.get_submodule(name)
@@ -300,7 +318,13 @@ def quantization_report(
         not measured.
     """
     result = sensitivity(
-        model, inputs, "pred", input_maps=False, forward_fn=forward_fn, chunk_size=chunk_size
+        model,
+        inputs,
+        "pred",
+        input_maps=False,
+        forward_fn=forward_fn,
+        chunk_size=chunk_size,
+        channel_metric=True,
     )
     if result.parameters is None:  # pragma: no cover - parameters=True always gives them
         return []

@@ -24,7 +24,7 @@ def test_engine_matches_reference(case: Case, target_kind: str) -> None:
     model, x, labels = build(case)
     target = labels if target_kind == "label" else "pred"
     windows = _windows(case)
-    got = sensitivity(model, x, target, windows=windows)
+    got = sensitivity(model, x, target, windows=windows, channel_metric=True)
 
     # token ids are perturbed at the output of the embedding that reads them
     embedding = None if x.is_floating_point() else "embed"

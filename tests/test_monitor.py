@@ -445,7 +445,7 @@ def test_layer_curves_are_the_predicted_damage_of_the_probe(tmp_path: Path) -> N
     ids = monitor.probes["val"][: SMALL.exact_probe_size]
     x = torch.stack([val.dataset[i][0] for i in ids.tolist()])
     y = torch.stack([val.dataset[i][1] for i in ids.tolist()])
-    result = sensitivity(model, x, y, input_maps=False)
+    result = sensitivity(model, x, y, input_maps=False, channel_metric=True)
     assert result.parameters is not None
     want = predict_damage(model, result.parameters, (0.1,), (4,), (0.1,))
     last = monitor.history[-1]

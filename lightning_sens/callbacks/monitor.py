@@ -479,6 +479,7 @@ class SensitivityMonitor(Callback):
                 layers=self.config.layers,
                 exclude_layers=self.config.exclude_layers,
                 on_unsupported="skip",
+                channel_metric=True,
                 **options,
             )
             windows = usable_windows(inputs, self.config.windows)

@@ -54,7 +54,8 @@ def parameter_result(
 
     Also the metric of each layer's families (tr(G_l), uᵀHu of its scaling) and, from
     ``weight_metrics`` (layer → what its Gram route split by weight rows), the per-channel weight
-    metric of layers whose whole Gram came from that one route.
+    metric of layers whose whole Gram came from that one route (None: not requested, and none
+    is computed).
     """
     batch, K = probs.shape
     device = probs.device
@@ -90,7 +91,6 @@ def parameter_result(
         scale_fi = fi_from_contrast_columns(scales, probs, c, tol, floor)
         metrics = frame.trace(torch.stack([per_layer[n].gram for n in names], 1))  # (B, L)
         scale_metrics = frame.columns(scales.squeeze(-1).permute(1, 2, 0))  # (B, L)
-        split = weight_metrics or {}
         found = {
             name: LayerFI(
                 parameters=blocks[i],
@@ -99,8 +99,10 @@ def parameter_result(
                 method=per_layer[name].method,
                 metric=metrics[:, i],
                 scale_metric=scale_metrics[:, i],
-                weight_channel_metric=_weight_metric(
-                    per_layer[name], split.get(name), sources.get(name), frame
+                weight_channel_metric=None
+                if weight_metrics is None
+                else _weight_metric(
+                    per_layer[name], weight_metrics.get(name), sources.get(name), frame
                 ),
                 shared_with=ownership.shared_with(name),
             )

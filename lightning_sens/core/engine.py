@@ -131,6 +131,7 @@ def sensitivity(
     rtol: float | None = None,
     backward: Backward = "auto",
     on_unsupported: OnUnsupported = "raise",
+    channel_metric: bool = False,
 ) -> SensitivityResult:
     """Exact FI of input and parameter perturbations of a batch, from one backward pass.
 
@@ -166,6 +167,10 @@ def sensitivity(
         backward: "batched", "loop" or "auto" (see :func:`~lightning_sens.core.capture.backprops`).
         on_unsupported: "raise" an :class:`UnsupportedLayerError` for a layer whose FI cannot be
             computed, or "skip" it (listed in ``ParameterFI.skipped``).
+        channel_metric: also compute ``LayerFI.weight_channel_metric``, the metric of each
+            output channel of a Linear/Conv weight, which weight-quantisation predictions need
+            (docs/damage.md). No extra backward pass, but on the direct route about as much
+            float64 work again as the layer's Gram; off by default.
 
     Returns:
         :class:`SensitivityResult` with per-sample float64 FI, relative FI and effective ranks.
@@ -217,6 +222,7 @@ def sensitivity(
             rtol,
             backward,
             on_unsupported,
+            channel_metric,
         )
         for start in range(0, B, step):
             rows = slice(start, min(B, start + step))

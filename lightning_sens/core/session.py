@@ -98,6 +98,7 @@ class Session:
         rtol: float | None,
         backward: Backward,
         on_unsupported: OnUnsupported,
+        channel_metric: bool = False,
     ) -> None:
         self.model = model
         self.runner = runner
@@ -109,6 +110,7 @@ class Session:
         self.rtol = rtol
         self.backward = backward
         self.on_unsupported = on_unsupported
+        self.channel_metric = channel_metric
         self.ownership = Ownership.of(model, layers)
         self.param_ids = {self.ownership.canonical[id(p)]: id(p) for p in model.parameters()}
         self.plan: Plan | None = None
@@ -272,7 +274,9 @@ class Session:
             if failed:
                 raise _DemoteError(failed)
         results = [route.result() for route in fast.values()] + route_results
-        weight_metrics = {name: route.weight_metric(frame) for name, route in fast.items()}
+        weight_metrics = None
+        if self.channel_metric:
+            weight_metrics = {name: route.weight_metric(frame) for name, route in fast.items()}
 
         input_part = None
         if input_grads:
