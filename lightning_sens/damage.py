@@ -21,6 +21,7 @@ Perturbations (the same definitions in :func:`predict_damage` and :func:`measure
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -160,8 +161,10 @@ def predict_damage(
         layer name → :class:`LayerDamage`, in the engine's layer order.
 
     Raises:
-        ValueError: ``bits`` asks for quantisation but the Linear/Conv layers carry no
+        ValueError: ``bits`` asks for quantisation but no Linear/Conv layer carries the
             per-channel weight metric (``sensitivity(..., channel_metric=True)`` computes it).
+            Single layers without it (a weight shared across routes) get no quantisation entry,
+            with a warning.
     """
     bits = tuple(bits)
     quantisable = [
@@ -171,11 +174,18 @@ def predict_damage(
         and model.get_submodule(name).weight.requires_grad
     ]
     missing = [n for n in quantisable if parameters.layers[n].weight_channel_metric is None]
-    if bits and missing:
+    if bits and quantisable and len(missing) == len(quantisable):
         raise ValueError(
-            f"bits={bits} asks for quantisation damage, but layers {missing} carry no per-channel "
+            f"bits={bits} asks for quantisation damage, but no layer carries the per-channel "
             "weight metric: compute the scores with sensitivity(..., channel_metric=True), or "
             "pass bits=()."
+        )
+    if bits and missing:
+        warnings.warn(
+            f"No quantisation damage for layers {missing}: their weight is shared with another "
+            "layer's route, so its per-channel metric is not known (their noise and scaling "
+            "predictions are unaffected).",
+            stacklevel=2,
         )
     found = {}
     for name, layer in parameters.layers.items():

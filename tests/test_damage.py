@@ -112,3 +112,29 @@ def test_damage_table_has_a_row_per_layer_and_perturbation() -> None:
     assert ("3", "noise 0.1 x rms") in labels
     assert all(float(r["measured_kl"]) >= 0 for r in rows)  # type: ignore[arg-type]
     assert len(rows) == 4 * 2 + 3 * 2  # noise and scale everywhere, 2 quant rows on 3 layers
+
+
+def test_a_layer_that_does_not_reach_the_logits_predicts_no_damage() -> None:
+    class WithSpare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(6, 4)
+            self.spare = nn.Linear(6, 3)  # never called: its parameters cannot change anything
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = WithSpare().double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    result = sensitivity(model, x, "pred", input_maps=False, channel_metric=True)
+    assert result.parameters is not None
+    spare = result.parameters.layers["spare"]
+    assert spare.method == "unused"
+    assert spare.weight_channel_metric is not None
+    assert torch.equal(spare.weight_channel_metric, torch.zeros(5, 3, dtype=torch.float64))
+    predicted = predict_damage(model, result.parameters, noise=(0.1,), bits=(4,))
+    assert predicted["spare"].noise[0.1] == 0.0
+    assert predicted["spare"].quant == {(4, False): 0.0, (4, True): 0.0}
+    assert measure_damage(model, x, "spare", Perturbation("quant", 4, True)) == 0.0
+    assert predicted["used"].quant[4, True] > 0

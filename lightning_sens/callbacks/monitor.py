@@ -555,13 +555,13 @@ class SensitivityMonitor(Callback):
 
         metrics = epoch_metrics(scores)
         c = self.config
-        damage = {
-            split: predict_damage(
-                module, result.parameters, (c.damage_noise,), (c.damage_bits,), (_SCALE,)
-            )
-            for split, result in probes.items()
-            if result.parameters is not None
-        }
+        damage: dict[str, dict[str, LayerDamage]] = {}
+        for split, result in probes.items():
+            if result.parameters is not None:
+                with self._part("the per-layer damage"), self._engine_warnings():
+                    damage[split] = predict_damage(
+                        module, result.parameters, (c.damage_noise,), (c.damage_bits,), (_SCALE,)
+                    )
         layers: list[LayerRow] = []
         for split, result in probes.items():
             found = damage.get(split)

@@ -102,7 +102,11 @@ def parameter_result(
                 weight_channel_metric=None
                 if weight_metrics is None
                 else _weight_metric(
-                    per_layer[name], weight_metrics.get(name), sources.get(name), frame
+                    per_layer[name],
+                    weight_metrics.get(name),
+                    sources.get(name),
+                    frame,
+                    layers[name],
                 ),
                 shared_with=ownership.shared_with(name),
             )
@@ -112,9 +116,17 @@ def parameter_result(
 
 
 def _weight_metric(
-    gram: LayerGram, from_route: Tensor | None, sources: int | None, frame: MetricFrame
+    gram: LayerGram,
+    from_route: Tensor | None,
+    sources: int | None,
+    frame: MetricFrame,
+    layer: nn.Module,
 ) -> Tensor | None:
-    """The per-channel weight metric of a layer whose whole Gram came from one route."""
+    """The per-channel weight metric of a layer whose whole Gram came from one route (zero for
+    a layer whose parameters do not reach the logits); None where it is not known."""
+    weight = getattr(layer, "weight", None)
+    if gram.method == "unused" and isinstance(weight, Tensor):
+        return gram.gram.new_zeros(gram.gram.shape[0], weight.shape[0])
     if sources != 1:
         return None
     if from_route is not None:
