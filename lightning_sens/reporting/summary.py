@@ -159,7 +159,7 @@ def layer_rows(
     scale: float,
 ) -> list[LayerRow]:
     """The layer table of one probe: predicted damage next to the paper's per-layer FI."""
-    rows = []
+    rows: list[LayerRow] = []
     if result.parameters is None:
         return rows
     nan = float("nan")
