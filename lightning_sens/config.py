@@ -57,6 +57,14 @@ class MonitorConfig:
         num_images: how many flagged samples / FI-map overlays to draw per image.
         log_images: draw figures (to TensorBoard; with ``save_figures`` also without it).
         save_figures: also save every figure as PNG under ``<log_dir>/sensitivity/figures``.
+        budget: the monitor's share of training time: 0.05 keeps a monitored run within
+            1.05 × the same run without it. The monitor measures its own cost as it runs and
+            runs the exact probes (on fewer samples if need be), the training probe, the scan
+            and the figures only as often as they fit; the closed-form scores, flags and tables
+            are always written. It logs ``sensitivity/monitor/cost_share`` and says in one line
+            per part when it scaled one down. Applies during ``fit`` only (validate and
+            post-hoc evaluation run everything). None: the fixed schedule above, every part
+            every monitored epoch (docs/performance.md).
         strict: raise errors from monitoring instead of warning and skipping the epoch.
         seed: seed of the probe selection.
     """
@@ -80,6 +88,7 @@ class MonitorConfig:
     num_images: int = 8
     log_images: bool = True
     save_figures: bool = False
+    budget: float | None = 0.05
     strict: bool = False
     seed: int = 0
 
@@ -105,6 +114,15 @@ class MonitorConfig:
             raise ValueError(
                 "damage_noise must be a positive number (noise relative to each layer's rms), "
                 f"got {self.damage_noise!r}."
+            )
+        if self.budget is not None and (
+            isinstance(self.budget, bool)
+            or not isinstance(self.budget, int | float)
+            or not 0 < self.budget < float("inf")
+        ):
+            raise ValueError(
+                "budget must be a positive number (the monitor's time as a share of the rest of "
+                f"training, e.g. 0.05) or None for the fixed schedule, got {self.budget!r}."
             )
         if self.flag_rule not in get_args(FlagRule):
             raise ValueError(

@@ -249,3 +249,35 @@ def test_core_does_not_import_lightning() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_one_call_gives_maps_with_one_label_and_layers_with_another(chunk_size: int | None) -> None:
+    """``input_target`` shares the forward and the backward products between the two families:
+    the result equals two separate calls, field by field."""
+    model, x, labels = build(CNN, batch=5)
+    wrong = (labels + 1) % 6  # a label that is not the prediction for any sample
+    both = sensitivity(model, x, labels, input_target=wrong, windows=WINDOWS, chunk_size=chunk_size)
+    maps = sensitivity(model, x, wrong, windows=WINDOWS, parameters=False)
+    layers = sensitivity(model, x, labels, input_maps=False)
+    assert both.input is not None
+    assert maps.input is not None
+    assert both.parameters is not None
+    assert layers.parameters is not None
+    _close(both.input.whole.fi, maps.input.whole.fi)
+    assert torch.equal(both.input.whole.effective_rank, maps.input.whole.effective_rank)
+    for w in WINDOWS:
+        _close(both.input.maps[w].fi, maps.input.maps[w].fi)
+    assert both.input.metric_map is not None
+    assert maps.input.metric_map is not None
+    _close(both.input.metric_map, maps.input.metric_map)
+    assert torch.equal(both.target, labels)
+    _close(both.log_fi_max, layers.log_fi_max)
+    for name, layer in layers.parameters.layers.items():
+        got = both.parameters.layers[name]
+        _close(got.parameters.fi, layer.parameters.fi)
+        _close(got.scale.fi, layer.scale.fi)
+        _close(got.metric, layer.metric)
+    _close(both.parameters.all_parameters.fi, layers.parameters.all_parameters.fi)
+    with pytest.raises(ValueError, match="input_target must have shape"):
+        sensitivity(model, x, labels, input_target=labels[:2], windows=WINDOWS)

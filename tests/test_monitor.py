@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -91,8 +92,14 @@ def _events(folder: Path) -> EventAccumulator:
     return events
 
 
+# budget=None: every part every epoch, so that what these tests read does not depend on timing
 SMALL = MonitorConfig(
-    train_probe_size=32, exact_probe_size=6, windows=(1, 3), flag_rule="top_k", top_k=3
+    train_probe_size=32,
+    exact_probe_size=6,
+    windows=(1, 3),
+    flag_rule="top_k",
+    top_k=3,
+    budget=None,
 )
 
 
@@ -496,12 +503,41 @@ def test_scores_flags_and_tables_survive_a_failing_engine(tmp_path: Path) -> Non
         _trainer(tmp_path / "strict", [strict], epochs=1).fit(BatchStatsNet(), train, val)
 
 
-def test_no_exact_probes_still_writes_every_epoch(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "off",
+    [
+        {"exact_probe_size": 0},
+        {"log_images": False},
+        {"score_training_steps": False},
+        {"windows": ()},
+        {"num_images": 0},
+        {"layers": ()},
+        {"exact_probe_size": 0, "log_images": False, "score_training_steps": False},
+        {"budget": 1e-9},  # a budget that allows nothing optional
+    ],
+    ids=lambda off: ",".join(f"{k}={v}" for k, v in off.items()),
+)
+def test_every_off_setting_still_writes_every_epoch(tmp_path: Path, off: dict[str, Any]) -> None:
+    """Each documented way to switch a part off leaves that part out, never the epoch: the
+    curves, flag counts and flag tables are written every monitored epoch."""
     pl.seed_everything(0)
     train, val = _loaders()
-    monitor = SensitivityMonitor(SMALL, exact_probe_size=0)
+    monitor = SensitivityMonitor(SMALL, **off)
     _trainer(tmp_path, [monitor], epochs=2).fit(TinyNet(), train, val)
     assert len(monitor.history) == 2
-    assert keys.curve("true", "train", "median") in monitor.history[-1]
-    assert not any(k.startswith("sensitivity/layer_") for k in monitor.history[-1])
-    assert (tmp_path / "tb" / "version_0" / "sensitivity" / "flags_epoch0001.csv").exists()
+    folder = tmp_path / "tb" / "version_0" / "sensitivity"
+    for epoch, row in enumerate(monitor.history):
+        for split in ("train", "val"):
+            assert keys.curve("true", split, "median") in row
+            assert keys.flag_count(split) in row
+        with (folder / f"flags_epoch{epoch:04d}.csv").open() as stream:
+            splits = {line["split"] for line in csv.DictReader(stream)}
+        assert splits == {"train", "val"}
+    layer_curves = any(k.startswith("sensitivity/layer_") for k in monitor.history[-1])
+    exact = off.get("exact_probe_size", 6) > 0 and off.get("budget", 1) > 1e-6
+    assert layer_curves == (exact and off.get("layers") != ())
+    assert (keys.closed_form_holds("val") in monitor.history[-1]) == exact
+    map_curves = any("map_w" in k for k in monitor.history[-1])
+    assert map_curves == (exact and off.get("windows") != ())
+    drawn = off.get("log_images", True) and off.get("budget", 1) > 1e-6
+    assert (monitor.figure_sets_drawn == 2) == drawn

@@ -116,7 +116,7 @@ def test_monitor_at_defaults(name: str, tmp_path: Path) -> None:
         default_root_dir=tmp_path,
         max_epochs=1,
         logger=TensorBoardLogger(tmp_path, name="tb", version=0),
-        callbacks=[SensitivityMonitor()],
+        callbacks=[SensitivityMonitor(budget=None)],  # the fixed schedule: no timing in tests
         accelerator="cpu",
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -11,11 +13,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
+from lightning_sens.callbacks.budget import Fit, TimeBudget
+from lightning_sens.callbacks.drawing import FigureWorker
 from lightning_sens.callbacks.rng import preserved_rng
 from lightning_sens.callbacks.train_scores import TrainScores
 from lightning_sens.config import MonitorConfig
@@ -24,7 +28,6 @@ from lightning_sens.core.inputs import (
     Inputs,
     default_forward,
     logits_of,
-    select,
     to_device,
     usable_windows,
 )
@@ -32,7 +35,7 @@ from lightning_sens.damage import LayerDamage, predict_damage
 from lightning_sens.flagging import FlagDecision, FlagHistory, flag
 from lightning_sens.label_noise import LabelEvidence, estimate_noise
 from lightning_sens.reporting import keys
-from lightning_sens.reporting.images import Describe, epoch_images
+from lightning_sens.reporting.images import Describe, epoch_images, pictured_samples
 from lightning_sens.reporting.summary import (
     SplitScores,
     epoch_metrics,
@@ -48,6 +51,13 @@ from lightning_sens.reporting.writers import Writer, save_png
 __all__ = ["MonitorSetupError", "SensitivityMonitor"]
 
 _SCALE = 0.1  # δ of the layer table's "scale by 1 + δ" column
+# Until a part has run once, the budget assumes: the exact engine costs this many forward passes
+# per probe sample and split (one forward, K − 1 backward products, the Grams, in chunks smaller
+# than the validation batches: about 10 K on a small CNN), and a
+# figure this many seconds of CPU time (matplotlib, on the CPU of the training machine).
+_EXACT_FORWARDS_PER_CLASS = 10.0
+_SECONDS_PER_FIGURE = 0.25
+_MIN_EXACT = 4  # fewer exact-probe samples per split than this are not worth an engine call
 
 Batch = tuple[Inputs, Tensor, Tensor | None]
 
@@ -87,6 +97,17 @@ def default_batch_fn(batch: Any) -> Batch:
         "(inputs, labels), (inputs, labels, sample_ids) or a dict with 'labels'. Pass "
         "batch_fn=lambda batch: (inputs, labels, ids_or_None)."
     )
+
+
+def _charged(hook: Callable[..., Any]) -> Callable[..., Any]:
+    """A hook whose wall time counts against the monitor's time budget."""
+
+    @functools.wraps(hook)
+    def charged(self: SensitivityMonitor, *args: Any, **kwargs: Any) -> Any:
+        with self.budget.timed():
+            return hook(self, *args, **kwargs)
+
+    return charged
 
 
 class SensitivityMonitor(Callback):
@@ -199,6 +220,18 @@ class SensitivityMonitor(Callback):
         self._num_classes = 0
         self._writer: Writer | None = None
         self._warned: set[str] = set()
+        # the time budget: what the monitor spent, what each optional part costs
+        self.budget = TimeBudget(self.config.budget)
+        self._drawing = FigureWorker(self.budget)
+        self._budgeted = False  # during fit only
+        self._forward_cost: float | None = None  # seconds per validation sample, eval forward
+        self._validation_clock = (0.0, 0.0)
+        self._scan_pending = False
+
+    @property
+    def figure_sets_drawn(self) -> int:
+        """Monitored epochs whose figures were drawn to the end (the time budget skips some)."""
+        return self._drawing.drawn
 
     @property
     def state_key(self) -> str:
@@ -211,17 +244,23 @@ class SensitivityMonitor(Callback):
     # -- Lightning hooks: training steps ------------------------------------------------------
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.config.score_training_steps:
-            self._train.start(trainer, pl_module)
+        self.budget.start()
+        self._budgeted = self.config.budget is not None
+        with self.budget.timed():
+            if self.config.score_training_steps:
+                self._train.start(trainer, pl_module)
 
+    @_charged
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._train.on_epoch_start()
 
+    @_charged
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._train.on_batch_start()
 
+    @_charged
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -241,19 +280,42 @@ class SensitivityMonitor(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._train.stop()
+        self._finish_figures()
+        self.budget.stop()
+        if self._writer is not None and trainer.is_global_zero:  # the whole run's cost share
+            self._writer.scalars({keys.cost_share(): self.budget.cost_share}, trainer.global_step)
+            self._writer.flush()
+        self._budgeted = False
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
         self._train.stop()
+        self._drawing.wait()  # the figures drawn so far reach the logs; their errors do not matter
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._finish_figures()
+        self._drawing.close()
+
+    def _finish_figures(self) -> None:
+        """Wait for the figures in flight (the end of fit or validate) and flush them."""
+        error = self._drawing.wait()
+        if error is not None:
+            with self._part("the figures"):
+                raise error
+        if self._writer is not None:
+            self._writer.flush()
 
     # -- Lightning hooks: validation ---------------------------------------------------------
 
+    @_charged
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         due = self.position is not None or trainer.current_epoch % self.config.every_n_epochs == 0
         self._active = due and not trainer.sanity_checking
         self._buffer, self._seen = [], 0
+        self._validation_clock = (time.perf_counter(), self.budget.used)
 
+    @_charged
     def on_validation_batch_end(
         self,
         trainer: Trainer,
@@ -274,7 +336,12 @@ class SensitivityMonitor(Callback):
             self._num_classes = logits.shape[1]
             self._buffer.append(split_scores(ids, labels, logits))
 
+    @_charged
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._active and self._seen:  # the loop's own time per sample: the budget's prior
+            began, used = self._validation_clock
+            loop = time.perf_counter() - began - (self.budget.used - used)
+            self._forward_cost = max(loop, 0.0) / self._seen
         if self._train.started and not trainer.sanity_checking:
             with self._part("the training-step scores"):
                 self._fold_training_steps(trainer)  # a collective: every rank takes part
@@ -461,36 +528,54 @@ class SensitivityMonitor(Callback):
         return SplitScores.cat(parts)
 
     def _exact(self, module: LightningModule, inputs: Inputs, labels: Tensor) -> SensitivityResult:
-        """Input maps with the predicted label (Setup 4), layers with the true label (Setup 2).
-
-        The two calls share nothing but the forward pass; their backward products differ (to the
-        input, and to the layers' outputs). A layer the engine cannot measure is left out, with
-        one warning per run."""
-        options: dict[str, Any] = {
-            "forward_fn": self.forward_fn,
-            "chunk_size": self.config.chunk_size,
-        }
+        """Input maps with the predicted label (Setup 4), layers with the true label (Setup 2),
+        from one forward pass and one set of backward products (``input_target``). A layer the
+        engine cannot measure is left out, with one warning per run."""
         with self._engine_warnings():
-            layers = sensitivity(
+            result = sensitivity(
                 module,
                 inputs,
                 labels,
-                input_maps=False,
+                input_target="pred",
+                windows=usable_windows(inputs, self.config.windows),
                 layers=self.config.layers,
                 exclude_layers=self.config.exclude_layers,
                 on_unsupported="skip",
                 channel_metric=True,
-                **options,
+                forward_fn=self.forward_fn,
+                chunk_size=self.config.chunk_size,
             )
-            windows = usable_windows(inputs, self.config.windows)
-            maps = sensitivity(module, inputs, "pred", windows=windows, parameters=False, **options)
-        if layers.parameters is not None:
-            for layer, reason in layers.parameters.skipped.items():
+        if result.parameters is not None:
+            for layer, reason in result.parameters.skipped.items():
                 self._warn_once(
                     f"layer:{layer}",
                     f"SensitivityMonitor leaves layer {layer!r} out of the per-layer FI: {reason}",
                 )
-        return dataclasses.replace(layers, input=maps.input)
+        return result
+
+    # -- the time budget -----------------------------------------------------------------------
+
+    def _fit(self, part: str, wanted: int, minimum: int = 1, prior: float | None = None) -> Fit:
+        """How much of an optional part to run now: everything outside fit or without budget."""
+        if not self._budgeted:
+            return Fit(wanted, wanted)
+        reserve = 0.0 if part == "figures" else self.budget.unit_cost.get("flags", 0.0)
+        return self.budget.fit(part, wanted, minimum, prior, reserve)
+
+    def _notice(self, part: str, fit: Fit, what: str, epoch: int) -> None:
+        """One line per run and part, the first time the budget scales the part down."""
+        key = f"budget:{part}"
+        if not fit.reduced or key in self._warned:
+            return
+        self._warned.add(key)
+        rank_zero_info(
+            f"SensitivityMonitor (budget={self.config.budget:g} of the training time) {what} "
+            f"at epoch {epoch}: {fit.reason}. It measures its own cost as it runs and does more "
+            "as training time accrues; SensitivityMonitor(budget=None) keeps the fixed schedule."
+        )
+
+    def _prior(self, forwards: float) -> float | None:
+        return None if self._forward_cost is None else forwards * self._forward_cost
 
     # -- the work of one monitored epoch ------------------------------------------------------
 
@@ -509,33 +594,47 @@ class SensitivityMonitor(Callback):
         module: LightningModule,
         loaders: dict[str, DataLoader],
         scores: dict[str, SplitScores],
+        epoch: int,
     ) -> tuple[dict[str, SensitivityResult], dict[str, Tensor]]:
-        """The training probe's closed form, then the exact engine on both probes."""
+        """The training probe's closed form (where the training steps were not scored), then
+        the exact engine on the first samples of both probes, as many as the budget allows."""
+        c = self.config
+        sizes = {"train": max(c.train_probe_size, c.exact_probe_size), "val": c.exact_probe_size}
+        indices = {
+            split: self._probe_indices(split, len(loader.dataset), sizes[split])  # type: ignore[arg-type]
+            for split, loader in loaders.items()
+            if split in sizes and sizes[split] > 0
+        }
+        if "train" in indices and "train" not in scores:
+            wanted = min(c.train_probe_size, len(indices["train"]))
+            fit = self._fit("train probe", wanted, min(64, wanted), self._prior(1.0))
+            self._notice("train probe", fit, f"scored {fit.units} of {wanted} probe samples", epoch)
+            if fit.units:
+                with self._part("the train probe"), self.budget.timed("train probe", fit.units):
+                    inputs, labels, ids = self._fetch(
+                        loaders["train"], indices["train"][: fit.units], module.device
+                    )
+                    logits = self._logits(None, module, inputs, len(labels))
+                    scores["train"] = split_scores(ids, labels, logits)
+
         probes: dict[str, SensitivityResult] = {}
         probe_ids: dict[str, Tensor] = {}
-        for split, loader in loaders.items():
-            size = (
-                self.config.train_probe_size if split == "train" else self.config.exact_probe_size
-            )
-            if size == 0:
-                continue
-            indices = self._probe_indices(split, len(loader.dataset), size)  # type: ignore[arg-type]
-            if split in scores:  # scored already (the training steps): the exact part only
-                indices = indices[: self.config.exact_probe_size]
-            if len(indices) == 0:
-                continue
-            with self._part(f"the {split} probe"):
-                inputs, labels, ids = self._fetch(loader, indices, module.device)
-                if split == "train" and "train" not in scores:
-                    scores["train"] = split_scores(
-                        ids, labels, self._logits(None, module, inputs, len(labels))
+        wanted = min([c.exact_probe_size, *(len(i) for i in indices.values())]) if indices else 0
+        per_sample = self._prior(_EXACT_FORWARDS_PER_CLASS * self._num_classes * len(indices))
+        fit = self._fit("exact probes", wanted, _MIN_EXACT, per_sample)
+        what = f"ran the exact probes on {fit.units} of {wanted} samples per split"
+        self._notice("exact probes", fit, what, epoch)
+        if fit.units:
+            with (
+                self._part("the exact engine on the probes"),
+                self.budget.timed("exact probes", fit.units),
+            ):
+                for split, chosen in indices.items():
+                    inputs, labels, ids = self._fetch(
+                        loaders[split], chosen[: fit.units], module.device
                     )
-                exact = min(self.config.exact_probe_size, len(ids))
-                if exact > 0:
-                    with self._part("the exact engine on the probes"):
-                        first = select(inputs, slice(0, exact), len(labels))
-                        probes[split] = self._exact(module, first, labels[:exact])
-                        probe_ids[split] = ids[:exact]
+                    probes[split] = self._exact(module, inputs, labels)
+                    probe_ids[split] = ids
         return probes, probe_ids
 
     def _monitor_epoch(
@@ -546,12 +645,22 @@ class SensitivityMonitor(Callback):
         scores = {"val": val}
         if self._train_epoch is not None:  # scored in the training steps: no probe pass needed
             scores["train"], self._train_epoch = self._train_epoch, None
+        error = self._drawing.failure()  # an earlier epoch's figures failed
+        if error is not None:
+            with self._part("the figures"):
+                raise error
         loaders = self._loaders(trainer)
-        probes, probe_ids = self._probes(module, loaders, scores)
-        if "train" in loaders and self._scan_due():
-            with self._part("the training-set scan"):
-                scores["train_all"] = self._scan(trainer, loaders["train"], module)
-                loaders["train_all"] = loaders["train"]
+        probes, probe_ids = self._probes(module, loaders, scores, epoch)
+        self._scan_pending = self._scan_pending or self._scan_due()
+        if "train" in loaders and self._scan_pending:
+            size = len(loaders["train"].dataset)  # type: ignore[arg-type]
+            fit = self._fit("scan", 1, prior=self._prior(float(size)))
+            self._notice("scan", fit, "postponed the training-set scan", epoch)
+            if fit.units:
+                self._scan_pending = False
+                with self._part("the training-set scan"), self.budget.timed("scan"):
+                    scores["train_all"] = self._scan(trainer, loaders["train"], module)
+                    loaders["train_all"] = loaders["train"]
 
         metrics = epoch_metrics(scores)
         c = self.config
@@ -574,6 +683,7 @@ class SensitivityMonitor(Callback):
                 layers += layer_rows(
                     split, epoch, result, found, c.damage_noise, c.damage_bits, _SCALE
                 )
+        began = time.perf_counter()  # flags, scalars and tables: the part the budget reserves
         table: dict[str, list[Any]] = {}
         decisions = {}
         for split, s in scores.items():
@@ -594,6 +704,9 @@ class SensitivityMonitor(Callback):
             if decision.estimated is not None:
                 metrics[keys.estimated_wrong(split)] = decision.estimated_share
 
+        if self._budgeted:
+            metrics[keys.cost_share()] = self.budget.cost_share
+            metrics[keys.exact_probe_size()] = float(len(next(iter(probe_ids.values()), ())))
         self.history.append({"epoch": epoch, "step": step, **metrics})
         writer = self._writer = self._writer or self._new_writer(trainer)
         writer.layout(keys.custom_scalars_layout())
@@ -601,28 +714,20 @@ class SensitivityMonitor(Callback):
         for split, s in scores.items():
             writer.histogram(keys.histogram("true", split), s.log_fi_true, step)
             writer.histogram(keys.histogram("pred", split), s.log_fi_pred, step)
-        if self.config.log_images and (writer.tensorboard is not None or self.config.save_figures):
-            with self._part("the figures"):
-                self._figures(
-                    module,
-                    loaders,
-                    scores,
-                    decisions,
-                    probes,
-                    probe_ids,
-                    writer,
-                    step,
-                    epoch,
-                    log_dir,
-                    damage,
-                )
-        if self.config.log_images and writer.tensorboard is None:
-            writer.skip_images()
         writer.flush()
         write_table(table, log_dir / "sensitivity" / f"flags_epoch{epoch:04d}.csv")
         if layers:
             path = log_dir / "sensitivity" / f"layers_epoch{epoch:04d}.csv"
             write_table(layers, path, LAYER_COLUMNS)
+        self.budget.learn("flags", time.perf_counter() - began)
+        if self.config.log_images and (writer.tensorboard is not None or self.config.save_figures):
+            with self._part("the figures"):
+                self._figures(
+                    module, loaders, scores, decisions, probes, probe_ids, writer, step, epoch,
+                    log_dir, damage,
+                )  # fmt: skip
+        if self.config.log_images and writer.tensorboard is None:
+            writer.skip_images()
 
     def _decide(
         self, split: str, scores: SplitScores
@@ -669,27 +774,46 @@ class SensitivityMonitor(Callback):
         log_dir: Path,
         damage: dict[str, dict[str, LayerDamage]],
     ) -> None:
-        def fetch(split: str, ids: Tensor) -> Inputs:
-            return self._fetch(loaders[split], ids, module.device)[0]
+        """Fetch the pictured samples here, draw and log on the figure thread."""
+        count = 2 * len(scores) + 2 * len(probes)  # about this many figures
+        fit = self._fit("figures", count, count, _SECONDS_PER_FIGURE)
+        if fit.units and self._budgeted and self._drawing.busy:
+            fit = Fit(0, count, "the figures of an earlier epoch are still being drawn")
+        self._notice("figures", fit, "skipped the figures", epoch)
+        if not fit.units:
+            return
+        wanted = pictured_samples(scores, decisions, probes, probe_ids, self.config.num_images)
+        pictures = {
+            (kind, split): self._fetch(loaders[split], ids, module.device)[0]
+            for (kind, split), ids in wanted.items()
+        }
+        history = [dict(row) for row in self.history]
+        config, describe = self.config, self.describe_fn
+        num_classes = self._num_classes
 
-        images = epoch_images(
-            scores,
-            decisions,
-            probes,
-            probe_ids,
-            self.history,
-            self._num_classes,
-            self.config.num_images,
-            fetch,
-            self.describe_fn,
-            damage,
-            self.config.damage_noise,
-        )
-        for tag, image in images.items():
-            writer.image(tag, image, step)
-            if self.config.save_figures:
-                name = f"{tag.rsplit('/', 1)[-1]}_epoch{epoch:04d}.png"
-                save_png(image, log_dir / "sensitivity" / "figures" / name)
+        def draw() -> int:  # on the figure thread: nothing here may touch the training state
+            images = epoch_images(
+                scores,
+                decisions,
+                probes,
+                probe_ids,
+                history,
+                num_classes,
+                config.num_images,
+                pictures,
+                describe,
+                damage,
+                config.damage_noise,
+            )
+            for tag, image in images.items():
+                writer.image(tag, image, step)
+                if config.save_figures:
+                    name = f"{tag.rsplit('/', 1)[-1]}_epoch{epoch:04d}.png"
+                    save_png(image, log_dir / "sensitivity" / "figures" / name)
+            writer.flush()
+            return len(images)
+
+        self._drawing.submit(draw)
 
     def _new_writer(self, trainer: Trainer) -> Writer:
         writer = Writer(trainer.loggers)

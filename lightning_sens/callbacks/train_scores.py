@@ -193,8 +193,9 @@ class TrainScores:
                 f"the training set × {logits.shape[-1]} classes exceeds the {MAX_ENTRIES:,} "
                 "scores the evidence keeps",
             )
-        scores = label_log_fi(logits)
-        self._buffer.append((ids.to(scores.device).long(), labels.to(scores.device), scores))
+        # the scores are computed at collect(), for the whole epoch in one call: a few small
+        # kernels per step cost more than the scores themselves on small models
+        self._buffer.append((ids.to(logits.device).long(), labels.to(logits.device), logits))
 
     def _labels_match(self, indices: list[int], labels: Tensor) -> bool:
         loader = self._loader
@@ -251,6 +252,10 @@ class TrainScores:
         """Everything buffered since the last call, from every rank, on the CPU (every rank
         must call it)."""
         parts, self._buffer = self._buffer, []
+        if parts:  # (ids, labels, logits) per step → one (ids, labels, log FI of every label)
+            ids, labels = (torch.cat([part[i] for part in parts]) for i in (0, 1))
+            logits = torch.cat([part[2].to(torch.float64) for part in parts])
+            parts = [(ids, labels, label_log_fi(logits))]
         if trainer.world_size > 1 and torch.distributed.is_initialized():
             return self._gather(parts)
         if not parts:

@@ -132,6 +132,7 @@ def sensitivity(
     backward: Backward = "auto",
     on_unsupported: OnUnsupported = "raise",
     channel_metric: bool = False,
+    input_target: Target | None = None,
 ) -> SensitivityResult:
     """Exact FI of input and parameter perturbations of a batch, from one backward pass.
 
@@ -171,6 +172,11 @@ def sensitivity(
             output channel of a Linear/Conv weight, which weight-quantisation predictions need
             (docs/damage.md). No extra backward pass, but on the direct route about as much
             float64 work again as the layer's Gram; off by default.
+        input_target: the label of the input FI when it differs from ``target`` (which then
+            labels the parameter FI and the result's ``y``), e.g. ``target=labels,
+            input_target="pred"`` for maps with the predicted label (Setup 4) and layers with the
+            true label (Setup 2). The backward products do not depend on the label, so both come
+            from one forward pass and one set of backward products. None: ``target``.
 
     Returns:
         :class:`SensitivityResult` with per-sample float64 FI, relative FI and effective ranks.
@@ -197,8 +203,9 @@ def sensitivity(
         elif perturbed.kind == "tokens" and len(shape) == 2:
             windows = check_windows(windows, 1, shape[1], what="sequence of")
     monitored = trainable_layers(model, layers, exclude_layers) if parameters else {}
-    if isinstance(target, Tensor) and (target.dim() != 1 or target.shape[0] != B):
-        raise ValueError(f"target must have shape (B,) = ({B},), got {tuple(target.shape)}.")
+    for name, given in (("target", target), ("input_target", input_target)):
+        if isinstance(given, Tensor) and (given.dim() != 1 or given.shape[0] != B):
+            raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(given.shape)}.")
     if input_module is not None:
         names = dict(model.named_modules())
         if input_module not in names:
@@ -227,7 +234,17 @@ def sensitivity(
         for start in range(0, B, step):
             rows = slice(start, min(B, start + step))
             chunk_target = target if isinstance(target, str) else target[rows]
-            parts.append(session.run(select(inputs, rows, B), chunk_target, first=start == 0))
+            chunk_input = input_target
+            if isinstance(input_target, Tensor):
+                chunk_input = input_target[rows]
+            parts.append(
+                session.run(
+                    select(inputs, rows, B),
+                    chunk_target,
+                    first=start == 0,
+                    input_target=chunk_input,
+                )
+            )
     return concat_results(parts)
 
 

@@ -138,7 +138,9 @@ class Session:
 
     # -- one chunk ---------------------------------------------------------------------------
 
-    def run(self, inputs: Inputs, target: Target, first: bool) -> SensitivityResult:
+    def run(
+        self, inputs: Inputs, target: Target, first: bool, input_target: Target | None = None
+    ) -> SensitivityResult:
         if self.plan is None:
             if self.layers or (self.want_input and self.perturbed.kind == "tokens"):
                 self._probe(inputs)
@@ -148,12 +150,12 @@ class Session:
         check = first
         for _ in range(len(self.layers)):  # each round sends at least one layer to the model
             try:
-                return self._chunk(inputs, target, check=check)
+                return self._chunk(inputs, target, check, input_target)
             except _DemoteError as failed:
                 self.plan.demote(failed.layers, self.ownership)
                 check = False
         try:
-            return self._chunk(inputs, target, check=False)
+            return self._chunk(inputs, target, False, input_target)
         except _DemoteError as failed:  # pragma: no cover (the whole-model route always fits)
             raise UnsupportedLayerError(
                 f"The calls of layers {sorted(failed.layers)} change between batches in a way "
@@ -167,7 +169,9 @@ class Session:
             names.add(self.plan.input_module)
         return {name: self.model.get_submodule(name) for name in sorted(names)}
 
-    def _chunk(self, raw: Inputs, target: Target, check: bool) -> SensitivityResult:
+    def _chunk(
+        self, raw: Inputs, target: Target, check: bool, input_target: Target | None
+    ) -> SensitivityResult:
         plan = self.plan
         assert plan is not None
         inputs = self.runner.inputs(raw)
@@ -289,8 +293,21 @@ class Session:
                 else (f"inputs[{key!r}]" if key else "inputs")
             )
             layout = layout_of(tuple(stacked.shape[1:]), from_tokens)
+            c_input, frame_input = c, frame
+            if input_target is not None:  # the same backprops, another label (docs/engine.md)
+                y_input = resolve_target(logits, input_target)
+                check_target(y_input, logits)
+                c_input = log_prob_gradient(probs, y_input)
+                frame_input = metric_frame(probs, c_input)
             input_part = input_result(
-                stacked, probs, c, self.windows, self._tol(logits), layout, source, frame
+                stacked,
+                probs,
+                c_input,
+                self.windows,
+                self._tol(logits),
+                layout,
+                source,
+                frame_input,
             )
         parameter_part = None
         if self.layers:

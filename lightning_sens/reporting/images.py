@@ -16,9 +16,9 @@ from lightning_sens.flagging import FlagDecision
 from lightning_sens.reporting import figures, keys, sequences
 from lightning_sens.reporting.summary import SplitScores
 
-__all__ = ["Describe", "describe_sample", "epoch_images"]
+__all__ = ["Describe", "describe_sample", "epoch_images", "pictured_samples"]
 
-FetchInputs = Callable[[str, Tensor], Inputs]  # (split, sample ids) -> their inputs
+Pictures = Mapping[tuple[str, str], Inputs]  # ("flagged" or "maps", split) -> those samples
 Describe = Callable[[Any], str]  # one sample's inputs (a batch of one) -> a line of text
 _SHOWN_TOKENS = 40
 
@@ -101,6 +101,38 @@ def _layer_heatmap(
     return figures.figure_to_image(figure)
 
 
+def _flagged_rows(scores: SplitScores, decision: FlagDecision, count: int) -> Tensor:
+    """Rows of the flagged samples a figure shows: the highest log FI first."""
+    top = decision.flagged.nonzero().flatten()
+    return top[scores.log_fi_true[top].argsort(descending=True)][:count]
+
+
+def _least_confident(result: SensitivityResult, count: int) -> Tensor:
+    """Probe rows of the FI-map overlays: the largest whole-input FI first."""
+    assert result.input is not None
+    return result.input.whole.fi.argsort(descending=True)[:count]
+
+
+def pictured_samples(
+    scores: Mapping[str, SplitScores],
+    decisions: Mapping[str, FlagDecision],
+    probes: Mapping[str, SensitivityResult],
+    probe_ids: Mapping[str, Tensor],
+    num_images: int,
+) -> dict[tuple[str, str], Tensor]:
+    """The sample ids :func:`epoch_images` pictures: ``("flagged", split)`` and ``("maps",
+    split)``. The caller fetches their inputs (on the training thread) and passes them on."""
+    out = {}
+    for split, s in scores.items():
+        top = _flagged_rows(s, decisions[split], num_images)
+        if len(top):
+            out[("flagged", split)] = s.ids[top]
+    for split, result in probes.items():
+        if result.input is not None and result.input.maps and num_images > 0:
+            out[("maps", split)] = probe_ids[split][_least_confident(result, num_images).cpu()]
+    return out
+
+
 def epoch_images(
     scores: Mapping[str, SplitScores],
     decisions: Mapping[str, FlagDecision],
@@ -109,7 +141,7 @@ def epoch_images(
     history: Sequence[Mapping[str, float]],
     num_classes: int,
     num_images: int,
-    fetch: FetchInputs,
+    pictures: Pictures,
     describe: Describe | None = None,
     damage: Mapping[str, Mapping[str, LayerDamage]] | None = None,
     noise: float = 0.1,
@@ -122,7 +154,7 @@ def epoch_images(
             label for the per-layer families) and ``probe_ids`` their sample ids. Overlays show
             the probe samples with the largest whole-input FI (the least confident ones).
         history: the monitor's per-epoch metrics, this epoch included.
-        fetch: gives the inputs of samples by split and id, for pictures of them.
+        pictures: the inputs of the samples :func:`pictured_samples` names.
         describe: one sample's inputs → a line of text, for samples that are not images (default:
             their token ids or values).
         damage: split → layer → predicted damage of the probe (the per-layer views);
@@ -135,15 +167,14 @@ def epoch_images(
         fig = figures.manhattan_plot(s.log_fi_true, s.labels, num_classes, flagged, title)
         out[keys.image(f"manhattan_{split}")] = figures.figure_to_image(fig)
 
-        top = flagged.nonzero().flatten()
-        top = top[s.log_fi_true[top].argsort(descending=True)][:num_images]
+        top = _flagged_rows(s, decisions[split], num_images)
         captions = [
             _caption(int(s.ids[i]), int(s.labels[i]), int(s.preds[i]), float(s.log_fi_true[i]))
             for i in top.tolist()
         ]
         title = f"{split}: flagged samples, highest FI first"
         if len(top):
-            grid = _samples_figure(fetch(split, s.ids[top]), captions, title, describe)
+            grid = _samples_figure(pictures[("flagged", split)], captions, title, describe)
         else:
             grid = sequences.sample_text([], [], title)
         out[keys.image(f"flagged_{split}")] = figures.figure_to_image(grid)
@@ -169,11 +200,11 @@ def epoch_images(
                 values, names, title, value_label="log10 expected KL (nats)"
             )
             out[keys.image(f"layer_strip_{split}")] = figures.figure_to_image(strip)
-        if result.input is not None and result.input.maps:
-            order = result.input.whole.fi.argsort(descending=True)[:num_images]
+        if result.input is not None and result.input.maps and num_images > 0:
+            order = _least_confident(result, num_images)
             ids = probe_ids[split][order.cpu()]
             title = f"{split} probe: FI maps of the least confident samples, predicted label"
-            inputs = fetch(split, ids)
+            inputs = pictures[("maps", split)]
             first = next(iter(result.input.maps.values())).fi
             if first.dim() == 3:  # token sequences (B, T, d): the maximum over coordinates
                 maps = {w: b.fi[order].amax(dim=-1).cpu() for w, b in result.input.maps.items()}

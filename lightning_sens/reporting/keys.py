@@ -9,9 +9,11 @@ __all__ = [
     "STATS",
     "TARGETS",
     "closed_form_holds",
+    "cost_share",
     "curve",
     "custom_scalars_layout",
     "estimated_wrong",
+    "exact_probe_size",
     "flag_count",
     "gap",
     "histogram",
@@ -77,6 +79,16 @@ def estimated_wrong(split: str) -> str:
 def persistent_count(split: str) -> str:
     """Samples flagged in more than half of the last ``persistence`` monitored epochs."""
     return f"{PREFIX}/flags/{split}/persistent"
+
+
+def cost_share() -> str:
+    """The monitor's seconds per second of the rest of training, since training started."""
+    return f"{PREFIX}/monitor/cost_share"
+
+
+def exact_probe_size() -> str:
+    """Samples per split the exact engine ran on this epoch (the time budget may lower it)."""
+    return f"{PREFIX}/monitor/exact_probe_size"
 
 
 def image(name: str) -> str:

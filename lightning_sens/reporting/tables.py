@@ -3,7 +3,6 @@ and epoch) and layers (one row per layer, split and epoch)."""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import os
 import tempfile
@@ -123,6 +122,29 @@ def _atomic(path: Path, write: Callable[[Path], object]) -> None:
 Table = Mapping[str, Sequence[Any]]
 
 
+def _csv_field(text: str) -> str:
+    """One field as the csv module writes it (minimal quoting)."""
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def _csv_column(values: Sequence[Any]) -> list[str]:
+    """A column as csv text, column-wise (several times faster than csv.writer row by row,
+    which matters for the training set's table every epoch): floats by their repr (full
+    precision, ``inf`` and ``nan`` included), as ``str(float)`` writes them."""
+    kinds = set(map(type, values))
+    distinct = set(values)
+    if len(kinds) == 1 and 4 * len(distinct) <= len(values):  # one type (1 == 1.0 == True)
+        text = {v: "" if v is None else _csv_field(str(v)) for v in distinct}
+        return list(map(text.__getitem__, values))
+    if kinds <= {float}:
+        return list(map(float.__repr__, values))
+    if kinds <= {int}:
+        return list(map(str, values))
+    return ["" if v is None else _csv_field(str(v)) for v in values]
+
+
 def write_table(
     rows: Sequence[Any] | Table, path: Path, names: Sequence[str] = COLUMNS
 ) -> list[Path]:
@@ -143,10 +165,11 @@ def write_table(
         }
 
     def to_csv(target: Path) -> None:
+        text = [_csv_column(values) for values in columns.values()]
         with target.open("w", newline="") as stream:
-            writer = csv.writer(stream)
-            writer.writerow(names)
-            writer.writerows(zip(*columns.values(), strict=True))  # str(float) is its repr
+            stream.write(",".join(map(_csv_field, names)) + "\r\n")
+            lines = map(",".join, zip(*text, strict=True))
+            stream.write("".join(line + "\r\n" for line in lines))
 
     written = [path]
     _atomic(path, to_csv)
