@@ -21,7 +21,10 @@ median, the cost share the monitor logged for itself (``sensitivity/monitor/cost
 end of fit) next to the measured one (ratio − 1), and what the budget let run.
 
 Usage: python benchmarks/bench_callback.py [--models demo resnet18] [--repeats 3]
-       [--epochs 3] [--device cpu] [--out benchmarks/results/callback_cpu.md]
+       [--epochs 3] [--device cpu] [--out benchmarks/results/callback_demo_cpu.md]
+
+docs/performance.md shows ``--models demo --repeats 9 --out .../callback_demo_cpu.md`` and
+``--models resnet18 --repeats 3 --out .../callback_resnet_cpu.md``.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
         out["demo"] = Setting(
             "demo",
             f"demo CNN, Fashion-MNIST {len(y):,} train / {len(yv):,} val, batch 64",
-            lambda: SmallCNN(channels=x.shape[1]),
+            lambda channels=x.shape[1]: SmallCNN(channels=channels),
             TensorDataset(x, y),
             TensorDataset(xv, yv),
             64,
@@ -119,6 +122,7 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
 @dataclass
 class Run:
     seconds: float
+    cpu: float  # CPU seconds of the process, all threads: less sensitive to a busy neighbour
     logged: float = float("nan")  # the monitor's own cost share at the end of fit
     exact: list[int] = field(default_factory=list)  # exact-probe samples per monitored epoch
     figures: int = 0  # figure sets drawn
@@ -141,15 +145,16 @@ def run(setting: Setting, options: dict[str, Any] | None, args: argparse.Namespa
             enable_model_summary=False,
         )
         model = setting.make()
-        begin = time.perf_counter()
+        begin, cpu = time.perf_counter(), time.process_time()
         trainer.fit(model, train, val)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - begin
+        seconds, cpu = time.perf_counter() - begin, time.process_time() - cpu
     if monitor is None:
-        return Run(seconds)
-    exact = [int(h.get(keys.exact_probe_size(), 0)) for h in monitor.history]
-    return Run(seconds, monitor.budget.cost_share, exact, monitor.figure_sets_drawn)
+        return Run(seconds, cpu)
+    every = monitor.config.exact_probe_size  # without a budget: every epoch, all of them
+    exact = [int(h.get(keys.exact_probe_size(), every)) for h in monitor.history]
+    return Run(seconds, cpu, monitor.budget.cost_share, exact, monitor.figure_sets_drawn)
 
 
 def main() -> None:
@@ -160,8 +165,8 @@ def main() -> None:
     parser.add_argument("--device", default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--resnet-train", type=int, default=1024)
-    parser.add_argument("--resnet-val", type=int, default=256)
+    parser.add_argument("--resnet-train", type=int, default=512)
+    parser.add_argument("--resnet-val", type=int, default=128)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--out", type=Path, default=None, help="also write a markdown table")
     args = parser.parse_args()
@@ -174,8 +179,8 @@ def main() -> None:
     print(f"# bench_callback: {machine}, {args.epochs} epochs, {args.repeats} repeats")
     rows = [
         "| model | configuration | fit (median) | monitored / plain | cost share logged "
-        "| measured (ratio − 1) | exact probes per epoch | figure sets |",
-        "|---|---|---:|---:|---:|---:|---|---:|",
+        "| measured (ratio − 1) | CPU time ratio | exact probes per epoch | figure sets |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for setting in settings(args).values():
         runs: dict[str, list[Run]] = {name: [] for name in args.configs}
@@ -184,18 +189,21 @@ def main() -> None:
                 runs[name].append(run(setting, CONFIGS[name], args))
                 print(f"{setting.name:9s} {name:8s} {runs[name][-1]}", flush=True)
         plain = statistics.median(r.seconds for r in runs["plain"])
+        plain_cpu = statistics.median(r.cpu for r in runs["plain"])
         for name in args.configs:
             found = runs[name]
             seconds = statistics.median(r.seconds for r in found)
             if name == "plain":
-                rows.append(f"| {setting.describe} | plain | {seconds:.1f} s | 1 | | | | |")
+                rows.append(f"| {setting.describe} | plain | {seconds:.1f} s | 1 | | | 1 | | |")
                 continue
             logged = statistics.median(r.logged for r in found)
+            cpu = statistics.median(r.cpu for r in found) / plain_cpu
             middle = sorted(found, key=lambda r: r.seconds)[len(found) // 2]
             exact = ", ".join(map(str, middle.exact))
             rows.append(
                 f"| {setting.describe} | {name} | {seconds:.1f} s | **{seconds / plain:.3f}** "
-                f"| {100 * logged:.1f} % | {100 * (seconds / plain - 1):.1f} % | {exact} "
+                f"| {100 * logged:.1f} % | {100 * (seconds / plain - 1):.1f} % | {cpu:.3f} "
+                f"| {exact} "
                 f"| {middle.figures} |"
             )
     header = (

@@ -1,4 +1,5 @@
-"""SensitivityMonitor() at its defaults, one short epoch, on the architectures people train.
+"""SensitivityMonitor() at its defaults (but budget=None, so that every part runs), one short epoch,
+on the architectures people train.
 
 A CNN, a ViT, a text transformer fed dict batches, a Hugging Face BERT wrapped the usual way, and
 an LSTM: every documented scalar is logged (read back from TensorBoard's event files), the flag

@@ -58,6 +58,7 @@ _SCALE = 0.1  # δ of the layer table's "scale by 1 + δ" column
 _EXACT_FORWARDS_PER_CLASS = 10.0
 _SECONDS_PER_FIGURE = 0.25
 _MIN_EXACT = 4  # fewer exact-probe samples per split than this are not worth an engine call
+_SECONDS_PER_ROW = 1e-5  # flags and tables, per scored sample, until measured
 
 Batch = tuple[Inputs, Tensor, Tensor | None]
 
@@ -117,11 +118,12 @@ class SensitivityMonitor(Callback):
 
     1. every validation sample: closed-form FI of the whole input with the true and the predicted
        label, from the logits the validation loop computes (docs/method.md: exact, no backward);
-    2. a fixed training probe (``train_probe_size`` samples, chosen once with ``seed``): the same,
-       from one eval forward pass;
+    2. every training sample, from the logits of its training steps (``score_training_steps``),
+       or else a fixed training probe (``train_probe_size`` samples, chosen once with ``seed``):
+       the same, from one eval forward pass;
     3. the first ``exact_probe_size`` samples of the training probe and of a validation probe:
-       the exact engine (whole-input rank certifying the closed form, input FI maps, per-layer FI,
-       layer- and channel-scaling FI);
+       the exact engine, one call per probe (whole-input rank certifying the closed form, input
+       FI maps with the predicted label, per-layer FI and damage with the true label);
     4. flags: high-FI samples (true label) by ``flag_rule``, with persistence across epochs,
        written with every score to ``<log_dir>/sensitivity/flags_epoch<E>.csv``; per-layer
        predicted damage next to the paper's per-layer FI families in
@@ -129,6 +131,11 @@ class SensitivityMonitor(Callback):
     5. with ``scan_train_set``, every ``scan_every_n_epochs`` monitored epochs: closed-form FI of
        every training sample (split ``train_all``: one eval forward pass per sample, on rank
        zero), so that outliers anywhere in the training set are flagged.
+
+    Within ``budget`` (default 0.05: the monitored ``fit`` takes at most 5 % longer): the monitor
+    times itself and runs parts 2 (the probe), 3 and 5 and the figures only as far as they fit;
+    parts 1 and 4 are always done. Figures are drawn on a background thread (docs/monitor.md,
+    "The time budget").
 
     It works on any model the engine supports (docs/engine.md): CNNs, transformers with dict
     batches (Hugging Face conventions: ``labels`` in the batch, a ``logits`` attribute on the
@@ -165,6 +172,9 @@ class SensitivityMonitor(Callback):
     - ``sensitivity/layer_kl_{b}bit/{s}/{layer}``: expected KL of rounding the layer's weights to
       ``damage_bits`` bits, one step per output channel (Linear and convolution layers);
     - ``sensitivity/flags/{s}/flagged`` and ``.../persistent``: flag counts;
+    - ``sensitivity/monitor/cost_share``: the monitor's seconds per second of the rest of
+      training (with a budget; also once at the end of fit) and
+      ``sensitivity/monitor/exact_probe_size``: the exact probes' samples per split this epoch;
     - TensorBoard only: histograms ``sensitivity/{t}_label/{s}/log_fi``, a custom-scalars
       layout that overlays train and validation curves, and images
       ``sensitivity/images/{name}_{s}`` for ``name`` in ``manhattan`` (log FI by class, flags in
@@ -227,6 +237,7 @@ class SensitivityMonitor(Callback):
         self._forward_cost: float | None = None  # seconds per validation sample, eval forward
         self._validation_clock = (0.0, 0.0)
         self._scan_pending = False
+        self._rows = 0  # scored samples of this epoch: its flag table's rows
 
     @property
     def figure_sets_drawn(self) -> int:
@@ -559,7 +570,9 @@ class SensitivityMonitor(Callback):
         """How much of an optional part to run now: everything outside fit or without budget."""
         if not self._budgeted:
             return Fit(wanted, wanted)
-        reserve = 0.0 if part == "figures" else self.budget.unit_cost.get("flags", 0.0)
+        reserve = 0.0  # the flags and tables still to come in this epoch
+        if part != "figures":
+            reserve = self.budget.unit_cost.get("flags", _SECONDS_PER_ROW * self._rows)
         return self.budget.fit(part, wanted, minimum, prior, reserve)
 
     def _notice(self, part: str, fit: Fit, what: str, epoch: int) -> None:
@@ -650,6 +663,7 @@ class SensitivityMonitor(Callback):
             with self._part("the figures"):
                 raise error
         loaders = self._loaders(trainer)
+        self._rows = sum(len(s.ids) for s in scores.values())
         probes, probe_ids = self._probes(module, loaders, scores, epoch)
         self._scan_pending = self._scan_pending or self._scan_due()
         if "train" in loaders and self._scan_pending:
@@ -720,6 +734,15 @@ class SensitivityMonitor(Callback):
             path = log_dir / "sensitivity" / f"layers_epoch{epoch:04d}.csv"
             write_table(layers, path, LAYER_COLUMNS)
         self.budget.learn("flags", time.perf_counter() - began)
+        if self._budgeted and self.budget.allowance < 0 and "budget:flags" not in self._warned:
+            self._warned.add("budget:flags")
+            rank_zero_info(
+                f"SensitivityMonitor (budget={self.config.budget:g}) spent "
+                f"{100 * self.budget.cost_share:.1f} % of the training time by epoch {epoch}, "
+                "more than its budget, with what it never skips (the scores, flags and tables; "
+                f"{time.perf_counter() - began:.2g} s for the flags and tables of this epoch). "
+                "On models this fast, pass a larger budget or every_n_epochs > 1."
+            )
         if self.config.log_images and (writer.tensorboard is not None or self.config.save_figures):
             with self._part("the figures"):
                 self._figures(
@@ -779,7 +802,7 @@ class SensitivityMonitor(Callback):
         fit = self._fit("figures", count, count, _SECONDS_PER_FIGURE)
         if fit.units and self._budgeted and self._drawing.busy:
             fit = Fit(0, count, "the figures of an earlier epoch are still being drawn")
-        self._notice("figures", fit, "skipped the figures", epoch)
+        self._notice("figures", fit, f"skipped the {count} figures", epoch)
         if not fit.units:
             return
         wanted = pictured_samples(scores, decisions, probes, probe_ids, self.config.num_images)
