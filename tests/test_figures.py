@@ -1,11 +1,18 @@
-"""Pictures of lightning_sens.reporting.figures: they render, are not blank, reject bad input."""
+"""Pictures of lightning_sens.reporting.figures: they render, are not blank, reject bad input,
+and every text is whole (inside the figure) and readable (tick labels do not overlap)."""
 
 from __future__ import annotations
+
+import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 
 from lightning_sens.reporting.figures import (
     fi_overlays,
@@ -22,6 +29,76 @@ def _generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
+def drawn_texts(fig: Figure) -> list[tuple[Text, Bbox]]:
+    """Every non-empty text the Agg canvas draws (titles, labels, tick labels of ticks in view,
+    legends, colour bars, figure texts), with its extent in pixels."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    outside: set[int] = set()  # labels of ticks outside the view are not drawn
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            slack = 1e-9 * (abs(low) + abs(high) + 1.0)
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                if not low - slack <= tick.get_loc() <= high + slack:
+                    outside |= {id(tick.label1), id(tick.label2)}
+    return [
+        (text, text.get_window_extent(renderer))
+        for text in fig.findobj(Text)
+        if id(text) not in outside and text.get_visible() and text.get_text().strip()
+    ]
+
+
+def assert_texts_whole(fig: Figure) -> list[str]:
+    """Every drawn text lies inside the figure (one pixel of slack), so that nothing is cut off,
+    and the drawn tick labels of each axis do not overlap one another. Returns the texts."""
+    texts = drawn_texts(fig)
+    box = fig.bbox
+    cut = [
+        (text.get_text(), tuple(round(v) for v in extent.extents))
+        for text, extent in texts
+        if extent.x0 < box.x0 - 1
+        or extent.y0 < box.y0 - 1
+        or extent.x1 > box.x1 + 1
+        or extent.y1 > box.y1 + 1
+    ]
+    assert not cut, (
+        f"texts cut at the edges of the {box.width:.0f} × {box.height:.0f} figure: {cut}"
+    )
+    extents = {id(text): extent for text, extent in texts}
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t for t in axis.get_ticklabels(which="both") if id(t) in extents]
+            assert_apart([(t, extents[id(t)]) for t in labels], "tick labels")
+    return [text.get_text() for text, _ in texts]
+
+
+def assert_apart(texts: list[tuple[Text, Bbox]], what: str) -> None:
+    """No two of the drawn texts overlap (they may touch). Texts turned by the same angle are
+    compared in their own frame (centre of the extent, unturned size), not by their extents."""
+    shapes = []
+    for text, extent in texts:
+        angle = text.get_rotation()
+        text.set_rotation(0.0)
+        flat = text.get_window_extent()  # the renderer of the last draw
+        text.set_rotation(angle)
+        shapes.append((text, extent, flat.width, flat.height, math.radians(angle)))
+    for (a, box_a, w_a, h_a, t_a), (b, box_b, w_b, h_b, t_b) in itertools.combinations(shapes, 2):
+        if t_a == t_b:  # the offset of the centres along and across the texts
+            dx, dy = (
+                (box_b.x0 + box_b.x1 - box_a.x0 - box_a.x1) / 2,
+                (box_b.y0 + box_b.y1 - box_a.y0 - box_a.y1) / 2,
+            )
+            along = abs(dx * math.cos(t_a) + dy * math.sin(t_a))
+            across = abs(-dx * math.sin(t_a) + dy * math.cos(t_a))
+            gaps = (along - (w_a + w_b) / 2, across - (h_a + h_b) / 2)
+        else:
+            gaps = (max(box_a.x0, box_b.x0) - min(box_a.x1, box_b.x1),
+                    max(box_a.y0, box_b.y0) - min(box_a.y1, box_b.y1))  # fmt: skip
+        assert max(gaps) >= -0.5, f"{what} overlap: {a.get_text()!r}, {b.get_text()!r}"
+
+
 def _assert_renders(fig: Figure) -> torch.Tensor:
     assert isinstance(fig, Figure)
     image = figure_to_image(fig)
@@ -31,6 +108,7 @@ def _assert_renders(fig: Figure) -> torch.Tensor:
     assert image.shape[1] > 100
     assert image.shape[2] > 100
     assert image.min() < image.max(), "the rendered image is constant"
+    assert_texts_whole(fig)
     return image
 
 
@@ -281,3 +359,140 @@ def test_token_strips_blank_where_fi_is_zero(n: int) -> None:
         token_strips({1: maps[1], 3: maps[3][:, :5]}, tokens, ["#"] * n)
     with pytest.raises(ValueError, match="at least one window"):
         token_strips({}, tokens, ["#"] * n)
+
+
+# -- whole texts and readable labels in the edge cases (issue 11) ------------------------------
+
+_FLAGGED_TITLE = "val: flagged samples, highest FI first"
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 28, 40)])
+def test_sample_grid_one_sample_keeps_the_whole_title(shape: tuple[int, int, int]) -> None:
+    images = torch.rand(1, *shape, generator=_generator())
+    fig = sample_grid(images, ["#7 log FI 2.00\ny=T-shirt/top ŷ=Shirt"], title=_FLAGGED_TITLE)
+    _assert_renders(fig)  # the title used to be cut to "agged samples, highes"
+    assert fig.get_suptitle() == _FLAGGED_TITLE
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_sample_text_keeps_a_long_title_whole(n: int) -> None:
+    title = "val: flagged samples, highest FI first; " * 3
+    _assert_renders(sample_text(["token ids: 1 2 3"] * n, ["#1 y=0 ŷ=1"] * n, title=title))
+
+
+def test_manhattan_plot_says_none_flagged_without_a_legend_entry() -> None:
+    log_fi, labels = _manhattan_inputs()
+    fig = manhattan_plot(log_fi, labels, 5, flagged=torch.zeros(60, dtype=torch.bool))
+    _assert_renders(fig)
+    legend = fig.axes[0].get_legend()
+    assert legend is not None
+    assert [text.get_text() for text in legend.get_texts()] == []  # no mark, no entry
+    assert legend.get_title().get_text() == "none flagged"
+    assert fig.axes[0].get_xlabel() == "class"  # the shades alternate by class
+
+
+def test_manhattan_plot_names_the_rule_and_flags_it_cannot_draw() -> None:
+    log_fi, labels = _manhattan_inputs()
+    flagged = log_fi > 1.0
+    fig = manhattan_plot(log_fi, labels, 5, flagged, flag_label="flagged (mad>3.5)")
+    _assert_renders(fig)
+    legend = fig.axes[0].get_legend()
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == ["flagged (mad>3.5)"]
+    log_fi[flagged] = float("inf")  # flagged, but not drawable
+    legend = manhattan_plot(log_fi, labels, 5, flagged, flag_label="flagged").axes[0].get_legend()
+    assert legend is not None
+    assert [text.get_text() for text in legend.get_texts()] == []
+    assert "non-finite" in legend.get_title().get_text()
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["T-shirt/top", "Trouser"],
+        ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat"] * 2,
+        [f"{name}_{i}" for i in range(40) for name in ("aquarium_fish", "sweet_pepper")],
+        [f"American Staffordshire terrier {i}" for i in range(100)],
+    ],
+    ids=["2", "10", "80", "100-long"],
+)
+def test_manhattan_plot_class_names_fit_and_do_not_overlap(names: list[str]) -> None:
+    k = len(names)
+    g = _generator()
+    log_fi, labels = torch.randn(4 * k, generator=g), torch.arange(4 * k) % k
+    fig = manhattan_plot(log_fi, labels, k, log_fi > 1.5, "t", names)
+    _assert_renders(fig)  # inside the figure, tick labels apart
+    shown = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    first = names[0]  # long names are shortened in the middle
+    assert shown[0] == first or (len(first) > 20 and shown[0] == first[:9] + "…" + first[-10:])
+    assert len(shown) <= 40
+    assert max(len(label) for label in shown) <= 20
+
+
+def test_layer_heatmap_names_its_axes() -> None:
+    values = torch.randn(2, 8, generator=_generator())
+    fig = layer_heatmap(values, ["train", "test"], [75, 80, 85, 90, 95, 98, 99, 100], "Setup 3",
+                        "log FI", xlabel="quantile (%)", ylabel="split")  # fmt: skip
+    _assert_renders(fig)
+    assert (fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()) == ("quantile (%)", "split")
+    default = layer_heatmap(values, ["a", "b"], list(range(8)))
+    assert (default.axes[0].get_xlabel(), default.axes[0].get_ylabel()) == ("epoch", "layer")
+
+
+@pytest.mark.parametrize("n_layers", [1, 3, 200])
+def test_layer_heatmap_single_epoch(n_layers: int) -> None:
+    values = torch.randn(n_layers, 1, generator=_generator())
+    names = [f"layer{i}.conv" for i in range(n_layers)]
+    title = "val: expected KL under weight noise 0.1 × rms, per layer and epoch"
+    fig = layer_heatmap(values, names, [3], title, value_label="log10 expected KL (nats)")
+    _assert_renders(fig)  # the monitor's long title used to be cut at 5 inches
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["3"]
+    cells = [text.get_text() for text in fig.axes[0].texts]
+    if n_layers <= 20:  # one colour alone says little: the values are printed
+        assert cells == [f"{v:.3g}" for v in values[:, 0].tolist()]
+
+
+def test_fi_overlays_explain_the_cross() -> None:
+    images, maps = _overlay_inputs()
+    fig = fi_overlays(images, maps, ["first", "second"], title="maps")
+    _assert_renders(fig)
+    (legend,) = fig.legends
+    text = legend.get_texts()[0].get_text()
+    assert "FI, w = 1" in text
+    assert "one-pixel-attack candidate" in text
+    assert legend.legend_handles[0].get_marker() == "x"  # type: ignore[union-attr]
+    assert not fi_overlays(images, {}, ["a", "b"]).legends  # no cross drawn: no legend
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_fi_overlays_keep_colour_bar_labels_whole(n: int) -> None:
+    g = _generator()
+    images = torch.rand(n, 3, 28, 28, generator=g)
+    maps = {w: torch.rand(n, 28, 28, generator=g) for w in (1, 3, 5, 7)}
+    lead = ("edit damage J'HJ", "KL per unit² edit (log scale)", maps[3])
+    fig = fi_overlays(images, maps, [f"#{i}" for i in range(n)], "val probe: maps", lead)
+    texts = assert_texts_whole(fig)  # the colour-bar labels were cut from 8 rows on
+    assert texts.count("FI (log scale)") == 4
+    assert "KL per unit² edit (log scale)" in texts
+
+
+def test_fi_overlays_non_square_images() -> None:
+    g = _generator()
+    images = torch.rand(2, 1, 28, 40, generator=g)
+    maps = {w: torch.rand(2, 28, 40, generator=g) for w in (1, 3)}
+    maps[1][0, 3, 30] = 50.0  # row 3, column 30
+    fig = fi_overlays(images, maps, ["a", "b"], "a title as long as the monitor's, or longer " * 2)
+    _assert_renders(fig)
+    cross = fig.axes[0].get_lines()[0]
+    assert (np.asarray(cross.get_xdata()).item(), np.asarray(cross.get_ydata()).item()) == (30, 3)
+    shown = fig.axes[0].get_images()[0].get_array()
+    assert shown is not None
+    assert shown.shape == (28, 40)
+
+
+def test_token_strips_long_sequences_thin_their_labels() -> None:
+    maps = {w: torch.rand(2, 200, generator=_generator()) + 0.1 for w in (1, 3)}
+    tokens = [[f"tok{t}" for t in range(200)] for _ in range(2)]
+    fig = token_strips(maps, tokens, ["#1", "#2"], title="val probe: FI per token")
+    _assert_renders(fig)  # every token labelled in 16 inches: the labels overlapped
+    assert len(fig.axes[0].get_xticklabels()) < 200

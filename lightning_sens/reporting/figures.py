@@ -25,6 +25,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
 from numpy.typing import NDArray
 
@@ -41,6 +42,7 @@ _JITTER_SEED = 0
 _NAME_CHARS = 30
 _MAX_FIG_INCHES = 16.0
 _OVERLAY_DECADES = 4
+_CROSS: dict[str, Any] = {"marker": "x", "color": "cyan", "markersize": 8, "mew": 2}
 
 
 def _numpy(tensor: torch.Tensor) -> NDArray[np.float64]:
@@ -91,6 +93,12 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=size, layout="constrained")
 
 
+def _suptitle(fig: Figure, title: str) -> None:
+    """The figure's title, wrapped at the figure's edges (constrained layout makes room)."""
+    if title:
+        fig.suptitle(title, wrap=True)
+
+
 def _label_ticks(ax: Axes, axis: str, names: Sequence[str], max_labels: int, **text: Any) -> None:
     """Labels every k-th tick of ``axis`` ("x" or "y") with ``names`` (at most ``max_labels``)."""
     ticks = list(range(0, len(names), max(1, math.ceil(len(names) / max(1, max_labels)))))
@@ -99,7 +107,7 @@ def _label_ticks(ax: Axes, axis: str, names: Sequence[str], max_labels: int, **t
 
 
 def _decorate(ax: Axes, title: str, xlabel: str, ylabel: str, finite: NDArray[np.bool_]) -> None:
-    ax.set_title(title)
+    ax.set_title(title, wrap=True)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
@@ -147,13 +155,17 @@ def manhattan_plot(
     flagged: torch.Tensor | None = None,
     title: str = "",
     class_names: Sequence[str] | None = None,
+    flag_label: str = "flagged",
 ) -> Figure:
     """The paper's Manhattan plot of per-sample FI (Setup 1, METHOD.md §9.1).
 
-    x axis: class 0..num_classes-1 (tick labels ``class_names`` or the integers), each sample
-    jittered within its class's column; y axis: log FI (natural log). Classes alternate between
-    two shades; flagged samples are drawn on top in red with the legend entry ``flagged``.
-    Non-finite log FI (e.g. -inf for FI = 0) is not drawn; the count is noted in the corner.
+    x axis: class 0..num_classes-1 (tick labels ``class_names``, shortened to 20 characters and
+    upright when long, or the integers; only every k-th with many classes), each sample jittered
+    within its class's column; y axis: log FI (natural log). Classes alternate between two
+    shades; flagged samples are drawn on top in red with the legend entry ``flag_label``. When
+    ``flagged`` is given but no flagged sample is drawn, the legend has no entry and its title
+    says so (``none flagged``). Non-finite log FI (e.g. -inf for FI = 0) is not drawn; the count
+    is noted in the corner.
 
     Args:
         log_fi: (N,) natural log of FI per sample.
@@ -162,6 +174,7 @@ def manhattan_plot(
         flagged: optional (N,) bool, True for samples to highlight.
         title: axes title.
         class_names: optional num_classes tick labels.
+        flag_label: the legend entry of the flagged samples, e.g. ``"flagged (mad>3.5)"``.
 
     Returns:
         The figure (one axes).
@@ -196,14 +209,17 @@ def manhattan_plot(
     ax = fig.add_subplot(1, 1, 1)
     plain, hit = finite & ~flag_values, finite & flag_values
     ax.scatter(x[plain], y[plain], s=8, c=shade[plain], alpha=0.7, linewidths=0)
-    if flagged is not None:
-        ax.scatter(x[hit], y[hit], s=30, c="#d62728", edgecolors="k", zorder=3, label="flagged")
+    if flagged is not None and hit.any():
+        ax.scatter(x[hit], y[hit], s=30, c="#d62728", edgecolors="k", zorder=3, label=flag_label)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a point
-    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
-    rotate = max(len(name) for name in names) > 3
-    _label_ticks(
-        ax, "x", names, 40, rotation=45 if rotate else 0, ha="right" if rotate else "center"
-    )
+    elif flagged is not None:  # no red mark drawn: no entry, the legend's title says why
+        unseen = int(flag_values.sum())
+        note = f"{flag_label}: {unseen} with non-finite log FI" if unseen else f"none {flag_label}"
+        ax.legend(handles=[], title=note, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    names = [str(i) for i in range(num_classes)] if class_names is None else list(class_names)
+    names = [_shorten(str(name), 20) for name in names]
+    upright = max(len(name) for name in names) > 3  # upright: long names cannot overlap
+    _label_ticks(ax, "x", names, 40, rotation=90 if upright else 0, fontsize=8 if upright else 10)
     ax.set_xlim(-0.6, num_classes - 0.4)
     _decorate(ax, title or "FI per sample, by class", "class", "log FI (natural log)", finite)
     return fig
@@ -215,13 +231,17 @@ def layer_heatmap(
     epochs: Sequence[int],
     title: str = "",
     value_label: str = "median log FI",
+    xlabel: str = "epoch",
+    ylabel: str = "layer",
 ) -> Figure:
-    """Heat map of a per-layer statistic across epochs.
+    """Heat map of a per-layer statistic across epochs (or any rows × columns: ``xlabel``,
+    ``ylabel`` name them).
 
     Rows (y axis): layers, top to bottom in the given order, labelled with their names (shortened to
     30 characters; only every k-th label when there are many layers). Columns (x axis): epochs.
     Colour: the value, explained by a colorbar labelled ``value_label``; NaN (and ±inf) cells are
-    blank. The figure grows with the number of layers up to 12 inches.
+    blank. Small maps (at most 40 cells, 20 rows) also print each value in its cell. The figure
+    grows with the number of layers up to 12 inches.
 
     Args:
         values: (L, E) one value per layer and epoch.
@@ -229,6 +249,7 @@ def layer_heatmap(
         epochs: E column labels.
         title: axes title.
         value_label: colorbar label.
+        xlabel, ylabel: the axis labels: what the columns and the rows are.
 
     Returns:
         The figure (the heat-map axes and the colorbar axes).
@@ -253,9 +274,16 @@ def layer_heatmap(
     names = [_shorten(str(name)) for name in layer_names]
     _label_ticks(ax, "y", names, int((height - 1.4) / 0.16), fontsize=7)
     _label_ticks(ax, "x", [str(epoch) for epoch in epochs], int(width * 3))
-    ax.set_title(title or f"{value_label} per layer and epoch")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("layer")
+    if n_layers * n_epochs <= 40 and n_layers <= 20:  # few cells: print the values too
+        for (row, col), value in np.ndenumerate(data):
+            if np.isfinite(value):
+                red, green, blue, _ = image.to_rgba(value)  # white on dark cells, else black
+                dark = 0.3 * red + 0.6 * green + 0.1 * blue < 0.5
+                ax.text(col, row, f"{value:.3g}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")  # fmt: skip
+    ax.set_title(title or f"{value_label} per {ylabel} and {xlabel}", wrap=True)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     return fig
 
 
@@ -332,19 +360,17 @@ def sample_grid(
     if n == 0:
         fig = _figure(4.0, 1.5)
         fig.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=12)
-        if title:
-            fig.suptitle(title)
+        _suptitle(fig, title)
         return fig
     data = _numpy(images)
     n_columns = min(columns, n)
     n_rows = math.ceil(n / n_columns)
-    fig = _figure(1.6 * n_columns + 0.3, 1.9 * n_rows + 0.5)
+    fig = _figure(max(1.6 * n_columns + 0.3, 4.0), 1.9 * n_rows + 0.5)  # 4 in: room for a title
     for i in range(n):
         ax = fig.add_subplot(n_rows, n_columns, i + 1)
         _show(ax, data[i])
         ax.set_xlabel(str(captions[i]), fontsize=7)
-    if title:
-        fig.suptitle(title)
+    _suptitle(fig, title)
     return fig
 
 
@@ -362,7 +388,8 @@ def fi_overlays(
     (alpha 0.6) spanning at most 4 decades below the column's maximum (smaller FI takes the lowest
     colour); pixels with FI ≤ 0 or non-finite are transparent. Each window column shares one
     colour scale across rows, explained by the colorbar below it. A cross marks the top-FI pixel of
-    the smallest window (the one-pixel-attack candidate) on the image and on that window's column.
+    the smallest window (the one-pixel-attack candidate) on the image and on that window's column;
+    a legend under the figure says so.
 
     With ``lead``, a first map column comes before the FI windows, and the cross marks its top
     pixel instead.
@@ -400,8 +427,10 @@ def fi_overlays(
     cmap = colormaps["inferno"].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
 
     n_columns = 1 + len(columns)
-    fig = _figure(1.9 * n_columns + 0.3, 1.9 * n + 1.2)
-    grid = fig.add_gridspec(n, n_columns)
+    fig = _figure(1.9 * n_columns + 0.3, 1.9 * n + (1.7 if columns else 1.2))
+    # The colour bars get a row of their own: constrained layout then keeps their labels inside.
+    ratios = [1.0] * n + ([0.06] if columns else [])
+    grid = fig.add_gridspec(len(ratios), n_columns, height_ratios=ratios)
     axes = [[fig.add_subplot(grid[r, c]) for c in range(n_columns)] for r in range(n)]
     for r in range(n):
         _show(axes[r][0], data[r])
@@ -419,14 +448,16 @@ def fi_overlays(
             layer = np.ma.masked_array(np.where(shown[r], fi[w][r], 1.0), mask=~shown[r])
             axes[r][c].imshow(layer, cmap=cmap, norm=norm, alpha=0.6, interpolation="nearest")
         axes[0][c].set_title(titles[w][0], fontsize=9)
-        column = [axes[r][c] for r in range(n)]
-        mappable = column[-1].images[-1]
-        bar = fig.colorbar(mappable, ax=column, location="bottom", shrink=0.9, label=titles[w][1])
+        mappable = axes[n - 1][c].images[-1]
+        bar = fig.colorbar(mappable, cax=fig.add_subplot(grid[n, c]), orientation="horizontal")
+        bar.set_label(titles[w][1], fontsize=9)
         # Three labelled ticks, geometrically spaced: readable for narrow and wide ranges alike.
         bottom, top = float(norm.vmin), float(norm.vmax)  # type: ignore[arg-type]
         bar.set_ticks([bottom, (bottom * top) ** 0.5, top], labels=None)
         bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))
         bar.ax.xaxis.set_minor_formatter(NullFormatter())
+        bar.ax.tick_params(labelsize=8)
+    marked = False
     if columns:
         smallest = fi[columns[0]]
         for r in range(n):
@@ -435,7 +466,11 @@ def fi_overlays(
                 continue  # no positive FI: no candidate pixel
             row, col = np.unravel_index(int(np.argmax(scores)), scores.shape)
             for ax in (axes[r][0], axes[r][1]):
-                ax.plot([col], [row], marker="x", color="cyan", markersize=8, mew=2)
-    if title:
-        fig.suptitle(title)
+                ax.plot([col], [row], **_CROSS)
+            marked = True
+    if marked:  # explain the cross: which map's top pixel, and what it is for
+        cross = Line2D([], [], linestyle="none", **_CROSS)
+        what = f"top pixel of “{titles[columns[0]][0]}”\n(the one-pixel-attack candidate)"
+        fig.legend([cross], [what], loc="outside lower center", fontsize=8, frameon=False)
+    _suptitle(fig, title)
     return fig

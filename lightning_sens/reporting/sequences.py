@@ -16,12 +16,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from lightning_sens.reporting.figures import (
+    _MAX_FIG_INCHES,
     _OVERLAY_DECADES,
     _check_length,
     _check_shape,
     _figure,
+    _label_ticks,
     _numpy,
     _shorten,
+    _suptitle,
 )
 
 __all__ = ["sample_text", "token_strips"]
@@ -50,8 +53,7 @@ def sample_text(lines: Sequence[str], captions: Sequence[str], title: str = "") 
         y = 1.0 - (i + 0.5) / max(n, 1)
         ax.text(0.0, y, caption.replace("\n", "  "), fontsize=8, va="center", weight="bold")
         ax.text(0.0, y - 0.35 / max(n, 1), shown, fontsize=8, va="center", family="monospace")
-    if title:
-        fig.suptitle(title)
+    _suptitle(fig, title)
     return fig
 
 
@@ -64,8 +66,8 @@ def token_strips(
     """Per-token FI of token sequences (Setup 4 on the embedded input), one panel per sample.
 
     Each panel has one row per window size w (a window of w consecutive tokens, centred on the
-    token) and one column per token, on a log colour scale shared by all panels; tokens with
-    FI ≤ 0 (padding) are blank.
+    token) and one column per token (every k-th labelled in long sequences), on a log colour
+    scale shared by all panels; tokens with FI ≤ 0 (padding) are blank.
 
     Args:
         maps: window size w → (n, T) FI per token (e.g. the maximum over embedding coordinates).
@@ -87,7 +89,8 @@ def token_strips(
     low = max(float(values[shown].min()), high * 10.0**-_OVERLAY_DECADES) if shown.any() else 1.0
     norm = LogNorm(vmin=low, vmax=high if high > low else low * 10.0)
     cmap = colormaps["inferno"].with_extremes(bad=(1.0, 1.0, 1.0, 0.0))
-    fig = _figure(max(7.0, 0.35 * T + 2.0), (0.32 * len(windows) + 0.75) * max(n, 1) + 1.2)
+    width = max(7.0, 0.35 * T + 2.0)
+    fig = _figure(width, (0.32 * len(windows) + 0.75) * max(n, 1) + 1.2)
     if n == 0:
         fig.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=12)
     axes = [fig.add_subplot(n, 1, r + 1) for r in range(n)]
@@ -96,7 +99,8 @@ def token_strips(
         ax.imshow(layer, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
         ax.set_yticks(range(len(windows)), [f"w = {w}" for w in windows], fontsize=7)
         labels = [_shorten(str(t), 8) for t in tokens[r]]
-        ax.set_xticks(range(T), labels, fontsize=6, rotation=90)
+        # Long sequences: every k-th token labelled (about 8 per inch), never overlapping.
+        _label_ticks(ax, "x", labels, int(min(width, _MAX_FIG_INCHES) * 8), fontsize=6, rotation=90)
         ax.set_title(captions[r].replace("\n", "  "), fontsize=8, loc="left")
     if axes:
         bar = fig.colorbar(axes[-1].images[-1], ax=axes, location="bottom", shrink=0.6)
@@ -105,6 +109,5 @@ def token_strips(
         bar.set_ticks([bottom, (bottom * top) ** 0.5, top], labels=None)
         bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))
         bar.ax.xaxis.set_minor_formatter(NullFormatter())
-    if title:
-        fig.suptitle(title)
+    _suptitle(fig, title)
     return fig
