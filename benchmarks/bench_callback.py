@@ -17,7 +17,7 @@ the drift of a shared machine hits them alike; the whole ``fit`` is timed, first
   the budget), for comparison.
 
 Reported per model and configuration: the median wall time of ``fit``, its ratio to the plain
-median, the cost share the monitor logged for itself (``sensitivity/monitor/cost_share`` at the
+median, the cost share the monitor logged for itself (``sensitivity_monitor/cost_share`` at the
 end of fit) next to the measured one (ratio − 1), and what the budget let run.
 
 Usage: python benchmarks/bench_callback.py [--models demo resnet18] [--repeats 3]

@@ -55,13 +55,16 @@ class MonitorConfig:
         scan_every_n_epochs: see ``scan_train_set``.
         chunk_size: samples per pass of the exact engine (None: the engine's default).
         num_images: how many flagged samples / FI-map overlays to draw per image.
+        class_names: one name per class for the figures and tables; None: the validation
+            dataset's ``classes`` attribute (the torchvision convention) where it has one,
+            else the class numbers.
         log_images: draw figures (to TensorBoard; with ``save_figures`` also without it).
         save_figures: also save every figure as PNG under ``<log_dir>/sensitivity/figures``.
         budget: the monitor's share of training time: 0.05 keeps a monitored run within
             1.05 × the same run without it. The monitor measures its own cost as it runs and
             runs the exact probes (on fewer samples if need be), the training probe, the scan
             and the figures only as often as they fit; the closed-form scores, flags and tables
-            are always written. It logs ``sensitivity/monitor/cost_share`` and says in one line
+            are always written. It logs ``sensitivity_monitor/cost_share`` and says in one line
             per part when it scaled one down. Applies during ``fit`` only (validate and
             post-hoc evaluation run everything). None: the fixed schedule above, every part
             every monitored epoch (docs/performance.md).
@@ -86,6 +89,7 @@ class MonitorConfig:
     scan_every_n_epochs: int = 1
     chunk_size: int | None = None
     num_images: int = 8
+    class_names: tuple[str, ...] | None = None
     log_images: bool = True
     save_figures: bool = False
     budget: float | None = 0.05
@@ -152,6 +156,13 @@ class MonitorConfig:
                 f"string {self.exclude_layers!r}; write [{self.exclude_layers!r}]."
             )
         object.__setattr__(self, "exclude_layers", tuple(self.exclude_layers))
+        if self.class_names is not None:
+            names = self.class_names
+            if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+                raise ValueError(
+                    f"class_names must be a sequence of strings, one per class, got {names!r}."
+                )
+            object.__setattr__(self, "class_names", tuple(names))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for hparams, checkpoints and result files."""
@@ -159,4 +170,5 @@ class MonitorConfig:
         out["windows"] = list(self.windows)
         out["layers"] = None if self.layers is None else list(self.layers)
         out["exclude_layers"] = list(self.exclude_layers)
+        out["class_names"] = None if self.class_names is None else list(self.class_names)
         return out

@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -209,7 +210,9 @@ def test_the_logged_cost_share_is_the_time_the_monitor_took(tmp_path: Path) -> N
     assert 0 < budget.elapsed <= total
     share = budget.spent / (budget.elapsed - budget.spent)
     assert budget.cost_share == share  # frozen at the end of training
-    logged = tb_scalars(tmp_path / "lightning_logs/version_0", keys.cost_share())
+    events = EventAccumulator(str(tmp_path / "lightning_logs/version_0"))  # the Trainer's run
+    events.Reload()
+    logged = [event.value for event in events.Scalars(keys.cost_share())]
     assert logged[-1] == pytest.approx(share, rel=1e-6)  # float32 in the event file
     assert len(logged) == 3  # two epochs and the end of fit
 
@@ -221,11 +224,3 @@ def test_the_logged_cost_share_is_the_time_the_monitor_took(tmp_path: Path) -> N
 def monitor_model(trainer: pl.Trainer) -> pl.LightningModule:
     assert trainer.lightning_module is not None
     return trainer.lightning_module
-
-
-def tb_scalars(folder: Path, tag: str) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder))
-    events.Reload()
-    return [e.value for e in events.Scalars(tag)]

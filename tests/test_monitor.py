@@ -11,8 +11,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -20,6 +18,7 @@ from lightning_sens import MonitorConfig, SensitivityMonitor, sensitivity
 from lightning_sens.callbacks import MonitorSetupError
 from lightning_sens.damage import predict_damage
 from lightning_sens.reporting import keys
+from tests.logged import read_logged
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning:lightning"),  # few-batch and worker hints
@@ -84,14 +83,6 @@ def _trainer(
     )
 
 
-def _events(folder: Path) -> EventAccumulator:
-    events = EventAccumulator(
-        str(folder), size_guidance={"scalars": 0, "histograms": 0, "images": 0}
-    )
-    events.Reload()
-    return events
-
-
 # budget=None: every part every epoch, so that what these tests read does not depend on timing
 SMALL = MonitorConfig(
     train_probe_size=32,
@@ -109,41 +100,39 @@ def test_logs_every_documented_scalar_and_the_flag_tables(tmp_path: Path) -> Non
     train, val = _loaders()
     _trainer(tmp_path, [monitor]).fit(TinyNet(), train, val)
 
-    events = _events(tmp_path / "tb" / "version_0")
-    scalars = set(events.Tags()["scalars"])
+    logged = read_logged(tmp_path / "tb" / "version_0")
+    assert logged.runs == {"train", "val"}  # one TensorBoard run per split, the same tags
+    scalars = set(logged.scalars)
     expected = {
         keys.curve(t, s, stat) for t in keys.TARGETS for s in keys.SPLITS for stat in keys.STATS
     }
-    expected |= {keys.gap(t, stat) for t in keys.TARGETS for stat in keys.STATS}
+    expected.add(keys.gap())
     for split in keys.SPLITS:
         expected |= {
             keys.closed_form_holds(split),
             keys.flag_count(split),
             keys.persistent_count(split),
+            keys.loss(split),
+            keys.accuracy(split),
+            keys.layers_at_closed_form(split),
+            keys.map_relative(split, 1),
         }
-        expected |= {keys.map_relative(split, w) for w in (1, 3)}
         expected |= {keys.layer_kl_noise(split, layer) for layer in ("net.0", "net.1", "net.4")}
         expected |= {keys.layer_kl_quant(split, layer, 4) for layer in ("net.0", "net.4")}
     missing = expected - scalars
     assert not missing, sorted(missing)
-    assert len(events.Scalars(keys.curve("pred", "val", "median"))) == 2  # one per epoch
-    steps = [e.step for e in events.Scalars(keys.curve("pred", "val", "median"))]
+    assert len(logged.scalars[keys.curve("pred", "val", "median")]) == 2  # one per epoch
+    steps = logged.steps(keys.curve("pred", "val", "median"))
     assert steps == sorted(steps)
     assert steps[0] > 0
-    assert {keys.histogram(t, s) for t in keys.TARGETS for s in keys.SPLITS} <= set(
-        events.Tags()["histograms"]
-    )
-    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    hparams = HParamsPluginData.FromString(content).session_start_info.hparams
-    assert hparams["sensitivity/flag_rule"].string_value == "top_k"
-    assert hparams["sensitivity/exact_probe_size"].number_value == 6
-    images = set(events.Tags()["images"])
+    assert {keys.histogram(t, s) for t in keys.TARGETS for s in keys.SPLITS} <= logged.histograms
+    assert keys.config() in logged.texts  # the configuration, as text: no hparams, no hp_metric
+    assert not any("hp_metric" in key for key in scalars)
     for split in keys.SPLITS:
         for name in ("manhattan", "flagged", "layer_heatmap", "layer_strip", "fi_maps"):
-            assert keys.image(f"{name}_{split}") in images, (name, split)
-    assert len(events.Images(keys.image("layer_heatmap_val"))) == 2
-    flagged = events.Scalars(keys.flag_count("val"))
-    assert [e.value for e in flagged] == [3.0, 3.0]  # top_k = 3
+            assert keys.image(name, split) in logged.images, (name, split)
+    assert logged.images[keys.image("layer_heatmap", "val")] == 2
+    assert logged.values(keys.flag_count("val")) == [3.0, 3.0]  # top_k = 3
 
     for epoch in (0, 1):
         with (
@@ -162,9 +151,9 @@ def test_logs_every_documented_scalar_and_the_flag_tables(tmp_path: Path) -> Non
         for r in val_rows:
             p = float(r["p_label"])
             assert float(r["fi"]) == pytest.approx((1 - p) / p, rel=1e-9)
-        ranked = [r for r in rows if r["rank"] != "-1"]
+        ranked = [r for r in rows if r["effective_rank"] != "-1"]
         assert len(ranked) == 12  # exact probes of both splits
-        assert all(int(r["rank"]) == CLASSES - 1 for r in ranked)  # 64 pixels ≫ K − 1
+        assert all(int(r["effective_rank"]) == CLASSES - 1 for r in ranked)  # 64 pixels ≫ K − 1
 
 
 def test_training_is_unchanged_by_the_monitor(tmp_path: Path) -> None:
@@ -198,7 +187,10 @@ def test_other_loggers_get_the_scalars(tmp_path: Path) -> None:
     with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as f:
         header = next(csv.reader(f))
     assert keys.curve("pred", "val", "q90") in header
+    assert keys.flag_count("train") in header  # the keys as they are: the split in the key
     assert (tmp_path / "csv" / "version_0" / "sensitivity" / "flags_epoch0000.csv").exists()
+    hparams = (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
+    assert "sensitivity/flag_rule: top_k" in hparams  # the configuration, where kept as hparams
 
 
 def test_failures_warn_and_skip_or_raise_when_strict(tmp_path: Path) -> None:
@@ -206,16 +198,33 @@ def test_failures_warn_and_skip_or_raise_when_strict(tmp_path: Path) -> None:
         raise RuntimeError("broken batch_fn")
 
     train, val = _loaders()
-    monitor = SensitivityMonitor(SMALL, batch_fn=broken)
+    # broken from the start: a setup error, raised before the first step whatever strict says
+    with pytest.raises(MonitorSetupError, match=r"first train batch with batch_fn.*broken"):
+        _trainer(tmp_path, [SensitivityMonitor(SMALL, batch_fn=broken)], epochs=1).fit(
+            TinyNet(), train, val
+        )
+
+    def later(strict: bool) -> SensitivityMonitor:
+        calls = 0
+
+        def fails_after_the_check(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, None]:
+            nonlocal calls
+            calls += 1
+            if calls > 2:  # the setup check reads one training and one validation batch
+                raise RuntimeError("broken batch_fn")
+            return batch[0], batch[1], None
+
+        return SensitivityMonitor(SMALL, batch_fn=fails_after_the_check, strict=strict)
+
+    monitor = later(strict=False)
     with (
         pytest.warns(UserWarning, match="stopped scoring the training steps.*broken batch_fn"),
         pytest.warns(UserWarning, match="skipped the monitoring of epoch 0.*broken batch_fn"),
     ):
         _trainer(tmp_path, [monitor], epochs=1).fit(TinyNet(), train, val)
     assert monitor.history == []
-    strict = SensitivityMonitor(SMALL, batch_fn=broken, strict=True)
     with pytest.raises(RuntimeError, match="broken batch_fn"):
-        _trainer(tmp_path, [strict], epochs=1).fit(TinyNet(), train, val)
+        _trainer(tmp_path, [later(strict=True)], epochs=1).fit(TinyNet(), train, val)
 
 
 def test_bad_configuration_fails_at_construction() -> None:
@@ -355,8 +364,8 @@ def test_resumed_run_continues_the_curves_without_gaps_or_duplicates(tmp_path: P
     assert torch.equal(resumed.probes["train"], first.probes["train"])
     assert resumed.flags.monitored["val"] == [0, 1, 2, 3]
 
-    events = _events(tmp_path / "tb" / "version_0")  # both runs log to the same folder
-    steps = [e.step for e in events.Scalars(keys.curve("pred", "val", "median"))]
+    logged = read_logged(tmp_path / "tb" / "version_0")  # both runs log to the same folder
+    steps = logged.steps(keys.curve("pred", "val", "median"))
     assert len(steps) == 4
     assert steps == sorted(set(steps))
 
@@ -371,9 +380,9 @@ def test_scanning_the_whole_training_set(tmp_path: Path) -> None:
         with (folder / f"flags_epoch{epoch:04d}.csv").open() as f:
             rows = [r for r in csv.DictReader(f) if r["split"] == "train_all"]
         assert sorted(int(r["sample"]) for r in rows) == (list(range(64)) if scanned else [])
-    events = _events(tmp_path / "tb" / "version_0")
-    assert len(events.Scalars(keys.curve("true", "train_all", "median"))) == 2
-    assert keys.image("manhattan_train_all") in events.Tags()["images"]
+    logged = read_logged(tmp_path / "tb" / "version_0")
+    assert len(logged.scalars[keys.curve("true", "train_all", "median")]) == 2
+    assert keys.image("manhattan", "train_all") in logged.images
 
 
 def test_mixed_precision_logits_are_scored_in_float64(tmp_path: Path) -> None:
@@ -470,7 +479,9 @@ def test_layer_curves_are_the_predicted_damage_of_the_probe(tmp_path: Path) -> N
     for row in rows:
         assert math.isclose(float(row["kl_noise"]), want[row["layer"]].noise[0.1], rel_tol=1e-6)
         fi = result.parameters.layers[row["layer"]]
-        assert float(row["rank_mean"]) == float(fi.parameters.effective_rank.double().mean())
+        assert float(row["effective_rank_mean"]) == float(
+            fi.parameters.effective_rank.double().mean()
+        )
     assert math.isnan(float(rows[1]["kl_quant_channel"]))
 
 
@@ -533,7 +544,7 @@ def test_every_off_setting_still_writes_every_epoch(tmp_path: Path, off: dict[st
         with (folder / f"flags_epoch{epoch:04d}.csv").open() as stream:
             splits = {line["split"] for line in csv.DictReader(stream)}
         assert splits == {"train", "val"}
-    layer_curves = any(k.startswith("sensitivity/layer_") for k in monitor.history[-1])
+    layer_curves = any(k.startswith(keys.LAYERS) for k in monitor.history[-1])
     exact = off.get("exact_probe_size", 6) > 0 and off.get("budget", 1) > 1e-6
     assert layer_curves == (exact and off.get("layers") != ())
     assert (keys.closed_form_holds("val") in monitor.history[-1]) == exact

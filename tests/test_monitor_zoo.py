@@ -18,13 +18,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sens import SensitivityMonitor
 from lightning_sens.reporting import keys
 from tests import zoo
+from tests.logged import read_logged
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -127,16 +127,12 @@ def test_monitor_at_defaults(name: str, tmp_path: Path) -> None:
     trainer.fit(module, train, val)
 
     run = tmp_path / "tb" / "version_0"
-    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
+    logged = read_logged(run)
+    scalars = set(logged.scalars)
     expected = {
         keys.curve(t, s, stat) for t in keys.TARGETS for s in keys.SPLITS for stat in keys.STATS
     }
-    expected |= {keys.gap(t, stat) for t in keys.TARGETS for stat in keys.STATS}
-    sample = next(iter(val))
-    length = sample["input_ids"].shape[1] if isinstance(sample, dict) else sample[0].shape[-1]
-    windows = [w for w in (1, 3, 5, 7) if w <= length]
+    expected.add(keys.gap())
     layers = {
         n: m
         for n, m in module.named_modules()
@@ -144,18 +140,17 @@ def test_monitor_at_defaults(name: str, tmp_path: Path) -> None:
     }
     for split in keys.SPLITS:
         expected |= {keys.flag_count(split), keys.persistent_count(split)}
-        expected |= {keys.closed_form_holds(split)}
-        expected |= {keys.map_relative(split, w) for w in windows}
+        expected |= {keys.closed_form_holds(split), keys.map_relative(split, 1)}
+        expected |= {keys.layers_at_closed_form(split)}
         for layer, m in layers.items():
             expected.add(keys.layer_kl_noise(split, layer))
             if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d) and m.weight.requires_grad:
                 expected.add(keys.layer_kl_quant(split, layer, 4))
     missing = expected - scalars
     assert not missing, sorted(missing)
-    images = set(events.Tags()["images"])
     for split in keys.SPLITS:
         for figure in ("manhattan", "flagged", "layer_heatmap", "layer_strip", "fi_maps"):
-            assert keys.image(f"{figure}_{split}") in images, (figure, split)
+            assert keys.image(figure, split) in logged.images, (figure, split)
     with (run / "sensitivity" / "flags_epoch0000.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert sorted(int(r["sample"]) for r in rows if r["split"] == "val") == list(range(24))

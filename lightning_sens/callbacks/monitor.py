@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
@@ -21,6 +22,14 @@ from tqdm.auto import tqdm
 from lightning_sens.callbacks.budget import Fit, TimeBudget
 from lightning_sens.callbacks.drawing import FigureWorker
 from lightning_sens.callbacks.rng import preserved_rng
+from lightning_sens.callbacks.setup import (
+    MonitorSetupError,
+    check_labels,
+    dataset_classes,
+    describe_inputs,
+    eval_mode,
+    source_loader,
+)
 from lightning_sens.callbacks.train_scores import TrainScores
 from lightning_sens.config import MonitorConfig
 from lightning_sens.core import SensitivityResult, sensitivity
@@ -28,6 +37,7 @@ from lightning_sens.core.inputs import (
     Inputs,
     default_forward,
     logits_of,
+    select,
     to_device,
     usable_windows,
 )
@@ -65,11 +75,6 @@ Batch = tuple[Inputs, Tensor, Tensor | None]
 # Keys of a dict batch (Hugging Face style) that are not model inputs.
 LABEL_KEYS = ("labels", "label")
 ID_KEYS = ("sample_id", "idx")
-
-
-class MonitorSetupError(TypeError):
-    """The batches or the model's outputs cannot be read: raised even when ``strict=False``,
-    since no later epoch would do better."""
 
 
 def default_batch_fn(batch: Any) -> Batch:
@@ -157,32 +162,42 @@ class SensitivityMonitor(Callback):
             samples that are not images (e.g. ``lambda x: tokenizer.decode(x["input_ids"][0])``;
             default: the token ids).
 
-    Logged metrics (all on the global-step axis; ``{t}`` is ``true`` or ``pred``, ``{s}`` is
-    ``train``, ``val`` or, with the scan, ``train_all``; ``{stat}`` is ``median``, ``mean`` or
-    ``q75`` … ``q100``):
+    Logged metrics (on the global-step axis; ``{s}`` is the split: ``train``, ``val`` or, with
+    the scan, ``train_all``; ``{t}`` is ``true`` or ``pred``; ``{stat}`` is ``median``, ``mean``
+    or ``q75`` … ``q100``). Other loggers get the keys as they are; TensorBoard gets one run per
+    split, ``<log_dir>/sensitivity/{s}``, with the tag the key without ``{s}/`` (Keras'
+    convention: Time Series overlays train and validation in two colours):
 
-    - ``sensitivity/{t}_label/{s}/log_fi_{stat}``: statistics of whole-input log FI;
-    - ``sensitivity/{t}_label/gap/log_fi_{stat}``: train minus validation;
-    - ``sensitivity/probe/{s}/closed_form_holds``: fraction of exact-probe samples with rank K − 1;
-    - ``sensitivity/probe/{s}/map_w{w}_relative_fi_median``: input maps, window w (images and
-      token sequences);
-    - ``sensitivity/layer_kl_noise/{s}/{layer}``: expected KL (nats per sample) of Gaussian
+    - ``sensitivity/{s}/flagged``, ``.../persistent``, ``.../estimated_wrong``: flag counts and
+      the counterfactual rule's estimated share of wrong labels;
+    - ``sensitivity/{s}/loss``, ``.../accuracy``: of the scored samples;
+    - ``sensitivity/train_val_gap``: train minus validation median log FI, predicted label;
+    - ``sensitivity_fi/{s}/{t}_label/log_fi_{stat}``: statistics of whole-input log FI;
+    - ``sensitivity_layers/{s}/kl_noise/{layer}``: expected KL (nats per sample) of Gaussian
       noise of ``damage_noise`` × the layer's rms on its parameters, from the metric tr(G_l):
       which layers a perturbation damages most (docs/damage.md);
-    - ``sensitivity/layer_kl_{b}bit/{s}/{layer}``: expected KL of rounding the layer's weights to
-      ``damage_bits`` bits, one step per output channel (Linear and convolution layers);
-    - ``sensitivity/flags/{s}/flagged`` and ``.../persistent``: flag counts;
-    - ``sensitivity/monitor/cost_share``: the monitor's seconds per second of the rest of
+    - ``sensitivity_layers/{s}/kl_{b}bit/{layer}``: expected KL of rounding the layer's weights
+      to ``damage_bits`` bits, one step per output channel (Linear and convolution layers);
+    - ``sensitivity_layers/{s}/at_closed_form``: share of the layers at rank K − 1, and for the
+      others only ``.../log_fi/{layer}``, ``.../relative_fi/{layer}``, ``.../rank/{layer}``;
+    - ``sensitivity_probe/{s}/closed_form_holds``: fraction of exact-probe samples with rank
+      K − 1; ``sensitivity_probe/{s}/map_w{w}_relative_fi_median``: input maps, for the windows
+      below rank K − 1;
+    - ``sensitivity_monitor/cost_share``: the monitor's seconds per second of the rest of
       training (with a budget; also once at the end of fit) and
-      ``sensitivity/monitor/exact_probe_size``: the exact probes' samples per split this epoch;
-    - TensorBoard only: histograms ``sensitivity/{t}_label/{s}/log_fi``, a custom-scalars
-      layout that overlays train and validation curves, and images
-      ``sensitivity/images/{name}_{s}`` for ``name`` in ``manhattan`` (log FI by class, flags in
-      red), ``flagged`` (the flagged samples, highest FI first: pictures of images, text of
-      anything else), ``layer_heatmap`` (expected KL under noise, layer × epoch),
-      ``layer_strip`` (the same per probe sample) and ``fi_maps`` (input maps overlaid on the
-      least confident probe samples; per-token strips for token inputs);
-    - hyperparameters ``sensitivity/<option>``: the configuration.
+      ``sensitivity_monitor/exact_probe_size``: the exact probes' samples per split this epoch;
+    - TensorBoard only: histograms ``sensitivity_fi/{s}/{t}_label/log_fi``, the configuration as
+      text ``sensitivity_monitor/config``, and images ``sensitivity_images/{s}/{name}`` for
+      ``name`` in ``manhattan`` (log FI by class, flags in red), ``flagged`` (the flagged
+      samples, highest FI first: pictures of images, text of anything else),
+      ``layer_heatmap`` (expected KL under noise, layer × epoch), ``layer_strip`` (the same per
+      probe sample) and ``fi_maps`` (input maps overlaid on the least confident probe samples;
+      per-token strips for token inputs);
+    - other loggers: hyperparameters ``sensitivity/<option>``, the configuration.
+
+    Before the first step of ``fit`` and ``validate`` the monitor reads one batch of each split
+    and runs the model and the engine on it: setup errors (:class:`MonitorSetupError`) come in
+    seconds.
 
     Warnings (once per run each): a part of an epoch's monitoring that failed, a layer the
     engine could not measure, token inputs without an embedding to perturb, and the other
@@ -238,6 +253,8 @@ class SensitivityMonitor(Callback):
         self._validation_clock = (0.0, 0.0)
         self._scan_pending = False
         self._rows = 0  # scored samples of this epoch: its flag table's rows
+        self._checked: set[tuple[str, int]] = set()  # (stage, trainer) whose setup was checked
+        self.class_names: tuple[str, ...] | None = self.config.class_names
 
     @property
     def figure_sets_drawn(self) -> int:
@@ -251,6 +268,87 @@ class SensitivityMonitor(Callback):
         return self._generate_state_key(
             seed=self.config.seed, every_n_epochs=self.config.every_n_epochs, **post_hoc
         )
+
+    # -- fail in seconds: one batch of each split and one sample through everything ------------
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loaders = {}
+        sources = (("train", trainer.fit_loop), ("val", trainer.fit_loop.epoch_loop.val_loop))
+        for split, loop in sources:
+            found = source_loader(loop)
+            if found is not None:
+                loaders[split] = found
+        self._check_setup(trainer, pl_module, "fit", loaders)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # trainer.validate: its loaders are set up
+            self._check_setup(trainer, pl_module, "validate", self._loaders(trainer))
+
+    def _check_setup(
+        self,
+        trainer: Trainer,
+        module: LightningModule,
+        stage: str,
+        loaders: dict[str, DataLoader],
+    ) -> None:
+        """Read one batch of each split with ``batch_fn``, run the forward on it and the exact
+        engine on one sample: errors in the batches, the outputs or the labels are raised now
+        (:class:`MonitorSetupError`), not after a training epoch; an engine failure warns now
+        (the part it affects is left out later, as it would be anyway)."""
+        if (stage, id(trainer)) in self._checked:  # every rank: all raise, none waits
+            return
+        self._checked.add((stage, id(trainer)))
+        if self.class_names is None:
+            self.class_names = dataset_classes(loaders.get("val") or loaders.get("train"))
+        first: tuple[Inputs, Tensor] | None = None
+        with preserved_rng(), eval_mode(module):
+            for split, loader in loaders.items():
+                inputs, labels = self._first_batch(loader, split, module.device)
+                try:
+                    logits = self._forward(module, inputs)
+                except MonitorSetupError:
+                    raise
+                except Exception as error:
+                    raise MonitorSetupError(
+                        f"SensitivityMonitor cannot run the model on a {split} batch "
+                        f"({describe_inputs(inputs)}): {type(error).__name__}: {error}. Check "
+                        "batch_fn (what it passes to the model) and forward_fn."
+                    ) from error
+                check_labels(split, labels, logits)
+                first = first or (select(inputs, slice(0, 1), len(labels)), labels[:1])
+            if first is not None and self.config.exact_probe_size > 0:
+                with self._part("the exact engine on the probes"):
+                    self._exact(module, *first)
+
+    def _first_batch(
+        self, loader: DataLoader, split: str, device: torch.device
+    ) -> tuple[Inputs, Tensor]:
+        """The first batch, its samples fetched from the dataset (no workers started), or
+        the loader's first batch where the dataset cannot be indexed."""
+        dataset = loader.dataset
+        try:
+            size = min(loader.batch_size or 2, len(dataset))  # type: ignore[arg-type]
+            samples = [dataset[i] for i in range(size)]
+            batch = (loader.collate_fn or default_collate)(samples)
+        except (TypeError, NotImplementedError, AttributeError):
+            batch = next(iter(loader))
+        try:
+            inputs, labels, _ = self.batch_fn(batch)
+        except MonitorSetupError:
+            raise
+        except Exception as error:
+            raise MonitorSetupError(
+                f"SensitivityMonitor cannot read the first {split} batch with batch_fn: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        if not isinstance(labels, Tensor) or labels.dim() != 1:
+            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise MonitorSetupError(
+                f"SensitivityMonitor read labels of shape {shape} from a {split} batch; it needs "
+                "one class index per sample, (B,). Pass batch_fn=lambda batch: (inputs, "
+                "labels, ids_or_None)."
+            )
+        return to_device(inputs, device), labels.to(device)
 
     # -- Lightning hooks: training steps ------------------------------------------------------
 
@@ -307,6 +405,8 @@ class SensitivityMonitor(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._finish_figures()
         self._drawing.close()
+        if self._writer is not None:  # the split runs' event files; reopened if used again
+            self._writer.close()
 
     def _finish_figures(self) -> None:
         """Wait for the figures in flight (the end of fit or validate) and flush them."""
@@ -722,8 +822,7 @@ class SensitivityMonitor(Callback):
             metrics[keys.cost_share()] = self.budget.cost_share
             metrics[keys.exact_probe_size()] = float(len(next(iter(probe_ids.values()), ())))
         self.history.append({"epoch": epoch, "step": step, **metrics})
-        writer = self._writer = self._writer or self._new_writer(trainer)
-        writer.layout(keys.custom_scalars_layout())
+        writer = self._writer = self._writer or self._new_writer(trainer, step)
         writer.scalars(metrics, step)
         for split, s in scores.items():
             writer.histogram(keys.histogram("true", split), s.log_fi_true, step)
@@ -812,7 +911,7 @@ class SensitivityMonitor(Callback):
         }
         history = [dict(row) for row in self.history]
         config, describe = self.config, self.describe_fn
-        num_classes = self._num_classes
+        num_classes, names = self._num_classes, self._names()
 
         def draw() -> int:  # on the figure thread: nothing here may touch the training state
             images = epoch_images(
@@ -827,21 +926,40 @@ class SensitivityMonitor(Callback):
                 describe,
                 damage,
                 config.damage_noise,
+                class_names=names,
             )
-            for tag, image in images.items():
-                writer.image(tag, image, step)
+            for key, image in images.items():
+                writer.image(key, image, step)
                 if config.save_figures:
-                    name = f"{tag.rsplit('/', 1)[-1]}_epoch{epoch:04d}.png"
+                    split, tag = keys.route(key)
+                    name = f"{tag.rsplit('/', 1)[-1]}_{split}_epoch{epoch:04d}.png"
                     save_png(image, log_dir / "sensitivity" / "figures" / name)
             writer.flush()
             return len(images)
 
         self._drawing.submit(draw)
 
-    def _new_writer(self, trainer: Trainer) -> Writer:
-        writer = Writer(trainer.loggers)
-        for logger in trainer.loggers:  # the configuration, once, with the run's hparams
-            logger.log_hyperparams(
-                {f"sensitivity/{k}": v for k, v in self.config.to_dict().items()}
+    def _names(self) -> tuple[str, ...] | None:
+        """Class names where they fit the model's classes (else the figures show numbers)."""
+        names = self.class_names
+        if names is not None and len(names) != self._num_classes:
+            self._warn_once(
+                "class-names",
+                f"SensitivityMonitor got {len(names)} class names for a model with "
+                f"{self._num_classes} classes; the figures show class numbers instead.",
             )
+            return None
+        return names
+
+    def _new_writer(self, trainer: Trainer, step: int) -> Writer:
+        """The loggers' router; the configuration once: as hparams where a logger keeps them
+        (CSV, W&B, ...), as a text table in TensorBoard (whose hparams would add a constant
+        ``hp_metric`` chart)."""
+        writer = Writer(trainer.loggers)
+        config = self.config.to_dict()
+        for logger in trainer.loggers:
+            if logger is not writer.tensorboard_logger:
+                logger.log_hyperparams({f"{keys.PREFIX}/{k}": v for k, v in config.items()})
+        rows = "\n".join(f"| {k} | {v} |" for k, v in config.items())
+        writer.text(keys.config(), f"| option | value |\n|---|---|\n{rows}", step)
         return writer

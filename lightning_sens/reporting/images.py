@@ -14,13 +14,14 @@ from lightning_sens.core.inputs import Inputs, batch_size, perturbed_input, sele
 from lightning_sens.damage import LayerDamage
 from lightning_sens.flagging import FlagDecision
 from lightning_sens.reporting import figures, keys, sequences
-from lightning_sens.reporting.summary import SplitScores
+from lightning_sens.reporting.summary import SplitScores, informative
 
 __all__ = ["Describe", "describe_sample", "epoch_images", "pictured_samples"]
 
 Pictures = Mapping[tuple[str, str], Inputs]  # ("flagged" or "maps", split) -> those samples
 Describe = Callable[[Any], str]  # one sample's inputs (a batch of one) -> a line of text
 _SHOWN_TOKENS = 40
+_CLOSED_FORM = "at the closed form (FI = (1 − p)/p everywhere), not drawn"
 
 
 def _images(inputs: Inputs) -> Tensor | None:
@@ -80,8 +81,16 @@ def _samples_figure(
     return sequences.sample_text(lines, captions, title)
 
 
-def _caption(sample: int, label: int, pred: int, log_fi: float) -> str:
-    return f"#{sample} y={label} ŷ={pred}\nlog FI {log_fi:.2f}"
+def _caption(
+    sample: int, label: int, pred: int, log_fi: float, names: Sequence[str] | None = None
+) -> str:
+    """``#id y=… ŷ=…`` and log FI; class names (shortened) on lines that fit under an image."""
+    if names is None:
+        return f"#{sample} y={label} ŷ={pred}\nlog FI {log_fi:.2f}"
+    pair = f"y={figures._shorten(names[label], 22)} ŷ={figures._shorten(names[pred], 22)}"
+    return f"#{sample} log FI {log_fi:.2f}\n" + (
+        pair if len(pair) <= 26 else pair.replace(" ŷ", "\nŷ")
+    )
 
 
 def _layer_heatmap(
@@ -145,6 +154,8 @@ def epoch_images(
     describe: Describe | None = None,
     damage: Mapping[str, Mapping[str, LayerDamage]] | None = None,
     noise: float = 0.1,
+    *,
+    class_names: Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
     """Manhattan plots, per-layer views, flagged samples and FI-map overlays, keyed by tag.
 
@@ -159,17 +170,31 @@ def epoch_images(
             their token ids or values).
         damage: split → layer → predicted damage of the probe (the per-layer views);
             ``noise``: its noise level ρ.
+        class_names: num_classes names (e.g. ``dataset.classes``) for the Manhattan plots' ticks
+            and the flagged samples' captions; None: the class numbers.
+
+    FI-map windows at the closed form (rank K − 1 in most blocks of the probe samples,
+    :func:`~lightning_sens.reporting.summary.informative`: FI is (1 − p_y)/p_y there, no
+    spatial information) are not drawn; the title names them.
     """
+    if class_names is not None and len(class_names) != num_classes:
+        raise ValueError(f"class_names must hold {num_classes} names, got {len(class_names)}")
+    names = None if class_names is None else [str(name) for name in class_names]
     out: dict[str, Tensor] = {}
     for split, s in scores.items():
-        flagged = decisions[split].flagged
-        title = f"{split}: log FI with the true label ({decisions[split].rule} in red)"
-        fig = figures.manhattan_plot(s.log_fi_true, s.labels, num_classes, flagged, title)
-        out[keys.image(f"manhattan_{split}")] = figures.figure_to_image(fig)
+        flagged, rule = decisions[split].flagged, decisions[split].rule
+        count = int(flagged.sum())
+        shown = f"{count} flagged by {rule}, in red" if count else f"none flagged by {rule}"
+        title = f"{split}: log FI with the true label ({shown})"
+        fig = figures.manhattan_plot(s.log_fi_true, s.labels, num_classes, flagged, title, names,
+                                     flag_label=f"flagged ({rule})")  # fmt: skip
+        out[keys.image("manhattan", split)] = figures.figure_to_image(fig)
 
         top = _flagged_rows(s, decisions[split], num_images)
         captions = [
-            _caption(int(s.ids[i]), int(s.labels[i]), int(s.preds[i]), float(s.log_fi_true[i]))
+            _caption(
+                int(s.ids[i]), int(s.labels[i]), int(s.preds[i]), float(s.log_fi_true[i]), names
+            )
             for i in top.tolist()
         ]
         title = f"{split}: flagged samples, highest FI first"
@@ -177,11 +202,11 @@ def epoch_images(
             grid = _samples_figure(pictures[("flagged", split)], captions, title, describe)
         else:
             grid = sequences.sample_text([], [], title)
-        out[keys.image(f"flagged_{split}")] = figures.figure_to_image(grid)
+        out[keys.image("flagged", split)] = figures.figure_to_image(grid)
 
         heatmap = _layer_heatmap(history, split, noise)
         if heatmap is not None:
-            out[keys.image(f"layer_heatmap_{split}")] = heatmap
+            out[keys.image("layer_heatmap", split)] = heatmap
 
     for split, result in probes.items():
         found = (damage or {}).get(split, {})
@@ -199,25 +224,34 @@ def epoch_images(
             strip = figures.layer_strip_plot(
                 values, names, title, value_label="log10 expected KL (nats)"
             )
-            out[keys.image(f"layer_strip_{split}")] = figures.figure_to_image(strip)
+            out[keys.image("layer_strip", split)] = figures.figure_to_image(strip)
         if result.input is not None and result.input.maps and num_images > 0:
             order = _least_confident(result, num_images)
             ids = probe_ids[split][order.cpu()]
             title = f"{split} probe: FI maps of the least confident samples, predicted label"
             inputs = pictures[("maps", split)]
+            closed = sorted(
+                w for w, b in result.input.maps.items() if not informative(b, num_classes)
+            )
+            drawn = {w: b for w, b in result.input.maps.items() if w not in closed}
+            note = f"\nw = {', '.join(str(w) for w in closed)}: {_CLOSED_FORM}" if closed else ""
             first = next(iter(result.input.maps.values())).fi
             if first.dim() == 3:  # token sequences (B, T, d): the maximum over coordinates
-                maps = {w: b.fi[order].amax(dim=-1).cpu() for w, b in result.input.maps.items()}
+                maps = {w: b.fi[order].amax(dim=-1).cpu() for w, b in drawn.items()}
                 T = first.shape[1]
                 rows = _token_ids(inputs, drop_padding=False) or [[]] * len(ids)
                 tokens = [[str(t) for t in row[:T]] + [""] * (T - len(row[:T])) for row in rows]
-                captions = [f"#{int(i)}, max over embedding coordinates" for i in ids]
-                fig = sequences.token_strips(maps, tokens, captions, title)
+                if maps:
+                    captions = [f"#{int(i)}, max over embedding coordinates" for i in ids]
+                    fig = sequences.token_strips(maps, tokens, captions, title + note)
+                else:  # no informative window: the tokens, and why there is no strip
+                    lines = ["tokens: " + " ".join(t for t in row if t) for row in tokens]
+                    fig = sequences.sample_text(lines, [f"#{int(i)}" for i in ids], title + note)
             else:
                 images = _images(inputs)
                 if images is None:
                     continue
-                maps = {w: b.fi[order].amax(dim=1).cpu() for w, b in result.input.maps.items()}
+                maps = {w: b.fi[order].amax(dim=1).cpu() for w, b in drawn.items()}
                 captions = [f"#{int(i)}, max over channels" for i in ids]
                 lead = None
                 if result.input.metric_map is not None:  # KL of editing a pixel's channels
@@ -227,6 +261,6 @@ def epoch_images(
                         f"{split} probe: where an edit changes the prediction most (× its top "
                         "pixel), and FI maps; least confident samples, predicted label"
                     )
-                fig = figures.fi_overlays(images.cpu(), maps, captions, title, lead)
-            out[keys.image(f"fi_maps_{split}")] = figures.figure_to_image(fig)
+                fig = figures.fi_overlays(images.cpu(), maps, captions, title + note, lead)
+            out[keys.image("fi_maps", split)] = figures.figure_to_image(fig)
     return out

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sens.core import SensitivityResult, closed_form_fi
+from lightning_sens.core import BlockFI, SensitivityResult, closed_form_fi
 from lightning_sens.damage import LayerDamage
 from lightning_sens.flagging import FlagDecision
 from lightning_sens.label_noise import label_log_fi
@@ -21,6 +21,7 @@ __all__ = [
     "SplitScores",
     "epoch_metrics",
     "flag_columns",
+    "informative",
     "label_scores",
     "layer_rows",
     "probe_metrics",
@@ -105,18 +106,19 @@ def label_scores(ids: Tensor, labels: Tensor, scores: Tensor) -> SplitScores:
 
 
 def epoch_metrics(scores: dict[str, SplitScores]) -> dict[str, float]:
-    """Curves of log FI per split and label kind, and the train − validation gaps."""
+    """Per split: loss, accuracy and statistics of log FI with either label; and the train −
+    validation gap of the median log FI with the predicted label (docs/method.md, Setup 3)."""
     metrics: dict[str, float] = {}
-    summaries: dict[tuple[str, str], dict[str, float]] = {}
     for split, s in scores.items():
+        if len(s.ids):
+            metrics[keys.loss(split)] = float(-s.p_label.double().log().mean())
+            metrics[keys.accuracy(split)] = float((s.preds == s.labels).double().mean())
         for target, log_fi in (("true", s.log_fi_true), ("pred", s.log_fi_pred)):
             summary = log_fi_summary(log_fi)
-            summaries[(target, split)] = summary
             metrics.update({keys.curve(target, split, stat): v for stat, v in summary.items()})
     if "train" in scores and "val" in scores:
-        for target in keys.TARGETS:
-            train, val = summaries[(target, "train")], summaries[(target, "val")]
-            metrics.update({keys.gap(target, stat): train[stat] - val[stat] for stat in keys.STATS})
+        median = [metrics[keys.curve("pred", split, "median")] for split in ("train", "val")]
+        metrics[keys.gap()] = median[0] - median[1]
     return metrics
 
 
@@ -130,18 +132,48 @@ def probe_metrics(
 ) -> dict[str, float]:
     """Exact-engine summaries of a probe: rank certificate, maps, and per layer the damage that
     its metric predicts (``damage``: :func:`~lightning_sens.damage.predict_damage` of the probe
-    with this ``noise`` and ``bits``)."""
+    with this ``noise`` and ``bits``).
+
+    Only what can vary is returned: a window's median relative FI and a layer's FI, relative FI
+    and rank only where the family is mostly below rank K − 1 (:func:`informative`). At rank
+    K − 1 they are the whole input's closed form (relative FI 1, rank K − 1); one scalar says
+    which share of the layers is there.
+    """
     metrics: dict[str, float] = {}
+    full = num_classes - 1
     if result.input is not None:
-        full = (result.input.whole.effective_rank == num_classes - 1).double().mean()
-        metrics[keys.closed_form_holds(split)] = float(full)
+        holds = (result.input.whole.effective_rank == full).double().mean()
+        metrics[keys.closed_form_holds(split)] = float(holds)
         for window, block in result.input.maps.items():
-            metrics[keys.map_relative(split, window)] = float(block.relative_fi.median())
-    for name, layer in (damage or {}).items():
-        metrics[keys.layer_kl_noise(split, name)] = layer.noise[noise]
-        if (bits, True) in layer.quant:
-            metrics[keys.layer_kl_quant(split, name, bits)] = layer.quant[bits, True]
+            if informative(block, num_classes):
+                metrics[keys.map_relative(split, window)] = float(block.relative_fi.median())
+    if result.parameters is not None and result.parameters.layers:
+        layers = result.parameters.layers
+        closed = [
+            name for name, layer in layers.items() if not informative(layer.parameters, num_classes)
+        ]
+        metrics[keys.layers_at_closed_form(split)] = len(closed) / len(layers)
+        for name, layer in layers.items():
+            if name in closed:
+                continue
+            family = layer.parameters
+            metrics[keys.layer_log_fi(split, name)] = _median(family.log_fi)
+            metrics[keys.layer_relative_fi(split, name)] = float(family.relative_fi.median())
+            metrics[keys.layer_rank(split, name)] = float(family.effective_rank.double().mean())
+    for name, layer_damage in (damage or {}).items():
+        metrics[keys.layer_kl_noise(split, name)] = layer_damage.noise[noise]
+        if (bits, True) in layer_damage.quant:
+            metrics[keys.layer_kl_quant(split, name, bits)] = layer_damage.quant[bits, True]
     return metrics
+
+
+def informative(block: BlockFI, num_classes: int) -> bool:
+    """Whether a family's FI says more than the closed form: most of its blocks (samples ×
+    positions) have effective rank below K − 1. A block at rank K − 1 has FI = (1 − p_y)/p_y,
+    relative FI 1; where most are there (e.g. 5 × 5 windows, whose clipped border windows
+    alone fall below), maps are flat washes and the median relative FI is 1."""
+    below = (block.effective_rank < num_classes - 1).double()
+    return below.numel() > 0 and float(below.mean()) > 0.5
 
 
 def _median(values: Tensor) -> float:
@@ -178,7 +210,7 @@ def layer_rows(
                 kl_quant_channel=predicted.quant.get((bits, True), nan),
                 kl_scale=predicted.scale[scale],
                 metric=predicted.metric,
-                rank_mean=float(layer.parameters.effective_rank.double().mean()),
+                effective_rank_mean=float(layer.parameters.effective_rank.double().mean()),
                 relative_fi_median=float(layer.parameters.relative_fi.median()),
                 scale_log_fi_median=_median(layer.scale.log_fi),
                 channel_relative_fi_median=nan
@@ -220,7 +252,7 @@ def flag_columns(
         "fi": scores.log_fi_true.to(torch.float64).exp().tolist(),
         "log_fi": scores.log_fi_true.tolist(),
         "relative_fi": [1.0] * n,
-        "rank": [ranks.get(i, -1) for i in ids] if ranks else [-1] * n,
+        "effective_rank": [ranks.get(i, -1) for i in ids] if ranks else [-1] * n,
         "log_fi_mean": evidence[0].tolist() if evidence is not None else [float("nan")] * n,
         "seen": evidence[1].tolist() if evidence is not None else [0] * n,
         "flagged": decision.flagged.tolist(),

@@ -26,7 +26,7 @@ class FlagRow:
         p_label: the model's probability of the true label.
         fi, log_fi: whole-input FI with the true label, (1 − p_label)/p_label, and its log.
         relative_fi: FI over its largest possible value: 1 for the whole input (closed form).
-        rank: effective rank of the whole input, where the exact engine ran on this sample
+        effective_rank: effective rank of the whole input, where the exact engine ran on this sample
             (K − 1 certifies the closed form); -1 where it did not.
         log_fi_mean: for the training set scored in the training steps: the mean log FI (true
             label) over every step that scored the sample so far, a soft area under the margin
@@ -51,7 +51,7 @@ class FlagRow:
     fi: float
     log_fi: float
     relative_fi: float
-    rank: int
+    effective_rank: int
     log_fi_mean: float
     seen: int
     flagged: bool
@@ -77,8 +77,8 @@ class LayerRow:
             convolutions.
         kl_scale: expected KL of scaling the layer's parameters by 1.1.
         metric: mean tr(G_l) over the probe samples.
-        rank_mean, relative_fi_median: the paper's per-layer FI (Setup 2): mean effective rank and
-            median relative FI (1 at full rank: the closed form).
+        effective_rank_mean, relative_fi_median: the paper's per-layer FI (Setup 2): mean
+            effective rank and median relative FI (1 at full rank: the closed form).
         scale_log_fi_median: median log FI of scaling the layer by one factor.
         channel_relative_fi_median: median relative FI of scaling its output channels (NaN for
             layers without channels).
@@ -95,7 +95,7 @@ class LayerRow:
     kl_quant_channel: float
     kl_scale: float
     metric: float
-    rank_mean: float
+    effective_rank_mean: float
     relative_fi_median: float
     scale_log_fi_median: float
     channel_relative_fi_median: float

@@ -1,7 +1,11 @@
 """Hand results to whatever loggers the Trainer has (duck-typed: no Lightning import here).
 
-Scalars go to every logger through ``log_metrics``; histograms, images, the custom-scalars layout
-and hparams need a TensorBoard ``SummaryWriter`` and are skipped, with one message, elsewhere.
+Scalars go to every logger through ``log_metrics`` under their keys (``keys.py``). TensorBoard gets
+one run per split instead, the Keras convention: ``<log_dir>/sensitivity/train``,
+``.../val`` (and ``.../train_all``) hold the split's scalars, histograms and figures under the
+same tags, so that its Time Series overlays train and validation in two colours with a legend;
+keys without a split go to the Trainer's own run. Histograms and images need TensorBoard and are
+skipped, with one message, elsewhere. :func:`read_scalars` reads it all back under the keys.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-__all__ = ["LoggerLike", "Writer", "save_png"]
+from lightning_sens.reporting import keys
+
+__all__ = ["LoggerLike", "Writer", "read_scalars", "run_dir", "save_png"]
 
 _log = logging.getLogger("lightning_sens")
 
@@ -26,36 +32,82 @@ class LoggerLike(Protocol):
 
 def _summary_writer(logger: object) -> Any | None:
     experiment = getattr(logger, "experiment", None)
-    required = ("add_histogram", "add_image", "add_custom_scalars", "add_scalar")
+    required = ("add_histogram", "add_image", "add_scalar", "add_text")
     if experiment is not None and all(hasattr(experiment, name) for name in required):
         return experiment
     return None
 
 
-class Writer:
-    """Routes the monitor's output to the loggers; remembers what it has said once."""
+def run_dir(log_dir: Path | str, split: str) -> Path:
+    """The TensorBoard run of one split: ``<log_dir>/sensitivity/<split>``."""
+    return Path(log_dir) / keys.PREFIX / split
 
-    def __init__(self, loggers: Sequence[object]) -> None:
+
+class Writer:
+    """Routes the monitor's output to the loggers; remembers what it has said once.
+
+    Args:
+        loggers: the Trainer's loggers (anything with ``log_metrics``).
+        log_dir: where the split runs go when a logger is TensorBoard (its own log_dir).
+    """
+
+    def __init__(self, loggers: Sequence[object], log_dir: Path | str | None = None) -> None:
         self.loggers = list(loggers)
-        writers = [_summary_writer(logger) for logger in self.loggers]
-        self.tensorboard = next((w for w in writers if w is not None), None)
-        self.layout_written = False
+        found = [(logger, _summary_writer(logger)) for logger in self.loggers]
+        board = next(((lg, w) for lg, w in found if w is not None), None)
+        self.tensorboard = None if board is None else board[1]
+        self.tensorboard_logger = None if board is None else board[0]
+        self._log_dir = None if board is None else Path(log_dir or board[1].log_dir)
+        self._runs: dict[str, Any] = {}
         self.images_skipped_said = False
 
-    def scalars(self, metrics: Mapping[str, float], step: int) -> None:
-        finite = {k: v for k, v in metrics.items() if not math.isnan(v)}
-        for logger in self.loggers:
-            logger.log_metrics(finite, step=step)  # type: ignore[attr-defined]
+    def run(self, split: str | None) -> Any:
+        """The SummaryWriter of a split's run (the Trainer's for None); None without TensorBoard."""
+        if self.tensorboard is None or split is None:
+            return self.tensorboard
+        if split not in self._runs:
+            from torch.utils.tensorboard import SummaryWriter
 
-    def histogram(self, tag: str, values: Tensor, step: int) -> None:
+            assert self._log_dir is not None
+            self._runs[split] = SummaryWriter(str(run_dir(self._log_dir, split)))
+        return self._runs[split]
+
+    def scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        """Every finite metric to every logger; to TensorBoard by :func:`keys.route`."""
+        finite = {k: float(v) for k, v in metrics.items() if not math.isnan(v)}
+        for logger in self.loggers:
+            if logger is not self.tensorboard_logger:
+                logger.log_metrics(finite, step=step)  # type: ignore[attr-defined]
+        if self.tensorboard is None:
+            return
+        own = {}
+        for key, value in finite.items():
+            split, tag = keys.route(key)
+            if split is None:
+                own[key] = value
+            else:
+                self.run(split).add_scalar(tag, value, step)
+        if own:
+            board: Any = self.tensorboard_logger
+            board.log_metrics(own, step=step)
+
+    def histogram(self, key: str, values: Tensor, step: int) -> None:
         finite = values[values.isfinite()]
         if self.tensorboard is not None and finite.numel():
-            self.tensorboard.add_histogram(tag, finite.float(), step)
+            split, tag = keys.route(key)
+            self.run(split).add_histogram(tag, finite.float(), step)
 
-    def image(self, tag: str, image: Tensor, step: int) -> None:
+    def image(self, key: str, image: Tensor, step: int) -> None:
         """Log a (3, H, W) uint8 image (TensorBoard only)."""
         if self.tensorboard is not None:
-            self.tensorboard.add_image(tag, image, step, dataformats="CHW")
+            split, tag = keys.route(key)
+            self.run(split).add_image(tag, image, step, dataformats="CHW")
+
+    def text(self, key: str, text: str, step: int) -> None:
+        """Markdown text (TensorBoard's Text tab; elsewhere nothing)."""
+        if self.tensorboard is not None:
+            split, tag = keys.route(key)
+            self.run(split).add_text(tag, text, step)
 
     def skip_images(self) -> None:
         """Say once that figures need TensorBoard."""
@@ -66,14 +118,39 @@ class Writer:
                 "the loggers and the flag tables to the log directory."
             )
 
-    def layout(self, layout: dict[str, dict[str, list[object]]]) -> None:
-        if self.tensorboard is not None and not self.layout_written:
-            self.tensorboard.add_custom_scalars(layout)
-            self.layout_written = True
-
     def flush(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.flush()
+        for run in self._runs.values():
+            run.flush()
+
+    def close(self) -> None:
+        """Close the split runs' files (the Trainer's run is its logger's to close)."""
+        for run in self._runs.values():
+            run.close()
+        self._runs = {}
+
+
+def read_scalars(log_dir: Path | str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar the monitor logged to TensorBoard under ``log_dir``, read back from the
+    event files under its keys: key → [(step, value), ...] in step order (the Trainer's run
+    and the split runs; the last value wins where a step was written twice)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict[int, float]] = {}
+    runs: list[tuple[str | None, Path]] = [(None, Path(log_dir))]
+    runs += [(split, run_dir(log_dir, split)) for split in keys.RUNS]
+    for split, folder in runs:
+        if not folder.is_dir():
+            continue
+        events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            key = keys.unroute(split, tag)
+            found = out.setdefault(key, {})
+            for event in events.Scalars(tag):
+                found[event.step] = event.value
+    return {key: sorted(found.items()) for key, found in sorted(out.items())}
 
 
 def save_png(image: Tensor, path: Path) -> None:
