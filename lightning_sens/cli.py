@@ -10,19 +10,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import io
+import logging
+import os
+import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, get_args
 
 import torch
 
+from lightning_sens.cli_checks import UsageError
+from lightning_sens.config import MonitorConfig
+from lightning_sens.flagging import FlagRule
+
 __all__ = ["main"]
-
-
-class UsageError(Exception):
-    """A problem with the command line: reported in one line, exit status 2."""
 
 
 def _find_checkpoints(specs: Sequence[str]) -> list[Path]:
@@ -42,12 +49,56 @@ def _find_checkpoints(specs: Sequence[str]) -> list[Path]:
     return list(found)
 
 
-def _position(path: Path) -> tuple[int, int]:
-    """(epoch, global step) stored in a Lightning checkpoint."""
+def _state_dict(path: Path) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(state, dict) or "state_dict" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
         raise UsageError(f"{path} is not a Lightning checkpoint (no 'state_dict').")
-    return int(state.get("epoch", 0)), int(state.get("global_step", 0))
+    return state
+
+
+def _read(path: Path) -> tuple[Path, int, int, dict[str, Any]]:
+    """(path, epoch, global step, {shapes, hparams}) of a Lightning checkpoint."""
+    from lightning_sens.cli_checks import shapes_of
+
+    state = _state_dict(path)
+    hparams = state.get("hyper_parameters")
+    entry = {
+        "shapes": shapes_of(state["state_dict"]),
+        "hparams": dict(hparams) if isinstance(hparams, dict) else {},
+    }
+    return path, int(state.get("epoch", 0)), int(state.get("global_step", 0)), entry
+
+
+def _lightning_cli(arguments: list[str]) -> Any:
+    """LightningCLI on the arguments after '--'; its errors (a usage dump and a multi-line
+    message on stderr, then SystemExit) reduced to one line."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_sens.cli_checks import check_class_paths, lightning_error
+
+    check_class_paths(arguments)
+    stderr = io.StringIO()
+    log = logging.getLogger("lightning.pytorch")  # the unused Trainer's "GPU available: ..."
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(stderr):
+            # Lightning's own use of jsonargparse APIs that jsonargparse deprecated: not the user's.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", "LightningCLI's args parameter", UserWarning)
+            return LightningCLI(
+                args=arguments,
+                run=False,
+                save_config_callback=None,
+                seed_everything_default=False,
+                trainer_defaults={"logger": False, "enable_checkpointing": False},
+            )
+    except SystemExit as exit:
+        if exit.code in (0, None):
+            raise
+        raise UsageError(f"after '--': {lightning_error(stderr.getvalue())}") from None
+    finally:
+        log.setLevel(level)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,15 +119,18 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing output")
     evaluate.add_argument("--device", default="auto", help="accelerator: auto, cpu, gpu, ...")
     evaluate.add_argument("--limit-batches", type=int, default=None, help="validation batches")
-    evaluate.add_argument("--train-probe-size", type=int, default=512)
-    evaluate.add_argument("--exact-probe-size", type=int, default=32)
+    defaults = MonitorConfig()  # the monitor's defaults are evaluate's
+    evaluate.add_argument("--train-probe-size", type=int, default=defaults.train_probe_size)
+    evaluate.add_argument("--exact-probe-size", type=int, default=defaults.exact_probe_size)
     evaluate.add_argument("--windows", type=int, nargs="*", default=[1, 3, 5, 7])
     evaluate.add_argument(
         "--exclude-layers", nargs="*", default=[], help="module names or glob patterns to skip"
     )
-    evaluate.add_argument("--flag-rule", choices=["mad", "top_k"], default="mad")
-    evaluate.add_argument("--flag-threshold", type=float, default=3.5)
-    evaluate.add_argument("--top-k", type=int, default=10)
+    evaluate.add_argument(
+        "--flag-rule", choices=get_args(FlagRule), default=defaults.flag_rule, help="docs/flags.md"
+    )
+    evaluate.add_argument("--flag-threshold", type=float, default=defaults.flag_threshold)
+    evaluate.add_argument("--top-k", type=int, default=defaults.top_k)
     evaluate.add_argument("--scan-train-set", action="store_true")
     evaluate.add_argument(
         "--quantization",
@@ -101,8 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="train a small CNN on real data with the monitor",
-        description="A short real training run with SensitivityMonitor (a few minutes on 2 CPU "
-        "cores), with some training labels corrupted so that the flags have something to find.",
+        description="A short real training run with SensitivityMonitor, with some training "
+        "labels corrupted so that the flags have something to find; it saves a checkpoint per "
+        "epoch and prints the evaluate command that measures them again.",
     )
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--max-epochs", type=int, default=None)
@@ -118,52 +173,41 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(args: argparse.Namespace, lightning_args: list[str]) -> int:
-    import lightning.pytorch as pl
-    from lightning.pytorch.cli import LightningCLI
-    from lightning.pytorch.loggers import TensorBoardLogger
-    from torch.utils.data import default_collate
-    from tqdm.auto import tqdm
-
-    from lightning_sens.callbacks import SensitivityMonitor
+    from lightning_sens.callbacks.monitor import default_batch_fn
+    from lightning_sens.cli_checks import check_data, check_fit, first_batch
     from lightning_sens.config import MonitorConfig
-    from lightning_sens.core.inputs import to_device
-    from lightning_sens.damage import QUANTIZATION_COLUMNS, quantization_report
-    from lightning_sens.reporting.html import write_report
-    from lightning_sens.reporting.tables import write_table
+    from lightning_sens.core.inputs import default_forward, logits_of
 
-    if args.output.exists() and any(args.output.iterdir()) and not args.overwrite:
-        raise UsageError(f"{args.output} exists and is not empty; pass --overwrite to replace it.")
+    output: Path = args.output
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output} exists and is not a folder.")
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise UsageError(f"{output} exists and is not empty; pass --overwrite to replace it.")
     if not lightning_args:
         raise UsageError(
             "name the model and data after '--', e.g. -- --model pkg.MyModule --data "
             "pkg.MyDataModule, or -- --config config.yaml"
         )
-    config = MonitorConfig(
-        train_probe_size=args.train_probe_size,
-        exact_probe_size=args.exact_probe_size,
-        windows=tuple(args.windows),
-        exclude_layers=tuple(args.exclude_layers),
-        flag_rule=args.flag_rule,
-        flag_threshold=args.flag_threshold,
-        top_k=args.top_k,
-        scan_train_set=args.scan_train_set,
-        save_figures=True,
-        strict=True,
-    )
+    try:
+        config = MonitorConfig(
+            train_probe_size=args.train_probe_size,
+            exact_probe_size=args.exact_probe_size,
+            windows=tuple(args.windows),
+            exclude_layers=tuple(args.exclude_layers),
+            flag_rule=args.flag_rule,
+            flag_threshold=args.flag_threshold,
+            top_k=args.top_k,
+            scan_train_set=args.scan_train_set,
+            save_figures=True,
+            strict=True,
+        )
+    except ValueError as error:  # the monitor's options
+        raise UsageError(str(error)) from None
     checkpoints = sorted(
-        ((path, *_position(path)) for path in _find_checkpoints(args.checkpoints)),
+        (_read(path) for path in _find_checkpoints(args.checkpoints)),
         key=lambda item: (item[2], item[1], str(item[0])),
     )
-    with warnings.catch_warnings():
-        # Lightning's own use of jsonargparse APIs that jsonargparse deprecated: not the user's.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        cli = LightningCLI(
-            args=lightning_args,
-            run=False,
-            save_config_callback=None,
-            seed_everything_default=False,
-            trainer_defaults={"logger": False, "enable_checkpointing": False},
-        )
+    cli = _lightning_cli(lightning_args)
     model, data = cli.model, cli.datamodule
     if data is None:
         raise UsageError(
@@ -171,8 +215,73 @@ def _evaluate(args: argparse.Namespace, lightning_args: list[str]) -> int:
         )
     data.prepare_data()
     data.setup("fit")
+    # Before any work and before the output folder: do the checkpoints and the data fit the model?
+    check_fit(model, [(path, entry) for path, _, _, entry in checkpoints])
+    loader = data.val_dataloader()
+    warning = check_data(
+        model,
+        first_batch(loader[0] if isinstance(loader, list | tuple) else loader),
+        default_batch_fn,
+        lambda module, inputs: logits_of(default_forward(module, inputs)),
+        lambda index: _state_dict(checkpoints[index][0])["state_dict"],
+        len(checkpoints),
+    )
+    if warning:
+        print(f"lightning-sens: warning: {warning}", file=sys.stderr)
+    # Results go to a hidden sibling folder, renamed to --output only when all went well.
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = output.parent / f".{output.name}.partial-{os.urandom(4).hex()}"
+    work.mkdir()
+    try:
+        lines = _run(args, config, [item[:3] for item in checkpoints], model, data, work)
+        _publish(work, output)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    print("\n".join(lines))
+    if warning:  # again, now that Lightning's output has scrolled it away
+        print(f"lightning-sens: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _publish(work: Path, output: Path) -> None:
+    """Rename ``work`` to ``output``, replacing an earlier ``output`` only now."""
+    if not output.exists():
+        os.replace(work, output)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+    os.replace(output, old / output.name)
+    try:
+        os.replace(work, output)
+    except BaseException:
+        os.replace(old / output.name, output)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _run(
+    args: argparse.Namespace,
+    config: Any,
+    checkpoints: list[tuple[Path, int, int]],
+    model: Any,
+    data: Any,
+    work: Path,
+) -> list[str]:
+    """Evaluate the checkpoints into ``work``; the lines to print, naming the final paths."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.data import default_collate
+    from tqdm.auto import tqdm
+
+    from lightning_sens.callbacks import SensitivityMonitor
+    from lightning_sens.core.inputs import to_device
+    from lightning_sens.damage import QUANTIZATION_COLUMNS, quantization_report
+    from lightning_sens.reporting.html import write_report
+    from lightning_sens.reporting.tables import write_table
+
     monitor = SensitivityMonitor(config, train_dataloader=data.train_dataloader())
-    logger = TensorBoardLogger(args.output, name="", version="", default_hp_metric=False)
+    logger = TensorBoardLogger(work, name="", version="", default_hp_metric=False)
     done = []
     for path, epoch, step in tqdm(checkpoints, desc="checkpoints", disable=len(checkpoints) < 2):
         monitor.position = (epoch, step)
@@ -184,18 +293,28 @@ def _evaluate(args: argparse.Namespace, lightning_args: list[str]) -> int:
             limit_val_batches=args.limit_batches,
             enable_checkpointing=False,
             enable_model_summary=False,
-            default_root_dir=args.output,
+            default_root_dir=work,
         )
         trainer.validate(model, dataloaders=data.val_dataloader(), ckpt_path=path, verbose=False)
         done.append((path.name, epoch, step))
     last = checkpoints[-1][1]
-    figures = sorted((args.output / "sensitivity" / "figures").glob(f"*_epoch{last:04d}.png"))
-    table = args.output / "sensitivity" / f"flags_epoch{last:04d}.csv"
-    report = args.output / "report.html"
+    figures = sorted((work / "sensitivity" / "figures").glob(f"*_epoch{last:04d}.png"))
+    table = work / "sensitivity" / f"flags_epoch{last:04d}.csv"
+    report = work / "report.html"
+    datasets = {"train": data.train_dataloader().dataset, "val": data.val_dataloader().dataset}
     write_report(
-        report, "lightning-sens evaluation", done, monitor.history, figures, table, config.to_dict()
+        report,
+        "lightning-sens evaluation",
+        done,
+        monitor.history,
+        figures,
+        table,
+        config.to_dict(),
+        thumbnails=lambda split, i: _picture(datasets.get(split, datasets["train"]), i),
+        class_names=monitor.class_names,
     )
-    print(f"Evaluated {len(done)} checkpoint(s). Report: {report}")
+    output: Path = args.output
+    lines = [f"Evaluated {len(done)} checkpoint(s). Report: {output / 'report.html'}"]
     if args.quantization:
         loader = data.val_dataloader()
         count = min(args.damage_samples, len(loader.dataset))
@@ -210,13 +329,20 @@ def _evaluate(args: argparse.Namespace, lightning_args: list[str]) -> int:
             monitor.forward_fn,
             config.chunk_size,
         )
-        path = args.output / "quantization.csv"
-        write_table(rows, path, QUANTIZATION_COLUMNS)
-        print(_quantization_text(rows, checkpoints[-1][0].name, count))
-        print(f"Quantisation table: {path}")
-    print(f"Flag tables and figures: {args.output / 'sensitivity'}")
-    print(f"View the curves with: tensorboard --logdir {args.output}")
-    return 0
+        write_table(rows, work / "quantization.csv", QUANTIZATION_COLUMNS)
+        lines.append(_quantization_text(rows, checkpoints[-1][0].name, count))
+        lines.append(f"Quantisation table: {output / 'quantization.csv'}")
+    logger.finalize("success")  # every event file closed before the folder is renamed
+    lines.append(f"Flag tables and figures: {output / 'sensitivity'}")
+    lines.append(f"View the curves with: tensorboard --logdir {output}")
+    return lines
+
+
+def _picture(dataset: object, index: int) -> torch.Tensor | None:
+    """The image of sample ``index`` (its dataset index) for the report, or None."""
+    sample = dataset[index]  # type: ignore[index]
+    found = sample[0] if isinstance(sample, list | tuple) else None
+    return found if isinstance(found, torch.Tensor) and found.dim() == 3 else None
 
 
 def _quantization_text(rows: list[dict[str, object]], checkpoint: str, samples: int) -> str:
@@ -243,6 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = arguments.index("--") if "--" in arguments else len(arguments)
     ours, lightning_args = arguments[:split], arguments[split + 1 :]
     args = _parser().parse_args(ours)
+    here = Path.cwd()  # as `python -m` does: the user's modules import from the current folder
+    if not any(Path(entry or ".").resolve() == here for entry in sys.path):
+        sys.path.insert(0, str(here))
     try:
         if args.command == "evaluate":
             return _evaluate(args, lightning_args)
@@ -252,3 +381,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"lightning-sens: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lightning-sens: interrupted.", file=sys.stderr)
+        return 130

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +16,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import tests.cli_models
+from lightning_sens.callbacks.monitor import default_batch_fn
 from lightning_sens.cli import main
+from lightning_sens.cli_checks import check_data, first_batch
+from lightning_sens.core.inputs import default_forward
 from lightning_sens.damage import quantization_report
 from lightning_sens.reporting import keys
+from lightning_sens.reporting.writers import read_scalars, run_dir
 from tests.cli_models import TinyData, TinyModule
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
@@ -41,23 +49,57 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def _train(folder: Path, data: TinyData, epochs: int = 3) -> Path:
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_epochs=1)],
+    )
+    trainer.fit(TinyModule(), datamodule=data)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Checkpoints of a TinyModule that learnt TinyData(signal=3): right on its val labels,
+    wrong on shifted ones."""
+    return _train(tmp_path_factory.mktemp("learned"), TinyData(signal=3.0))
+
+
+def _leftovers(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.*"))
+
+
+def _one_line(err: str) -> str:
+    """The error line; the rest of stderr must be empty (no usage dump, no traceback)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("lightning-sens: error: "), err
+    return lines[0]
+
+
 def test_evaluate_a_directory_of_checkpoints(checkpoints: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     assert main(["evaluate", str(checkpoints), "--output", str(out), *SMALL, "--", *MODEL]) == 0
 
-    events = EventAccumulator(str(out), size_guidance={"scalars": 0, "images": 0})
+    scalars = read_scalars(out)  # event files written in the temporary folder, read after rename
+    curve = scalars[keys.curve("pred", "val", "median")]
+    assert [step for step, _ in curve] == [4, 8, 12]  # global steps of the checkpoints, in order
+    assert keys.curve("pred", "train", "median") in scalars
+    events = EventAccumulator(str(run_dir(out, "val")), size_guidance={"images": 0})
     events.Reload()
-    curve = events.Scalars(keys.curve("pred", "val", "median"))
-    assert [e.step for e in curve] == [4, 8, 12]  # global steps of the checkpoints, in order
-    assert keys.curve("pred", "train", "median") in events.Tags()["scalars"]
-    assert keys.image("manhattan_val") in events.Tags()["images"]
+    assert keys.route(keys.image("manhattan", "val"))[1] in events.Tags()["images"]
     for epoch in range(3):
         assert (out / "sensitivity" / f"flags_epoch{epoch:04d}.csv").exists()
         assert (out / "sensitivity" / "figures" / f"manhattan_val_epoch{epoch:04d}.png").exists()
     report = (out / "report.html").read_text()
     assert report.count("<tr><td class='text'>epoch=") == 3  # one row per checkpoint
     assert "data:image/png;base64," in report
-    assert "Flagged samples of the last checkpoint" in report
+    assert "<h2>Flagged samples" in report
 
 
 def test_refuses_to_overwrite_unless_asked(checkpoints: Path, tmp_path: Path, capsys) -> None:
@@ -68,6 +110,9 @@ def test_refuses_to_overwrite_unless_asked(checkpoints: Path, tmp_path: Path, ca
     assert main(["evaluate", one, "--output", str(out), *SMALL, "--", *MODEL]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert main(["evaluate", one, "--output", str(out), "--overwrite", *SMALL, "--", *MODEL]) == 0
+    assert not (out / "keep.txt").exists()
+    assert (out / "report.html").exists()
+    assert _leftovers(out) == []
 
 
 def test_config_file_and_globs(checkpoints: Path, tmp_path: Path) -> None:
@@ -90,10 +135,8 @@ def test_exclude_layers(checkpoints: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     skip = ["--exclude-layers", "net.0", "net.[1]"]
     assert main(["evaluate", one, "--output", str(out), *SMALL, *skip, "--", *MODEL]) == 0
-    events = EventAccumulator(str(out), size_guidance={"scalars": 0})
-    events.Reload()
     prefix = keys.layer_kl_noise("val", "")
-    layers = {t[len(prefix) :] for t in events.Tags()["scalars"] if t.startswith(prefix)}
+    layers = {k[len(prefix) :] for k in read_scalars(out) if k.startswith(prefix)}
     assert layers == {"net.4"}
 
 
@@ -155,3 +198,216 @@ def test_python_dash_m_help() -> None:
         check=True,
     )
     assert "--limit-batches" in result.stdout
+
+
+def _script(name: str) -> str:
+    found = Path(sys.executable).parent / name  # the console script of this environment
+    return str(found) if found.exists() else shutil.which(name) or pytest.skip(f"no {name}")
+
+
+def test_console_script_imports_from_the_current_folder(checkpoints: Path, tmp_path: Path) -> None:
+    """Issue 11.4.1: like `python -m lightning_sens`, the console script finds the user's module
+    in the folder it runs from (Python puts that folder on sys.path only for -m)."""
+    shutil.copy(tests.cli_models.__file__, tmp_path / "mymod.py")
+    one = str(sorted(checkpoints.glob("*.ckpt"))[-1])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    command = [_script("lightning-sens"), "evaluate", one, "--output", "out", *SMALL]
+    command += ["--", "--model", "mymod.TinyModule", "--data", "mymod.TinyData"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "report.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("lightning_args", "expected"),
+    [
+        (
+            ["--model", "tests.cli_models.TinyModul", "--data", "tests.cli_models.TinyData"],
+            "--model: module 'tests.cli_models' has no class 'TinyModul'; did you mean "
+            "'TinyModule'",
+        ),
+        (
+            ["--model=tests.cli_models.TinyModule", "--data=tests.cli_models.TinyDat"],
+            "has no class 'TinyDat'; did you mean 'TinyData'?",
+        ),
+        (
+            ["--model", "tests.cli_modelz.TinyModule", "--data", "tests.cli_models.TinyData"],
+            "cannot import module 'tests.cli_modelz' (ModuleNotFoundError: No module named "
+            "'tests.cli_modelz'); run from the folder that contains it or install it.",
+        ),
+        (
+            ["--model", "tests.cli_models.TinyData", "--data", "tests.cli_models.TinyData"],
+            "tests.cli_models.TinyData is not a LightningModule (it is a LightningDataModule: "
+            "pass it as --data).",
+        ),
+        (
+            [*MODEL, "--model.init_args.wdth", "3"],
+            "after '--': Parser key \"model\": Problem with given class_path "
+            "'tests.cli_models.TinyModule': Option 'wdth' is not accepted",
+        ),
+        (
+            [*MODEL, "--model.init_args.width", "abc"],
+            "Parser key \"width\": Expected a <class 'int'>. Got value: abc",
+        ),
+        (["--config", "missing.yaml"], "File does not exist"),
+    ],
+)
+def test_lightning_argument_errors_are_one_line(
+    checkpoints: Path, tmp_path: Path, capsys, lightning_args: list[str], expected: str
+) -> None:
+    """Issue 11.4.2: a typo after '--' gives one line with the fix, not a 59-line usage dump."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(checkpoints), "--output", str(out), "--", *lightning_args]) == 2
+    assert expected in _one_line(capsys.readouterr().err)
+    assert not out.exists()
+    assert _leftovers(out) == []
+
+
+def test_class_path_typo_in_a_config_file(checkpoints: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model:\n  class_path: tests.cli_models.TinyModle\ndata: tests.cli_models.TinyData\n"
+    )
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(checkpoints), "--output", str(out), "--", "-c", str(config)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"model: in {config}: module 'tests.cli_models' has no class 'TinyModle'" in line
+    assert "did you mean 'TinyModule'" in line
+
+
+@pytest.mark.parametrize(
+    ("lightning_args", "expected"),
+    [
+        (
+            [*MODEL, "--model.init_args.width", "8"],
+            "does not fit tests.cli_models.TinyModule: 7 shape mismatches (net.0.weight: "
+            "checkpoint (4, 1, 3, 3), model (8, 1, 3, 3), ",
+        ),
+        (
+            ["--model", "tests.cli_models.ExtraModule", "--data", "tests.cli_models.TinyData"],
+            "does not fit tests.cli_models.ExtraModule: 2 missing keys (extra.weight, "
+            "extra.bias); pass the --model (and its init args) the checkpoint was trained with "
+            "(it saved the init args width=4, classes=4).",
+        ),
+    ],
+)
+def test_checkpoints_of_another_model(
+    checkpoints: Path, tmp_path: Path, capsys, lightning_args: list[str], expected: str
+) -> None:
+    """Issue 11.4.3: one line before any work (and before the output folder), not a traceback."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(checkpoints), "--output", str(out), "--", *lightning_args]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("lightning-sens: error: checkpoint ")
+    assert "(and 2 more checkpoints)" in line
+    assert expected in line
+    assert not out.exists()
+    assert _leftovers(out) == []
+
+
+@pytest.mark.parametrize(
+    ("lightning_args", "expected"),
+    [
+        (
+            [*MODEL, "--data.init_args.size", "12"],
+            "the model cannot read the data: the first validation batch gives inputs of shape "
+            "(16, 1, 12, 12); the forward raised RuntimeError: ",
+        ),
+        (
+            [*MODEL, "--data.init_args.classes", "6"],
+            "the validation labels range over [0, 5] but the model returns K=4 logits "
+            "(classes 0 to 3)",
+        ),
+        (
+            ["--model", "tests.cli_models.TinyModule3D", "--data", "tests.cli_models.TinyData"],
+            "the model returns (16, 4, 1) on the first validation batch",
+        ),
+    ],
+)
+def test_data_the_model_cannot_read(
+    checkpoints: Path, tmp_path: Path, capsys, lightning_args: list[str], expected: str
+) -> None:
+    """Issue 11.4.4: data of another shape or other classes: one line before any work."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(checkpoints), "--output", str(out), "--", *lightning_args]) == 2
+    assert expected in _one_line(capsys.readouterr().err)
+    assert not out.exists()
+    assert _leftovers(out) == []
+
+
+def _logits(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    return default_forward(module, inputs)
+
+
+def test_accuracy_at_chance_warns_on_the_issue_s_data(learned: Path) -> None:
+    """Issue 11.4.4, as found: a CNN that adaptive pooling lets read DigitsData's 8 × 8 images
+    without an error, trained on other (28 × 28) data, is at chance on them: a warning."""
+    from lightning_sens.demo import DigitsData, SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(5):
+        x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    state = model.state_dict()
+    batch = first_batch(DigitsData().val_dataloader())
+    warning = check_data(model, batch, default_batch_fn, _logits, lambda i: state, 1)
+    assert warning is not None
+    assert "on the first validation batch (250 samples" in warning
+    assert "chance is 1/10: is --data the data this model was trained on?" in warning
+    # The same check is silent where the model knows the data.
+    last = sorted(learned.glob("*.ckpt"))[-1]
+    weights = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    loader = TinyData(signal=3.0, val_batch=32).val_dataloader()
+    model = TinyModule()
+    assert (
+        check_data(model, first_batch(loader), default_batch_fn, _logits, {0: weights}.get, 1)
+        is None
+    )
+
+
+def test_accuracy_at_chance_warns_and_goes_on(learned: Path, tmp_path: Path, capsys) -> None:
+    """Issue 11.4.4: the validation labels disagree with what the model learnt: a loud warning
+    on stderr, and the evaluation still runs."""
+    out = tmp_path / "eval"
+    data = ["--data.init_args.signal", "3", "--data.init_args.shift", "1"]
+    data += ["--data.init_args.val_batch", "32"]
+    assert main(["evaluate", str(learned), "--output", str(out), *SMALL, "--", *MODEL, *data]) == 0
+    err = capsys.readouterr().err
+    assert "lightning-sens: warning: accuracy 0 on the first validation batch (32 samples" in err
+    assert "with the last checkpoint, chance is 1/4: is --data the data" in err
+    assert (out / "report.html").exists()
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+def test_a_failed_run_leaves_no_output(
+    checkpoints: Path, tmp_path: Path, capsys, interrupt: bool
+) -> None:
+    """Issue 11.4.5: the results go to a temporary sibling folder, renamed to --output on
+    success only: a failure (an error, Ctrl+C) leaves an earlier output untouched, and the
+    rerun is not refused."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    failing = ["--model", "tests.cli_models.FailingModule", "--data", "tests.cli_models.TinyData"]
+    failing += ["--model.init_args.interrupt", str(interrupt).lower()]
+    command = ["evaluate", str(checkpoints), "--output", str(out), "--overwrite", *SMALL]
+    handler = signal.getsignal(signal.SIGINT)
+    try:  # Lightning turns Ctrl+C into SystemExit(1), and ignores SIGINT from then on
+        with pytest.raises(SystemExit if interrupt else RuntimeError):
+            main([*command, "--", *failing])
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert _leftovers(out) == []
+    shutil.rmtree(out)
+    capsys.readouterr()
+    assert main([*command, "--", *MODEL]) == 0
+    printed = capsys.readouterr().out
+    assert f"Report: {out / 'report.html'}" in printed
+    assert ".partial" not in printed
+    assert (out / "report.html").exists()
+    assert _leftovers(out) == []
