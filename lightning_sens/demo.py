@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import gzip
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -22,12 +23,42 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens.callbacks import SensitivityMonitor
+from lightning_sens.config import MonitorConfig
 from lightning_sens.reporting.html import write_report
 
-__all__ = ["DigitsData", "SmallCNN", "flagged_per_epoch", "load_images", "run_demo"]
+__all__ = [
+    "CLASS_NAMES",
+    "DemoData",
+    "DigitsData",
+    "SmallCNN",
+    "flagged_per_epoch",
+    "load_images",
+    "run_demo",
+]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _SUBSET = (12_000, 2_000)  # training and validation samples of the 28 × 28 and 32 × 32 sets
+# The class names of the sets the demo reads (torchvision's ``classes``); digits: the numbers.
+CLASS_NAMES = {
+    "fashion-mnist": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ),
+    "cifar10": (
+        "airplane", "automobile", "bird", "cat", "deer",
+        "dog", "frog", "horse", "ship", "truck",
+    ),
+}  # fmt: skip
+
+
+class NamedImages(TensorDataset):
+    """Images and labels with the class names as ``classes`` (torchvision's attribute, which
+    the monitor reads for its figures)."""
+
+    def __init__(self, images: Tensor, labels: Tensor, classes: tuple[str, ...] | None) -> None:
+        super().__init__(images, labels)
+        if classes is not None:
+            self.classes = list(classes)
 
 
 def _read_idx(path: Path) -> Tensor:
@@ -172,6 +203,47 @@ class DigitsData(pl.LightningDataModule):
         return DataLoader(TensorDataset(self.x_val, self.y_val), batch_size=250)
 
 
+class DemoData(pl.LightningDataModule):
+    """The demo's data as a DataModule, so that ``lightning-sens evaluate --config`` reads what
+    the demo trained on: the same images, the same corrupted labels, the same loaders.
+
+    Args:
+        dataset: "auto", "digits", "fashion-mnist", "mnist" or "cifar10" (see :func:`load_images`).
+        corrupt: share of the training labels moved to another class.
+        seed: the demo's seed (labels are corrupted with ``seed + 1``).
+        root: where torchvision downloads MNIST / CIFAR10.
+    """
+
+    def __init__(
+        self, dataset: str = "auto", corrupt: float = 0.03, seed: int = 0, root: str = "data"
+    ) -> None:
+        super().__init__()
+        self.dataset, self.corrupt, self.seed, self.root = dataset, corrupt, seed, root
+        self.dataset_name = ""
+        self.corrupted = torch.empty(0, dtype=torch.long)
+        self.train_set: NamedImages | None = None
+        self.val_set: NamedImages | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.dataset_name, x_train, y_train, x_val, y_val = load_images(
+            self.dataset, Path(self.root)
+        )
+        y_noisy, self.corrupted = corrupt_labels(y_train, self.corrupt, self.seed + 1)
+        classes = CLASS_NAMES.get(self.dataset_name)
+        self.train_set = NamedImages(x_train, y_noisy, classes)
+        self.val_set = NamedImages(x_val, y_val, classes)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
+        return DataLoader(self.train_set, batch_size=64, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None, "call setup() first"
+        return DataLoader(self.val_set, batch_size=250)
+
+
 def flagged_per_epoch(folder: Path, corrupted: Tensor) -> list[tuple[int, int, int]]:
     """(epoch, training samples flagged, how many of them have a corrupted label) per epoch."""
     bad = set(corrupted.tolist())
@@ -184,38 +256,90 @@ def flagged_per_epoch(folder: Path, corrupted: Tensor) -> list[tuple[int, int, i
     return out
 
 
+# The demo's monitor; the evaluate command it prints passes the same sizes.
+_MONITOR: dict[str, Any] = {"train_probe_size": 256, "exact_probe_size": 16}
+
+
+def _config(path: Path, model: dict[str, object], data: dict[str, object]) -> None:
+    """A LightningCLI config naming the demo's model and data (``--config`` of evaluate)."""
+    import yaml
+
+    module = __name__
+    config = {
+        "model": {"class_path": f"{module}.SmallCNN", "init_args": model},
+        "data": {"class_path": f"{module}.DemoData", "init_args": data},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+def evaluate_command(out: Path) -> list[str]:
+    """The ``lightning-sens evaluate`` command that measures the demo's checkpoints again."""
+    sizes = [f"--{k.replace('_', '-')}={v}" for k, v in _MONITOR.items()]
+    return [
+        "lightning-sens",
+        "evaluate",
+        str(out / "checkpoints"),
+        "--output",
+        str(out / "evaluate"),
+        *sizes,
+        "--",
+        "--config",
+        str(out / "config.yaml"),
+    ]
+
+
 def run_demo(out: Path, max_epochs: int | None, dataset: str, corrupt: float, seed: int) -> int:
-    """Train, monitor, and print where the logs are and what the flags found."""
+    """Train, monitor, and print where the logs are, what the flags found, and how to evaluate
+    the saved checkpoints again."""
+    import shlex
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     pl.seed_everything(seed, verbose=False)
-    name, x_train, y_train, x_val, y_val = load_images(dataset, out / "data")
-    y_noisy, corrupted = corrupt_labels(y_train, corrupt, seed + 1)
-    epochs = max_epochs or (8 if name == "digits" else 3)
+    data = DemoData(dataset, corrupt, seed, str(out / "data"))
+    data.setup("fit")
+    assert data.train_set is not None
+    assert data.val_set is not None
+    train_set, val_set = data.train_set, data.val_set
+    x_train, y_train = train_set.tensors
+    corrupted = data.corrupted
+    epochs = max_epochs or (8 if data.dataset_name == "digits" else 3)
     print(
-        f"Demo: {name}, {len(y_train)} training samples ({len(corrupted)} labels corrupted), "
-        f"{epochs} epochs."
+        f"Demo: {data.dataset_name}, {len(y_train)} training samples ({len(corrupted)} labels "
+        f"corrupted), {len(data.val_set)} validation samples, {epochs} epochs."
     )
-    train = DataLoader(TensorDataset(x_train, y_noisy), batch_size=64, shuffle=True)
-    val = DataLoader(TensorDataset(x_val, y_val), batch_size=250)
-    logger = TensorBoardLogger(out, name="", version="")
+    logger = TensorBoardLogger(out, name="training", version="", default_hp_metric=False)
     # A showcase: every part every epoch (budget=None), so that three short epochs show every
     # figure. In a real run the default budget keeps the monitor within 5 % of training time.
-    monitor = SensitivityMonitor(
-        train_probe_size=256, exact_probe_size=16, save_figures=True, budget=None
+    config = MonitorConfig(**_MONITOR, save_figures=True, budget=None)
+    monitor = SensitivityMonitor(config)
+    checkpoints = ModelCheckpoint(
+        dirpath=out / "checkpoints",
+        filename="epoch{epoch}",
+        auto_insert_metric_name=False,
+        save_top_k=-1,
+        every_n_epochs=1,
     )
     trainer = pl.Trainer(
         max_epochs=epochs,
         logger=logger,
-        callbacks=[monitor],
-        enable_checkpointing=False,
+        callbacks=[monitor, checkpoints],
         enable_model_summary=False,
         accelerator="cpu",
         deterministic=True,
         log_every_n_steps=10,
     )
-    trainer.fit(SmallCNN(channels=x_train.shape[1]), train, val)
+    model = SmallCNN(channels=x_train.shape[1])
+    trainer.fit(model, datamodule=data)
+    _config(
+        out / "config.yaml",
+        {"channels": int(x_train.shape[1]), "lr": model.lr},
+        {"dataset": data.dataset_name, "corrupt": corrupt, "seed": seed, "root": str(out / "data")},
+    )
 
     print(f"Flagged training labels ({len(corrupted)} of {len(y_train)} were corrupted):")
-    per_epoch = flagged_per_epoch(Path(logger.log_dir) / "sensitivity", corrupted)
+    folder = Path(logger.log_dir)
+    per_epoch = flagged_per_epoch(folder / "sensitivity", corrupted)
     for epoch, flagged, hits in per_epoch:
         print(f"  epoch {epoch:2d}: {flagged:4d} flagged, {hits:4d} of them corrupted")
     if per_epoch:
@@ -226,30 +350,31 @@ def run_demo(out: Path, max_epochs: int | None, dataset: str, corrupt: float, se
             f"Last epoch: precision {precision:.2f} ({hits} of {flagged} flags are corrupted "
             f"labels), recall {recall:.2f} ({hits} of {len(corrupted)} corrupted labels found)."
         )
-    folder = Path(logger.log_dir)
-    model_path = folder / "model.ckpt"
-    trainer.save_checkpoint(model_path)
     last = trainer.current_epoch - 1
     figures = sorted((folder / "sensitivity" / "figures").glob(f"*_epoch{last:04d}.png"))
     rows = [(f"epoch {int(h['epoch'])}", int(h["epoch"]), int(h["step"])) for h in monitor.history]
-    report = folder / "report.html"
+    report = out / "report.html"
     table = folder / "sensitivity" / f"flags_epoch{last:04d}.csv"
     write_report(
         report,
-        f"lightning-sens demo: {name}",
+        f"lightning-sens demo: {data.dataset_name}",
         rows,
         monitor.history,
         figures,
         table,
         monitor.config.to_dict(),
+        thumbnails=lambda split, i: (val_set if split == "val" else train_set)[i][0],
+        class_names=CLASS_NAMES.get(data.dataset_name),
     )
     print(
         f"Monitoring took {100 * monitor.budget.cost_share:.0f} % of the training time "
         "(budget=None for this demo: every part every epoch; the default budget=0.05 keeps it "
         "within 5 %)."
     )
-    print(f"Trained model: {model_path}")
     print(f"Report: {report}")
     print(f"Flag tables and figures: {folder / 'sensitivity'}")
-    print(f"TensorBoard logs: {folder}\nView them with: tensorboard --logdir {out}")
+    print(f"Checkpoints, one per epoch: {out / 'checkpoints'}")
+    print(f"View the curves: tensorboard --logdir {out}")
+    print("Measure the checkpoints again (the validation curves come out the same):")
+    print(f"  {shlex.join(evaluate_command(out))}")
     return 0

@@ -2,18 +2,79 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_sens.cli import main
 from lightning_sens.demo import corrupt_labels, flagged_per_epoch, load_images
 from lightning_sens.reporting import keys
+from lightning_sens.reporting.writers import read_scalars
+from tests.logged import read_logged
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_command(program: str) -> list[str]:
+    """The README's set-up command that runs ``program`` (the part after the last ``&&``)."""
+    readme = (ROOT / "README.md").read_text()
+    (line,) = [x for x in readme.splitlines() if x.startswith("python3 -m venv") and program in x]
+    return shlex.split(line.rsplit("&&", 1)[1])
+
+
+def _script(name: str) -> str:
+    found = Path(sys.executable).parent / name  # the console script of this environment
+    return str(found) if found.exists() else shutil.which(name) or pytest.skip(f"no {name}")
+
+
+def test_readme_demo_then_the_evaluate_command_it_prints(tmp_path: Path) -> None:
+    """The README's main command (two epochs of the digits, to keep the suite fast), then the
+    evaluate command it prints, run as printed: evaluate's validation curves, flag counts,
+    loss and accuracy are the training run's, step by step."""
+    command = _readme_command("lightning-sens demo")
+    assert command[:2] == ["lightning-sens", "demo"]
+    out = "runs/demo"
+    assert command[command.index("--out") + 1] == out
+    command = [_script("lightning-sens"), *command[1:], "--max-epochs", "2", "--dataset", "digits"]
+    demo = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=True)
+
+    printed = demo.stdout.splitlines()
+    again = printed[printed.index(next(x for x in printed if x.startswith("Measure"))) + 1]
+    evaluate = shlex.split(again)
+    for page in ("README.md", "docs/cli.md"):  # the docs show this very command
+        assert again.strip() in (ROOT / page).read_text(), page
+    assert evaluate[:2] == ["lightning-sens", "evaluate"]
+    subprocess.run(
+        [_script("lightning-sens"), *evaluate[1:]], cwd=tmp_path, capture_output=True, check=True
+    )
+
+    training = read_scalars(tmp_path / out / "training")
+    evaluated = read_scalars(tmp_path / out / "evaluate")
+    compared = [k for k in training if keys.route(k)[0] == "val"]
+    assert keys.curve("true", "val", "median") in compared
+    assert keys.flag_count("val") in compared
+    assert keys.accuracy("val") in compared
+    for key in compared:  # the exact probes too: the same samples (seed), the same weights
+        assert evaluated[key] == training[key], key  # the same steps, the same float32 values
+    steps = [step for step, _ in training[keys.flag_count("val")]]
+    assert len(steps) == 2
+
+    table = tmp_path / out / "training" / "sensitivity" / "flags_epoch0001.csv"
+    with table.open() as f:
+        rows = list(csv.DictReader(f))
+    flagged = sum(r["split"] == "train" and r["flagged"] == "True" for r in rows)
+    assert f"epoch  1: {flagged:4d} flagged" in demo.stdout
+    assert training[keys.flag_count("train")][-1][1] == flagged  # terminal = table = TensorBoard
+    report = (tmp_path / out / "report.html").read_text()
+    assert "data:image/png;base64," in report
+    assert len(list((tmp_path / out / "checkpoints").glob("*.ckpt"))) == 2
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning:lightning")  # few-batch runs warn about workers
@@ -22,27 +83,26 @@ def test_demo_writes_tensorboard_logs_and_finds_corrupted_labels(
 ) -> None:
     assert main(["demo", "--dataset", "digits", "--max-epochs", "2", "--out", str(tmp_path)]) == 0
 
-    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0})
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
+    logged = read_logged(tmp_path / "training")
+    assert logged.runs == {"train", "val"}
     for split in ("train", "val"):
-        assert keys.curve("true", split, "q99") in scalars
-    assert keys.estimated_wrong("train") in scalars
-    assert {"train/loss", "val/loss", "val/acc"} <= scalars
-    assert keys.image("manhattan_train") in events.Tags()["images"]
+        assert keys.curve("true", split, "q99") in logged.scalars
+    assert keys.estimated_wrong("train") in logged.scalars
+    assert {"train/loss", "val/loss", "val/acc"} <= set(logged.scalars)
+    assert not any("hp_metric" in key for key in logged.scalars)
+    assert keys.image("manhattan", "train") in logged.images
 
     _, _, y_train, _, _ = load_images("digits", tmp_path)
     _, corrupted = corrupt_labels(y_train, 0.03, 1)
-    results = flagged_per_epoch(tmp_path / "sensitivity", corrupted)
+    results = flagged_per_epoch(tmp_path / "training" / "sensitivity", corrupted)
     assert [epoch for epoch, _, _ in results] == [0, 1]
     _, flagged, hits = results[-1]
     precision, recall = hits / flagged, hits / len(corrupted)  # 38 corrupted labels
     assert 2 * precision * recall / (precision + recall) >= 0.7  # F1 (0.80 in the benchmark)
 
     report = (tmp_path / "report.html").read_text()
-    assert report.count("<tr><td class='text'>epoch ") == 2
     assert "data:image/png;base64," in report
-    assert (tmp_path / "model.ckpt").exists()
+    assert (tmp_path / "config.yaml").exists()
     out = capsys.readouterr().out
     assert "of them corrupted" in out
     assert f"Last epoch: precision {hits / flagged:.2f}" in out
