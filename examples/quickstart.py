@@ -1,6 +1,6 @@
 """Quickstart: add SensitivityMonitor to an existing Trainer. That is all it takes.
 
-python examples/quickstart.py            # a few seconds on a CPU
+python examples/quickstart.py            # time: docs/quickstart.md
 tensorboard --logdir runs/quickstart
 """
 

@@ -1,7 +1,7 @@
 """The four analyses of Shu & Zhu (AAAI 2019), end to end: train, then measure and draw.
 
     python examples/paper/reproduce.py --dataset cifar10 --arch resnet50 --out runs/paper
-    python examples/paper/reproduce.py --small --out /tmp/paper      # minutes on a CPU
+    python examples/paper/reproduce.py --small --out /tmp/paper      # time: docs/paper.md
 
 Setup as in the paper (METHOD.md §9): ResNet50 or DenseNet121 adapted to small images (3 × 3 stem,
 no max-pool, dropout 0.2, L2 1e-4), Adam, batch 128, raw 0–255 pixels, no augmentation, the best
@@ -188,7 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     figures.layer_heatmap(
-        values, ["train", "test"], list(QUANTILES), "Setup 3: log FI quantiles", "log FI"
+        values,
+        ["train", "test"],
+        list(QUANTILES),
+        "Setup 3: log FI quantiles",
+        "log FI",
+        xlabel="quantile of log FI (%)",
+        ylabel="split",
     ).savefig(args.out / "setup3_train_vs_test.png")
     report.append("")
 
