@@ -124,34 +124,29 @@ def measure() -> dict[str, Any]:
     console = Path(python).parent / "lightning-sens"
     numbers: dict[str, Any] = {"machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
-        cwd = Path(tmp) / "demo-cwd"
-        cwd.mkdir()
-        seconds, stdout = _timed([str(console), "demo", "--out", str(Path(tmp) / "demo")], cwd)
-        numbers["demo"] = {
-            "command": "lightning-sens demo --out runs/demo",
-            "seconds": round(seconds, 1),
-            **parse_demo(stdout),
-        }
-        print(f"demo: {seconds:.1f} s", file=sys.stderr)
-
-        cwd = Path(tmp) / "quickstart-cwd"
-        cwd.mkdir()
-        seconds, _ = _timed([python, str(ROOT / "examples" / "quickstart.py")], cwd)
-        numbers["quickstart"] = {
-            "command": "python examples/quickstart.py",
-            "seconds": round(seconds, 1),
-        }
-        print(f"quickstart: {seconds:.1f} s", file=sys.stderr)
-
-        cwd = Path(tmp) / "paper-cwd"
-        cwd.mkdir()
-        script = str(ROOT / "examples" / "paper" / "reproduce.py")
-        seconds, _ = _timed([python, script, "--small", "--out", str(Path(tmp) / "paper")], cwd)
-        numbers["paper_small"] = {
-            "command": "python examples/paper/reproduce.py --small --out /tmp/paper",
-            "seconds": round(seconds, 1),
-        }
-        print(f"paper --small: {seconds:.1f} s", file=sys.stderr)
+        runs = {  # name: (the command as the docs show it, the command run here)
+            "demo": (
+                "lightning-sens demo --out runs/demo",
+                [str(console), "demo", "--out", str(Path(tmp) / "demo")],
+            ),
+            "quickstart": (
+                "python examples/quickstart.py",
+                [python, str(ROOT / "examples" / "quickstart.py")],
+            ),
+            "paper_small": (
+                "python examples/paper/reproduce.py --small --out /tmp/paper",
+                [python, str(ROOT / "examples" / "paper" / "reproduce.py"), "--small", "--out",
+                 str(Path(tmp) / "paper")],
+            ),
+        }  # fmt: skip
+        for name, (shown, command) in runs.items():
+            cwd = Path(tmp) / f"{name}-cwd"  # a fresh folder for whatever the program writes
+            cwd.mkdir()
+            seconds, stdout = _timed(command, cwd)
+            numbers[name] = {"command": shown, "seconds": round(seconds, 1)}
+            if name == "demo":
+                numbers[name].update(parse_demo(stdout))
+            print(f"{name}: {seconds:.1f} s", file=sys.stderr)
     return numbers
 
 

@@ -295,14 +295,22 @@ def test_checkpoints_of_another_model(
     checkpoints: Path, tmp_path: Path, capsys, lightning_args: list[str], expected: str
 ) -> None:
     """Issue 11.4.3: one line before any work (and before the output folder), not a traceback."""
-    out = tmp_path / "eval"
-    assert main(["evaluate", str(checkpoints), "--output", str(out), "--", *lightning_args]) == 2
-    line = _one_line(capsys.readouterr().err)
+    line = _refused_before_work(checkpoints, tmp_path, capsys, lightning_args)
     assert line.startswith("lightning-sens: error: checkpoint ")
     assert "(and 2 more checkpoints)" in line
     assert expected in line
+
+
+def _refused_before_work(
+    checkpoints: Path, tmp_path: Path, capsys, lightning_args: list[str]
+) -> str:
+    """Run evaluate, expect exit status 2 and no output folder; the one line on stderr."""
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(checkpoints), "--output", str(out), "--", *lightning_args]) == 2
+    line = _one_line(capsys.readouterr().err)
     assert not out.exists()
     assert _leftovers(out) == []
+    return line
 
 
 @pytest.mark.parametrize(
@@ -328,11 +336,7 @@ def test_data_the_model_cannot_read(
     checkpoints: Path, tmp_path: Path, capsys, lightning_args: list[str], expected: str
 ) -> None:
     """Issue 11.4.4: data of another shape or other classes: one line before any work."""
-    out = tmp_path / "eval"
-    assert main(["evaluate", str(checkpoints), "--output", str(out), "--", *lightning_args]) == 2
-    assert expected in _one_line(capsys.readouterr().err)
-    assert not out.exists()
-    assert _leftovers(out) == []
+    assert expected in _refused_before_work(checkpoints, tmp_path, capsys, lightning_args)
 
 
 def _logits(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from lightning_sens.callbacks.setup import (
     dataset_classes,
     describe_inputs,
     eval_mode,
+    shape_of,
     source_loader,
 )
 from lightning_sens.callbacks.train_scores import TrainScores
@@ -342,11 +343,10 @@ class SensitivityMonitor(Callback):
                 f"{type(error).__name__}: {error}"
             ) from error
         if not isinstance(labels, Tensor) or labels.dim() != 1:
-            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
             raise MonitorSetupError(
-                f"SensitivityMonitor read labels of shape {shape} from a {split} batch; it needs "
-                "one class index per sample, (B,). Pass batch_fn=lambda batch: (inputs, "
-                "labels, ids_or_None)."
+                f"SensitivityMonitor read labels of shape {shape_of(labels)} from a {split} "
+                "batch; it needs one class index per sample, (B,). Pass batch_fn=lambda batch: "
+                "(inputs, labels, ids_or_None)."
             )
         return to_device(inputs, device), labels.to(device)
 
@@ -591,11 +591,10 @@ class SensitivityMonitor(Callback):
             output = (self.forward_fn or default_forward)(module, inputs)
         logits = logits_of(output)
         if not isinstance(logits, Tensor) or logits.dim() != 2:
-            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise MonitorSetupError(
-                f"The module's forward returned {shape}, not (B, K) logits or an output with a "
-                "`logits` attribute. Pass SensitivityMonitor(forward_fn=lambda module, x: ...) "
-                "that returns the logits."
+                f"The module's forward returned {shape_of(logits)}, not (B, K) logits or an "
+                "output with a `logits` attribute. Pass SensitivityMonitor(forward_fn=lambda "
+                "module, x: ...) that returns the logits."
             )
         return logits
 

@@ -18,6 +18,7 @@ __all__ = [
     "dataset_classes",
     "describe_inputs",
     "eval_mode",
+    "shape_of",
     "source_loader",
 ]
 
@@ -87,3 +88,8 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+def shape_of(value: object) -> object:
+    """A tensor's shape, or the type name of anything else (for error messages)."""
+    return tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
