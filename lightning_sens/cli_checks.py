@@ -256,6 +256,7 @@ def check_data(
     return (
         f"accuracy {accuracy:.3g} on the first validation batch ({len(labels)} samples, "
         f"{described}) with the last checkpoint, chance is 1/{classes}: is --data the data "
-        "this model was trained on? The evaluation goes on, but its FI and flags describe a "
-        "model that cannot classify these samples."
+        "this model was trained on? (Pass the --config or --data of the training run; the "
+        "demo writes its own to runs/demo/config.yaml.) The evaluation goes on, but its FI and "
+        "flags describe a model that cannot classify these samples."
     )

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_sens.callbacks import SensitivityMonitor
 from lightning_sens.config import MonitorConfig
 from lightning_sens.reporting.html import write_report
+from lightning_sens.reporting.tables import write_table
 
 __all__ = [
     "CLASS_NAMES",
@@ -221,6 +222,7 @@ class DemoData(pl.LightningDataModule):
         self.dataset, self.corrupt, self.seed, self.root = dataset, corrupt, seed, root
         self.dataset_name = ""
         self.corrupted = torch.empty(0, dtype=torch.long)
+        self.true_labels = torch.empty(0, dtype=torch.long)
         self.train_set: NamedImages | None = None
         self.val_set: NamedImages | None = None
 
@@ -231,6 +233,7 @@ class DemoData(pl.LightningDataModule):
             self.dataset, Path(self.root)
         )
         y_noisy, self.corrupted = corrupt_labels(y_train, self.corrupt, self.seed + 1)
+        self.true_labels = y_train
         classes = CLASS_NAMES.get(self.dataset_name)
         self.train_set = NamedImages(x_train, y_noisy, classes)
         self.val_set = NamedImages(x_val, y_val, classes)
@@ -270,6 +273,16 @@ def _config(path: Path, model: dict[str, object], data: dict[str, object]) -> No
         "data": {"class_path": f"{module}.DemoData", "init_args": data},
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+
+
+def _write_corrupted(path: Path, corrupted: Tensor, true: Tensor, given: Tensor) -> None:
+    """The corrupted labels (sample, true label, given label): the demo's precision and recall
+    can be checked against the flag tables."""
+    rows = [
+        {"sample": i, "true_label": int(true[i]), "given_label": int(given[i])}
+        for i in sorted(corrupted.tolist())
+    ]
+    write_table(rows, path, ("sample", "true_label", "given_label"))
 
 
 def evaluate_command(out: Path) -> list[str]:
@@ -334,9 +347,15 @@ def run_demo(out: Path, max_epochs: int | None, dataset: str, corrupt: float, se
     _config(
         out / "config.yaml",
         {"channels": int(x_train.shape[1]), "lr": model.lr},
-        {"dataset": data.dataset_name, "corrupt": corrupt, "seed": seed, "root": str(out / "data")},
+        {
+            "dataset": data.dataset_name,
+            "corrupt": corrupt,
+            "seed": seed,
+            "root": str((out / "data").resolve()),  # the same downloads from any folder
+        },
     )
 
+    _write_corrupted(out / "corrupted.csv", corrupted, data.true_labels, y_train)
     print(f"Flagged training labels ({len(corrupted)} of {len(y_train)} were corrupted):")
     folder = Path(logger.log_dir)
     per_epoch = flagged_per_epoch(folder / "sensitivity", corrupted)
@@ -374,6 +393,7 @@ def run_demo(out: Path, max_epochs: int | None, dataset: str, corrupt: float, se
     print(f"Report: {report}")
     print(f"Flag tables and figures: {folder / 'sensitivity'}")
     print(f"Checkpoints, one per epoch: {out / 'checkpoints'}")
+    print(f"The corrupted labels (to check the flags against): {out / 'corrupted.csv'}")
     print(f"View the curves: tensorboard --logdir {out}")
     print("Measure the checkpoints again (the validation curves come out the same):")
     print(f"  {shlex.join(evaluate_command(out))}")

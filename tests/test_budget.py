@@ -184,7 +184,7 @@ def test_a_tight_budget_skips_the_optional_parts_and_says_so(
     # the training probe, the exact probes, the figures, and what is never skipped, once each
     assert len(notices) == 4, notices
     assert any("more than its budget, with what it never skips" in n for n in notices)
-    assert any("ran the exact probes on 0 of 32 samples per split" in n for n in notices)
+    assert any("skipped the exact probes at epoch 0" in n for n in notices)
     assert any("skipped the 2 figures" in n for n in notices)  # val: manhattan, flagged
     assert any("scored 0 of 64 probe samples" in n for n in notices)
 

@@ -71,6 +71,7 @@ def _epoch(
     probe: SensitivityResult | None = None,
     epochs: int = 1,
     splits: Sequence[str] = ("val",),
+    evidence: Sequence[str] = (),
 ) -> dict[str, Figure]:
     """One epoch's figures of the splits, keyed by tag, each checked for whole texts."""
     n = max(4 * k, 40)
@@ -100,7 +101,8 @@ def _epoch(
         for epoch in range(epochs)
     ]
     out = epoch_images(scores, decisions, probes, probe_ids, history, k, 8, pictures,
-                       damage=dict.fromkeys(splits, damage), class_names=names)  # fmt: skip
+                       damage=dict.fromkeys(splits, damage), class_names=names,
+                       evidence_splits=evidence)  # fmt: skip
     figs = {key: drawn[id(image)] for key, image in out.items()}
     for key, fig in figs.items():
         try:
@@ -272,3 +274,23 @@ def test_token_figure_names_the_closed_form_windows(
 def test_class_names_must_name_every_class(drawn: dict[int, Figure]) -> None:
     with pytest.raises(ValueError, match="class_names must hold 10 names"):
         _epoch(10, (1, 8, 8), 0, drawn, FASHION[:3])
+
+
+def test_training_flags_are_pictured_by_their_evidence(drawn: dict[int, Figure]) -> None:
+    """A split flagged by its evidence over the training steps says so in the Manhattan title
+    and the captions; other splits show this epoch's log FI."""
+    figs = _epoch(4, (1, 8, 8), 3, drawn, splits=SPLITS, evidence=("train",))
+    titles = {split: figs[keys.image("manhattan", split)].axes[0].get_title() for split in SPLITS}
+    assert "mean log FI with the true label over the training steps" in titles["train"]
+    assert "mean log FI" not in titles["val"]
+    captions = [ax.get_xlabel() for ax in figs[keys.image("flagged", "train")].axes]
+    assert captions
+    assert all("mean log FI" in caption for caption in captions), captions
+    assert not any("mean" in ax.get_xlabel() for ax in figs[keys.image("flagged", "val")].axes)
+
+
+def test_grey_maps_do_not_claim_a_maximum_over_channels(drawn: dict[int, Figure]) -> None:
+    grey = _epoch(4, (1, 8, 8), 3, drawn)[keys.image("fi_maps", "val")]
+    rgb = _epoch(4, (3, 8, 8), 3, drawn)[keys.image("fi_maps", "val")]
+    assert not any("max over channels" in ax.get_xlabel() for ax in grey.axes)
+    assert any("max over channels" in ax.get_xlabel() for ax in rgb.axes)

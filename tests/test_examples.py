@@ -65,12 +65,26 @@ def test_readme_demo_then_the_evaluate_command_it_prints(tmp_path: Path) -> None
         assert evaluated[key] == training[key], key  # the same steps, the same float32 values
     steps = [step for step, _ in training[keys.flag_count("val")]]
     assert len(steps) == 2
+    for key in ("val/loss", "val/acc"):  # the module's own metrics: at the checkpoints' steps
+        assert [step for step, _ in evaluated[key]] == steps, key
+
+    again_demo = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert again_demo.returncode == 2  # a second run would mix its logs with the first
+    assert "exists and is not empty" in again_demo.stderr
+    assert "--overwrite" in again_demo.stderr
 
     table = tmp_path / out / "training" / "sensitivity" / "flags_epoch0001.csv"
     with table.open() as f:
         rows = list(csv.DictReader(f))
     flagged = sum(r["split"] == "train" and r["flagged"] == "True" for r in rows)
     assert f"epoch  1: {flagged:4d} flagged" in demo.stdout
+    with (tmp_path / out / "corrupted.csv").open() as f:  # the flags can be checked from files
+        corrupted = {int(r["sample"]) for r in csv.DictReader(f)}
+    hits = sum(
+        r["split"] == "train" and r["flagged"] == "True" and int(r["sample"]) in corrupted
+        for r in rows
+    )
+    assert f"precision {hits / flagged:.2f} ({hits} of {flagged} flags" in demo.stdout
     assert training[keys.flag_count("train")][-1][1] == flagged  # terminal = table = TensorBoard
     report = (tmp_path / out / "report.html").read_text()
     assert "data:image/png;base64," in report

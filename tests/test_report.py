@@ -343,3 +343,26 @@ def test_sortable_table_is_self_contained(tmp_path: Path) -> None:
     ]
     assert sources
     assert all(s.startswith("data:") for s in sources if s)
+
+
+def test_the_table_link_survives_a_moved_folder_and_why_rows_are_flagged(tmp_path: Path) -> None:
+    """The link to the flag table is relative to the report (evaluate writes into a partial
+    folder and renames it); the flagged rows carry the evidence and p_bad the rule used."""
+    path, _ = _report(tmp_path, _FLAGGED, _SCORED)
+    text = path.read_text()
+    assert f"Every scored sample: {Path('sensitivity', 'flags_epoch0002.csv')}" in text
+    assert str(tmp_path) not in text
+    heads, rows = _table(_parse(path), id="flagged")
+    assert {"evidence", "p_bad"} <= set(heads)
+    evidence = {row[heads.index("evidence")].content() for row in rows}
+    assert "–" in evidence  # the val row: no training steps
+    assert len(evidence) > 2  # the train rows: their own means
+
+
+def test_the_splits_note_says_what_train_is(tmp_path: Path) -> None:
+    default, _ = _report(tmp_path / "training", _FLAGGED, _SCORED)
+    assert "scored in the training steps" in default.read_text()
+    note = "Splits: <em>train</em> is a fixed probe of 256 training samples."
+    evaluated, _ = _report(tmp_path / "evaluate", _FLAGGED, _SCORED, splits_note=note)
+    assert note in evaluated.read_text()
+    assert "scored in the training steps" not in evaluated.read_text()

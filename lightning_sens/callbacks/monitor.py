@@ -734,7 +734,11 @@ class SensitivityMonitor(Callback):
         wanted = min([c.exact_probe_size, *(len(i) for i in indices.values())]) if indices else 0
         per_sample = self._prior(_EXACT_FORWARDS_PER_CLASS * self._num_classes * len(indices))
         fit = self._fit("exact probes", wanted, _MIN_EXACT, per_sample)
-        what = f"ran the exact probes on {fit.units} of {wanted} samples per split"
+        what = (
+            f"ran the exact probes on {fit.units} of {wanted} samples per split"
+            if fit.units
+            else "skipped the exact probes"
+        )
         self._notice("exact probes", fit, what, epoch)
         if fit.units:
             with (
@@ -799,9 +803,12 @@ class SensitivityMonitor(Callback):
         began = time.perf_counter()  # flags, scalars and tables: the part the budget reserves
         table: dict[str, list[Any]] = {}
         decisions = {}
+        pictured = dict(scores)  # what the figures show: the score each split's flags rank by
         for split, s in scores.items():
             decision, evidence = self._decide(split, s)
             decisions[split] = decision
+            if evidence is not None:
+                pictured[split] = dataclasses.replace(s, log_fi_true=evidence[0])
             self.flags.update(split, epoch, s.ids[decision.flagged].tolist())
             ranks: dict[int, int] = {}
             if split in probes and probes[split].input is not None:
@@ -844,8 +851,8 @@ class SensitivityMonitor(Callback):
         if self.config.log_images and (writer.tensorboard is not None or self.config.save_figures):
             with self._part("the figures"):
                 self._figures(
-                    module, loaders, scores, decisions, probes, probe_ids, writer, step, epoch,
-                    log_dir, damage,
+                    module, loaders, pictured, decisions, probes, probe_ids, writer, step, epoch,
+                    log_dir, damage, {k for k in scores if pictured[k] is not scores[k]},
                 )  # fmt: skip
         if self.config.log_images and writer.tensorboard is None:
             writer.skip_images()
@@ -894,8 +901,11 @@ class SensitivityMonitor(Callback):
         epoch: int,
         log_dir: Path,
         damage: dict[str, dict[str, LayerDamage]],
+        evidence: set[str],
     ) -> None:
-        """Fetch the pictured samples here, draw and log on the figure thread."""
+        """Fetch the pictured samples here, draw and log on the figure thread. ``scores`` hold
+        the score each split's flags rank by: for the splits in ``evidence``, the mean log FI
+        over the training steps so far."""
         count = 2 * len(scores) + 2 * len(probes)  # about this many figures
         fit = self._fit("figures", count, count, _SECONDS_PER_FIGURE)
         if fit.units and self._budgeted and self._drawing.busy:
@@ -926,6 +936,7 @@ class SensitivityMonitor(Callback):
                 damage,
                 config.damage_noise,
                 class_names=names,
+                evidence_splits=evidence,
             )
             for key, image in images.items():
                 writer.image(key, image, step)

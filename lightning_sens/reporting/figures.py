@@ -42,7 +42,10 @@ _JITTER_SEED = 0
 _NAME_CHARS = 30
 _MAX_FIG_INCHES = 16.0
 _OVERLAY_DECADES = 4
-_CROSS: dict[str, Any] = {"marker": "x", "color": "cyan", "markersize": 8, "mew": 2}
+# clip_on=False: a top pixel on the border keeps its whole cross
+_CROSS: dict[str, Any] = {
+    "marker": "x", "color": "cyan", "markersize": 8, "mew": 2, "clip_on": False
+}  # fmt: skip
 
 
 def _numpy(tensor: torch.Tensor) -> NDArray[np.float64]:

@@ -12,6 +12,7 @@ import html
 import io
 import math
 import numbers
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,11 +72,20 @@ _SPLIT_ORDER = ("train", "val", "train_all")
 _SPLIT_NAMES = {"train": "train", "val": "val", "train_all": "full training-set scan"}
 _NOTE = (
     "FI is the influence measure of Shu &amp; Zhu (AAAI 2019). Whole-input FI equals "
-    "(1 − p_y)/p_y exactly where the effective rank is K − 1; see docs/method.md. Splits: "
-    "<em>train</em> is every training sample scored in the training steps (or a fixed training "
-    "probe where the steps are not scored), <em>val</em> every validation sample, the "
+    "(1 − p_y)/p_y exactly where the effective rank is K − 1; see docs/method.md. "
+)
+TRAINING_SPLITS = (
+    "Splits: <em>train</em> is every training sample scored in the training steps (or a fixed "
+    "training probe where the steps are not scored), <em>val</em> every validation sample, the "
     "<em>full training-set scan</em> (optional) the whole training set in evaluation mode."
 )
+
+
+_EVIDENCE = (
+    "mean log FI with the label over every training step that scored the sample: what the "
+    "counterfactual rule ranks training samples by (docs/flags.md)"
+)
+_P_BAD = "the estimated share of wrong labels among the samples of this class that score as high"
 
 
 def _split_name(split: str) -> str:
@@ -189,7 +199,8 @@ def _td(text: str, sort_value: object = None, *, left: bool = False) -> str:
 
 
 def _th(text: str, tip: str = "", sort: str = "", order: str = "") -> str:
-    attributes = f' title="{html.escape(" ".join(tip.split()))}"' if tip else ""
+    tip = " ".join(tip.replace("``", "").split())  # docstrings' reStructuredText literals
+    attributes = f' title="{html.escape(tip)}"' if tip else ""
     attributes += f' data-sort="{sort}"' if sort else ""
     attributes += f' aria-sort="{order}"' if order else ""
     return f"<th{attributes}>{html.escape(text)}</th>"
@@ -304,9 +315,18 @@ def _flag_section(
         _th("label", sort="text"),
         _th("prediction", sort="text"),
         _th("p_label", "the model's probability of the label", sort="number"),
-        _th("log FI", "log FI with the label, (1 − p_label)/p_label", "number", "descending"),
+        _th(
+            "log FI",
+            "natural log of FI with the label, FI = (1 − p_label)/p_label",
+            "number",
+            "descending",
+        ),
         _th(f"flagged in {recent} epochs", sort="number"),
     ]
+    evidence = any(math.isfinite(_float(r.get("log_fi_mean", "nan"))) for r in rows)
+    p_bad = any(math.isfinite(_float(r.get("p_bad", "nan"))) for r in rows)
+    parts += [_th("evidence", _EVIDENCE, sort="number")] if evidence else []
+    parts += [_th("p_bad", _P_BAD, sort="number")] if p_bad else []
     parts.append("</tr></thead><tbody>")
     for r, image in zip(rows, images, strict=True):
         cells = []
@@ -324,6 +344,9 @@ def _flag_section(
             _td(format_number(r["log_fi"]), r["log_fi"]),
             _td(format_number(r["flagged_recent"]), r["flagged_recent"]),
         ]
+        for shown, column in ((evidence, "log_fi_mean"), (p_bad, "p_bad")):
+            if shown:
+                cells.append(_td(format_number(r.get(column, "nan")), r.get(column, "nan")))
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</tbody></table>")
     if failures:
@@ -331,7 +354,6 @@ def _flag_section(
             f"<p class='note'>{len(failures)} of {len(rows)} thumbnails could not be drawn "
             f"(first error: {html.escape(failures[0])}).</p>"
         )
-    parts.append(f"<p class='note'>Every scored sample: {html.escape(str(flag_table))}</p>")
     return parts
 
 
@@ -359,6 +381,7 @@ def write_report(
     *,
     thumbnails: Thumbnails | None = None,
     class_names: Sequence[str] | None = None,
+    splits_note: str = TRAINING_SPLITS,
 ) -> None:
     """Write ``path``: one table row per checkpoint, the figures (embedded), the flagged samples.
 
@@ -371,13 +394,14 @@ def write_report(
         thumbnails: (split, sample id) → the sample's image, (C, H, W) with C = 1 or 3, or None;
             shown beside each flagged sample. Errors leave the picture out, with a note.
         class_names: names of the classes, for the label and prediction columns.
+        splits_note: what the splits are (HTML): the default describes a training run.
     """
     escaped = html.escape(title)
     parts = [
         "<!DOCTYPE html>",
         f"<html lang='en'><head><meta charset='utf-8'><title>{escaped}</title>",
         f"<style>{_STYLE}</style></head><body><h1>{escaped}</h1>",
-        f"<p class='note'>{_NOTE}</p>",
+        f"<p class='note'>{_NOTE}{splits_note}</p>",
     ]
     parts += _history_section(checkpoints, history)
     if figures:
@@ -388,6 +412,8 @@ def write_report(
             parts.append(f"<h3>{name}</h3><img alt='{name}' src='data:image/png;base64,{data}'>")
     if flag_table is not None and flag_table.exists():
         parts += _flag_section(flag_table, history, config, thumbnails, class_names)
+        link = os.path.relpath(flag_table, path.parent)  # valid wherever the folder moves
+        parts.append(f"<p class='note'>Every scored sample: {html.escape(link)}</p>")
     parts.append("<h2>Configuration</h2><table><tbody>")
     parts += [
         f"<tr>{_td(str(k), left=True)}{_td(_config_value(v), left=True)}</tr>"

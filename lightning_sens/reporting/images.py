@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -82,13 +82,18 @@ def _samples_figure(
 
 
 def _caption(
-    sample: int, label: int, pred: int, log_fi: float, names: Sequence[str] | None = None
+    sample: int,
+    label: int,
+    pred: int,
+    log_fi: float,
+    names: Sequence[str] | None = None,
+    score: str = "log FI",
 ) -> str:
     """``#id y=… ŷ=…`` and log FI; class names (shortened) on lines that fit under an image."""
     if names is None:
-        return f"#{sample} y={label} ŷ={pred}\nlog FI {log_fi:.2f}"
+        return f"#{sample} y={label} ŷ={pred}\n{score} {log_fi:.2f}"
     pair = f"y={figures._shorten(names[label], 22)} ŷ={figures._shorten(names[pred], 22)}"
-    return f"#{sample} log FI {log_fi:.2f}\n" + (
+    return f"#{sample} {score} {log_fi:.2f}\n" + (
         pair if len(pair) <= 26 else pair.replace(" ŷ", "\nŷ")
     )
 
@@ -156,6 +161,7 @@ def epoch_images(
     noise: float = 0.1,
     *,
     class_names: Sequence[str] | None = None,
+    evidence_splits: Collection[str] = (),
 ) -> dict[str, Tensor]:
     """Manhattan plots, per-layer views, flagged samples and FI-map overlays, keyed by tag.
 
@@ -172,6 +178,8 @@ def epoch_images(
             ``noise``: its noise level ρ.
         class_names: num_classes names (e.g. ``dataset.classes``) for the Manhattan plots' ticks
             and the flagged samples' captions; None: the class numbers.
+        evidence_splits: splits whose ``log_fi_true`` holds the mean log FI over the training
+            steps so far (what their flags rank), not this epoch's: titles and captions say so.
 
     FI-map windows at the closed form (rank K − 1 in most blocks of the probe samples,
     :func:`~lightning_sens.reporting.summary.informative`: FI is (1 − p_y)/p_y there, no
@@ -185,7 +193,12 @@ def epoch_images(
         flagged, rule = decisions[split].flagged, decisions[split].rule
         count = int(flagged.sum())
         shown = f"{count} flagged by {rule}, in red" if count else f"none flagged by {rule}"
-        title = f"{split}: log FI with the true label ({shown})"
+        what = (
+            "mean log FI with the true label over the training steps, what the flags rank"
+            if split in evidence_splits
+            else "log FI with the true label"
+        )
+        title = f"{split}: {what} ({shown})"
         fig = figures.manhattan_plot(s.log_fi_true, s.labels, num_classes, flagged, title, names,
                                      flag_label=f"flagged ({rule})")  # fmt: skip
         out[keys.image("manhattan", split)] = figures.figure_to_image(fig)
@@ -193,7 +206,12 @@ def epoch_images(
         top = _flagged_rows(s, decisions[split], num_images)
         captions = [
             _caption(
-                int(s.ids[i]), int(s.labels[i]), int(s.preds[i]), float(s.log_fi_true[i]), names
+                int(s.ids[i]),
+                int(s.labels[i]),
+                int(s.preds[i]),
+                float(s.log_fi_true[i]),
+                names,
+                "mean log FI" if split in evidence_splits else "log FI",
             )
             for i in top.tolist()
         ]
@@ -252,7 +270,8 @@ def epoch_images(
                 if images is None:
                     continue
                 maps = {w: b.fi[order].amax(dim=1).cpu() for w, b in drawn.items()}
-                captions = [f"#{int(i)}, max over channels" for i in ids]
+                several = images.shape[1] > 1  # FI maps: the largest over a pixel's channels
+                captions = [f"#{int(i)}" + (", max over channels" if several else "") for i in ids]
                 lead = None
                 if result.input.metric_map is not None:  # KL of editing a pixel's channels
                     metric = result.input.metric_map[order].sum(dim=1).cpu()
