@@ -1,4 +1,5 @@
-"""Invariances and bounds of METHOD.md §8, chunking, and that the model is treated as a function."""
+"""Invariances and bounds of FI (docs/method.md), chunking, and that the model is treated as a
+function."""
 
 from __future__ import annotations
 

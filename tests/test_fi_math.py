@@ -1,4 +1,4 @@
-"""K-space FI against brute force and 250-digit arithmetic; the closed forms of METHOD.md §5."""
+"""K-space FI against brute force and 250-digit arithmetic; the closed forms of docs/method.md."""
 
 from __future__ import annotations
 
@@ -139,7 +139,8 @@ def test_no_nan_when_probabilities_underflow() -> None:
 
 @pytest.mark.parametrize("K", [3, 7])
 def test_full_rank_gives_closed_form(K: int) -> None:
-    """METHOD.md §5.1: rank K − 1 ⇒ FI = (1 − p_y)/p_y for log p_y, p_y(1 − p_y) for p_y."""
+    """docs/method.md, the closed form: rank K − 1 ⇒ FI = (1 − p_y)/p_y for log p_y,
+    p_y(1 − p_y) for p_y."""
     J, p = _random_case(K, K + 3, seed=K)
     for y in range(K):
         c = log_prob_gradient(p, torch.tensor(y))
@@ -152,7 +153,7 @@ def test_full_rank_gives_closed_form(K: int) -> None:
 
 
 def test_one_coordinate_closed_form() -> None:
-    """METHOD.md §5.2: m = 1 ⇒ FI = (cᵀu)² / (uᵀHu); both routes agree."""
+    """A one-dimensional family, m = 1 ⇒ FI = (cᵀu)² / (uᵀHu); both routes agree."""
     for seed in range(5):
         J, p = _random_case(6, 1, seed)
         u = J[:, 0]
@@ -175,7 +176,7 @@ def test_direction_along_ones_has_no_influence() -> None:
 
 
 def test_objective_scaling_and_reparameterisation() -> None:
-    """FI(a·f) = a² FI(f); ω = Aτ with invertible A leaves FI unchanged (METHOD.md §3, §8)."""
+    """FI(a·f) = a² FI(f); ω = Aτ with invertible A leaves FI unchanged (docs/method.md)."""
     J, p = _random_case(6, 3, seed=4)
     c = log_prob_gradient(p, torch.tensor(1))
     base = fi_from_gram(J @ J.T, p, c).fi

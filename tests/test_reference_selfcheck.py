@@ -1,4 +1,5 @@
-"""Self-checks of the float64 brute-force reference against METHOD.md (§5, §7, §8)."""
+"""Self-checks of the float64 brute-force reference against the closed forms, the authors'
+recipe and the invariances of docs/method.md."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     python examples/paper/reproduce.py --dataset cifar10 --arch resnet50 --out runs/paper
     python examples/paper/reproduce.py --small --out /tmp/paper      # time: docs/paper.md
 
-Setup as in the paper (METHOD.md §9): ResNet50 or DenseNet121 adapted to small images (3 × 3 stem,
+Setup as in the paper (docs/paper.md): ResNet50 or DenseNet121 adapted to small images (3 × 3 stem,
 no max-pool, dropout 0.2, L2 1e-4), Adam, batch 128, raw 0–255 pixels, no augmentation, the best
 validation checkpoint, eval mode for FI. Data: CIFAR10 (45k/5k/10k) or MNIST (54k/6k/10k) through
 torchvision where they can be downloaded, Fashion-MNIST from Debian's dataset-fashion-mnist as the

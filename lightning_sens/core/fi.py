@@ -1,9 +1,9 @@
 """The influence measure in K-space: closed forms and FI from a block's Gram matrix.
 
-Everything here is pure tensor math (METHOD.md §3–§5). A perturbation family ω (a block of input
-coordinates, a layer's parameters, a scaling factor) enters through the Jacobian J = ∂z/∂ω of the
-logits z ∈ R^K. With p = softmax(z), H = diag(p) − p pᵀ and c = ∂f/∂z
-(for f = log p_y: c = e_y − p),
+Everything here is pure tensor math (docs/method.md, "The measure" and "Two facts you must
+know"). A perturbation family ω (a block of input coordinates, a layer's parameters, a scaling
+factor) enters through the Jacobian J = ∂z/∂ω of the logits z ∈ R^K. With p = softmax(z),
+H = diag(p) − p pᵀ and c = ∂f/∂z (for f = log p_y: c = e_y − p),
 
     G = Jᵀ H J,    ∇f = Jᵀ c,    FI = ∇fᵀ G⁺ ∇f = max_v (vᵀ∇f)² / (vᵀ G v).
 
@@ -11,10 +11,10 @@ Writing u = J v for the change of logits a direction causes, FI = max over u ∈
 (cᵀu)² / (uᵀ H u): only the span of achievable logit changes matters, and that span is read off the
 K × K Gram matrix S = J Jᵀ. Nothing of size m is ever needed.
 
-Numerics (ENGINE.md, "Numerics"): the rank of the family is decided on the p-independent Gram; the
-probability-dependent algebra is done relative to the most probable class r, whose probability
-p_r ≥ 1/K is never subtracted from 1, so that confident predictions (p_r = 1 − 1e-26) lose
-no digits.
+Numerics (docs/engine.md, "Numerics"): the rank of the family is decided on the p-independent
+Gram; the probability-dependent algebra is done relative to the most probable class r, whose
+probability p_r ≥ 1/K is never subtracted from 1, so that confident predictions
+(p_r = 1 − 1e-26) lose no digits.
 """
 
 from __future__ import annotations
@@ -50,9 +50,11 @@ class BlockFI:
     """FI of one perturbation family per sample (and per block), with f = log p_y unless stated.
 
     Attributes:
-        fi: FI = ∇fᵀ G⁺ ∇f (METHOD.md §3), float64, shape ``(B, *blocks)``. Dimensionless.
+        fi: FI = ∇fᵀ G⁺ ∇f (docs/method.md, "The measure"), float64, shape ``(B, *blocks)``.
+            Dimensionless.
         relative_fi: FI divided by the largest FI any family can reach for that sample,
-            ``(1 − p_y) / p_y`` for f = log p_y (METHOD.md §5.3); in [0, 1]; 0 where both are 0.
+            ``(1 − p_y) / p_y`` for f = log p_y (docs/method.md, "The measure"); in [0, 1]; 0
+            where both are 0.
         effective_rank: rank of G (int64), decided on the p-independent Gram with a relative
             tolerance; at most K − 1. FI equals the closed form exactly when it is K − 1.
     """
@@ -81,7 +83,8 @@ class BlockFI:
 
 @dataclass(frozen=True)
 class ClosedFormFI:
-    """Whole-family FI from the logits alone (METHOD.md §5.1), for f = log p_y.
+    """Whole-family FI from the logits alone, for f = log p_y (docs/method.md, "Two facts you
+    must know").
 
     Attributes:
         target: the class y of each sample (int64, ``(B,)``): the given label or the argmax.
@@ -136,7 +139,7 @@ def contrast_basis(
     Returns:
         Q of shape ``(K, K − 1)`` with ``Qᵀ Q = I`` and ``Qᵀ 1 = 0``. Because H·1 = 0 and
         cᵀ1 = 0, FI depends on J only through ``Qᵀ J``: the engine backpropagates the K − 1 columns
-        of Q as cotangents (ENGINE.md, step 2).
+        of Q as cotangents (docs/engine.md, "One forward pass, K − 1 backward products").
 
     Example:
         >>> Q = contrast_basis(3)
@@ -171,9 +174,9 @@ def closed_form_fi(logits: Tensor, target: Target) -> ClosedFormFI:
     """Whole-family FI for f = log p_y from the logits: (1 − p_y) / p_y, in log space.
 
     This is the exact FI of any perturbation family whose Gram has full rank K − 1, e.g. the
-    whole input (Setups 1 and 3) or all parameters (METHOD.md §5.1). It costs nothing once the
-    logits exist. Computed as log FI = logsumexp_{k≠y}(z_k − z_y) in float64, so it stays exact
-    at logit margins where (1 − p)/p in float32 is 0.
+    whole input (Setups 1 and 3) or all parameters (docs/method.md, "Two facts you must know").
+    It costs nothing once the logits exist. Computed as log FI = logsumexp_{k≠y}(z_k − z_y) in
+    float64, so it stays exact at logit margins where (1 − p)/p in float32 is 0.
 
     Args:
         logits: ``(B, K)`` logits, any floating dtype.
@@ -389,7 +392,7 @@ def fi_from_contrast_gram(
 
 
 def fi_from_gram(gram: Tensor, probs: Tensor, c: Tensor, rtol: float | None = None) -> BlockFI:
-    """FI of a perturbation family from its K × K Gram S = J Jᵀ (METHOD.md §4).
+    """FI of a perturbation family from its K × K Gram S = J Jᵀ (docs/method.md, "Numerics").
 
     Batched over any leading dimensions (samples, blocks): ``gram`` is ``(..., K, K)``, ``probs``
     and ``c`` are ``(..., K)`` and broadcast against it.

@@ -216,7 +216,8 @@ def grad_log_py(p: Tensor, y: Tensor) -> Tensor:
 def authors_recipe_fi(
     prob_jacobian: Tensor, probs: Tensor, target: int | Tensor, eps: float = 1e-3
 ) -> Tensor:
-    """The ε-regularised FI of the authors' public code (METHOD.md §7), for reproduction only.
+    """The ε-regularised FI of the authors' public code, for reproduction only (docs/method.md,
+    "The authors' recipe").
 
     Batched over any leading dimensions (blocks, samples).
 

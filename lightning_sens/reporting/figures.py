@@ -1,4 +1,5 @@
-"""Matplotlib pictures of the influence measure FI (METHOD.md §9), for TensorBoard or files.
+"""Matplotlib pictures of the influence measure FI (docs/paper.md: the four analyses), for
+TensorBoard or files.
 
 Object API and the Agg canvas only (no ``pyplot``: no global state, no GUI backend). Inputs are
 torch tensors of any dtype and device, copied to CPU float64. Jitter comes from a fixed
@@ -160,7 +161,7 @@ def manhattan_plot(
     class_names: Sequence[str] | None = None,
     flag_label: str = "flagged",
 ) -> Figure:
-    """The paper's Manhattan plot of per-sample FI (Setup 1, METHOD.md §9.1).
+    """The paper's Manhattan plot of per-sample FI (Setup 1 of docs/paper.md).
 
     x axis: class 0..num_classes-1 (tick labels ``class_names``, shortened to 20 characters and
     upright when long, or the integers; only every k-th with many classes), each sample jittered
@@ -296,7 +297,7 @@ def layer_strip_plot(
     title: str = "",
     value_label: str = "log FI",
 ) -> Figure:
-    """The paper's per-layer view (Setup 2, METHOD.md §9.2): one value per layer per sample.
+    """The paper's per-layer view (Setup 2 of docs/paper.md): one value per layer per sample.
 
     x axis: layer index (tick labels = layer names shortened to 30 characters, rotated, only every
     k-th when there are many), each sample jittered horizontally; y axis: ``value_label``. A black
@@ -384,7 +385,7 @@ def fi_overlays(
     title: str = "",
     lead: tuple[str, str, torch.Tensor] | None = None,
 ) -> Figure:
-    """FI maps over their images (Setup 4, METHOD.md §9.4): where the model is vulnerable.
+    """FI maps over their images (Setup 4 of docs/paper.md): where the model is vulnerable.
 
     One row per sample. Column 0: the image (caption below). Then one column per window size w,
     ascending, titled ``w = 3`` etc.: the image in grey with the FI map on a log colour scale
