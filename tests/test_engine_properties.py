@@ -190,20 +190,28 @@ def test_model_is_left_exactly_as_it_was(context: str) -> None:
     assert torch.equal(rng, torch.get_rng_state())
 
 
-def test_frozen_parameters_need_no_requires_grad() -> None:
-    """Post-hoc users often freeze the model; per-layer FI must still work (layers named)."""
+def test_frozen_layers_are_refused_with_the_fix_and_inputs_still_work() -> None:
+    """The decided behaviour for frozen models (post-hoc users often freeze them): per-layer FI
+    perturbs the parameters training moves, so a frozen layer named in ``layers`` is refused
+    with the fix in the message, and left out when layers are not named; input FI needs no
+    trainable parameter. Unfrozen again, the layers give the same FI as before."""
     model, x, labels = build(CNN)
     names = ["0", "1", "3", "4", "7"]
-    reference_result = parameter_fi(model, x, labels, layers=names)
+    before = parameter_fi(model, x, labels, layers=names)
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"'0', whose parameters are all frozen.*requires_grad_"):
+        parameter_fi(model, x, labels, layers=names)
+    assert "0" not in parameter_fi(model, x, labels).layers  # not named: left out
     for p in model.parameters():
         p.requires_grad_(False)
-    with pytest.raises(ValueError, match="not a module owning trainable parameters"):
-        parameter_fi(model, x, labels, layers=names)
-    for p in model.parameters():
-        p.requires_grad_(True)
     frozen_input = input_fi(model, x, labels, windows=(1,))
     assert torch.isfinite(frozen_input.whole.fi).all()
-    assert set(reference_result.layers) == set(names)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    after = parameter_fi(model, x, labels, layers=names)
+    for name in names:
+        _close(after.layers[name].parameters.fi, before.layers[name].parameters.fi, rtol=1e-14)
 
 
 def test_forward_fn_adapts_models_that_return_more_than_logits() -> None:
@@ -242,9 +250,28 @@ def test_forward_fn_adapts_models_that_return_more_than_logits() -> None:
     assert set(adapted.parameters.layers) == {f"net.{n}" for n in ["0", "1", "3", "4", "7"]}
 
 
-def test_core_does_not_import_lightning() -> None:
+PURE = (  # everything below the callbacks and the command line: no Lightning, no TensorBoard
+    "lightning_sens",
+    "lightning_sens.core",
+    "lightning_sens.reference",
+    "lightning_sens.flagging",
+    "lightning_sens.config",
+    "lightning_sens.label_noise",
+    "lightning_sens.damage",
+    "lightning_sens.data",
+    *(
+        f"lightning_sens.reporting.{name}"
+        for name in (
+            "keys", "writers", "summary", "stats", "tables", "figures", "images", "sequences",
+            "html",
+        )
+    ),
+)  # fmt: skip
+
+
+def test_the_pure_modules_do_not_import_lightning() -> None:
     code = (
-        "import sys, lightning_sens, lightning_sens.core, lightning_sens.reference; "
+        f"import sys, {', '.join(PURE)}; "
         "roots = {m.split('.')[0] for m in sys.modules}; "
         "bad = roots & {'lightning', 'pytorch_lightning', 'tensorboard'}; "
         "assert not bad, bad"

@@ -76,6 +76,14 @@ def trainable_layers(
     if layers is not None:
         chosen = {}
         for name in _patterns("layers", layers):
+            frozen = dict(model.named_modules()).get(name)
+            if name not in owners and frozen is not None and list(frozen.parameters(False)):
+                raise ValueError(
+                    f"layers names {name!r}, whose parameters are all frozen "
+                    "(requires_grad=False): per-layer FI perturbs the parameters training "
+                    f"moves. Unfreeze them to measure the layer: "
+                    f"model.get_submodule({name!r}).requires_grad_(True)."
+                )
             if name not in owners:
                 close = difflib.get_close_matches(name, list(owners), n=3)
                 hint = f" Did you mean {close}?" if close else ""
