@@ -256,6 +256,9 @@ class SensitivityMonitor(Callback):
         self._rows = 0  # scored samples of this epoch: its flag table's rows
         self._checked: set[tuple[str, int]] = set()  # (stage, trainer) whose setup was checked
         self.class_names: tuple[str, ...] | None = self.config.class_names
+        # what the Trainer's precision does to a batch before the model sees it (64-true: to
+        # float64); applied to every batch the monitor reads itself
+        self._convert_input: Callable[[Any], Any] = lambda batch: batch
 
     @property
     def figure_sets_drawn(self) -> int:
@@ -269,6 +272,9 @@ class SensitivityMonitor(Callback):
         return self._generate_state_key(
             seed=self.config.seed, every_n_epochs=self.config.every_n_epochs, **post_hoc
         )
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._convert_input = trainer.precision_plugin.convert_input
 
     # -- fail in seconds: one batch of each split and one sample through everything ------------
 
@@ -334,7 +340,7 @@ class SensitivityMonitor(Callback):
         except (TypeError, NotImplementedError, AttributeError):
             batch = next(iter(loader))
         try:
-            inputs, labels, _ = self.batch_fn(batch)
+            inputs, labels, _ = self.batch_fn(self._convert_input(batch))
         except MonitorSetupError:
             raise
         except Exception as error:
@@ -608,7 +614,8 @@ class SensitivityMonitor(Callback):
         self, loader: DataLoader, indices: Tensor, device: torch.device
     ) -> tuple[Inputs, Tensor, Tensor]:
         samples = [loader.dataset[i] for i in indices.tolist()]
-        inputs, labels, _ = self.batch_fn((loader.collate_fn or default_collate)(samples))
+        batch = self._convert_input((loader.collate_fn or default_collate)(samples))
+        inputs, labels, _ = self.batch_fn(batch)
         return to_device(inputs, device), labels.to(device), indices
 
     def _scan_due(self) -> bool:
@@ -629,7 +636,7 @@ class SensitivityMonitor(Callback):
         for batch in tqdm(
             ordered, desc="sensitivity: scanning the training set", leave=False, disable=quiet
         ):
-            inputs, labels, ids = self.batch_fn(batch)
+            inputs, labels, ids = self.batch_fn(self._convert_input(batch))
             if ids is None:
                 ids = torch.arange(seen, seen + len(labels))
             seen += len(labels)
