@@ -89,7 +89,7 @@ def build_synthetic(logdir):
             w.add_scalar("sensitivity/train_val_gap", 0.05 + 0.04 * s, s)
     rng = np.random.default_rng(0)
     for k, split in enumerate(["train", "val"]):
-        with SummaryWriter(os.path.join(logdir, "sensitivity", split)) as w:
+        with SummaryWriter(os.path.join(logdir, "sensitivity", split)) as w:  # paths.split_run
             for s in range(3):
                 w.add_scalar("sensitivity/flagged", 40 + 30 * s - 15 * k, s)
                 w.add_scalar("sensitivity/persistent", 10 * s - 4 * k * s, s)

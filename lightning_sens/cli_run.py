@@ -32,6 +32,7 @@ def run_checkpoints(
     from lightning_sens.callbacks import SensitivityMonitor
     from lightning_sens.core.inputs import to_device
     from lightning_sens.damage import QUANTIZATION_COLUMNS, quantization_report
+    from lightning_sens.reporting import paths
     from lightning_sens.reporting.html import write_report
     from lightning_sens.reporting.tables import write_table
 
@@ -59,8 +60,8 @@ def run_checkpoints(
         done.append((path.name, epoch, step))
         progress.write(_summary(path.name, epoch, step, monitor.history[-1]))
     last = checkpoints[-1][1]
-    figures = sorted((work / "sensitivity" / "figures").glob(f"*_epoch{last:04d}.png"))
-    table = work / "sensitivity" / f"flags_epoch{last:04d}.csv"
+    figures = paths.figures(work, last)
+    table = paths.flag_table(work, last)
     report = work / "report.html"
     datasets = {"train": data.train_dataloader().dataset, "val": data.val_dataloader().dataset}
     probe = f"a fixed probe of {config.train_probe_size} training samples"

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens.callbacks import SensitivityMonitor
 from lightning_sens.config import MonitorConfig
+from lightning_sens.reporting import paths
 from lightning_sens.reporting.html import write_report
 from lightning_sens.reporting.tables import write_table
 
@@ -247,11 +248,12 @@ class DemoData(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=250)
 
 
-def flagged_per_epoch(folder: Path, corrupted: Tensor) -> list[tuple[int, int, int]]:
-    """(epoch, training samples flagged, how many of them have a corrupted label) per epoch."""
+def flagged_per_epoch(log_dir: Path, corrupted: Tensor) -> list[tuple[int, int, int]]:
+    """(epoch, training samples flagged, how many of them have a corrupted label) per epoch of
+    the run logged under ``log_dir``."""
     bad = set(corrupted.tolist())
     out = []
-    for table in sorted(folder.glob("flags_epoch*.csv")):
+    for table in paths.flag_tables(log_dir):
         with table.open() as f:
             rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
         flagged = {int(r["sample"]) for r in rows if r["flagged"] == "True"}
@@ -358,7 +360,7 @@ def run_demo(out: Path, max_epochs: int | None, dataset: str, corrupt: float, se
     _write_corrupted(out / "corrupted.csv", corrupted, data.true_labels, y_train)
     print(f"Flagged training labels ({len(corrupted)} of {len(y_train)} were corrupted):")
     folder = Path(logger.log_dir)
-    per_epoch = flagged_per_epoch(folder / "sensitivity", corrupted)
+    per_epoch = flagged_per_epoch(folder, corrupted)
     for epoch, flagged, hits in per_epoch:
         print(f"  epoch {epoch:2d}: {flagged:4d} flagged, {hits:4d} of them corrupted")
     if per_epoch:
@@ -370,10 +372,10 @@ def run_demo(out: Path, max_epochs: int | None, dataset: str, corrupt: float, se
             f"labels), recall {recall:.2f} ({hits} of {len(corrupted)} corrupted labels found)."
         )
     last = trainer.current_epoch - 1
-    figures = sorted((folder / "sensitivity" / "figures").glob(f"*_epoch{last:04d}.png"))
+    figures = paths.figures(folder, last)
     rows = [(f"epoch {int(h['epoch'])}", int(h["epoch"]), int(h["step"])) for h in monitor.history]
     report = out / "report.html"
-    table = folder / "sensitivity" / f"flags_epoch{last:04d}.csv"
+    table = paths.flag_table(folder, last)
     write_report(
         report,
         f"lightning-sens demo: {data.dataset_name}",

@@ -9,7 +9,8 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_sens.reporting import keys
-from lightning_sens.reporting.writers import read_scalars, run_dir
+from lightning_sens.reporting.paths import split_run
+from lightning_sens.reporting.writers import read_scalars
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ def read_logged(log_dir: Path) -> Logged:
     texts: set[str] = set()
     runs: set[str] = set()
     folders: list[tuple[str | None, Path]] = [(None, log_dir)]
-    folders += [(split, run_dir(log_dir, split)) for split in keys.RUNS]
+    folders += [(split, split_run(log_dir, split)) for split in keys.RUNS]
     for split, folder in folders:
         if not folder.is_dir():
             continue

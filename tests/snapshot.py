@@ -31,7 +31,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_sens import MonitorConfig, SensitivityMonitor
 from lightning_sens.reporting import keys
-from lightning_sens.reporting.writers import read_scalars, run_dir
+from lightning_sens.reporting.paths import split_run
+from lightning_sens.reporting.writers import read_scalars
 
 RECORD = Path(__file__).parent / "data" / "monitor_snapshot.json"
 # What depends on the clock, not on the model: left out of the record.
@@ -127,7 +128,7 @@ def snapshot(log_dir: Path, history: list[dict[str, float]]) -> dict[str, Any]:
     images: dict[str, list[list[int]]] = {}
     texts: dict[str, list[str]] = {}
     folders: list[tuple[str | None, Path]] = [(None, log_dir)]
-    folders += [(split, run_dir(log_dir, split)) for split in keys.RUNS]
+    folders += [(split, split_run(log_dir, split)) for split in keys.RUNS]
     for split, folder in folders:
         if not folder.is_dir():
             continue

@@ -23,7 +23,8 @@ from lightning_sens.cli_checks import check_data, first_batch
 from lightning_sens.core.inputs import default_forward
 from lightning_sens.damage import quantization_report
 from lightning_sens.reporting import keys
-from lightning_sens.reporting.writers import read_scalars, run_dir
+from lightning_sens.reporting.paths import split_run
+from lightning_sens.reporting.writers import read_scalars
 from tests.cli_models import TinyData, TinyModule
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
@@ -90,7 +91,7 @@ def test_evaluate_a_directory_of_checkpoints(checkpoints: Path, tmp_path: Path) 
     curve = scalars[keys.curve("pred", "val", "median")]
     assert [step for step, _ in curve] == [4, 8, 12]  # global steps of the checkpoints, in order
     assert keys.curve("pred", "train", "median") in scalars
-    events = EventAccumulator(str(run_dir(out, "val")), size_guidance={"images": 0})
+    events = EventAccumulator(str(split_run(out, "val")), size_guidance={"images": 0})
     events.Reload()
     assert keys.route(keys.image("manhattan", "val"))[1] in events.Tags()["images"]
     for epoch in range(3):

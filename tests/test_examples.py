@@ -108,7 +108,7 @@ def test_demo_writes_tensorboard_logs_and_finds_corrupted_labels(
 
     _, _, y_train, _, _ = load_images("digits", tmp_path)
     _, corrupted = corrupt_labels(y_train, 0.03, 1)
-    results = flagged_per_epoch(tmp_path / "training" / "sensitivity", corrupted)
+    results = flagged_per_epoch(tmp_path / "training", corrupted)
     assert [epoch for epoch, _, _ in results] == [0, 1]
     _, flagged, hits = results[-1]
     precision, recall = hits / flagged, hits / len(corrupted)  # 38 corrupted labels

@@ -45,7 +45,7 @@ from lightning_sens.core.inputs import (
 from lightning_sens.damage import LayerDamage, predict_damage
 from lightning_sens.flagging import FlagDecision, FlagHistory, flag
 from lightning_sens.label_noise import LabelEvidence, estimate_noise
-from lightning_sens.reporting import keys
+from lightning_sens.reporting import keys, paths
 from lightning_sens.reporting.images import Describe, epoch_images, pictured_samples
 from lightning_sens.reporting.summary import (
     SplitScores,
@@ -841,10 +841,9 @@ class SensitivityMonitor(Callback):
             writer.histogram(keys.histogram("true", split), s.log_fi_true, step)
             writer.histogram(keys.histogram("pred", split), s.log_fi_pred, step)
         writer.flush()
-        write_table(table, log_dir / "sensitivity" / f"flags_epoch{epoch:04d}.csv")
+        write_table(table, paths.flag_table(log_dir, epoch))
         if layers:
-            path = log_dir / "sensitivity" / f"layers_epoch{epoch:04d}.csv"
-            write_table(layers, path, LAYER_COLUMNS)
+            write_table(layers, paths.layer_table(log_dir, epoch), LAYER_COLUMNS)
         self.budget.learn("flags", time.perf_counter() - began)
         if self._budgeted and self.budget.allowance < 0 and "budget:flags" not in self._warned:
             self._warned.add("budget:flags")
@@ -949,8 +948,8 @@ class SensitivityMonitor(Callback):
                 writer.image(key, image, step)
                 if config.save_figures:
                     split, tag = keys.route(key)
-                    name = f"{tag.rsplit('/', 1)[-1]}_{split}_epoch{epoch:04d}.png"
-                    save_png(image, log_dir / "sensitivity" / "figures" / name)
+                    name = tag.rsplit("/", 1)[-1]
+                    save_png(image, paths.figure(log_dir, name, str(split), epoch))
             writer.flush()
             return len(images)
 

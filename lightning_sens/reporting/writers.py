@@ -19,9 +19,9 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from lightning_sens.reporting import keys
+from lightning_sens.reporting import keys, paths
 
-__all__ = ["LoggerLike", "Writer", "read_scalars", "run_dir", "save_png"]
+__all__ = ["LoggerLike", "Writer", "read_scalars", "save_png"]
 
 _log = logging.getLogger("lightning_sens")
 
@@ -36,11 +36,6 @@ def _summary_writer(logger: object) -> Any | None:
     if experiment is not None and all(hasattr(experiment, name) for name in required):
         return experiment
     return None
-
-
-def run_dir(log_dir: Path | str, split: str) -> Path:
-    """The TensorBoard run of one split: ``<log_dir>/sensitivity/<split>``."""
-    return Path(log_dir) / keys.PREFIX / split
 
 
 class Writer:
@@ -69,7 +64,7 @@ class Writer:
             from torch.utils.tensorboard import SummaryWriter
 
             assert self._log_dir is not None
-            self._runs[split] = SummaryWriter(str(run_dir(self._log_dir, split)))
+            self._runs[split] = SummaryWriter(str(paths.split_run(self._log_dir, split)))
         return self._runs[split]
 
     def scalars(self, metrics: Mapping[str, float], step: int) -> None:
@@ -139,7 +134,7 @@ def read_scalars(log_dir: Path | str) -> dict[str, list[tuple[int, float]]]:
 
     out: dict[str, dict[int, float]] = {}
     runs: list[tuple[str | None, Path]] = [(None, Path(log_dir))]
-    runs += [(split, run_dir(log_dir, split)) for split in keys.RUNS]
+    runs += [(split, paths.split_run(log_dir, split)) for split in keys.RUNS]
     for split, folder in runs:
         if not folder.is_dir():
             continue
