@@ -226,7 +226,7 @@ def _methods(model: nn.Module, inputs: object, labels: Tensor) -> dict[str, Call
         "forward": forward,
         "lower bound": lambda: _lower_bound(model, inputs),
         "engine": lambda: sensitivity(model, inputs, labels, windows=WINDOWS),  # type: ignore[arg-type]
-        "per-layer": lambda: sensitivity(model, inputs, labels, input_maps=False),  # type: ignore[arg-type]
+        "per-layer": lambda: sensitivity(model, inputs, labels, inputs=False),  # type: ignore[arg-type]
     }
 
 
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             for method, fn in methods.items():
                 _timed(fn, times[method])
         best = {m: min(t) for m, t in times.items()}
-        result = sensitivity(model, inputs, labels, input_maps=False)
+        result = sensitivity(model, inputs, labels, inputs=False)
         assert result.parameters is not None
         routes = Counter(layer.method for layer in result.parameters.layers.values())
         fast = sum(n for m, n in routes.items() if m not in ("jacobian", "unused"))

@@ -185,7 +185,7 @@ def _methods(
             model, x, labels, windows=WINDOWS, parameters=False, chunk_size=args.chunk
         ),
         "  engine: per-layer only": lambda: sensitivity(
-            model, x, labels, input_maps=False, chunk_size=args.chunk
+            model, x, labels, inputs=False, chunk_size=args.chunk
         ),
         "  engine: + channel metric": lambda: sensitivity(
             model, x, labels, windows=WINDOWS, chunk_size=args.chunk, channel_metric=True

@@ -66,7 +66,7 @@ from torch.nn import functional as F
 
 from lightning_sens import sensitivity
 from lightning_sens.damage import predict_damage, quantization_error, quantize
-from lightning_sens.demo import load_images
+from lightning_sens.demos.data import load_images
 
 DATASETS = {"fashion": "fashion-mnist", "digits": "digits"}
 MODELS = ("cnn3", "cnn_bn", "mlp", "vit")
@@ -408,7 +408,7 @@ def engine_predictors(
 ) -> None:
     """Scale FI, relative FI, the second-order prediction and tr G, from one engine call."""
     start = time.perf_counter()
-    result = sensitivity(model, x, y, input_maps=False, channel_metric=True)
+    result = sensitivity(model, x, y, inputs=False, channel_metric=True)
     assert result.parameters is not None
     damage = predict_damage(model, result.parameters, noise=NOISE, bits=BITS, scale=(DELTA,))
     seconds = time.perf_counter() - start

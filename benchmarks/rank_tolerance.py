@@ -28,8 +28,8 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import lightning_sens.core.assemble as assemble
 import lightning_sens.core.input_maps as input_maps
-import lightning_sens.core.session as session
 from lightning_sens import sensitivity
 from tests.zoo import ZOO, build
 
@@ -45,7 +45,7 @@ class Recorder:
         self.ratios: list[Tensor] = []
         self.originals = {
             (module, name): getattr(module, name)
-            for module in (session, input_maps)
+            for module in (assemble, input_maps)
             for name in ("fi_from_contrast_gram", "fi_from_contrast_columns")
             if hasattr(module, name)
         }

@@ -2,19 +2,68 @@
 
 Implements the influence measure of Shu & Zhu, "Sensitivity Analysis of Deep Neural Networks"
 (AAAI 2019): the Fisher metric of the perturbation manifold and the first-order influence FI of
-perturbations of a network's inputs and parameters. See docs/method.md.
+perturbations of a network's inputs and parameters. See docs/method.md, "The measure".
 """
 
-from lightning_sens import core
-from lightning_sens.core import *  # noqa: F403  (the core's public API is the package's)
+from lightning_sens.core import (  # the core's public API is the package's
+    BlockFI,
+    ClosedFormFI,
+    InputFI,
+    LayerFI,
+    MetricFrame,
+    ParameterFI,
+    SensitivityResult,
+    UnsupportedLayerError,
+    closed_form_fi,
+    contrast_basis,
+    default_forward,
+    default_rtol,
+    fi_along_direction,
+    fi_from_gram,
+    input_fi,
+    log_prob_gradient,
+    logits_of,
+    metric_frame,
+    parameter_fi,
+    sensitivity,
+    trainable_layers,
+)
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [  # noqa: F405
-    *core.__all__,
-    "MonitorConfig",
+__all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
+    # the engine
+    "sensitivity",
+    "input_fi",
+    "parameter_fi",
+    "trainable_layers",
+    "UnsupportedLayerError",
+    # result types
+    "SensitivityResult",
+    "InputFI",
+    "ParameterFI",
+    "LayerFI",
+    "BlockFI",
+    # closed forms from the logits alone
+    "ClosedFormFI",
+    "closed_form_fi",
+    "log_prob_gradient",
+    # FI of a family from its Gram matrix
+    "fi_from_gram",
+    "fi_along_direction",
+    "default_rtol",
+    # the metric in K-space
+    "MetricFrame",
+    "metric_frame",
+    "contrast_basis",
+    # how the model is called
+    "default_forward",
+    "logits_of",
+    # the Lightning callback (imported on first use)
     "SensitivityMonitor",
+    "MonitorConfig",
     "WithIndex",
+    # the package
     "__version__",
 ]
 

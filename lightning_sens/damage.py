@@ -8,7 +8,7 @@ the prediction. For a perturbation ε of the parameters of layer l, to second or
 for independent zero-mean errors of variances σ_i². The engine gives tr(G_l) per sample and, for
 Linear and convolution layers, the trace over each output channel's weights, from the backward
 products it already runs for FI: every prediction here is free once
-:func:`~lightning_sens.sensitivity` has run (docs/damage.md).
+:func:`~lightning_sens.sensitivity` has run (docs/damage.md, "What the metric predicts").
 
 Perturbations (the same definitions in :func:`predict_damage` and :func:`measure_damage`):
 
@@ -331,7 +331,7 @@ def quantization_report(
         model,
         inputs,
         "pred",
-        input_maps=False,
+        inputs=False,
         forward_fn=forward_fn,
         chunk_size=chunk_size,
         channel_metric=True,

@@ -5,10 +5,11 @@ mislabelled samples). Three rules, chosen by the user:
 
 - ``"counterfactual"`` (default): estimates how many labels of each class are wrong, by comparing
   each class's scores with the scores the model gives samples of the other classes under that
-  label, and flags that many (:mod:`lightning_sens.label_noise`; docs/flags.md has the
-  benchmark). Every flag carries ``p_bad``, the estimated share of wrong labels among the samples
-  of its class scoring at least as high. It stays quiet on clean data and does not break down
-  when 10–40 % of the labels are wrong, where the bad labels are no longer a few outliers.
+  label, and flags that many (:mod:`lightning_sens.label_noise`; the benchmark is in
+  docs/flags.md, "Benchmark"). Every flag carries ``p_bad``, the estimated share of wrong labels
+  among the samples of its class scoring at least as high. It stays quiet on clean data and does
+  not break down when 10–40 % of the labels are wrong, where the bad labels are no longer a few
+  outliers.
 - ``"mad"``: a sample is flagged when its robust z-score
   z = (log FI − median) / (1.4826 · MAD) exceeds ``threshold`` (3.5 by default, the cut-off
   Iglewicz and Hoaglin recommend for modified z-scores). Median and MAD ignore the flagged tail

@@ -1,6 +1,7 @@
 """How many labels are wrong, and which: evidence from every label's FI, accumulated over training.
 
-Pure torch, no Lightning. Three pieces (docs/flags.md explains the rule and its benchmark):
+Pure torch, no Lightning. Three pieces (the rule and its benchmark: docs/flags.md, "The rule:
+what a wrong label looks like to this model" and "Benchmark"):
 
 - :func:`label_log_fi`: the closed form log FI = log((1 − p_k) / p_k) of the whole input for
   *every* label k at once, exact in float64 (the true-label column is Setup 1's score).
@@ -34,9 +35,9 @@ or 300,000 × 100; beyond it the monitor says so and does not keep training-set 
 def label_log_fi(logits: Tensor) -> Tensor:
     """log FI of the whole input for every label: ``(B, K)`` float64 ``log((1 − p_k) / p_k)``.
 
-    Equal to ``closed_form_fi(logits, k).log_fi`` for each k: the most probable class goes through
-    the same log-sum-exp of the other logits (exact at any margin), every other class through
-    log(1 − p_k) with p_k ≤ 1/2, where ``log1p`` is exact.
+    Equal to ``closed_form_fi(logits, k).log_fi_max`` for each k: the most probable class goes
+    through the same log-sum-exp of the other logits (exact at any margin), every other class
+    through log(1 − p_k) with p_k ≤ 1/2, where ``log1p`` is exact.
 
     Example:
         >>> label_log_fi(torch.tensor([[0.0, 60.0, 0.0]]))  # log(2 e^-60) for the top class
@@ -151,7 +152,8 @@ def estimate_noise(
             compare cell (i, j) with the samples labelled j only. This finds wrong labels between
             classes the model confuses (class-conditional noise), which the pooled reference of
             all other classes misses; it also flags samples that the model itself finds
-            ambiguous between such classes, also when every label is right (docs/flags.md).
+            ambiguous between such classes, also when every label is right (docs/flags.md,
+            "The rule: what a wrong label looks like to this model").
     """
     x = scores.detach().to(torch.float64).cpu()
     y = labels.detach().long().cpu()

@@ -56,7 +56,7 @@ def test_predicted_kl_is_the_second_order_term_of_the_measured_kl() -> None:
     """Small noise and scaling: measured E[KL] → ½ σ² tr(G_l) and ½ δ² uᵀHu (float64)."""
     model, x = _model()
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    result = sensitivity(model, x, "pred", input_maps=False, channel_metric=True)
+    result = sensitivity(model, x, "pred", inputs=False, channel_metric=True)
     assert result.parameters is not None
     predicted = predict_damage(model, result.parameters, noise=(1e-3,), bits=(8,), scale=(1e-3,))
     assert set(predicted) == {"0", "2", "3", "6"}
@@ -81,7 +81,7 @@ def test_weight_channel_metric_adds_up_to_the_layer_metric_without_bias() -> Non
         nn.Conv2d(2, 3, 3, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4, bias=False)
     ).double()
     x = torch.randn(5, 2, 4, 4, dtype=torch.float64)
-    result = sensitivity(model, x, "pred", input_maps=False, channel_metric=True)
+    result = sensitivity(model, x, "pred", inputs=False, channel_metric=True)
     assert result.parameters is not None
     for name in ("0", "3"):
         layer = result.parameters.layers[name]
@@ -91,7 +91,7 @@ def test_weight_channel_metric_adds_up_to_the_layer_metric_without_bias() -> Non
 
 def test_quantisation_needs_the_channel_metric_and_a_weight() -> None:
     model, x = _model()
-    plain = sensitivity(model, x, "pred", input_maps=False)
+    plain = sensitivity(model, x, "pred", inputs=False)
     assert plain.parameters is not None
     assert all(layer.weight_channel_metric is None for layer in plain.parameters.layers.values())
     with pytest.raises(ValueError, match=r"channel_metric=True"):
@@ -103,7 +103,7 @@ def test_quantisation_needs_the_channel_metric_and_a_weight() -> None:
 
 def test_damage_table_has_a_row_per_layer_and_perturbation() -> None:
     model, x = _model()
-    result = sensitivity(model, x, "pred", input_maps=False, channel_metric=True)
+    result = sensitivity(model, x, "pred", inputs=False, channel_metric=True)
     assert result.parameters is not None
     predicted = predict_damage(model, result.parameters, noise=(0.1,), bits=(4,), scale=(0.1,))
     rows = damage_table(predicted, lambda layer, p: measure_damage(model, x, layer, p, draws=2))
@@ -127,7 +127,7 @@ def test_a_layer_that_does_not_reach_the_logits_predicts_no_damage() -> None:
     torch.manual_seed(0)
     model = WithSpare().double()
     x = torch.randn(5, 6, dtype=torch.float64)
-    result = sensitivity(model, x, "pred", input_maps=False, channel_metric=True)
+    result = sensitivity(model, x, "pred", inputs=False, channel_metric=True)
     assert result.parameters is not None
     spare = result.parameters.layers["spare"]
     assert spare.method == "unused"

@@ -149,7 +149,7 @@ def test_measured_kl_at_small_noise_matches_the_second_order_prediction() -> Non
     from lightning_sens.damage import predict_damage
 
     model, x, y = _tiny(seed=1)
-    result = sensitivity(model, x, y, input_maps=False)
+    result = sensitivity(model, x, y, inputs=False)
     assert result.parameters is not None
     rho, delta = 1e-3, 1e-3
     predicted = predict_damage(model, result.parameters, noise=(rho,), bits=(), scale=(delta,))

@@ -7,7 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_sens.reference import authors_recipe_fi, fi_from_jacobian, input_fi, parameter_fi
+from lightning_sens.reference import (
+    authors_recipe_fi,
+    fi_from_jacobian,
+    input_fi,
+    parameter_fi,
+    sensitivity,
+)
 
 DTYPE = torch.float64
 
@@ -43,17 +49,22 @@ def test_whole_input_full_rank_closed_form(target: str) -> None:
     model = _mlp()
     x = torch.randn(5, 12, dtype=DTYPE)
     tgt = torch.tensor([0, 1, 2, 3, 1]) if target == "labels" else "pred"
-    res = input_fi(model, x, tgt)
+    both = sensitivity(model, x, tgt, parameters=False)
+    assert both.input is not None
+    res = both.input.whole
     logits = model(x)
     expected_target = tgt if target == "labels" else logits.argmax(1)
-    assert torch.equal(res["target"], expected_target)
+    assert torch.equal(both.target, expected_target)
     p_y = torch.softmax(logits, 1).gather(1, expected_target[:, None])[:, 0]
-    torch.testing.assert_close(res["p_target"], p_y.detach(), rtol=1e-12, atol=0)
-    torch.testing.assert_close(res["fi"], _closed_form(p_y).detach(), rtol=1e-9, atol=0)
-    assert res["rank"].dtype == torch.int64
-    assert res["rank"].tolist() == [3] * 5
-    torch.testing.assert_close(res["relative_fi"], torch.ones(5, dtype=DTYPE), rtol=1e-9, atol=0)
-    assert "maps" not in res
+    torch.testing.assert_close(both.p_target, p_y.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(both.log_fi_max, _closed_form(p_y).log().detach(), rtol=1e-9, atol=0)
+    torch.testing.assert_close(res.fi, _closed_form(p_y).detach(), rtol=1e-9, atol=0)
+    assert res.effective_rank.dtype == torch.int64
+    assert res.effective_rank.tolist() == [3] * 5
+    torch.testing.assert_close(res.relative_fi, torch.ones(5, dtype=DTYPE), rtol=1e-9, atol=0)
+    assert both.input.maps == {}
+    assert both.input.position_map is None
+    assert both.input.source == "inputs"
 
 
 def test_large_layer_reaches_closed_form_and_all_dominates() -> None:
@@ -61,19 +72,20 @@ def test_large_layer_reaches_closed_form_and_all_dominates() -> None:
     x = torch.randn(3, 12, dtype=DTYPE)
     y = torch.tensor([2, 0, 3])
     res = parameter_fi(model, x, y)
-    assert set(res) == {"0", "2", "__all__"}
+    assert set(res.layers) == {"0", "2"}
     p_y = torch.softmax(model(x), 1).gather(1, y[:, None])[:, 0].detach()
-    for layer in ("0", "2", "__all__"):
-        torch.testing.assert_close(res[layer]["fi"], _closed_form(p_y), rtol=1e-9, atol=0)
-        assert res[layer]["rank"].tolist() == [3, 3, 3]
+    for block in (res.layers["0"].parameters, res.layers["2"].parameters, res.whole):
+        torch.testing.assert_close(block.fi, _closed_form(p_y), rtol=1e-9, atol=0)
+        assert block.effective_rank.tolist() == [3, 3, 3]
     for layer in ("0", "2"):
-        entry = res[layer]
-        assert entry["scale_fi"] is not None
-        assert entry["channel_scale_fi"] is not None
+        entry = res.layers[layer]
+        assert entry.channel_scale is not None
         # scaling all of a Linear layer = scaling all its output channels equally ⊂ additive block
-        assert (entry["scale_fi"] <= entry["channel_scale_fi"] * (1 + 1e-9) + 1e-12).all()
-        assert (entry["channel_scale_fi"] <= entry["fi"] * (1 + 1e-9)).all()
-    assert res["0"]["channel_scale_rank"].tolist() == [3, 3, 3]  # min(6 channels, K - 1)
+        assert (entry.scale.fi <= entry.channel_scale.fi * (1 + 1e-9) + 1e-12).all()
+        assert (entry.channel_scale.fi <= entry.parameters.fi * (1 + 1e-9)).all()
+    channel_scale = res.layers["0"].channel_scale
+    assert channel_scale is not None
+    assert channel_scale.effective_rank.tolist() == [3, 3, 3]  # min(6 channels, K - 1)
 
 
 def test_one_coordinate_formula() -> None:
@@ -117,23 +129,27 @@ def test_input_maps_sub_blocks_bounded_by_whole() -> None:
     x = torch.randn(2, 2, 5, 5, dtype=DTYPE)
     y = torch.tensor([1, 3])
     res = input_fi(model, x, y, windows=(1, 3, 5))
-    whole = res["fi"]
-    assert res["rank"].tolist() == [3, 3]
-    assert (res["relative_fi"] >= 0).all()
-    assert (res["relative_fi"] <= 1 + 1e-9).all()
-    assert set(res["maps"]) == {1, 3, 5}
+    whole = res.whole.fi
+    assert res.whole.effective_rank.tolist() == [3, 3]
+    assert (res.whole.relative_fi >= 0).all()
+    assert (res.whole.relative_fi <= 1 + 1e-9).all()
+    assert set(res.maps) == {1, 3, 5}
+    maps = {w: res.maps[w].fi for w in res.maps}
     for w in (1, 3, 5):
-        assert res["maps"][w].shape == (2, 2, 5, 5)
-        assert res["map_ranks"][w].dtype == torch.int64
-        assert (res["maps"][w] >= 0).all()
-        assert (res["maps"][w] <= whole[:, None, None, None] * (1 + 1e-9)).all()
+        assert maps[w].shape == (2, 2, 5, 5)
+        assert res.maps[w].effective_rank.dtype == torch.int64
+        assert (maps[w] >= 0).all()
+        assert (maps[w] <= whole[:, None, None, None] * (1 + 1e-9)).all()
+        assert (res.maps[w].relative_fi <= 1 + 1e-9).all()
     # larger windows contain smaller ones (also when clipped), so FI cannot decrease
-    assert (res["maps"][1] <= res["maps"][3] * (1 + 1e-9) + 1e-15).all()
-    assert (res["maps"][3] <= res["maps"][5] * (1 + 1e-9) + 1e-15).all()
-    assert (res["map_ranks"][1] <= 1).all()
-    assert res["position_map"].shape == (2, 5, 5)
-    assert (res["position_map_rank"] <= 2).all()
-    assert (res["position_map"] <= whole[:, None, None] * (1 + 1e-9)).all()
+    assert (maps[1] <= maps[3] * (1 + 1e-9) + 1e-15).all()
+    assert (maps[3] <= maps[5] * (1 + 1e-9) + 1e-15).all()
+    assert (res.maps[1].effective_rank <= 1).all()
+    position = res.position_map
+    assert position is not None
+    assert position.fi.shape == (2, 5, 5)
+    assert (position.effective_rank <= 2).all()
+    assert (position.fi <= whole[:, None, None] * (1 + 1e-9)).all()
 
     # one corner window and one pixel by hand, from an explicit input Jacobian
     model.eval()
@@ -141,30 +157,29 @@ def test_input_maps_sub_blocks_bounded_by_whole() -> None:
     J = torch.autograd.functional.jacobian(lambda xb: model(xb[None])[0], x[b])  # (K, 2, 5, 5)
     p, c = _probs_and_c(model(x[b : b + 1])[0].detach(), int(y[b]))
     corner = J[:, ch, 3:5, 3:5].reshape(4, -1)  # window 3 at (4, 4) clipped to 2 × 2
-    torch.testing.assert_close(res["maps"][3][b, ch, 4, 4], fi_from_jacobian(corner, p, c)[0])
+    torch.testing.assert_close(maps[3][b, ch, 4, 4], fi_from_jacobian(corner, p, c)[0])
     u = J[:, ch, 2, 1]
     H = torch.diag(p) - torch.outer(p, p)
-    torch.testing.assert_close(res["maps"][1][b, ch, 2, 1], (c @ u) ** 2 / (u @ H @ u))
+    torch.testing.assert_close(maps[1][b, ch, 2, 1], (c @ u) ** 2 / (u @ H @ u))
     pixel = J[:, :, 0, 2]
-    torch.testing.assert_close(res["position_map"][b, 0, 2], fi_from_jacobian(pixel, p, c)[0])
+    torch.testing.assert_close(position.fi[b, 0, 2], fi_from_jacobian(pixel, p, c)[0])
 
 
 def test_parameter_blocks_cnn() -> None:
     model = _cnn(2)
     x = torch.randn(3, 2, 5, 5, dtype=DTYPE)
     res = parameter_fi(model, x, "pred", layers=["1", "5", "2"])
-    assert set(res) == {"1", "5", "2", "__all__"}
-    assert res["2"]["fi"].tolist() == [0.0, 0.0, 0.0]  # Tanh: no parameters
-    assert res["2"]["channel_scale_fi"] is None
-    assert res["2"]["channel_scale_rank"] is None
-    bn = res["1"]
-    assert bn["rank"].tolist() == [3, 3, 3]  # 6 parameters, K - 1 = 3
-    assert bn["channel_scale_rank"] is not None
-    assert (bn["channel_scale_rank"] <= 3).all()
-    assert (bn["scale_fi"] <= bn["channel_scale_fi"] * (1 + 1e-9) + 1e-15).all()
-    assert (bn["channel_scale_fi"] <= bn["fi"] * (1 + 1e-9)).all()
+    assert set(res.layers) == {"1", "5", "2"}
+    assert res.layers["2"].parameters.fi.tolist() == [0.0, 0.0, 0.0]  # Tanh: no parameters
+    assert res.layers["2"].channel_scale is None
+    bn = res.layers["1"]
+    assert bn.parameters.effective_rank.tolist() == [3, 3, 3]  # 6 parameters, K - 1 = 3
+    assert bn.channel_scale is not None
+    assert (bn.channel_scale.effective_rank <= 3).all()
+    assert (bn.scale.fi <= bn.channel_scale.fi * (1 + 1e-9) + 1e-15).all()
+    assert (bn.channel_scale.fi <= bn.parameters.fi * (1 + 1e-9)).all()
     for layer in ("1", "5"):
-        assert (res[layer]["fi"] <= res["__all__"]["fi"] * (1 + 1e-9)).all()
+        assert (res.layers[layer].parameters.fi <= res.whole.fi * (1 + 1e-9)).all()
 
     # layer scaling = the one-coordinate formula with u = ∂z/∂θ · θ (directional derivative)
     model.eval()
@@ -179,7 +194,7 @@ def test_parameter_blocks_cnn() -> None:
 
     u = torch.autograd.functional.jacobian(logits_scaled, torch.ones((), dtype=DTYPE))
     H = torch.diag(p) - torch.outer(p, p)
-    torch.testing.assert_close(res0["0"]["scale_fi"][0], (c @ u) ** 2 / (u @ H @ u))
+    torch.testing.assert_close(res0.layers["0"].scale.fi[0], (c @ u) ** 2 / (u @ H @ u))
 
 
 def test_authors_recipe_converges_to_exact() -> None:
@@ -223,14 +238,14 @@ def test_model_untouched_and_modes_restored() -> None:
 def test_works_under_inference_mode_and_no_grad() -> None:
     model = _mlp(7)
     x = torch.randn(2, 12, dtype=DTYPE)
-    plain = input_fi(model, x, "pred")["fi"]
-    params = parameter_fi(model, x, "pred")["0"]["scale_fi"]
+    plain = input_fi(model, x, "pred").whole.fi
+    params = parameter_fi(model, x, "pred").layers["0"].scale.fi
     with torch.no_grad():
-        torch.testing.assert_close(input_fi(model, x, "pred")["fi"], plain)
+        torch.testing.assert_close(input_fi(model, x, "pred").whole.fi, plain)
     with torch.inference_mode():
         x_inf = x.clone()
-        torch.testing.assert_close(input_fi(model, x_inf, "pred")["fi"], plain)
-        torch.testing.assert_close(parameter_fi(model, x_inf, "pred")["0"]["scale_fi"], params)
+        torch.testing.assert_close(input_fi(model, x_inf, "pred").whole.fi, plain)
+        torch.testing.assert_close(parameter_fi(model, x_inf, "pred").layers["0"].scale.fi, params)
 
 
 def test_rejects_non_classifier_output() -> None:

@@ -68,40 +68,42 @@ def test_zoo_matches_reference(case: ZooCase) -> None:
     assert got.input is not None
     if case.input_module is not None:  # found without being told
         assert got.input.source == f"output of {case.input_module!r}"
-    assert_close("whole-input fi", got.input.whole.fi, want["fi"], tolerance)
-    assert_equal("whole-input rank", got.input.whole.effective_rank, want["rank"])
+    assert_close("whole-input fi", got.input.whole.fi, want.whole.fi, tolerance)
+    assert_equal("whole-input rank", got.input.whole.effective_rank, want.whole.effective_rank)
     for w in case.windows:
-        assert_close(f"map w={w}", got.input.maps[w].fi, want["maps"][w], tolerance)
-        assert_equal(f"map rank w={w}", got.input.maps[w].effective_rank, want["map_ranks"][w])
+        assert_close(f"map w={w}", got.input.maps[w].fi, want.maps[w].fi, tolerance)
+        assert_equal(
+            f"map rank w={w}", got.input.maps[w].effective_rank, want.maps[w].effective_rank
+        )
     assert got.input.position_map is not None
-    assert_close("position map", got.input.position_map.fi, want["position_map"], tolerance)
+    assert want.position_map is not None
+    assert_close("position map", got.input.position_map.fi, want.position_map.fi, tolerance)
 
     assert got.parameters is not None
     chosen = _one_layer_per_kind(ref_model, got.parameters.layers)
-    want_layers = reference.parameter_fi(ref_model, ref_x, labels, layers=chosen, rtol=rtol)
+    want_parameters = reference.parameter_fi(ref_model, ref_x, labels, layers=chosen, rtol=rtol)
     for name in chosen:
-        mine, ref = got.parameters.layers[name], want_layers[name]
-        assert_close(f"{name} fi", mine.parameters.fi, ref["fi"], tolerance)  # type: ignore[arg-type]
-        assert_equal(f"{name} rank", mine.parameters.effective_rank, ref["rank"])  # type: ignore[arg-type]
-        assert_close(f"{name} scale fi", mine.scale.fi, ref["scale_fi"], tolerance)  # type: ignore[arg-type]
-        if ref["channel_scale_fi"] is None:
+        mine, ref = got.parameters.layers[name], want_parameters.layers[name]
+        assert_close(f"{name} fi", mine.parameters.fi, ref.parameters.fi, tolerance)
+        assert_equal(f"{name} rank", mine.parameters.effective_rank, ref.parameters.effective_rank)
+        assert_close(f"{name} scale fi", mine.scale.fi, ref.scale.fi, tolerance)
+        if ref.channel_scale is None:
             assert mine.channel_scale is None, name
         else:
             assert mine.channel_scale is not None, name
             assert_close(
-                f"{name} channel fi", mine.channel_scale.fi, ref["channel_scale_fi"], tolerance
+                f"{name} channel fi", mine.channel_scale.fi, ref.channel_scale.fi, tolerance
             )
             assert_equal(
                 f"{name} channel rank",
                 mine.channel_scale.effective_rank,
-                ref["channel_scale_rank"],  # type: ignore[arg-type]
+                ref.channel_scale.effective_rank,
             )
-    subset = sensitivity(model, x, labels, input_maps=False, layers=chosen)
+    subset = sensitivity(model, x, labels, inputs=False, layers=chosen)
     assert subset.parameters is not None
-    want_all = want_layers["__all__"]
     assert_close(
-        "all parameters fi", subset.parameters.all_parameters.fi, want_all["fi"], tolerance
-    )  # type: ignore[arg-type]
+        "all parameters fi", subset.parameters.whole.fi, want_parameters.whole.fi, tolerance
+    )
     for name in chosen:  # a layer's numbers do not depend on which others are monitored
         assert torch.equal(
             subset.parameters.layers[name].parameters.fi, got.parameters.layers[name].parameters.fi
@@ -110,7 +112,7 @@ def test_zoo_matches_reference(case: ZooCase) -> None:
 
 def _methods(case: ZooCase) -> dict[str, str]:
     model, x, labels = build(case)
-    result = sensitivity(model, x, labels, input_maps=False)
+    result = sensitivity(model, x, labels, inputs=False)
     assert result.parameters is not None
     return {name: layer.method for name, layer in result.parameters.layers.items()}
 
@@ -134,7 +136,7 @@ def test_a_subclass_that_changes_forward_does_not_take_its_parents_route() -> No
 def test_shared_weights_are_one_family_named_in_the_result() -> None:
     case = next(c for c in ZOO if c.name == "tied_module")
     model, x, labels = build(case)
-    result = sensitivity(model, x, labels, input_maps=False)
+    result = sensitivity(model, x, labels, inputs=False)
     assert result.parameters is not None
     assert result.parameters.layers["embed"].shared_with == ("head",)
     assert result.parameters.layers["head"].shared_with == ("embed",)
@@ -186,15 +188,15 @@ def test_a_call_that_bypasses_the_hooks_is_caught_by_the_certificate() -> None:
     torch.manual_seed(0)
     model = Bypass().double()
     x, labels = torch.randn(3, 3, dtype=torch.float64), torch.tensor([0, 1, 2])
-    got = sensitivity(model, x, labels, input_maps=False)
+    got = sensitivity(model, x, labels, inputs=False)
     want = reference.parameter_fi(model, x, labels)
     assert got.parameters is not None
     assert got.parameters.layers["shared"].method == "jacobian"  # demoted, then exact
     assert got.parameters.layers["head"].method == "linear"
     for name in ("shared", "head"):
         layer = got.parameters.layers[name]
-        assert_close(f"{name} fi", layer.parameters.fi, want[name]["fi"])  # type: ignore[arg-type]
-        assert_close(f"{name} scale", layer.scale.fi, want[name]["scale_fi"])  # type: ignore[arg-type]
+        assert_close(f"{name} fi", layer.parameters.fi, want.layers[name].parameters.fi)
+        assert_close(f"{name} scale", layer.scale.fi, want.layers[name].scale.fi)
 
 
 def test_a_model_handed_over_in_training_mode_is_measured_in_eval_mode() -> None:

@@ -3,6 +3,7 @@
 Nothing here imports Lightning, TensorBoard or does file I/O.
 """
 
+from lightning_sens.core.closed_forms import ClosedFormFI, closed_form_fi, log_prob_gradient
 from lightning_sens.core.engine import (
     InputFI,
     LayerFI,
@@ -14,40 +15,36 @@ from lightning_sens.core.engine import (
     sensitivity,
     trainable_layers,
 )
-from lightning_sens.core.fi import (
-    BlockFI,
-    ClosedFormFI,
-    MetricFrame,
-    closed_form_fi,
-    contrast_basis,
-    default_rtol,
-    fi_along_direction,
-    fi_from_gram,
-    log_prob_gradient,
-    metric_frame,
-)
+from lightning_sens.core.fi import BlockFI, default_rtol, fi_along_direction, fi_from_gram
+from lightning_sens.core.frame import MetricFrame, contrast_basis, metric_frame
 from lightning_sens.core.inputs import default_forward, logits_of
 
-__all__ = [
-    "BlockFI",
-    "ClosedFormFI",
-    "InputFI",
-    "LayerFI",
-    "MetricFrame",
-    "ParameterFI",
-    "SensitivityResult",
-    "UnsupportedLayerError",
-    "closed_form_fi",
-    "contrast_basis",
-    "default_forward",
-    "default_rtol",
-    "fi_along_direction",
-    "fi_from_gram",
-    "input_fi",
-    "log_prob_gradient",
-    "logits_of",
-    "metric_frame",
-    "parameter_fi",
+__all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
+    # the engine
     "sensitivity",
+    "input_fi",
+    "parameter_fi",
     "trainable_layers",
+    "UnsupportedLayerError",
+    # result types
+    "SensitivityResult",
+    "InputFI",
+    "ParameterFI",
+    "LayerFI",
+    "BlockFI",
+    # closed forms from the logits alone
+    "ClosedFormFI",
+    "closed_form_fi",
+    "log_prob_gradient",
+    # FI of a family from its Gram matrix
+    "fi_from_gram",
+    "fi_along_direction",
+    "default_rtol",
+    # the metric in K-space
+    "MetricFrame",
+    "metric_frame",
+    "contrast_basis",
+    # how the model is called
+    "default_forward",
+    "logits_of",
 ]

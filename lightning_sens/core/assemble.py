@@ -1,9 +1,9 @@
 """From the routes' per-layer Grams to parameter FI: every family of every layer, in one call.
 
-A layer's Gram is the sum of what each route contributed for its parameters; ``all_parameters``
-adds the routes' totals (a shared parameter once). Layer- and channel-scaling directions whose
-effect is below the rank tolerance times the most a parameter direction of the same norm can do
-are numerically null (docs/engine.md, "Numerics").
+A layer's Gram is the sum of what each route contributed for its parameters;
+``ParameterFI.whole`` adds the routes' totals (a shared parameter once). Layer- and
+channel-scaling directions whose effect is below the rank tolerance times the most a parameter
+direction of the same norm can do are numerically null (docs/engine.md, "Numerics").
 """
 
 from __future__ import annotations
@@ -11,12 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_sens.core.fi import (
-    MetricFrame,
-    fi_from_contrast_columns,
-    fi_from_contrast_gram,
-    metric_frame,
-)
+from lightning_sens.core.fi import fi_from_contrast_columns, fi_from_contrast_gram
+from lightning_sens.core.frame import MetricFrame, metric_frame
 from lightning_sens.core.plan import Ownership
 from lightning_sens.core.results import LayerFI, ParameterFI
 from lightning_sens.core.routes import LayerGram, RouteResult, channel_axes, norm2

@@ -277,7 +277,7 @@ def backprops(
     reduce them at once instead of holding all K' of them. "loop" runs K' backward passes over a
     retained graph; "batched" runs one vectorised backward (``is_grads_batched``) and then hands
     out its slices; "auto" picks "batched" on CUDA and "loop" on CPU, where the loop measured
-    faster (docs/performance.md).
+    faster (docs/performance.md, "The exact engine (`benchmarks/bench_engine.py`)").
     """
     K1, B = cotangents.shape[0], logits.shape[0]
     grad_outputs = cotangents.to(logits.dtype).unsqueeze(1).expand(K1, B, -1)

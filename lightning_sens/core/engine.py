@@ -3,7 +3,7 @@
 :func:`sensitivity` computes input FI (whole input and window maps) and parameter FI (per layer,
 layer scaling, channel scaling, all layers jointly) from the same backward pass;
 :func:`input_fi` and :func:`parameter_fi` are its two halves. How each layer is computed, and
-which models are supported, is described in docs/engine.md.
+which models are supported, is described in docs/engine.md, "Layer routes".
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from lightning_sens.core.capture import Backward, exact_context, unwrap_compiled
-from lightning_sens.core.fi import Target
+from lightning_sens.core.closed_forms import Target
+from lightning_sens.core.hosts import OnUnsupported
 from lightning_sens.core.inputs import ForwardFn, Inputs, batch_size, get, perturbed_input, select
 from lightning_sens.core.results import (
     InputFI,
@@ -25,7 +26,7 @@ from lightning_sens.core.results import (
     concat_results,
 )
 from lightning_sens.core.runner import Runner
-from lightning_sens.core.session import OnUnsupported, Session
+from lightning_sens.core.session import Session
 from lightning_sens.core.validation import UnsupportedLayerError, check_inputs, check_windows
 
 __all__ = [
@@ -125,9 +126,10 @@ def _default_chunk(inputs: Inputs) -> int:
 
 def sensitivity(
     model: nn.Module,
-    inputs: Inputs,
+    batch: Inputs,
     target: Target,
     *,
+    inputs: bool = True,
     input_maps: bool = True,
     windows: Sequence[int] = (1, 3, 5, 7),
     parameters: bool = True,
@@ -149,22 +151,26 @@ def sensitivity(
     copies of its tensors); its parameters, buffers, ``.grad`` and hooks are left as they were.
     Works inside ``torch.inference_mode()`` and ``torch.no_grad()`` (as in Lightning's
     validation loop), on ``torch.compile``'d models, and on any architecture: layers without a
-    fast route take the exact Jacobian route (docs/engine.md).
+    fast route take the exact Jacobian route (docs/engine.md, "The Jacobian route").
 
     Args:
-        model: a classifier; ``forward_fn(model, inputs)`` must return ``(B, K)`` logits, or an
+        model: a classifier; ``forward_fn(model, batch)`` must return ``(B, K)`` logits, or an
             output with a ``logits`` attribute or key (Hugging Face models).
-        inputs: ``(B, ...)`` tensor, or a dict of tensors passed as keyword arguments
-            (``input_ids``, ``attention_mask``, ``pixel_values``, ...).
+        batch: the samples, a ``(B, ...)`` tensor or a dict of tensors passed as keyword
+            arguments (``input_ids``, ``attention_mask``, ``pixel_values``, ...).
         target: ``(B,)`` true labels (Setups 1, 2) or ``"pred"`` (Setups 3, 4).
-        input_maps: compute input FI (whole input, and window maps for images and tokens).
-            Floating inputs are perturbed directly; token ids at the output of the embedding
-            that reads them.
+        inputs: compute input FI at all (``SensitivityResult.input``; None when False): the
+            whole input and, with ``input_maps``, the window maps. Floating inputs are
+            perturbed directly; token ids at the output of the embedding that reads them.
+        input_maps: also compute the window maps and the position map of images and token
+            sequences. When False (or ``windows=()``), ``InputFI.maps`` is empty and
+            ``InputFI.position_map`` None; the whole input and the per-coordinate
+            ``metric_map`` and ``gradient`` are still computed. Ignored when ``inputs`` is False.
         windows: odd window sizes 2s + 1 for the maps; ``()`` for the whole input only.
         parameters: compute per-layer parameter FI.
         layers: module names to monitor; None for every module owning trainable parameters.
         exclude_layers: module names or glob patterns to leave out.
-        forward_fn: ``(model, inputs) -> logits`` for models whose forward needs adapting.
+        forward_fn: ``(model, batch) -> logits`` for models whose forward needs adapting.
         input_module: the module whose output is the perturbed input for token inputs
             (default: the model's ``get_input_embeddings()``, or the one ``nn.Embedding`` that
             reads the token ids).
@@ -178,10 +184,10 @@ def sensitivity(
             computed, or "skip" it (listed in ``ParameterFI.skipped``).
         channel_metric: also compute ``LayerFI.weight_channel_metric``, the metric of each
             output channel of a Linear/Conv weight, which weight-quantisation predictions need
-            (docs/damage.md). No extra backward pass, but on the direct route about as much
-            float64 work again as the layer's Gram; off by default.
+            (docs/damage.md, "What the metric predicts"). No extra backward pass, but on the
+            direct route about as much float64 work again as the layer's Gram; off by default.
         input_target: the label of the input FI when it differs from ``target`` (which then
-            labels the parameter FI and the result's ``y``), e.g. ``target=labels,
+            labels the parameter FI and the result's ``target``), e.g. ``target=labels,
             input_target="pred"`` for maps with the predicted label (Setup 4) and layers with the
             true label (Setup 2). The backward products do not depend on the label, so both come
             from one forward pass and one set of backward products. None: ``target``.
@@ -189,7 +195,7 @@ def sensitivity(
     Returns:
         :class:`SensitivityResult` with per-sample float64 FI, relative FI and effective ranks.
     """
-    check_inputs(inputs)
+    check_inputs(batch)
     if backward not in ("auto", "batched", "loop"):
         raise ValueError(f"backward must be 'auto', 'batched' or 'loop', got {backward!r}.")
     if on_unsupported not in ("raise", "skip"):
@@ -201,11 +207,11 @@ def sensitivity(
     if rtol is not None and not (0.0 < rtol < 1.0):
         raise ValueError(f"rtol must lie in (0, 1), got {rtol!r}.")
     model = unwrap_compiled(model)
-    B = batch_size(inputs)
-    perturbed = perturbed_input(inputs, B)
-    windows = tuple(windows)
-    if input_maps and perturbed.kind != "none":
-        shape = get(inputs, perturbed.key).shape
+    B = batch_size(batch)
+    perturbed = perturbed_input(batch, B)
+    windows = tuple(windows) if inputs and input_maps else ()
+    if windows and perturbed.kind != "none":
+        shape = get(batch, perturbed.key).shape
         if perturbed.kind == "direct" and len(shape) == 4:
             windows = check_windows(windows, shape[2], shape[3])
         elif perturbed.kind == "tokens" and len(shape) == 2:
@@ -223,7 +229,7 @@ def sensitivity(
                 + (f"; did you mean {close}?" if close else ".")
             )
     _check_batch_statistics(model)
-    step = chunk_size or _default_chunk(inputs)
+    step = chunk_size or _default_chunk(batch)
     parts = []
     with exact_context(model):
         session = Session(
@@ -232,7 +238,7 @@ def sensitivity(
             monitored,
             perturbed,
             input_module,
-            input_maps,
+            inputs,
             windows,
             rtol,
             backward,
@@ -247,7 +253,7 @@ def sensitivity(
                 chunk_input = input_target[rows]
             parts.append(
                 session.run(
-                    select(inputs, rows, B),
+                    select(batch, rows, B),
                     chunk_target,
                     first=start == 0,
                     input_target=chunk_input,
@@ -313,7 +319,7 @@ def parameter_fi(
         model,
         inputs,
         target,
-        input_maps=False,
+        inputs=False,
         layers=list(chosen),
         forward_fn=forward_fn,
         chunk_size=chunk_size,

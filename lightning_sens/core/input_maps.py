@@ -12,13 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_sens.core.fi import (
-    BlockFI,
-    MetricFrame,
-    fi_from_contrast_columns,
-    fi_from_contrast_gram,
-    metric_frame,
-)
+from lightning_sens.core.fi import BlockFI, fi_from_contrast_columns, fi_from_contrast_gram
+from lightning_sens.core.frame import MetricFrame, metric_frame
 from lightning_sens.core.results import InputFI
 
 __all__ = ["Layout", "input_result", "layout_of"]

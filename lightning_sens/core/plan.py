@@ -1,4 +1,5 @@
-"""Which route computes each layer's Gram, planned once per engine call (docs/engine.md).
+"""Which route computes each layer's Gram, planned once per engine call (docs/engine.md,
+"Planning and the certificate").
 
 Two tiny probe passes (the first sample alone, then three copies of it) reveal every module
 call's structure and which dimension of each tensor carries the batch. A layer takes its fast

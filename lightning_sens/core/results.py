@@ -15,7 +15,8 @@ __all__ = ["InputFI", "LayerFI", "ParameterFI", "SensitivityResult", "concat_res
 
 @dataclass(frozen=True)
 class InputFI:
-    """Input perturbations (Setups 1, 3 and 4 of docs/method.md), f = log p_y.
+    """Input perturbations (Setups 1, 3 and 4 of docs/method.md, "The paper's four setups"),
+    f = log p_y.
 
     Images ``(B, C, H, W)`` are perturbed pixel by pixel. Token ids are perturbed where they
     become continuous: at the output ``(B, T, d)`` of the embedding that reads them (the paper's
@@ -23,20 +24,22 @@ class InputFI:
 
     Attributes:
         whole: FI of perturbing every input coordinate, ``(B,)``, with its effective rank; it
-            equals (1 − p_y)/p_y exactly when the rank is K − 1 (docs/method.md).
+            equals (1 − p_y)/p_y exactly when the rank is K − 1 (docs/method.md, "Two facts
+            you must know").
         maps: window size w = 2s + 1 → FI of perturbing one channel in the window of w positions
             (w × w pixels, or w consecutive tokens) centred on each position, clipped at the
             borders; shaped like the perturbed input, ``(B, C, H, W)`` or ``(B, T, d)``. Empty for
-            other inputs.
+            other inputs, and without maps (``sensitivity(..., input_maps=False)`` or
+            ``windows=()``).
         position_map: FI of perturbing all channels of one position together: ``(B, H, W)``
             for images (every channel of a pixel), ``(B, T)`` for tokens (a token's embedding);
-            None for other inputs.
+            None for other inputs and without maps.
         source: what was perturbed: ``"inputs"``, ``"inputs['pixel_values']"``, or
             ``"output of 'embed'"`` for token inputs.
         metric_map: the diagonal of the input metric, J_iᵀ H J_i, per input coordinate, shaped
             like the perturbed input (float64): the magnitude FI normalises away. A small edit
             ε_i of coordinate i changes the prediction by KL ≈ ½ ε_i² · metric_map
-            (docs/damage.md).
+            (docs/damage.md, "What the metric predicts").
         gradient: ∂ log p_y / ∂x_i per input coordinate (float64), the plain saliency; from the
             same backward products.
     """
@@ -67,7 +70,7 @@ class LayerFI:
         metric: tr(G_l), the trace of the perturbation manifold's metric over the layer's
             trainable parameters (float64): Σ_k p_k ‖∂ log p_k / ∂θ_l‖². Weight noise
             ε ~ N(0, σ² I) on the layer changes the prediction by E[KL] ≈ ½ σ² tr(G_l)
-            (docs/damage.md).
+            (docs/damage.md, "What the metric predicts").
         scale_metric: uᵀ H u for the scaling direction u = ∂z/∂ω (θ_l → ω θ_l): scaling the
             layer by 1 + δ changes the prediction by KL ≈ ½ δ² · scale_metric.
         weight_channel_metric: ``(B, C)`` tr(G) of each output channel's slice of the weight
@@ -92,13 +95,14 @@ class ParameterFI:
 
     Attributes:
         layers: layer name → its FI.
-        all_parameters: the block of every monitored parameter, each counted once.
+        whole: the block of every monitored parameter together, each counted once (as
+            :attr:`InputFI.whole` is the block of every input coordinate).
         skipped: layer name → why it could not be measured (only with
-            ``on_unsupported="skip"``; such layers are also left out of ``all_parameters``).
+            ``on_unsupported="skip"``; such layers are also left out of ``whole``).
     """
 
     layers: dict[str, LayerFI]
-    all_parameters: BlockFI
+    whole: BlockFI
     skipped: dict[str, str] = field(default_factory=dict)
 
 
@@ -110,7 +114,8 @@ class SensitivityResult:
         target: the class y used per sample (the label, or the argmax for "pred"), ``(B,)``.
         p_target: p_y, float64, ``(B,)``.
         log_fi_max: log((1 − p_y)/p_y), the largest FI of any family (log space, exact).
-        input: input FI, or None when not requested or the inputs are not floating point.
+        input: input FI, or None when not requested (``inputs=False``) or when nothing
+            continuous can be perturbed (no floating input, no embedding reading token ids).
         parameters: parameter FI, or None when not requested.
     """
 
@@ -160,7 +165,7 @@ def concat_results(parts: list[SensitivityResult]) -> SensitivityResult:
                 weight_channel_metric=_cat_optional([c.weight_channel_metric for c in chunks]),
                 shared_with=layer.shared_with,
             )
-        parameter_result = ParameterFI(layers, BlockFI.cat([p.all_parameters for p in ps]), skipped)
+        parameter_result = ParameterFI(layers, BlockFI.cat([p.whole for p in ps]), skipped)
     return SensitivityResult(
         torch.cat([p.target for p in parts]),
         torch.cat([p.p_target for p in parts]),

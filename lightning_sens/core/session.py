@@ -1,7 +1,9 @@
-"""One engine call: plan the routes on the first chunk, then compute every chunk (docs/engine.md).
+"""One engine call: plan the routes on the first chunk, then compute every chunk
+(docs/engine.md, "Planning and the certificate").
 
 A chunk is one forward pass with the routed layers' calls recorded, the K − 1 backward products
-to the perturbed input and to those calls' outputs, the Jacobian routes, and the K-space algebra.
+to the perturbed input and to those calls' outputs, the Jacobian routes
+(:mod:`lightning_sens.core.hosts`), and the K-space algebra.
 On the first chunk a *certificate* checks every route against autograd before any number is
 returned: for a random combination r of the cotangents, the gradient that a route's recorded
 calls account for must equal the full gradient of the parameters. A route that misses a use of
@@ -25,16 +27,16 @@ from lightning_sens.core.capture import (
     backprops,
     capture_calls,
 )
-from lightning_sens.core.certificate import FastShare, HostShare, certify
-from lightning_sens.core.fi import (
+from lightning_sens.core.certificate import FastShare, certify
+from lightning_sens.core.closed_forms import (
     Target,
     closed_form_fi,
-    contrast_basis,
-    default_rtol,
     log_prob_gradient,
-    metric_frame,
     resolve_target,
 )
+from lightning_sens.core.fi import default_rtol
+from lightning_sens.core.frame import contrast_basis, metric_frame
+from lightning_sens.core.hosts import JacobianRoutes, OnUnsupported
 from lightning_sens.core.input_maps import input_result, layout_of
 from lightning_sens.core.inputs import (
     FORWARD_HINT,
@@ -46,23 +48,12 @@ from lightning_sens.core.inputs import (
 )
 from lightning_sens.core.plan import Ownership, Plan, make_plan
 from lightning_sens.core.probe import probe, token_reader
-from lightning_sens.core.replay import host_calls, model_call
 from lightning_sens.core.results import SensitivityResult
-from lightning_sens.core.routes import (
-    WEIGHT_LAYERS,
-    FastCall,
-    JacobianCall,
-    ParamUse,
-    RouteResult,
-    channel_axes,
-    jacobian_route,
-)
+from lightning_sens.core.routes import FastCall
 from lightning_sens.core.runner import Runner
 from lightning_sens.core.validation import UnsupportedLayerError, check_logits, check_target
 
-__all__ = ["OnUnsupported", "Session"]
-
-OnUnsupported = Literal["raise", "skip"]
+__all__ = ["Session"]
 
 
 class _DemoteError(Exception):
@@ -109,12 +100,13 @@ class Session:
         self.windows = windows
         self.rtol = rtol
         self.backward = backward
-        self.on_unsupported = on_unsupported
         self.channel_metric = channel_metric
         self.ownership = Ownership.of(model, layers)
-        self.param_ids = {self.ownership.canonical[id(p)]: id(p) for p in model.parameters()}
         self.plan: Plan | None = None
         self.skipped: dict[str, str] = {}
+        self.jacobian = JacobianRoutes(
+            model, runner, layers, self.ownership, on_unsupported, self.skipped
+        )
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -265,7 +257,7 @@ class Session:
 
         if targets:
             backprops(logits, targets, Q.T, consume, self.backward, retain_graph=check)
-        route_results, shares = self._jacobian_routes(records, host_grads, inputs, Q, dtype)
+        route_results, shares = self.jacobian.run(plan, records, host_grads, inputs, Q, dtype)
         if check and (fast or shares):
             fast_shares = {
                 name: FastShare(self.layers[name], records[name], self.ownership.layer_params[name])
@@ -294,7 +286,8 @@ class Session:
             )
             layout = layout_of(tuple(stacked.shape[1:]), from_tokens)
             c_input, frame_input = c, frame
-            if input_target is not None:  # the same backprops, another label (docs/engine.md)
+            if input_target is not None:  # the same backprops, another label (docs/engine.md,
+                # "One forward pass, K − 1 backward products")
                 y_input = resolve_target(logits, input_target)
                 check_target(y_input, logits)
                 c_input = log_prob_gradient(probs, y_input)
@@ -326,7 +319,7 @@ class Session:
                 frame,
                 weight_metrics,
             )
-        return SensitivityResult(y, closed.p_target, closed.log_fi, input_part, parameter_part)
+        return SensitivityResult(y, closed.p_target, closed.log_fi_max, input_part, parameter_part)
 
     def _tol(self, logits: Tensor) -> float:
         """Every Gram is formed in float64, whatever the model's precision (default_rtol)."""
@@ -354,86 +347,3 @@ class Session:
                 }
         if bad:
             raise _DemoteError(bad)
-
-    # -- Jacobian routes ---------------------------------------------------------------------
-
-    def _uses(self, params: list[str], host: str | None) -> list[ParamUse]:
-        uses = []
-        for p in params:
-            layers, weight_of = {}, []
-            for layer in self.layers:
-                if p in self.ownership.layer_params[layer]:
-                    module = self.layers[layer]
-                    axes = channel_axes(module)
-                    local = next(
-                        n
-                        for n, t in module.named_parameters(recurse=False)
-                        if id(t) == self.param_ids[p]
-                    )
-                    layers[layer] = None if axes is None else axes[local]
-                    if isinstance(module, WEIGHT_LAYERS) and local == "weight":
-                        weight_of.append(layer)
-            key = p if host is None else self.ownership.key_under(p, host, self.param_ids)
-            uses.append(ParamUse(key, self.runner.tensor(p), layers, tuple(weight_of)))
-        return uses
-
-    def _jacobian_routes(
-        self,
-        records: dict[str, list[Captured]],
-        host_grads: dict[tuple[str, int, int], list[Tensor]],
-        inputs: Inputs,
-        Q: Tensor,
-        dtype: torch.dtype,
-    ) -> tuple[list[RouteResult], list[HostShare]]:
-        """Every host's route and the whole-model route; their shares for the certificate."""
-        assert self.plan is not None
-        batch = batch_size(inputs)
-        results, shares = [], []
-        for host, hp in self.plan.hosts.items():
-            grads = {(i, j): g for (h, i, j), g in host_grads.items() if h == host}
-            calls = host_calls(
-                self.model.get_submodule(host),
-                records[host],
-                hp.in_dims,
-                hp.out_dims,
-                grads,
-                self.runner.host_state(host),
-            )
-            uses = self._uses(hp.params, host)
-            found = self._run_jacobian(calls, uses, batch, host)
-            if found is not None:
-                results.append(found[0])
-                shares.append(
-                    HostShare(
-                        {p: found[1][u.key] for p, u in zip(hp.params, uses, strict=True)},
-                        {p: list(u.layers) for p, u in zip(hp.params, uses, strict=True)},
-                    )
-                )
-        if self.plan.root:
-            call = model_call(self.runner, inputs, Q, dtype)
-            found = self._run_jacobian([call], self._uses(self.plan.root, None), batch, None)
-            if found is not None:
-                results.append(found[0])
-        return results, shares
-
-    def _run_jacobian(
-        self, calls: list[JacobianCall], uses: list[ParamUse], batch: int, host: str | None
-    ) -> tuple[RouteResult, dict[str, Tensor]] | None:
-        """A Jacobian route's result and summed Jacobians; a failure raises or skips its layers."""
-        try:
-            result, sums, _ = jacobian_route(calls, uses, batch)
-        except Exception as error:
-            layers = sorted({layer for use in uses for layer in use.layers})
-            where = "the whole model" if host is None else f"module {host!r}"
-            message = (
-                f"Per-sample Jacobians through {where} failed ({type(error).__name__}: {error}). "
-                f"Leave the layers out with exclude_layers={layers!r}."
-            )
-            if self.on_unsupported == "raise":
-                raise UnsupportedLayerError(message) from error
-            for layer in layers:
-                self.skipped[layer] = message
-            return None
-        return result, sums
-
-    # -- assembling ----------------------------------------------------------------------------

@@ -11,14 +11,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_sens.core.fi import BlockFI
 from lightning_sens.core.inputs import ForwardModule, default_forward
+from lightning_sens.core.results import InputFI
 from lightning_sens.reference.measure import (
     ForwardFn,
     Inputs,
     Target,
     batch_of,
+    block,
     exact_mode,
     fi_from_jacobian,
+    fi_max,
     grad_log_py,
     jacobian,
     logits_one,
@@ -82,7 +86,7 @@ def input_fi(
     rtol: float = 1e-10,
     input_key: str | None = None,
     input_module: str | None = None,
-) -> dict[str, Any]:
+) -> InputFI:
     """Influence of additive input perturbations ``x + ω``, ``ω0 = 0`` (Setups 1, 3, 4).
 
     Args:
@@ -99,20 +103,23 @@ def input_fi(
             are perturbed at their input embedding's output ``(1, T, d)`` per sample).
 
     Returns:
-        A dict with (all on the device of the inputs):
+        The engine's own result type, :class:`~lightning_sens.core.results.InputFI`, every
+        field computed here (all on the device of the inputs; each :class:`BlockFI` holds FI,
+        relative FI ``fi / ((1 − p_y) / p_y)``, 0 where ``p_y = 1``, and the effective rank):
 
-        - ``'fi'`` (B,) float64, ``'rank'`` (B,) int64: the whole input as one block.
-        - ``'relative_fi'`` (B,): ``fi / ((1 − p_y) / p_y)`` in [0, 1]; 0 where ``p_y = 1``.
-        - ``'metric_map'`` and ``'gradient'`` (B, *shape): per coordinate, J_iᵀ H J_i and
+        - ``whole``: the whole input as one block, ``(B,)``.
+        - ``maps``: for images (B, C, H, W) and non-empty ``windows``, ``{w: (B, C, H, W)}``,
+        the block at (b, c, h, v) being channel c, rows h−s..h+s and columns v−s..v+s clipped
+        to the image; for a module output (1, T, d) per sample, ``{w: (B, T, d)}``
+        (coordinate j of tokens t−s..t+s). Empty for other inputs or ``windows=()``.
+        - ``position_map``: the block of all C channels of pixel (h, v), ``(B, H, W)``, or of
+        every coordinate of token t, ``(B, T)``; None where ``maps`` is empty.
+        - ``source``: what was perturbed, ``"inputs"``, ``"inputs['<input_key>']"`` or
+        ``"output of '<input_module>'"``.
+        - ``metric_map`` and ``gradient`` (B, *shape): per coordinate, J_iᵀ H J_i and
         ∂ log p_y / ∂x_i (of the perturbed tensor: the input, or ``input_module``'s output).
-        - ``'p_target'`` (B,) float64: ``p_y``; ``'target'`` (B,) int64: the labels used.
-        - For images (B, C, H, W) and non-empty ``windows``: ``'maps'`` ``{w: (B, C, H, W)}``
-        and ``'map_ranks'``, the block at (b, c, h, v) being channel c, rows h−s..h+s and
-        columns v−s..v+s clipped to the image; ``'position_map'`` (B, H, W) and
-        ``'position_map_rank'``: the block of all C channels of pixel (h, v).
-        - For a module output (1, T, d) per sample and non-empty ``windows``: ``'maps'``
-        ``{w: (B, T, d)}`` (coordinate j of tokens t−s..t+s) and ``'position_map'`` (B, T)
-        (every coordinate of token t).
+
+        The class and p_y used are in :func:`~lightning_sens.reference.sensitivity`'s result.
     """
     for w in windows:
         if w < 1 or w % 2 != 1:
@@ -159,31 +166,28 @@ def input_fi(
                 per_sample.setdefault(f"fi{key}", []).append(fi)
                 per_sample.setdefault(f"rank{key}", []).append(rank)
     stacked = {k: torch.stack(v) for k, v in per_sample.items()}
+    _, most = fi_max(probs, labels)
+    tokens = hooked is not None
 
-    p_target = probs.gather(1, labels[:, None])[:, 0]
-    max_fi = (1.0 - p_target) / p_target  # the full-rank closed form, docs/method.md
-    positive = max_fi > 0
-    relative = torch.where(positive, stacked["fi"] / torch.where(positive, max_fi, 1.0), 0.0)
-    result: dict[str, Any] = {
-        "fi": stacked["fi"],
-        "rank": stacked["rank"],
-        "relative_fi": relative,
-        "p_target": p_target,
-        "target": labels,
-        "metric_map": stacked["metric_map"],
-        "gradient": stacked["gradient"],
-    }
-    if "fiposition" in stacked:
-        tokens = hooked is not None
+    def found_block(key: str) -> BlockFI:
+        fi, rank = stacked[f"fi{key}"], stacked[f"rank{key}"]
+        if tokens and key:  # (B, d, 1, T) -> (B, T, d); (B, 1, T) -> (B, T)
+            fi, rank = (t[:, :, 0].transpose(1, 2) if t.dim() == 4 else t[:, 0] for t in (fi, rank))
+        return block(fi, rank, most)
 
-        def back(t: Tensor) -> Tensor:  # (B, d, 1, T) -> (B, T, d); (B, 1, T) -> (B, T)
-            return (t[:, :, 0].transpose(1, 2) if t.dim() == 4 else t[:, 0]) if tokens else t
-
-        result["maps"] = {w: back(stacked[f"fimap{w}"]) for w in windows}
-        result["map_ranks"] = {w: back(stacked[f"rankmap{w}"]) for w in windows}
-        result["position_map"] = back(stacked["fiposition"])
-        result["position_map_rank"] = back(stacked["rankposition"])
-    return result
+    with_maps = "fiposition" in stacked
+    if input_module is not None:
+        source = f"output of {input_module!r}"
+    else:
+        source = "inputs" if input_key is None else f"inputs[{input_key!r}]"
+    return InputFI(
+        whole=found_block(""),
+        maps={w: found_block(f"map{w}") for w in windows} if with_maps else {},
+        position_map=found_block("position") if with_maps else None,
+        source=source,
+        metric_map=stacked["metric_map"],
+        gradient=stacked["gradient"],
+    )
 
 
 def _maps_layout(J: Tensor, from_module: bool) -> Tensor | None:

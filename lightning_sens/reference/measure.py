@@ -13,15 +13,19 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_sens.core.fi import BlockFI
+
 __all__ = [
     "ForwardFn",
     "Inputs",
     "Target",
     "authors_recipe_fi",
     "batch_of",
+    "block",
     "contrasts",
     "exact_mode",
     "fi_from_jacobian",
+    "fi_max",
     "grad_log_py",
     "jacobian",
     "logits_one",
@@ -140,15 +144,17 @@ def targets(target: Target, logits: Tensor) -> Tensor:
 def fi_from_jacobian(
     jacobian: Tensor, probs: Tensor, c: Tensor, rtol: float = 1e-10, floor: float = 0.0
 ) -> tuple[Tensor, Tensor]:
-    """Exact influence of one perturbation block from its logit Jacobian (docs/method.md).
+    """Exact influence of one perturbation block from its logit Jacobian (docs/method.md, "The
+    measure").
 
     Args:
         jacobian: ``J = ∂z/∂ω`` at ``ω0``, shape (K, m).
         probs: ``p = softmax(z)``, shape (K,).
         c: ``∂f/∂z``, shape (K,); ``e_y − p`` for ``f = log p_y``. Only its part orthogonal to
             the all-ones vector matters (every function of p has ``c ⟂ 1``).
-        rtol: the rank rule of docs/method.md: with ``S = Qᵀ J Jᵀ Q`` the p-independent Gram in
-            the contrast basis Q (a basis of the complement of the all-ones vector), the
+        rtol: the rank rule (docs/method.md, "Numerics"): with ``S = Qᵀ J Jᵀ Q`` the
+            p-independent Gram in the contrast basis Q (a basis of the complement of the
+            all-ones vector), the
             directions kept are the eigenvectors of S with ``λ > rtol · K · max(λ_max(S), floor)``.
         floor: a size below which the family counts as numerically null (see
             :func:`parameter_fi`); the uncentred size ``trace(J Jᵀ)/K`` is always a floor, since
@@ -206,6 +212,32 @@ def metric_diagonal(J: Tensor, p: Tensor) -> Tensor:
         J: ``(K, m)`` float64 Jacobian of the logits; p: ``(K,)`` probabilities.
     """
     return (p[:, None] * J.square()).sum(0) - (p @ J).square()
+
+
+def fi_max(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``(p_y, (1 − p_y) / p_y)`` per sample: the probability of the class used and the
+    largest FI of any family, which every family of full rank K − 1 reaches (docs/method.md,
+    "Two facts you must know").
+
+    ``1 − p_y`` is summed from the other classes' probabilities, not subtracted from 1, so that
+    it keeps its digits for confident samples.
+
+    Args:
+        probs: ``(B, K)`` float64 probabilities; labels: ``(B,)`` int64 classes.
+    """
+    p_target = probs.gather(1, labels[:, None])[:, 0]
+    others = probs.scatter(1, labels[:, None], 0.0).sum(1)
+    return p_target, others / p_target
+
+
+def block(fi: Tensor, rank: Tensor, most: Tensor) -> BlockFI:
+    """A family's FI as the engine's :class:`~lightning_sens.core.fi.BlockFI`, with its
+    relative FI ``fi / most`` (0 where ``most`` is 0); ``most`` ``(B,)`` is :func:`fi_max`'s
+    largest FI, broadcast over the blocks of each sample."""
+    most = most.reshape(-1, *([1] * (fi.dim() - 1)))
+    positive = most > 0
+    relative = torch.where(positive, fi / torch.where(positive, most, 1.0), 0.0)
+    return BlockFI(fi, relative, rank)
 
 
 def grad_log_py(p: Tensor, y: Tensor) -> Tensor:

@@ -5,21 +5,26 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_sens.core.fi import BlockFI
 from lightning_sens.core.inputs import ForwardModule, default_forward
+from lightning_sens.core.results import LayerFI, ParameterFI
 from lightning_sens.core.routes import channel_axes
 from lightning_sens.reference.measure import (
     ForwardFn,
     Inputs,
     Target,
     batch_of,
+    block,
     contrasts,
     exact_mode,
     fi_from_jacobian,
+    fi_max,
     grad_log_py,
     jacobian,
     logits_one,
@@ -60,7 +65,7 @@ def parameter_fi(
     layers: list[str] | None = None,
     forward_fn: ForwardFn | None = None,
     rtol: float = 1e-10,
-) -> dict[str, dict[str, Tensor | None]]:
+) -> ParameterFI:
     """Influence of parameter perturbations, per layer and jointly (Setup 2 and scalings).
 
     Args:
@@ -73,24 +78,30 @@ def parameter_fi(
         rtol: relative tolerance, see :func:`fi_from_jacobian`.
 
     Returns:
-        ``{layer: entries, ..., '__all__': {'fi', 'rank'}}`` with, per layer (all (B,)):
+        The engine's own result type, :class:`~lightning_sens.core.results.ParameterFI`:
+        ``layers`` maps each listed layer to a :class:`~lightning_sens.core.results.LayerFI`
+        (every :class:`~lightning_sens.core.fi.BlockFI` with FI, relative FI
+        ``fi / ((1 − p_y) / p_y)`` and effective rank, all (B,)):
 
-        - ``'fi'``, ``'rank'``: additive ``θ_l + ω`` on the layer's block (its direct trainable
+        - ``parameters``: additive ``θ_l + ω`` on the layer's block (its direct trainable
         parameters, weight and bias together, each used wherever the forward uses it),
         ``ω0 = 0``.
-        - ``'scale_fi'``: layer scaling ``θ_l → ω θ_l`` with one scalar, ``ω0 = 1`` (m = 1).
-        - ``'channel_scale_fi'``, ``'channel_scale_rank'``: slice c of every trainable parameter
-        along its output-channel axis (:func:`lightning_sens.core.routes.channel_axes`)
-        multiplied by ``ω_c``, ``ω0 = 1``, all channels as one block (``None`` for layers
-        without channels).
+        - ``scale``: layer scaling ``θ_l → ω θ_l`` with one scalar, ``ω0 = 1`` (m = 1).
+        - ``channel_scale``: slice c of every trainable parameter along its output-channel axis
+        (:func:`lightning_sens.core.routes.channel_axes`) multiplied by ``ω_c``, ``ω0 = 1``,
+        all channels as one block (None for layers without channels).
+        - ``metric``: tr(G) = Σ_i J_iᵀ H J_i over the block's coordinates; ``scale_metric``:
+        uᵀ H u of the layer-scaling direction; ``weight_channel_metric`` (B, C): tr(G) over
+        each output channel's slice of the weight alone, for Linear and Conv layers (None for
+        others).
+        - ``shared_with``: the other listed layers that own one of the layer's trainable
+        parameters (tied weights), sorted.
+        - ``method``: always ``"jacobian"``. The field is required and says which route the
+        engine took; the reference has no routes, and computes every family from the full
+        Jacobian by autograd, which is what the engine's ``"jacobian"`` route computes.
 
-        - ``'metric'``: tr(G) = Σ_i J_iᵀ H J_i over the block's coordinates;
-        ``'scale_metric'``: uᵀ H u of the layer-scaling direction;
-        ``'weight_channel_metric'`` (B, C): tr(G) over each output channel's slice of the weight
-        alone, for Linear and Conv layers (``None`` for others).
-
-        ``'__all__'`` is the block of all listed layers' parameters together, each parameter
-        counted once.
+        ``whole`` is the block of all listed layers' parameters together, each parameter
+        counted once; ``skipped`` is empty (the reference measures every layer or raises).
     """
     forward_fn = forward_fn or default_forward
     if layers is None:
@@ -101,8 +112,9 @@ def parameter_fi(
         ]
     wrapper = ForwardModule(model, forward_fn)
     params = {n: t.detach() for n, t in model.named_parameters(remove_duplicate=False)}
-    blocks = {layer: _block_names(model, layer) for layer in layers}
-    blocks["__all__"] = _distinct(model, [n for layer in layers for n in blocks[layer]])
+    blocks: dict[str | None, list[str]] = {layer: _block_names(model, layer) for layer in layers}
+    # None: the block of all listed layers' parameters (a layer may be named "", the root)
+    blocks[None] = _distinct(model, [n for layer in layers for n in blocks[layer]])
 
     def call(substitute: dict[str, Tensor], x: Inputs) -> Tensor:
         named = {f"model.{n}": t for n, t in substitute.items()}
@@ -111,7 +123,7 @@ def parameter_fi(
     def call_scaled(omega: Tensor, names: list[str], x: Inputs) -> Tensor:
         return call({n: omega * params[n] for n in names}, x)
 
-    found: dict[tuple[str, str], list[Tensor]] = defaultdict(list)
+    found: dict[tuple[str | None, str], list[Tensor]] = defaultdict(list)
     with exact_mode(model):
         samples = [sample(inputs, b) for b in range(batch_of(inputs))]
         logits = torch.stack([call({}, x).detach() for x in samples]).to(torch.float64)
@@ -130,7 +142,7 @@ def parameter_fi(
                 fi, rank = fi_from_jacobian(J, p, c, rtol)
                 found[layer, "fi"].append(fi)
                 found[layer, "rank"].append(rank)
-                if layer == "__all__":
+                if layer is None:
                     continue
                 found[layer, "metric"].append(metric_diagonal(J.to(torch.float64), p).sum())
                 weight = f"{layer}.weight" if layer else "weight"
@@ -140,14 +152,17 @@ def parameter_fi(
                     per_channel = diagonal.reshape(J_w.shape[1], -1).sum(-1)
                     found[layer, "weight_channel_metric"].append(per_channel)
                 # Scaling directions are numerically null below the tolerance times the most any
-                # direction of the same norm can do: trace(QᵀJJᵀQ)·‖θ_l‖² (docs/method.md).
+                # direction of the same norm can do: trace(QᵀJJᵀQ)·‖θ_l‖² (docs/derivations.md,
+                # "Numerically null scaling directions").
                 theta2 = sum(float(params[n].double().square().sum()) for n in names)
                 floor = float((contrasts(len(p), J.device).T @ J.detach()).square().sum()) * theta2
                 # layer scaling θ_l → ω θ_l at ω0 = 1: u = ∂z/∂ω, shape (K, 1)
                 one = torch.ones((), dtype=probs.dtype if not names else params[names[0]].dtype)
                 scaled = partial(call_scaled, names=names, x=x)
                 u = jacobian(scaled, one.to(p.device)).reshape(-1, 1)
-                found[layer, "scale_fi"].append(fi_from_jacobian(u, p, c, rtol, floor)[0])
+                fi, rank = fi_from_jacobian(u, p, c, rtol, floor)
+                found[layer, "scale_fi"].append(fi)
+                found[layer, "scale_rank"].append(rank)
                 found[layer, "scale_metric"].append(metric_diagonal(u.to(torch.float64), p)[0])
                 J_ch = _channel_scale_jacobian(model, call, params, layer, names, x)
                 if J_ch is not None:
@@ -155,21 +170,43 @@ def parameter_fi(
                     found[layer, "channel_scale_fi"].append(fi)
                     found[layer, "channel_scale_rank"].append(rank)
 
-    result: dict[str, dict[str, Tensor | None]] = {}
-    keys = (
-        "fi",
-        "rank",
-        "scale_fi",
-        "channel_scale_fi",
-        "channel_scale_rank",
-        "metric",
-        "scale_metric",
-        "weight_channel_metric",
-    )
-    for layer in layers:
-        result[layer] = {k: torch.stack(found[layer, k]) if found[layer, k] else None for k in keys}
-    result["__all__"] = {k: torch.stack(found["__all__", k]) for k in ("fi", "rank")}
-    return result
+    _, most = fi_max(probs, labels)
+
+    def values(layer: str | None, key: str) -> Tensor | None:
+        return torch.stack(found[layer, key]) if found[layer, key] else None
+
+    def family(layer: str | None, key: str) -> BlockFI | None:
+        fi, rank = values(layer, f"{key}fi"), values(layer, f"{key}rank")
+        return None if fi is None or rank is None else block(fi, rank, most)
+
+    def computed(value: BlockFI | Tensor | None) -> Any:
+        assert value is not None  # computed for every layer above
+        return value
+
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    owned = {
+        layer: {id(t) for t in model.get_submodule(layer).parameters(recurse=False)}
+        for layer in layers
+    }
+
+    def shared_with(layer: str) -> tuple[str, ...]:
+        mine = {id(tensors[n]) for n in blocks[layer]}
+        return tuple(sorted(o for o in layers if o != layer and mine & owned[o]))
+
+    result = {
+        layer: LayerFI(
+            parameters=computed(family(layer, "")),
+            scale=computed(family(layer, "scale_")),
+            channel_scale=family(layer, "channel_scale_"),
+            method="jacobian",
+            metric=computed(values(layer, "metric")),
+            scale_metric=computed(values(layer, "scale_metric")),
+            weight_channel_metric=values(layer, "weight_channel_metric"),
+            shared_with=shared_with(layer),
+        )
+        for layer in layers
+    }
+    return ParameterFI(layers=result, whole=computed(family(None, "")), skipped={})
 
 
 def _channel_scale_jacobian(

@@ -58,6 +58,13 @@ class SplitScores:
         """Apply ``fn`` to every field (e.g. a gather across processes)."""
         return SplitScores(*(fn(getattr(self, f)) for f in _FIELDS))
 
+    @staticmethod
+    def dtypes() -> dict[str, torch.dtype]:
+        """Each field's dtype, as :func:`split_scores` makes it (whatever the logits' dtype)."""
+        return {
+            f: torch.int64 if f in ("ids", "labels", "preds") else torch.float64 for f in _FIELDS
+        }
+
     def unique(self) -> SplitScores:
         """One entry per id (the first), sorted by id: undoes DistributedSampler's padding."""
         order = torch.argsort(self.ids, stable=True)
@@ -72,7 +79,8 @@ _FIELDS = ("ids", "labels", "preds", "p_label", "log_fi_true", "log_fi_pred", "l
 
 
 def split_scores(ids: Tensor, labels: Tensor, logits: Tensor) -> SplitScores:
-    """Score a batch from its logits: closed forms, no backward pass (docs/method.md)."""
+    """Score a batch from its logits: closed forms, no backward pass (docs/method.md, "Two
+    facts you must know")."""
     true = closed_form_fi(logits, labels)
     pred = closed_form_fi(logits, "pred")
     return SplitScores(
@@ -80,8 +88,8 @@ def split_scores(ids: Tensor, labels: Tensor, logits: Tensor) -> SplitScores:
         true.target.cpu(),
         pred.target.cpu(),
         true.p_target.cpu(),
-        true.log_fi.cpu(),
-        pred.log_fi.cpu(),
+        true.log_fi_max.cpu(),
+        pred.log_fi_max.cpu(),
         label_log_fi(logits).cpu(),
     )
 
@@ -107,7 +115,8 @@ def label_scores(ids: Tensor, labels: Tensor, scores: Tensor) -> SplitScores:
 
 def epoch_metrics(scores: dict[str, SplitScores]) -> dict[str, float]:
     """Per split: loss, accuracy and statistics of log FI with either label; and the train −
-    validation gap of the median log FI with the predicted label (docs/method.md, Setup 3)."""
+    validation gap of the median log FI with the predicted label (Setup 3 of docs/method.md,
+    "The paper's four setups")."""
     metrics: dict[str, float] = {}
     for split, s in scores.items():
         if len(s.ids):

@@ -66,7 +66,8 @@ COLUMNS = tuple(f.name for f in fields(FlagRow))
 
 @dataclass(frozen=True)
 class LayerRow:
-    """One layer on one exact probe in one monitored epoch (docs/damage.md, docs/method.md).
+    """One layer on one exact probe in one monitored epoch (docs/damage.md, "What the metric
+    predicts"; docs/method.md, "Families computed").
 
     Attributes:
         split, epoch, layer: where; ``method``: the engine's route for the layer.

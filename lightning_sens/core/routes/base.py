@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_sens.core.fi import MetricFrame
+from lightning_sens.core.frame import MetricFrame
 
 __all__ = [
     "WEIGHT_LAYERS",
@@ -115,8 +115,8 @@ class LayerGram:
 class RouteResult:
     """A route's per-layer Grams and the Gram of all distinct parameters it covered.
 
-    ``total`` is what ``all_parameters`` adds up: a parameter shared by two layers appears in both
-    layers' Grams but once in ``total``.
+    ``total`` is what ``ParameterFI.whole`` adds up: a parameter shared by two layers appears in
+    both layers' Grams but once in ``total``.
     """
 
     layers: dict[str, LayerGram]
@@ -209,7 +209,8 @@ class Route(ABC):
         """tr(G) of each output channel's slice of the weight alone, ``(B, C)``, or None.
 
         The per-channel metric that weight quantisation with per-channel steps needs
-        (docs/damage.md). Routes that cannot split their Gram by weight rows return None.
+        (docs/damage.md, "What the metric predicts"). Routes that cannot split their Gram by
+        weight rows return None.
         """
         return None
 

@@ -1,4 +1,4 @@
-"""Embedding layers: out[t] = W[token_t] (docs/engine.md).
+"""Embedding layers: out[t] = W[token_t] (docs/engine.md, "Layer routes").
 
 The per-sample gradient of row v is the sum of the backprops at the positions holding token v,
 so ⟨∂_k, ∂_l⟩ = Σ_{t,s: token_t = token_s} ⟨g_k[t], g_l[s]⟩, computed from the backprops without

@@ -1,4 +1,5 @@
-"""Affine normalisation layers: out = x̂ ⊙ γ + β with x̂ the normalised input (docs/engine.md).
+"""Affine normalisation layers: out = x̂ ⊙ γ + β with x̂ the normalised input
+(docs/derivations.md, "Normalisation layers").
 
 The per-sample gradients are dγ_k = Σ_positions G_k ⊙ x̂ and dβ_k = Σ_positions G_k; a layer
 called several times adds the contributions of every call. BatchNorm is always evaluated with its

@@ -1,4 +1,5 @@
-"""Linear and convolution layers: out = W · patch + b at every position (docs/engine.md).
+"""Linear and convolution layers: out = W · patch + b at every position (docs/derivations.md,
+"A weight applied at several positions").
 
 For a layer with unfolded input U (T positions × d) and the backprop G_k (T × p) of its output
 for cotangent k, the per-sample weight gradient is Γ_k = G_kᵀ U and the bias gradient Σ_t G_k.
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_sens.core.fi import MetricFrame
+from lightning_sens.core.frame import MetricFrame
 from lightning_sens.core.routes.base import FastCall, Features, LayerGram, Route, RouteResult
 
 __all__ = ["PatchGram", "WeightedRoute", "unfold_conv"]
