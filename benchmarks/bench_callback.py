@@ -6,7 +6,11 @@ Two models, each trained from scratch by ``trainer.fit`` with the same seed:
   images, batch 64 (the model size a newcomer meets first, where a fixed per-epoch cost shows);
 - ``resnet18``: torchvision's ResNet-18 adapted to 32 × 32 inputs (3 × 3 stem, no max-pool),
   K = 10, batch 128, Adam, on random CIFAR-sized data (CIFAR10 is not available offline here;
-  the cost does not depend on the pixel values).
+  the cost does not depend on the pixel values);
+- ``tiny`` (not run by default): ``lightning_sens.demos.tiny``'s classifier on its random 8 × 8
+  images, 64 train / 32 val, batch 16, the model the monitor's tests train: the whole script in
+  seconds (``--models tiny --repeats 1``), to check it runs; its ratios mean little, a fixed
+  per-epoch cost dwarfs so small a fit.
 
 Configurations, run interleaved (plain, then each monitored one, ``--repeats`` times) so that
 the drift of a shared machine hits them alike; the whole ``fit`` is timed, first epoch included:
@@ -20,7 +24,7 @@ Reported per model and configuration: the median wall time of ``fit``, its ratio
 median, the cost share the monitor logged for itself (``sensitivity_monitor/cost_share`` at the
 end of fit) next to the measured one (ratio − 1), and what the budget let run.
 
-Usage: python benchmarks/bench_callback.py [--models demo resnet18] [--repeats 3]
+Usage: python benchmarks/bench_callback.py [--models demo resnet18 tiny] [--repeats 3]
        [--epochs 3] [--device cpu] [--out benchmarks/results/callback_demo_cpu.md]
 
 docs/performance.md shows ``--models demo --repeats 9 --out .../callback_demo_cpu.md`` and
@@ -46,7 +50,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens import SensitivityMonitor
-from lightning_sens.demo import SmallCNN, load_images
+from lightning_sens.demos.data import load_images
+from lightning_sens.demos.models import SmallCNN
+from lightning_sens.demos.tiny import TinyClassifier, TinyData
 from lightning_sens.reporting import keys
 
 K = 10
@@ -116,6 +122,16 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
             TensorDataset(x[n:], y[n:]),
             128,
         )
+    if "tiny" in args.models:
+        tiny = TinyData()
+        out["tiny"] = Setting(
+            "tiny",
+            "tiny CNN (lightning_sens.demos.tiny), random 8×8 data 64 train / 32 val, batch 16",
+            TinyClassifier,
+            tiny.train_set,
+            tiny.val_set,
+            16,
+        )
     return out
 
 
@@ -161,7 +177,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["demo", "resnet18"])
+    parser.add_argument(
+        "--models", nargs="+", choices=["demo", "resnet18", "tiny"], default=["demo", "resnet18"]
+    )
     parser.add_argument("--device", default="gpu" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)

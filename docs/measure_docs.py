@@ -81,7 +81,7 @@ def _timed(command: list[str], cwd: Path) -> tuple[float, str]:
 
 
 def parse_demo(stdout: str) -> dict[str, Any]:
-    """The numbers the demo prints (see ``lightning_sens.demo.run_demo``)."""
+    """The numbers the demo prints (see ``lightning_sens.demos.run.run_demo``)."""
     head = re.search(
         r"^Demo: (?P<dataset>[\w-]+), (?P<train>\d+) training samples \((?P<corrupted>\d+) labels "
         r"corrupted\), (?P<val>\d+) validation samples, (?P<epochs>\d+) epochs\.",

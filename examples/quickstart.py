@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens import SensitivityMonitor
-from lightning_sens.demo import SmallCNN
+from lightning_sens.demos.models import SmallCNN
 
 
 def main(out: str = "runs/quickstart", epochs: int = 2) -> pl.Trainer:

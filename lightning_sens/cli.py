@@ -21,16 +21,16 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_args
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 
 from lightning_sens.cli_checks import UsageError
 from lightning_sens.cli_run import run_checkpoints
 from lightning_sens.config import MonitorConfig
-from lightning_sens.flagging import FlagRule
 
-__all__ = ["main"]
+__all__ = ["EVALUATE_OPTIONS", "NOT_EXPOSED", "main"]
 
 
 def _find_checkpoints(specs: Sequence[str]) -> list[Path]:
@@ -102,6 +102,92 @@ def _lightning_cli(arguments: list[str]) -> Any:
         log.setLevel(level)
 
 
+# The MonitorConfig fields that `evaluate` exposes, each as the flag `--` + its name with `-` for
+# `_` (--train-probe-size), and the help evaluate gives it (what it means for checkpoints). Its
+# type, default and choices are the field's: see _add_monitor_options.
+EVALUATE_OPTIONS: dict[str, str] = {
+    "train_probe_size": "training samples in the fixed probe (chosen with --seed) that every "
+    "checkpoint scores: the train split",
+    "exact_probe_size": "samples per split through the exact engine (maps, layers, ranks)",
+    "windows": "window sizes of the input FI maps (odd)",
+    "layers": "module names for per-layer FI (None: every module with trainable parameters)",
+    "exclude_layers": "module names or glob patterns left out of the per-layer FI",
+    "damage_noise": "rho of the per-layer curves: expected KL under Gaussian weight noise of "
+    "rho x the layer's rms (docs/damage.md)",
+    "damage_bits": "b of the per-layer curves: expected KL of rounding a layer's weights to b bits",
+    "flag_rule": "how samples are flagged (docs/flags.md)",
+    "flag_threshold": "robust z-score cut-off of the mad rule",
+    "top_k": "samples the top_k rule flags per split and checkpoint",
+    "persistence": "n in 'flagged at m of the last n checkpoints'",
+    "scan_train_set": "also score every training sample (the train_all split)",
+    "scan_every_n_epochs": "with --scan-train-set: scan at every n-th checkpoint",
+    "chunk_size": "samples per pass of the exact engine (None: the engine's default)",
+    "num_images": "flagged samples and FI-map overlays drawn per figure",
+    "class_names": "one name per class for the figures, tables and report (None: the "
+    "validation dataset's classes attribute, else the class numbers)",
+    "seed": "seed of the probe selection",
+}
+
+# The MonitorConfig fields that `evaluate` does not expose, and why; _FIXED sets some of them.
+NOT_EXPOSED: tuple[tuple[str, str], ...] = (
+    ("every_n_epochs", "evaluate measures every checkpoint it is given: pass fewer checkpoints"),
+    ("score_training_steps", "checkpoints have no training steps to score: train is the probe"),
+    ("log_images", "always on: the report shows the figures"),
+    ("save_figures", "always on: the report embeds the figures' PNG files"),
+    ("budget", "no training time to budget against: evaluate runs every part (fit only)"),
+    ("strict", "always on: an error stops evaluate instead of leaving holes in the results"),
+)
+_FIXED: dict[str, Any] = {"save_figures": True, "strict": True}
+
+
+def _flag(field: str) -> str:
+    """The flag of a MonitorConfig field.
+
+    >>> _flag("train_probe_size")
+    '--train-probe-size'
+    """
+    return "--" + field.replace("_", "-")
+
+
+def _parsed_as(field: str, hint: Any, default: object) -> dict[str, Any]:
+    """add_argument's type, nargs, choices or action for a MonitorConfig field's type: values of
+    the type the field holds (a tuple field takes a list, which MonitorConfig makes a tuple)."""
+    optional = get_origin(hint) in (Union, UnionType) and type(None) in get_args(hint)
+    if optional:
+        (hint,) = (arg for arg in get_args(hint) if arg is not type(None))
+    if hint is bool and default is False:
+        return {"action": "store_true"}
+    if get_origin(hint) is Literal:
+        return {"choices": get_args(hint)}
+    if get_origin(hint) is tuple and get_args(hint)[1:] == (Ellipsis,):
+        return {"type": get_args(hint)[0], "nargs": "+" if optional else "*"}
+    if hint in (int, float, str):
+        return {"type": hint}
+    raise TypeError(f"no evaluate flag for MonitorConfig.{field} of type {hint}")
+
+
+def _add_monitor_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of EVALUATE_OPTIONS, typed and defaulted as MonitorConfig's fields."""
+    hints = get_type_hints(MonitorConfig)
+    defaults = MonitorConfig()  # the monitor's defaults are evaluate's
+    group = parser.add_argument_group("monitor options (MonitorConfig's fields, docs/monitor.md)")
+    for field, text in EVALUATE_OPTIONS.items():
+        default = getattr(defaults, field)
+        group.add_argument(
+            _flag(field), default=default, help=text, **_parsed_as(field, hints[field], default)
+        )
+
+
+def _monitor_config(args: argparse.Namespace) -> MonitorConfig:
+    """The MonitorConfig of evaluate's flags (UsageError for values MonitorConfig refuses)."""
+    try:
+        return MonitorConfig(
+            **{field: getattr(args, field) for field in EVALUATE_OPTIONS}, **_FIXED
+        )
+    except ValueError as error:  # the monitor's options
+        raise UsageError(str(error)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-sens",
@@ -121,40 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overwrite", action="store_true", help="replace an existing output")
     evaluate.add_argument("--device", default="auto", help="accelerator: auto, cpu, gpu, ...")
     evaluate.add_argument("--limit-batches", type=int, default=None, help="validation batches")
-    defaults = MonitorConfig()  # the monitor's defaults are evaluate's
-    evaluate.add_argument(
-        "--train-probe-size",
-        type=int,
-        default=defaults.train_probe_size,
-        help="training samples scored per checkpoint (the train split)",
-    )
-    evaluate.add_argument(
-        "--exact-probe-size",
-        type=int,
-        default=defaults.exact_probe_size,
-        help="samples per split through the exact engine (maps, layers, ranks)",
-    )
-    evaluate.add_argument(
-        "--windows", type=int, nargs="*", default=[1, 3, 5, 7], help="window sizes of the maps"
-    )
-    evaluate.add_argument(
-        "--exclude-layers", nargs="*", default=[], help="module names or glob patterns to skip"
-    )
-    evaluate.add_argument(
-        "--flag-rule", choices=get_args(FlagRule), default=defaults.flag_rule, help="docs/flags.md"
-    )
-    evaluate.add_argument(
-        "--flag-threshold",
-        type=float,
-        default=defaults.flag_threshold,
-        help="robust z-score cut-off of the mad rule",
-    )
-    evaluate.add_argument(
-        "--top-k", type=int, default=defaults.top_k, help="samples the top_k rule flags"
-    )
-    evaluate.add_argument(
-        "--scan-train-set", action="store_true", help="also score every training sample"
-    )
+    _add_monitor_options(evaluate)
     evaluate.add_argument(
         "--quantization",
         action="store_true",
@@ -207,7 +260,6 @@ def _parser() -> argparse.ArgumentParser:
 def _evaluate(args: argparse.Namespace, lightning_args: list[str]) -> int:
     from lightning_sens.callbacks.monitor import default_batch_fn
     from lightning_sens.cli_checks import check_data, check_fit, first_batch
-    from lightning_sens.config import MonitorConfig
     from lightning_sens.core.inputs import default_forward, logits_of
 
     output: Path = args.output
@@ -220,21 +272,7 @@ def _evaluate(args: argparse.Namespace, lightning_args: list[str]) -> int:
             "name the model and data after '--', e.g. -- --model pkg.MyModule --data "
             "pkg.MyDataModule, or -- --config config.yaml"
         )
-    try:
-        config = MonitorConfig(
-            train_probe_size=args.train_probe_size,
-            exact_probe_size=args.exact_probe_size,
-            windows=tuple(args.windows),
-            exclude_layers=tuple(args.exclude_layers),
-            flag_rule=args.flag_rule,
-            flag_threshold=args.flag_threshold,
-            top_k=args.top_k,
-            scan_train_set=args.scan_train_set,
-            save_figures=True,
-            strict=True,
-        )
-    except ValueError as error:  # the monitor's options
-        raise UsageError(str(error)) from None
+    config = _monitor_config(args)
     checkpoints = sorted(
         (_read(path) for path in _find_checkpoints(args.checkpoints)),
         key=lambda item: (item[2], item[1], str(item[0])),
@@ -304,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "evaluate":
             return _evaluate(args, lightning_args)
-        from lightning_sens.demo import run_demo
+        from lightning_sens.demos.run import run_demo
 
         if args.out.exists() and any(args.out.iterdir()):
             if not args.overwrite:

@@ -36,7 +36,7 @@ def run_checkpoints(
     from lightning_sens.reporting.html import write_report
     from lightning_sens.reporting.tables import write_table
 
-    monitor = SensitivityMonitor(config, train_dataloader=data.train_dataloader())
+    monitor = SensitivityMonitor(config, train_dataloader=data.train_dataloader(), post_hoc=True)
     logger = TensorBoardLogger(work, name="", version="", default_hp_metric=False)
     done = []
     progress = tqdm(checkpoints, desc="checkpoints", disable=len(checkpoints) < 2)
@@ -87,14 +87,14 @@ def run_checkpoints(
         loader = data.val_dataloader()
         count = min(args.damage_samples, len(loader.dataset))
         samples = [loader.dataset[i] for i in range(count)]
-        inputs, _, _ = monitor.batch_fn((loader.collate_fn or default_collate)(samples))
+        inputs, _, _ = monitor.reader.batch_fn((loader.collate_fn or default_collate)(samples))
         device = next(model.parameters()).device
         rows = quantization_report(
             model,
             to_device(inputs, device),
             args.bits,
             args.measure_damage,
-            monitor.forward_fn,
+            monitor.reader.forward_fn,
             config.chunk_size,
         )
         write_table(rows, work / "quantization.csv", QUANTIZATION_COLUMNS)

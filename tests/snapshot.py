@@ -56,7 +56,8 @@ RUNS: dict[str, dict[str, Any]] = {
 
 def monitored_run(out: Path, name: str) -> tuple[Path, list[dict[str, float]]]:
     """Two epochs of the demo's CNN on the digits (5 % of the labels corrupted), monitored."""
-    from lightning_sens.demo import DemoData, SmallCNN
+    from lightning_sens.demos.data import DemoData
+    from lightning_sens.demos.models import SmallCNN
 
     pl.seed_everything(0, verbose=False)
     data = DemoData("digits", 0.05, 0, str(out / "data"))

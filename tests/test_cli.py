@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,8 +21,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import tests.cli_models
 from lightning_sens.callbacks.monitor import default_batch_fn
-from lightning_sens.cli import main
+from lightning_sens.cli import EVALUATE_OPTIONS, NOT_EXPOSED, _monitor_config, _parser, main
 from lightning_sens.cli_checks import check_data, first_batch
+from lightning_sens.config import MonitorConfig
 from lightning_sens.core.inputs import default_forward
 from lightning_sens.damage import quantization_report
 from lightning_sens.reporting import keys
@@ -201,6 +205,124 @@ def test_python_dash_m_help() -> None:
     assert "--limit-batches" in result.stdout
 
 
+# evaluate's flags that are not MonitorConfig fields: the output, the run, the quantisation report
+EVALUATE_OWN = {
+    "--output",
+    "--overwrite",
+    "--device",
+    "--limit-batches",
+    "--quantization",
+    "--bits",
+    "--damage-samples",
+    "--measure-damage",
+}
+# Per exposed field: the words after its flag, and the value MonitorConfig must then hold (none
+# of them the default, so that each shows that its flag reached the config).
+NON_DEFAULT: dict[str, tuple[list[str], object]] = {
+    "train_probe_size": (["7"], 7),
+    "exact_probe_size": (["0"], 0),
+    "windows": (["3", "5"], (3, 5)),
+    "layers": (["net.0", "net.4"], ("net.0", "net.4")),
+    "exclude_layers": (["encoder.*.attn"], ("encoder.*.attn",)),
+    "damage_noise": (["0.25"], 0.25),
+    "damage_bits": (["8"], 8),
+    "flag_rule": (["top_k"], "top_k"),
+    "flag_threshold": (["2"], 2.0),
+    "top_k": (["3"], 3),
+    "persistence": (["2"], 2),
+    "scan_train_set": ([], True),
+    "scan_every_n_epochs": (["3"], 3),
+    "chunk_size": (["16"], 16),
+    "num_images": (["2"], 2),
+    "class_names": (["cat", "dog"], ("cat", "dog")),
+    "seed": (["5"], 5),
+}
+
+
+def _command(name: str) -> argparse.ArgumentParser:
+    (commands,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return commands.choices[name]
+
+
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {o for a in parser._actions for o in a.option_strings if o not in ("-h", "--help")}
+
+
+def test_evaluate_exposes_each_monitor_config_field_or_says_why_not() -> None:
+    fields = [f.name for f in dataclasses.fields(MonitorConfig)]
+    hidden = [name for name, _ in NOT_EXPOSED]
+    assert sorted([*EVALUATE_OPTIONS, *hidden]) == sorted(fields)  # each field exactly once
+    assert all(len(reason.splitlines()) == 1 and reason.strip() for _, reason in NOT_EXPOSED)
+    assert all(len(text.splitlines()) == 1 and text.strip() for text in EVALUATE_OPTIONS.values())
+    evaluate = _command("evaluate")
+    spelled = {"--" + field.replace("_", "-") for field in EVALUATE_OPTIONS}
+    assert _flags(evaluate) == spelled | EVALUATE_OWN  # no other flag
+    assert not spelled & EVALUATE_OWN
+    options = {a.dest: a.option_strings for a in evaluate._actions}
+    for field in EVALUATE_OPTIONS:
+        assert options[field] == ["--" + field.replace("_", "-")], field
+    defaults = evaluate.parse_args(["a.ckpt", "--output", "out"])
+    for field in EVALUATE_OPTIONS:
+        assert getattr(defaults, field) == getattr(MonitorConfig(), field), field
+    config = _monitor_config(defaults)
+    assert config == MonitorConfig(save_figures=True, strict=True)  # the rest: the defaults
+
+
+def test_each_evaluate_flag_parses_to_the_value_its_field_holds() -> None:
+    assert set(NON_DEFAULT) == set(EVALUATE_OPTIONS)  # every exposed flag is tried
+    words = ["a.ckpt", "--output", "out"]
+    for field, (values, _) in NON_DEFAULT.items():
+        words += ["--" + field.replace("_", "-"), *values]
+    parsed = _command("evaluate").parse_args(words)
+    for field, (_, want) in NON_DEFAULT.items():
+        assert want != getattr(MonitorConfig(), field), field
+        value = getattr(parsed, field)
+        if isinstance(want, tuple):  # a list of the element type, made a tuple by MonitorConfig
+            assert isinstance(value, list), field
+            assert [type(v) for v in value] == [type(v) for v in want], field
+            value = tuple(value)
+        assert value == want, field
+        assert type(value) is type(want), field
+    built = MonitorConfig(**{field: getattr(parsed, field) for field in EVALUATE_OPTIONS})
+    config = _monitor_config(parsed)
+    for field, (_, want) in NON_DEFAULT.items():
+        for got in (getattr(built, field), getattr(config, field)):
+            assert got == want, field
+            assert type(got) is type(want), field
+    assert (config.save_figures, config.strict, config.budget) == (True, True, 0.05)
+
+
+def test_monitor_options_that_monitor_config_refuses_are_usage_errors(
+    tmp_path: Path, capsys
+) -> None:
+    out = str(tmp_path / "out")
+    for bad, message in (
+        (["--damage-bits", "1"], "damage_bits must be an integer >= 2"),
+        (["--windows", "1", "4"], "windows must be odd positive integers"),
+    ):
+        assert main(["evaluate", "a.ckpt", "--output", out, *bad, "--", *MODEL]) == 2
+        assert message in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def _section(text: str, heading: str) -> str:
+    """The part of a markdown page under ``heading`` (a level-2 heading), to the next one."""
+    return text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_docs_cli_md_documents_every_flag() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    for command in ("evaluate", "demo"):
+        section = _section(page, f"`lightning-sens {command}`")
+        flags = _flags(_command(command))
+        assert len(flags) >= 6
+        for flag in sorted(flags):  # as `--flag` or `--flag VALUE`, not a prefix of another
+            assert re.search(rf"`{re.escape(flag)}(?![\w-])", section), (command, flag)
+    evaluate = _section(page, "`lightning-sens evaluate`")
+    for field, _ in NOT_EXPOSED:  # the fields without a flag, and why
+        assert f"`{field}`" in evaluate, field
+
+
 def _script(name: str) -> str:
     found = Path(sys.executable).parent / name  # the console script of this environment
     return str(found) if found.exists() else shutil.which(name) or pytest.skip(f"no {name}")
@@ -347,7 +469,8 @@ def _logits(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 def test_accuracy_at_chance_warns_on_the_issue_s_data(learned: Path) -> None:
     """Issue 11.4.4, as found: a CNN that adaptive pooling lets read DigitsData's 8 × 8 images
     without an error, trained on other (28 × 28) data, is at chance on them: a warning."""
-    from lightning_sens.demo import DigitsData, SmallCNN
+    from lightning_sens.demos.data import DigitsData
+    from lightning_sens.demos.models import SmallCNN
 
     torch.manual_seed(0)
     model = SmallCNN()

@@ -14,7 +14,8 @@ import pytest
 from matplotlib.image import imread
 
 from lightning_sens.cli import main
-from lightning_sens.demo import corrupt_labels, flagged_per_epoch, load_images
+from lightning_sens.demos.data import corrupt_labels, load_images
+from lightning_sens.demos.run import flagged_per_epoch
 from lightning_sens.reporting import keys
 from lightning_sens.reporting.writers import read_scalars
 from tests.logged import read_logged

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens import closed_form_fi, sensitivity
-from lightning_sens.demo import load_images
+from lightning_sens.demos.data import load_images
 from lightning_sens.reporting import figures
 from lightning_sens.reporting.keys import QUANTILES
 from lightning_sens.reporting.stats import log_fi_summary
@@ -137,10 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     train_logits = logits_of(model, d["x_train"])
     setup1 = closed_form_fi(train_logits, d["y_train"])
     flagged = torch.zeros(len(d["y_train"]), dtype=torch.bool)
-    top5 = setup1.log_fi.argsort(descending=True)[:5]
+    top5 = setup1.log_fi_max.argsort(descending=True)[:5]
     flagged[top5] = True
     fig = figures.manhattan_plot(
-        setup1.log_fi, d["y_train"], 10, flagged, "Setup 1: log FI of training samples (true label)"
+        setup1.log_fi_max,
+        d["y_train"],
+        10,
+        flagged,
+        "Setup 1: log FI of training samples (true label)",
     )
     fig.savefig(args.out / "setup1_manhattan.png")
     captions = [
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Setup 2: per-layer FI of a probe; whole layers reach the closed form, scaling is informative.
     x_probe, y_probe = d["x_test"][:probe], d["y_test"][:probe]
-    result = sensitivity(model, x_probe, y_probe, input_maps=False, chunk_size=8)
+    result = sensitivity(model, x_probe, y_probe, inputs=False, chunk_size=8)
     assert result.parameters is not None
     names = list(result.parameters.layers)
     rel = torch.stack([result.parameters.layers[n].parameters.relative_fi for n in names])
@@ -172,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Setup 3: train vs test, predicted label, quantiles.
     test_logits = logits_of(model, d["x_test"])
-    train_q = log_fi_summary(closed_form_fi(train_logits, "pred").log_fi)
-    test_q = log_fi_summary(closed_form_fi(test_logits, "pred").log_fi)
+    train_q = log_fi_summary(closed_form_fi(train_logits, "pred").log_fi_max)
+    test_q = log_fi_summary(closed_form_fi(test_logits, "pred").log_fi_max)
     report += [
         "## Setup 3: train vs test (log FI, predicted label)",
         "",

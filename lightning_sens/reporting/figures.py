@@ -1,9 +1,9 @@
 """Matplotlib pictures of the influence measure FI (docs/paper.md: the four analyses), for
-TensorBoard or files.
-
-Object API and the Agg canvas only (no ``pyplot``: no global state, no GUI backend). Inputs are
-torch tensors of any dtype and device, copied to CPU float64. Jitter comes from a fixed
-``torch.Generator`` seed, so the same inputs always give the same picture.
+TensorBoard or files: per-sample FI by class (the Manhattan plot), per-layer values across epochs
+(a heat map) and per sample (a strip plot). Pictures of the samples themselves (grids of images,
+FI maps over them) are in :mod:`lightning_sens.reporting.pictures`, of samples that are not
+images in :mod:`lightning_sens.reporting.sequences`; what they all share (the Agg canvas, checks,
+:func:`figure_to_image`) in :mod:`lightning_sens.reporting.canvas`. This module names them all.
 
 Example:
     >>> import torch
@@ -15,20 +15,26 @@ Example:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from matplotlib import colormaps
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import FormatStrFormatter, NullFormatter
-from numpy.typing import NDArray
+
+from lightning_sens.reporting.canvas import (
+    _MAX_FIG_INCHES,
+    _check_length,
+    _check_shape,
+    _decorate,
+    _figure,
+    _jitter,
+    _label_ticks,
+    _numpy,
+    _shorten,
+    figure_to_image,
+)
+from lightning_sens.reporting.pictures import fi_overlays, sample_grid
 
 __all__ = [
     "fi_overlays",
@@ -38,118 +44,6 @@ __all__ = [
     "manhattan_plot",
     "sample_grid",
 ]
-
-_JITTER_SEED = 0
-_NAME_CHARS = 30
-_MAX_FIG_INCHES = 16.0
-_OVERLAY_DECADES = 4
-# clip_on=False: a top pixel on the border keeps its whole cross
-_CROSS: dict[str, Any] = {
-    "marker": "x", "color": "cyan", "markersize": 8, "mew": 2, "clip_on": False
-}  # fmt: skip
-
-
-def _numpy(tensor: torch.Tensor) -> NDArray[np.float64]:
-    return tensor.detach().to(device="cpu", dtype=torch.float64).numpy()
-
-
-def _check_shape(name: str, tensor: object, expected: Sequence[int | str]) -> torch.Tensor:
-    """Checks ``tensor`` against ``expected`` (ints must match, strings are free dimensions)."""
-    wanted = "(" + ", ".join(str(d) for d in expected) + ("," if len(expected) == 1 else "") + ")"
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape {wanted}, got {type(tensor)}")
-    shape = tuple(tensor.shape)
-    if len(shape) != len(expected) or any(
-        isinstance(e, int) and s != e for s, e in zip(shape, expected, strict=False)
-    ):
-        raise ValueError(f"{name} must have shape {wanted}, got {shape}")
-    return tensor
-
-
-def _check_length(name: str, items: Sequence[object], expected: int, of: str) -> None:
-    if len(items) != expected:
-        raise ValueError(f"{name} must have length {expected} ({of}), got length {len(items)}")
-
-
-def _jitter(count: int, width: float) -> NDArray[np.float64]:
-    """Uniform offsets in [-width/2, width/2] from a fixed seed (deterministic pictures)."""
-    generator = torch.Generator().manual_seed(_JITTER_SEED)
-    return _numpy((torch.rand(count, generator=generator, dtype=torch.float64) - 0.5) * width)
-
-
-def _shorten(name: str, limit: int = _NAME_CHARS) -> str:
-    """Middle ellipsis: keeps both ends of dotted layer names such as ``layer3.2.conv2``."""
-    if len(name) <= limit:
-        return name
-    head = (limit - 1) // 2
-    return name[:head] + "…" + name[-(limit - 1 - head) :]
-
-
-def _normalise(image: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Min-max to [0, 1] over the whole image; constant or non-finite images become 0."""
-    image = np.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
-    low, high = float(image.min()), float(image.max())
-    return (image - low) / (high - low) if high > low else np.zeros_like(image)
-
-
-def _figure(width: float, height: float) -> Figure:
-    size = (min(width, _MAX_FIG_INCHES), min(height, _MAX_FIG_INCHES))
-    return Figure(figsize=size, layout="constrained")
-
-
-def _suptitle(fig: Figure, title: str) -> None:
-    """The figure's title, wrapped at the figure's edges (constrained layout makes room)."""
-    if title:
-        fig.suptitle(title, wrap=True)
-
-
-def _label_ticks(ax: Axes, axis: str, names: Sequence[str], max_labels: int, **text: Any) -> None:
-    """Labels every k-th tick of ``axis`` ("x" or "y") with ``names`` (at most ``max_labels``)."""
-    ticks = list(range(0, len(names), max(1, math.ceil(len(names) / max(1, max_labels)))))
-    set_ticks = ax.set_xticks if axis == "x" else ax.set_yticks
-    set_ticks(ticks, [names[i] for i in ticks], **text)
-
-
-def _decorate(ax: Axes, title: str, xlabel: str, ylabel: str, finite: NDArray[np.bool_]) -> None:
-    ax.set_title(title, wrap=True)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(axis="y", alpha=0.3)
-    if (~finite).any():
-        dropped = f"{int((~finite).sum())} non-finite values not shown"
-        ax.text(0.01, 0.01, dropped, transform=ax.transAxes, fontsize=7, color="grey")
-
-
-def _show(ax: Axes, image: NDArray[np.float64]) -> None:
-    """Shows (C, H, W) as RGB if C = 3, else its first channel in grey, min-max normalised."""
-    shown = _normalise(image.transpose(1, 2, 0) if image.shape[0] == 3 else image[0])
-    ax.imshow(shown, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def figure_to_image(fig: Figure, dpi: int = 100) -> torch.Tensor:
-    """Renders ``fig`` with the Agg canvas into an RGB image.
-
-    Args:
-        fig: the figure; its dpi is restored afterwards.
-        dpi: dots per inch of the rendering (pixels = inches × dpi).
-
-    Returns:
-        uint8 tensor (3, H, W): RGB, channels first, as TensorBoard's
-        ``add_image(..., dataformats="CHW")`` expects.
-    """
-    if not isinstance(dpi, int) or dpi <= 0:
-        raise ValueError(f"dpi must be a positive int, got {dpi!r}")
-    canvas = FigureCanvasAgg(fig)
-    original_dpi = fig.dpi
-    try:
-        fig.set_dpi(dpi)
-        canvas.draw()
-        rgba = np.asarray(canvas.buffer_rgba())[:, :, :3].copy()
-    finally:
-        fig.set_dpi(original_dpi)
-    return torch.from_numpy(rgba).permute(2, 0, 1).contiguous()
 
 
 def manhattan_plot(
@@ -336,145 +230,4 @@ def layer_strip_plot(
     ax.set_xlim(-0.6, n_layers - 0.4)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     _decorate(ax, title or f"{value_label} per layer", "layer", value_label, finite)
-    return fig
-
-
-def sample_grid(
-    images: torch.Tensor, captions: Sequence[str], title: str = "", columns: int = 8
-) -> Figure:
-    """A grid of images with a small caption under each (e.g. the top-FI samples, §9.1).
-
-    C = 3 is shown as RGB, any other C as grey (first channel); each image is min-max normalised on
-    its own, so colours are comparable within an image only.
-
-    Args:
-        images: (n, C, H, W); n may be 0 (then the figure says "no samples").
-        captions: n strings.
-        title: figure title.
-        columns: images per row.
-
-    Returns:
-        The figure (one axes per image).
-    """
-    if not isinstance(columns, int) or columns < 1:
-        raise ValueError(f"columns must be a positive int, got {columns!r}")
-    _check_shape("images", images, ["n", "C", "H", "W"])
-    n = images.shape[0]
-    _check_length("captions", captions, n, "one per image")
-    if n == 0:
-        fig = _figure(4.0, 1.5)
-        fig.text(0.5, 0.5, "no samples", ha="center", va="center", fontsize=12)
-        _suptitle(fig, title)
-        return fig
-    data = _numpy(images)
-    n_columns = min(columns, n)
-    n_rows = math.ceil(n / n_columns)
-    fig = _figure(max(1.6 * n_columns + 0.3, 4.0), 1.9 * n_rows + 0.5)  # 4 in: room for a title
-    for i in range(n):
-        ax = fig.add_subplot(n_rows, n_columns, i + 1)
-        _show(ax, data[i])
-        ax.set_xlabel(str(captions[i]), fontsize=7)
-    _suptitle(fig, title)
-    return fig
-
-
-def fi_overlays(
-    images: torch.Tensor,
-    maps: Mapping[int, torch.Tensor],
-    captions: Sequence[str],
-    title: str = "",
-    lead: tuple[str, str, torch.Tensor] | None = None,
-) -> Figure:
-    """FI maps over their images (Setup 4 of docs/paper.md): where the model is vulnerable.
-
-    One row per sample. Column 0: the image (caption below). Then one column per window size w,
-    ascending, titled ``w = 3`` etc.: the image in grey with the FI map on a log colour scale
-    (alpha 0.6) spanning at most 4 decades below the column's maximum (smaller FI takes the lowest
-    colour); pixels with FI ≤ 0 or non-finite are transparent. Each window column shares one
-    colour scale across rows, explained by the colorbar below it. A cross marks the top-FI pixel of
-    the smallest window (the one-pixel-attack candidate) on the image and on that window's column;
-    a legend under the figure says so.
-
-    With ``lead``, a first map column comes before the FI windows, and the cross marks its top
-    pixel instead.
-
-    Args:
-        images: (n, C, H, W); C = 3 shown as RGB in column 0, else the first channel.
-        maps: window size w → (n, H, W) FI (not log FI) per pixel.
-        captions: n strings.
-        title: figure title.
-        lead: (column title, colour-bar label, (n, H, W) positive values), e.g. the input metric
-            diagonal, the map the monitor reads as "where an edit changes the prediction most".
-
-    Returns:
-        The figure (n × (1 + len(maps)) image axes plus one colorbar per window size).
-    """
-    _check_shape("images", images, ["n", "C", "H", "W"])
-    n, _, height, width = images.shape
-    _check_length("captions", captions, n, "one per image")
-    windows = sorted(maps)
-    for w in windows:
-        if not isinstance(w, int) or w < 1:
-            raise ValueError(f"maps keys must be positive int window sizes, got {w!r}")
-        _check_shape(f"maps[{w}]", maps[w], [n, height, width])
-    if lead is not None:
-        _check_shape("lead map", lead[2], [n, height, width])
-    if n == 0:
-        return sample_grid(images, captions, title=title)
-    data = _numpy(images)
-    fi: dict[Any, np.ndarray] = {w: _numpy(maps[w]) for w in windows}
-    titles: dict[Any, tuple[str, str]] = {w: (f"FI, w = {w}", "FI (log scale)") for w in windows}
-    if lead is not None:
-        fi = {"lead": _numpy(lead[2]), **fi}
-        titles["lead"] = (lead[0], lead[1])
-    columns = list(fi)
-    cmap = colormaps["inferno"].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
-
-    n_columns = 1 + len(columns)
-    fig = _figure(1.9 * n_columns + 0.3, 1.9 * n + (1.7 if columns else 1.2))
-    # The colour bars get a row of their own: constrained layout then keeps their labels inside.
-    ratios = [1.0] * n + ([0.06] if columns else [])
-    grid = fig.add_gridspec(len(ratios), n_columns, height_ratios=ratios)
-    axes = [[fig.add_subplot(grid[r, c]) for c in range(n_columns)] for r in range(n)]
-    for r in range(n):
-        _show(axes[r][0], data[r])
-        axes[r][0].set_xlabel(str(captions[r]), fontsize=7)
-    axes[0][0].set_title("image", fontsize=9)
-    for c, w in enumerate(columns, start=1):
-        shown = (fi[w] > 0) & np.isfinite(fi[w])
-        high = float(fi[w][shown].max()) if shown.any() else 10.0
-        # Lower FI than _OVERLAY_DECADES below the peak takes the lowest colour: peaks stand out.
-        low = max(float(fi[w][shown].min()), high * 10.0**-_OVERLAY_DECADES) if shown.any() else 1.0
-        norm = LogNorm(vmin=low, vmax=high if high > low else low * 10.0)
-        for r in range(n):
-            grey = data[r].mean(axis=0) if data.shape[1] == 3 else data[r, 0]
-            _show(axes[r][c], grey[None])
-            layer = np.ma.masked_array(np.where(shown[r], fi[w][r], 1.0), mask=~shown[r])
-            axes[r][c].imshow(layer, cmap=cmap, norm=norm, alpha=0.6, interpolation="nearest")
-        axes[0][c].set_title(titles[w][0], fontsize=9)
-        mappable = axes[n - 1][c].images[-1]
-        bar = fig.colorbar(mappable, cax=fig.add_subplot(grid[n, c]), orientation="horizontal")
-        bar.set_label(titles[w][1], fontsize=9)
-        # Three labelled ticks, geometrically spaced: readable for narrow and wide ranges alike.
-        bottom, top = float(norm.vmin), float(norm.vmax)  # type: ignore[arg-type]
-        bar.set_ticks([bottom, (bottom * top) ** 0.5, top], labels=None)
-        bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))
-        bar.ax.xaxis.set_minor_formatter(NullFormatter())
-        bar.ax.tick_params(labelsize=8)
-    marked = False
-    if columns:
-        smallest = fi[columns[0]]
-        for r in range(n):
-            scores = np.where(np.isfinite(smallest[r]), smallest[r], -np.inf)
-            if scores.max() <= 0:
-                continue  # no positive FI: no candidate pixel
-            row, col = np.unravel_index(int(np.argmax(scores)), scores.shape)
-            for ax in (axes[r][0], axes[r][1]):
-                ax.plot([col], [row], **_CROSS)
-            marked = True
-    if marked:  # explain the cross: which map's top pixel, and what it is for
-        cross = Line2D([], [], linestyle="none", **_CROSS)
-        what = f"top pixel of “{titles[columns[0]][0]}”\n(the one-pixel-attack candidate)"
-        fig.legend([cross], [what], loc="outside lower center", fontsize=8, frameon=False)
-    _suptitle(fig, title)
     return fig

@@ -15,7 +15,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
-from lightning_sens.reporting.figures import (
+from lightning_sens.reporting.canvas import (
     _MAX_FIG_INCHES,
     _OVERLAY_DECADES,
     _check_length,
