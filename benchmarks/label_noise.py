@@ -45,7 +45,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_sens import SensitivityMonitor
-from lightning_sens.demo import SmallCNN, load_images
+from lightning_sens.demos.data import load_images
+from lightning_sens.demos.models import SmallCNN
 from lightning_sens.flagging import flag
 
 METHODS = {  # command-line name: name in the table
@@ -155,7 +156,7 @@ def predict(model: nn.Module, x: Tensor) -> Tensor:
 def monitor_method(s: Setting, y: Tensor, **options: object) -> tuple[Tensor, Tensor, float]:
     monitor = SensitivityMonitor(**options)
     _, seconds = fit(s, s.x, y, [monitor])
-    evidence = monitor.evidence
+    evidence = monitor.tracker.evidence
     assert evidence is not None, "the training steps were scored"
     assert len(evidence.ids) == len(y), "every sample was scored"
     own = evidence.mean.gather(-1, evidence.labels.unsqueeze(-1)).squeeze(-1)
@@ -164,7 +165,7 @@ def monitor_method(s: Setting, y: Tensor, **options: object) -> tuple[Tensor, Te
         monitor.config.flag_rule,
         label_scores=evidence.mean,
         labels=evidence.labels,
-        at_least=monitor.noise_floor,
+        at_least=monitor.tracker.noise_floor,
     )
     flagged = torch.zeros(len(y), dtype=torch.bool)
     flagged[evidence.ids] = decision.flagged

@@ -34,12 +34,13 @@ class MonitorConfig:
         exclude_layers: module names or glob patterns (``"encoder.*.attn"``) left out of the
             per-layer FI.
         damage_noise: ρ of the per-layer curves "expected KL under Gaussian weight noise of
-            ρ × the layer's rms" (docs/damage.md).
+            ρ × the layer's rms" (docs/damage.md, "In the monitor and the command line").
         damage_bits: b of the per-layer curves "expected KL of rounding the layer's weights to
             b bits, one step per output channel" (Linear and convolution layers).
         flag_rule: "counterfactual" (estimates how many labels of each class are wrong and
-            flags that many; docs/flags.md), "counterfactual_pairs" (the same class by class
-            pair: finds wrong labels between similar classes, and flags samples the model finds
+            flags that many; docs/flags.md, "The rule: what a wrong label looks like to this
+            model"), "counterfactual_pairs" (the same class by class pair: finds wrong labels
+            between similar classes, and flags samples the model finds
             ambiguous), "mad" (robust z-score of log FI above ``flag_threshold``: a few
             outliers) or "top_k".
         flag_threshold: the robust z-score cut-off of the "mad" rule.
@@ -67,7 +68,8 @@ class MonitorConfig:
             are always written. It logs ``sensitivity_monitor/cost_share`` and says in one line
             per part when it scaled one down. Applies during ``fit`` only (validate and
             post-hoc evaluation run everything). None: the fixed schedule above, every part
-            every monitored epoch (docs/performance.md).
+            every monitored epoch (docs/performance.md, "The monitor during training
+            (`benchmarks/bench_callback.py`)").
         strict: raise errors from monitoring instead of warning and skipping the epoch.
         seed: seed of the probe selection.
     """
@@ -163,6 +165,18 @@ class MonitorConfig:
                     f"class_names must be a sequence of strings, one per class, got {names!r}."
                 )
             object.__setattr__(self, "class_names", tuple(names))
+
+    @classmethod
+    def with_options(cls, base: MonitorConfig | None, options: dict[str, Any]) -> MonitorConfig:
+        """``base`` (default: the defaults) with ``options`` replacing its fields; a TypeError
+        names the options that are not fields."""
+        unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(
+                f"SensitivityMonitor got unknown options {sorted(unknown)}; see MonitorConfig "
+                "for the allowed ones."
+            )
+        return dataclasses.replace(base or cls(), **options)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, for hparams, checkpoints and result files."""

@@ -17,53 +17,18 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_sens import MonitorConfig, SensitivityMonitor, sensitivity
 from lightning_sens.callbacks import MonitorSetupError
 from lightning_sens.damage import predict_damage
+from lightning_sens.demos.tiny import CLASSES
+from lightning_sens.demos.tiny import TinyClassifier as TinyNet
+from lightning_sens.demos.tiny import tiny_loaders as _loaders
 from lightning_sens.reporting import keys
+from lightning_sens.reporting.stats import log_fi_summary
+from lightning_sens.reporting.summary import split_scores
 from tests.logged import read_logged
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning:lightning"),  # few-batch and worker hints
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
 ]
-
-CLASSES = 4
-
-
-class TinyNet(pl.LightningModule):
-    def __init__(self, return_logits: bool = True) -> None:
-        super().__init__()
-        self.return_logits = return_logits
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1),
-            nn.BatchNorm2d(4),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(4 * 8 * 8, CLASSES),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", nn.functional.cross_entropy(logits, y))
-        return logits if self.return_logits else None
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def _loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(96, 1, 8, 8, generator=g)
-    y = torch.randint(0, CLASSES, (96,), generator=g)
-    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16, shuffle=True)
-    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=16)
-    return train, val
 
 
 def _trainer(
@@ -172,9 +137,16 @@ def test_second_forward_when_the_step_returns_no_logits(tmp_path: Path) -> None:
     pl.seed_everything(0)
     train, val = _loaders()
     monitor = SensitivityMonitor(SMALL)
-    _trainer(tmp_path, [monitor], epochs=1).fit(TinyNet(return_logits=False), train, val)
-    assert monitor.history
-    assert keys.curve("true", "val", "median") in monitor.history[-1]
+    model = TinyNet(return_logits=False)
+    _trainer(tmp_path, [monitor], epochs=1).fit(model, train, val)
+    batches = list(val)  # the validation set, scored from the trained model's eval forward
+    with torch.no_grad():
+        logits = torch.cat([model.eval()(x) for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    want = log_fi_summary(split_scores(torch.arange(len(labels)), labels, logits).log_fi_true)
+    got = monitor.history[-1]
+    for stat in ("median", "mean", "q99"):
+        assert got[keys.curve("true", "val", stat)] == pytest.approx(want[stat], rel=1e-6), stat
 
 
 def test_other_loggers_get_the_scalars(tmp_path: Path) -> None:
@@ -255,12 +227,17 @@ def test_post_hoc_validate_from_a_checkpoint_and_state_round_trip(tmp_path: Path
     monitor, checkpoint = _fit_and_save(tmp_path, epochs=1)
     _, val = _loaders()
     saved = torch.load(checkpoint, weights_only=False)["callbacks"][monitor.state_key]
-    assert saved["probes"]["train"] == monitor.probes["train"].tolist()
+    assert saved["probes"]["train"] == monitor.tracker.probes["train"].tolist()
 
     fresh = SensitivityMonitor(SMALL)
     _trainer(tmp_path / "post", [fresh], epochs=1).validate(TinyNet(), val, ckpt_path=checkpoint)
     assert fresh.history, "validate(ckpt_path=...) must monitor"
-    assert keys.curve("true", "val", "q99") in fresh.history[-1]
+    trained, again = monitor.history[-1], fresh.history[-1]
+    compared = [k for k in trained if keys.route(k)[0] == "val"]
+    assert keys.curve("true", "val", "q99") in compared
+    assert keys.closed_form_holds("val") in compared  # the exact probe: the same samples
+    for key in compared:  # the checkpoint's weights: the values of the training run's epoch
+        assert again[key] == trained[key], key
 
 
 def _val_rows(folder: Path) -> list[tuple[int, str]]:
@@ -361,8 +338,8 @@ def test_resumed_run_continues_the_curves_without_gaps_or_duplicates(tmp_path: P
     resumed = SensitivityMonitor(SMALL)
     _trainer(tmp_path, [resumed], epochs=4).fit(TinyNet(), train, val, ckpt_path=checkpoint)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
-    assert torch.equal(resumed.probes["train"], first.probes["train"])
-    assert resumed.flags.monitored["val"] == [0, 1, 2, 3]
+    assert torch.equal(resumed.tracker.probes["train"], first.tracker.probes["train"])
+    assert resumed.tracker.flags.monitored["val"] == [0, 1, 2, 3]
 
     logged = read_logged(tmp_path / "tb" / "version_0")  # both runs log to the same folder
     steps = logged.steps(keys.curve("pred", "val", "median"))
@@ -458,10 +435,10 @@ def test_layer_curves_are_the_predicted_damage_of_the_probe(tmp_path: Path) -> N
     monitor = SensitivityMonitor(SMALL, every_n_epochs=1)
     model = TinyNet()
     _trainer(tmp_path, [monitor], epochs=2).fit(model, train, val)
-    ids = monitor.probes["val"][: SMALL.exact_probe_size]
+    ids = monitor.tracker.probes["val"][: SMALL.exact_probe_size]
     x = torch.stack([val.dataset[i][0] for i in ids.tolist()])
     y = torch.stack([val.dataset[i][1] for i in ids.tolist()])
-    result = sensitivity(model, x, y, input_maps=False, channel_metric=True)
+    result = sensitivity(model, x, y, inputs=False, channel_metric=True)
     assert result.parameters is not None
     want = predict_damage(model, result.parameters, (0.1,), (4,), (0.1,))
     last = monitor.history[-1]

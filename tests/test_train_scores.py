@@ -69,7 +69,7 @@ def test_evidence_is_the_closed_form_of_the_training_logits(
     train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     model = Frozen(call_submodule)
     monitor = _fit(tmp_path, model, train)
-    evidence = monitor.evidence
+    evidence = monitor.tracker.evidence
     assert evidence is not None
     assert evidence.ids.tolist() == list(range(64))
     assert torch.equal(evidence.labels, y)
@@ -88,13 +88,13 @@ def test_ids_from_the_batch_and_from_with_index(tmp_path: Path) -> None:
     ids = torch.arange(64) * 10 + 5
     train = DataLoader(TensorDataset(x, y, ids), batch_size=16, shuffle=True)
     monitor = _fit(tmp_path / "ids", Frozen(), train, epochs=1)
-    assert monitor.evidence is not None
-    assert monitor.evidence.ids.tolist() == ids.tolist()
+    assert monitor.tracker.evidence is not None
+    assert monitor.tracker.evidence.ids.tolist() == ids.tolist()
 
     wrapped = DataLoader(WithIndex(TensorDataset(x, y)), batch_size=16, shuffle=True)
     monitor = _fit(tmp_path / "wrapped", Frozen(), wrapped, epochs=1)
-    assert monitor.evidence is not None
-    assert monitor.evidence.ids.tolist() == list(range(64))
+    assert monitor.tracker.evidence is not None
+    assert monitor.tracker.evidence.ids.tolist() == list(range(64))
     assert WithIndex(TensorDataset(x, y))[3][2] == 3
     assert WithIndex([{"a": 1}])[0] == {"a": 1, "sample_id": 0}
 
@@ -108,7 +108,7 @@ def test_a_loader_that_reorders_its_batches_is_caught(tmp_path: Path) -> None:
     train = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, collate_fn=reverse)
     with pytest.warns(UserWarning, match="labels of the indices the training sampler dealt"):
         monitor = _fit(tmp_path, Frozen(), train, epochs=1)
-    assert monitor.evidence is None  # nothing that may be wrong is kept
+    assert monitor.tracker.evidence is None  # nothing that may be wrong is kept
 
 
 def test_evidence_survives_a_checkpoint(tmp_path: Path) -> None:
@@ -117,10 +117,10 @@ def test_evidence_survives_a_checkpoint(tmp_path: Path) -> None:
     monitor = _fit(tmp_path, Frozen(), train)
     restored = SensitivityMonitor(SMALL)
     restored.load_state_dict(monitor.state_dict())
-    assert restored.evidence is not None
-    assert monitor.evidence is not None
-    assert torch.equal(restored.evidence.total, monitor.evidence.total)
-    assert torch.equal(restored.evidence.seen, monitor.evidence.seen)
+    assert restored.tracker.evidence is not None
+    assert monitor.tracker.evidence is not None
+    assert torch.equal(restored.tracker.evidence.total, monitor.tracker.evidence.total)
+    assert torch.equal(restored.tracker.evidence.seen, monitor.tracker.evidence.seen)
 
 
 def test_label_noise_benchmark_small_mode(tmp_path: Path) -> None:

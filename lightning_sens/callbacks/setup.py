@@ -1,5 +1,5 @@
 """What the monitor checks before any work: that it can read the batches and the model's
-outputs (docs/monitor.md, "Errors in seconds"). No state; Lightning only through duck typing."""
+outputs (docs/monitor.md, "Failures"). No state; Lightning only through duck typing."""
 
 from __future__ import annotations
 
@@ -39,9 +39,10 @@ def source_loader(loop: object) -> DataLoader | None:
     return found if isinstance(found, DataLoader) else None
 
 
-def dataset_classes(loader: DataLoader | None) -> tuple[str, ...] | None:
-    """``dataset.classes`` (torchvision's convention), looking through Subset-like wrappers."""
-    dataset = getattr(loader, "dataset", None)
+def dataset_classes(loaders: dict[str, DataLoader]) -> tuple[str, ...] | None:
+    """``dataset.classes`` (torchvision's convention) of the validation loader's dataset, else
+    the training loader's, looking through Subset-like wrappers."""
+    dataset = getattr(loaders.get("val") or loaders.get("train"), "dataset", None)
     for _ in range(4):
         names = getattr(dataset, "classes", None)
         if isinstance(names, list | tuple) and names and all(isinstance(n, str) for n in names):

@@ -7,7 +7,8 @@ loader's batch sampler dealt the indices (a DataLoader delivers batches in that 
 workers; the first batch of every epoch is checked against the dataset's labels). The logits are
 train-mode logits (dropout on, augmented inputs), as AUM uses them.
 
-Each rank keeps its own shard on its device; :meth:`TrainScores.collect` gathers them (uneven
+Each rank keeps its own shard on its device, in a torchmetrics ``Metric``
+(:class:`~lightning_sens.tracking.Samples`); :meth:`TrainScores.collect` gathers them (uneven
 shards allowed) when the monitor folds them into the evidence.
 """
 
@@ -23,8 +24,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 
 from lightning_sens.callbacks.rng import preserved_rng
+from lightning_sens.callbacks.setup import MonitorSetupError
 from lightning_sens.core.inputs import logits_of
 from lightning_sens.label_noise import MAX_ENTRIES, label_log_fi
+from lightning_sens.tracking import Samples, SensitivityTracker
 
 __all__ = ["TrainScores"]
 
@@ -75,7 +78,7 @@ class TrainScores:
         self.warn = warn
         self.active = False
         self.started = False
-        self._buffer: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._rows = Samples({"ids": torch.long, "labels": torch.long, "logits": torch.float64})
         self._hooks: list[Any] = []
         self._found: list[tuple[str, Tensor]] = []
         self._module: str | None = ""  # "" is the LightningModule itself; None: not found
@@ -88,6 +91,7 @@ class TrainScores:
 
     def start(self, trainer: Trainer, module: LightningModule) -> None:
         self.active = self.started = True
+        self._rows.to(module.device)
         self._watch({"": module})
         loader = trainer.train_dataloader
         loader = loader[0] if isinstance(loader, list | tuple) and loader else loader
@@ -128,7 +132,7 @@ class TrainScores:
         if self._loader is not None:
             _unrecord(self._loader)
         self._loader = self._queue = None
-        self._buffer = []
+        self._rows.reset()
         self.active = self.started = False
 
     def on_epoch_start(self) -> None:
@@ -152,6 +156,25 @@ class TrainScores:
 
     def on_batch_start(self) -> None:
         self._found = []
+
+    def score(
+        self, trainer: Trainer, module: LightningModule, outputs: Any, batch: Any, strict: bool
+    ) -> None:
+        """Keep the logits of a training step (:meth:`on_batch_end`); on an error, stop scoring
+        the training steps with a warning (``strict``: raise)."""
+        if not self.active:
+            return
+        try:
+            self.on_batch_end(trainer, module, outputs, batch)
+        except Exception as error:
+            if strict or isinstance(error, MonitorSetupError):
+                raise
+            self.active = False
+            self.warn(
+                "train-error",
+                f"SensitivityMonitor stopped scoring the training steps ({type(error).__name__}: "
+                f"{error}); the training curves come from the probe (strict=True raises).",
+            )
 
     def on_batch_end(
         self, trainer: Trainer, module: LightningModule, outputs: Any, batch: Any
@@ -187,7 +210,7 @@ class TrainScores:
         logits = self._logits(module, outputs, size)
         if logits is None:
             return
-        if not self._buffer and not self._fits(logits.shape[-1]):
+        if self._rows.update_count == 0 and not self._fits(logits.shape[-1]):
             return self._disable(
                 "memory",
                 f"the training set × {logits.shape[-1]} classes exceeds the {MAX_ENTRIES:,} "
@@ -195,7 +218,7 @@ class TrainScores:
             )
         # the scores are computed at collect(), for the whole epoch in one call: a few small
         # kernels per step cost more than the scores themselves on small models
-        self._buffer.append((ids.to(logits.device).long(), labels.to(logits.device), logits))
+        self._rows.update(ids=ids.to(logits.device), labels=labels, logits=logits)
 
     def _labels_match(self, indices: list[int], labels: Tensor) -> bool:
         loader = self._loader
@@ -238,7 +261,7 @@ class TrainScores:
 
     def _disable(self, key: str, reason: str) -> None:
         self.active = False
-        self._buffer = []
+        self._rows.reset()
         self.warn(
             f"train-{key}",
             f"SensitivityMonitor does not score the training set from the training steps: "
@@ -248,42 +271,29 @@ class TrainScores:
 
     # -- epoch end: every rank calls this together -------------------------------------------
 
-    def collect(self, trainer: Trainer) -> tuple[Tensor, Tensor, Tensor] | None:
-        """Everything buffered since the last call, from every rank, on the CPU (every rank
-        must call it)."""
-        parts, self._buffer = self._buffer, []
-        if parts:  # (ids, labels, logits) per step → one (ids, labels, log FI of every label)
-            ids, labels = (torch.cat([part[i] for part in parts]) for i in (0, 1))
-            logits = torch.cat([part[2].to(torch.float64) for part in parts])
-            parts = [(ids, labels, label_log_fi(logits))]
-        if trainer.world_size > 1 and torch.distributed.is_initialized():
-            return self._gather(parts)
-        if not parts:
+    def collect(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Everything kept since the last call, from every rank, on the CPU: (ids, labels, log
+        FI of every label); None where no rank kept anything. A collective: every rank calls
+        it."""
+        found = self._rows.gathered()
+        self._rows.reset()
+        if found is None:
             return None
-        ids, labels, scores = (torch.cat(t).cpu() for t in zip(*parts, strict=True))
-        return ids, labels, scores
+        return found["ids"], found["labels"], label_log_fi(found["logits"])
 
-    def _gather(self, parts: list[tuple[Tensor, Tensor, Tensor]]) -> Any:
-        from torchmetrics.utilities.distributed import gather_all_tensors
-
-        nccl = torch.distributed.get_backend() == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
-        width = torch.tensor([parts[0][2].shape[-1] if parts else 0], device=device)
-        widths = gather_all_tensors(width)
-        k = max(int(w) for w in widths)
-        if k == 0:
-            return None
-        ids, labels, scores = (
-            (torch.cat(t).to(device) for t in zip(*parts, strict=True))
-            if parts
-            else (
-                torch.zeros(0, dtype=torch.long, device=device),
-                torch.zeros(0, dtype=torch.long, device=device),
-                torch.zeros(0, k, dtype=torch.float64, device=device),
+    def fold_into(self, tracker: SensitivityTracker, here: bool) -> None:
+        """:meth:`collect`, and where ``here`` (rank zero) fold it into the tracker's evidence;
+        one warning per run where no training step was scored."""
+        found = self.collect()
+        if found is None and self.active:
+            self.warn(
+                "train-none",
+                "SensitivityMonitor scored no training step since the last validation (no "
+                "batch of the training loader reached it with its sample ids); the training "
+                "curves come from the probe.",
             )
-        )
-        gathered = [torch.cat(gather_all_tensors(t)).cpu() for t in (ids, labels.long(), scores)]
-        return tuple(gathered)
+        if found is not None and here:
+            tracker.fold(*found)
 
     def _fits(self, num_classes: int) -> bool:
         """Whether the evidence of the whole training set stays under its memory cap."""

@@ -128,13 +128,15 @@ def map_relative(split: str, window: int) -> str:
 
 def layer_kl_noise(split: str, layer: str) -> str:
     """Expected KL (nats per sample, mean over probe samples) of Gaussian noise of
-    ``damage_noise`` × the layer's rms on its parameters, from tr(G_l) (docs/damage.md)."""
+    ``damage_noise`` × the layer's rms on its parameters, from tr(G_l) (docs/damage.md, "In the
+    monitor and the command line")."""
     return f"{LAYERS}/{split}/kl_noise/{layer}"
 
 
 def layer_kl_quant(split: str, layer: str, bits: int) -> str:
     """Expected KL (nats per sample) of rounding the layer's weights to ``bits`` bits, one step
-    per output channel (Linear and convolution layers; docs/damage.md)."""
+    per output channel (Linear and convolution layers; docs/damage.md, "In the monitor and the
+    command line")."""
     return f"{LAYERS}/{split}/kl_{bits}bit/{layer}"
 
 
@@ -175,6 +177,12 @@ def exact_probe_size() -> str:
 def config() -> str:
     """The monitor's configuration, a Markdown table (TensorBoard's Text tab)."""
     return f"{MONITOR}/config"
+
+
+def hparam(option: str) -> str:
+    """One option of the configuration, as a hyperparameter of the loggers that keep them
+    (CSV, W&B, ...; TensorBoard gets :func:`config` instead)."""
+    return f"{PREFIX}/{option}"
 
 
 def image(name: str, split: str) -> str:

@@ -1,0 +1,205 @@
+"""Reading batches and logits for the monitor: the Trainer's batches, and the samples it fetches
+itself from a dataset (the probes, the scan, the first batch of the setup check, pictures)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, default_collate
+from tqdm.auto import tqdm
+
+from lightning_sens.callbacks.setup import MonitorSetupError, shape_of
+from lightning_sens.core.inputs import Inputs, default_forward, logits_of, to_device
+from lightning_sens.reporting.summary import SplitScores, split_scores
+
+__all__ = [
+    "ID_KEYS",
+    "LABEL_KEYS",
+    "Batch",
+    "Reader",
+    "default_batch_fn",
+    "default_ids",
+    "first_loader",
+    "trainer_loaders",
+]
+
+Batch = tuple[Inputs, Tensor, Tensor | None]
+
+# Keys of a dict batch (Hugging Face style) that are not model inputs.
+LABEL_KEYS = ("labels", "label")
+ID_KEYS = ("sample_id", "idx")
+
+
+def default_batch_fn(batch: Any) -> Batch:
+    """``(inputs, labels)``, ``(inputs, labels, sample_ids)``, or a dict batch.
+
+    Inputs are a tensor or a dict of tensors. A dict batch (Hugging Face style) holds its labels
+    under ``"labels"`` or ``"label"`` and optionally sample ids under ``"sample_id"`` or
+    ``"idx"``; every other entry is passed to the model as a keyword argument.
+    """
+    pair = isinstance(batch, list | tuple) and len(batch) in (2, 3)
+    if pair and isinstance(batch[0], Tensor | Mapping) and isinstance(batch[1], Tensor):
+        return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
+    if isinstance(batch, Mapping):
+        found = [k for k in LABEL_KEYS if isinstance(batch.get(k), Tensor)]
+        if found:
+            ids = next((batch[k] for k in ID_KEYS if isinstance(batch.get(k), Tensor)), None)
+            inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS + ID_KEYS}
+            return inputs, batch[found[0]], ids
+        raise MonitorSetupError(
+            f"SensitivityMonitor cannot find the labels of a dict batch (keys {sorted(batch)}); "
+            f"it reads them from {' or '.join(map(repr, LABEL_KEYS))}. Pass batch_fn=lambda "
+            "batch: (inputs, labels, ids_or_None)."
+        )
+    raise MonitorSetupError(
+        f"SensitivityMonitor cannot read a batch of type {type(batch).__name__}; it expects "
+        "(inputs, labels), (inputs, labels, sample_ids) or a dict with 'labels'. Pass "
+        "batch_fn=lambda batch: (inputs, labels, ids_or_None)."
+    )
+
+
+def _unchanged(batch: Any) -> Any:
+    return batch
+
+
+class Reader:
+    """Batches → inputs, labels, ids; inputs → logits.
+
+    Args:
+        batch_fn: batch → (inputs, labels, sample ids or None).
+        forward_fn: (module, inputs) → logits, or None for the module's forward.
+    """
+
+    def __init__(
+        self,
+        batch_fn: Callable[[Any], Batch] | None,
+        forward_fn: Callable[[nn.Module, Any], Any] | None,
+    ) -> None:
+        self.batch_fn = batch_fn or default_batch_fn
+        self.forward_fn = forward_fn
+        # what the Trainer's precision does to a batch before the model sees it (64-true: to
+        # float64), for the batches the monitor reads itself; set by the callback's setup
+        self.convert: Callable[[Any], Any] = _unchanged
+
+    def forward(self, module: nn.Module, inputs: Inputs) -> Tensor:
+        """The model's logits, without gradients; a clear error where they are not (B, K)."""
+        with torch.no_grad():
+            output = (self.forward_fn or default_forward)(module, inputs)
+        logits = logits_of(output)
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            raise MonitorSetupError(
+                f"The module's forward returned {shape_of(logits)}, not (B, K) logits or an "
+                "output with a `logits` attribute. Pass SensitivityMonitor(forward_fn=lambda "
+                "module, x: ...) that returns the logits."
+            )
+        return logits
+
+    def validation_batch(
+        self, batch: Any, seen: int, trainer: Any
+    ) -> tuple[Inputs, Tensor, Tensor]:
+        """(inputs, labels, ids) of a validation batch; ids by position in the dataset where
+        the batch carries none (the ``seen`` samples before it on this process)."""
+        inputs, labels, ids = self.batch_fn(batch)
+        if ids is None:
+            where = (trainer.global_rank, trainer.world_size, trainer.val_dataloaders)
+            ids = default_ids(seen, len(labels), *where)
+        return inputs, labels, ids
+
+    def logits(self, outputs: Any, module: nn.Module, inputs: Inputs, size: int) -> Tensor:
+        """The validation step's logits where it returned them; otherwise one more forward."""
+        found = logits_of(outputs) if outputs is not None else None
+        if isinstance(found, Tensor) and found.dim() == 2 and found.shape[0] == size:
+            return found
+        return self.forward(module, inputs)
+
+    def fetch(
+        self, loader: DataLoader, indices: Tensor, device: torch.device
+    ) -> tuple[Inputs, Tensor, Tensor]:
+        """The samples ``indices`` of the loader's dataset, collated as the loader does."""
+        samples = [loader.dataset[i] for i in indices.tolist()]
+        batch = self.convert((loader.collate_fn or default_collate)(samples))
+        inputs, labels, _ = self.batch_fn(batch)
+        return to_device(inputs, device), labels.to(device), indices
+
+    def first(self, loader: DataLoader, split: str, device: torch.device) -> tuple[Inputs, Tensor]:
+        """The first batch, its samples fetched from the dataset (no workers started), or the
+        loader's first batch where the dataset cannot be indexed."""
+        dataset = loader.dataset
+        try:
+            size = min(loader.batch_size or 2, len(dataset))  # type: ignore[arg-type]
+            samples = [dataset[i] for i in range(size)]
+            batch = (loader.collate_fn or default_collate)(samples)
+        except (TypeError, NotImplementedError, AttributeError):
+            batch = next(iter(loader))
+        try:
+            inputs, labels, _ = self.batch_fn(self.convert(batch))
+        except MonitorSetupError:
+            raise
+        except Exception as error:
+            raise MonitorSetupError(
+                f"SensitivityMonitor cannot read the first {split} batch with batch_fn: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        if not isinstance(labels, Tensor) or labels.dim() != 1:
+            raise MonitorSetupError(
+                f"SensitivityMonitor read labels of shape {shape_of(labels)} from a {split} "
+                "batch; it needs one class index per sample, (B,). Pass batch_fn=lambda batch: "
+                "(inputs, labels, ids_or_None)."
+            )
+        return to_device(inputs, device), labels.to(device)
+
+    def scan(
+        self, loader: DataLoader, module: nn.Module, device: torch.device, quiet: bool
+    ) -> SplitScores:
+        """Closed-form FI of every sample of the loader's dataset, in dataset order, one eval
+        forward pass per batch (Setup 1 on the whole training set: docs/method.md, "The paper's
+        four setups")."""
+        ordered = DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size or 256,
+            shuffle=False,
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+        )
+        parts, seen = [], 0
+        for batch in tqdm(
+            ordered, desc="sensitivity: scanning the training set", leave=False, disable=quiet
+        ):
+            inputs, labels, ids = self.batch_fn(self.convert(batch))
+            if ids is None:
+                ids = torch.arange(seen, seen + len(labels))
+            seen += len(labels)
+            inputs = to_device(inputs, device)
+            parts.append(split_scores(ids, labels, self.forward(module, inputs)))
+        return SplitScores.cat(parts)
+
+
+def default_ids(seen: int, size: int, rank: int, world_size: int, loader: Any) -> Tensor:
+    """Dataset indices of an unshuffled validation loader's next ``size`` samples after ``seen``
+    on this process, also under DistributedSampler, which deals indices round-robin and pads by
+    wrapping around to the start."""
+    position = torch.arange(seen, seen + size)
+    if world_size == 1:
+        return position
+    loader = loader[0] if isinstance(loader, list | tuple) else loader
+    total = len(loader.dataset)
+    return (rank + world_size * position) % total
+
+
+def first_loader(held: Any) -> DataLoader | None:
+    """The first DataLoader of what a Trainer holds (a loader, or a list of them)."""
+    loader = held[0] if isinstance(held, list | tuple) and held else held
+    return loader if isinstance(loader, DataLoader) else None
+
+
+def trainer_loaders(trainer: Any, train: DataLoader | None = None) -> dict[str, DataLoader]:
+    """The Trainer's first training and validation loader (``train`` where it has no training
+    loader: ``trainer.validate``)."""
+    found = {
+        "train": first_loader(trainer.train_dataloader) or first_loader(train),
+        "val": first_loader(trainer.val_dataloaders),
+    }
+    return {split: loader for split, loader in found.items() if loader is not None}

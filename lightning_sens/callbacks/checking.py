@@ -1,0 +1,59 @@
+"""The check before the first step of ``fit`` and ``validate`` (docs/monitor.md, "Failures"):
+one batch of each split through ``batch_fn`` and the model, the labels against the
+logits, and the exact engine on one sample."""
+
+from __future__ import annotations
+
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_sens.callbacks.batches import Reader
+from lightning_sens.callbacks.policy import Failures
+from lightning_sens.callbacks.probing import Prober
+from lightning_sens.callbacks.rng import preserved_rng
+from lightning_sens.callbacks.setup import (
+    MonitorSetupError,
+    check_labels,
+    dataset_classes,
+    describe_inputs,
+    eval_mode,
+)
+from lightning_sens.core.inputs import Inputs, select
+
+__all__ = ["check_setup"]
+
+
+def check_setup(
+    reader: Reader,
+    module: LightningModule,
+    loaders: dict[str, DataLoader],
+    prober: Prober,
+    failures: Failures,
+) -> tuple[str, ...] | None:
+    """Read the first batch of each split, run the forward on it and the exact engine (with
+    ``exact_probe_size`` > 0) on one sample: errors in the batches, the outputs or the labels
+    raise :class:`MonitorSetupError` now, not after a training epoch; an engine failure warns
+    now (the part it affects is left out later, as it would be anyway). The model's modes and
+    the random streams are left as they were. Returns the class names the datasets carry
+    (``dataset.classes``), if any."""
+    first: tuple[Inputs, Tensor] | None = None
+    with preserved_rng(), eval_mode(module):
+        for split, loader in loaders.items():
+            inputs, labels = reader.first(loader, split, module.device)
+            try:
+                logits = reader.forward(module, inputs)
+            except MonitorSetupError:
+                raise
+            except Exception as error:
+                raise MonitorSetupError(
+                    f"SensitivityMonitor cannot run the model on a {split} batch "
+                    f"({describe_inputs(inputs)}): {type(error).__name__}: {error}. Check "
+                    "batch_fn (what it passes to the model) and forward_fn."
+                ) from error
+            check_labels(split, labels, logits)
+            first = first or (select(inputs, slice(0, 1), len(labels)), labels[:1])
+        if first is not None and prober.config.exact_probe_size > 0:
+            with failures.part("the exact engine on the probes"):
+                prober.exact(module, *first)
+    return dataset_classes(loaders)

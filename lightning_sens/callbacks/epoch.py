@@ -1,0 +1,152 @@
+"""One monitored epoch on rank zero, step by step: score (the probes and the scan add to the
+gathered scores), probe (the exact engine and the damage), flag (the tracker's ``compute``),
+write (scalars, histograms, tables) and draw (figures on a background thread)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader
+
+from lightning_sens.callbacks.batches import Reader
+from lightning_sens.callbacks.budget import TimeBudget
+from lightning_sens.callbacks.drawing import FigureWorker
+from lightning_sens.callbacks.output import Output
+from lightning_sens.callbacks.planner import Planner
+from lightning_sens.callbacks.policy import Failures
+from lightning_sens.callbacks.probing import Prober
+from lightning_sens.callbacks.rng import preserved_rng
+from lightning_sens.config import MonitorConfig
+from lightning_sens.reporting import keys
+from lightning_sens.reporting.images import Describe
+from lightning_sens.reporting.summary import SplitScores
+from lightning_sens.tracking import Probes, SensitivityTracker
+
+__all__ = ["EpochRunner"]
+
+
+class EpochRunner:
+    """The monitor's work on a monitored epoch, and the time budget it is done within.
+
+    Attributes:
+        budget, planner: what the monitor spent; how much of each optional part fits now.
+        drawing: the figure thread.
+        prober: the parts that run the model.
+        output: the parts that write.
+    """
+
+    def __init__(
+        self,
+        config: MonitorConfig,
+        reader: Reader,
+        tracker: SensitivityTracker,
+        failures: Failures,
+        describe_fn: Describe | None,
+    ) -> None:
+        self.config, self.tracker, self.failures = config, tracker, failures
+        self.budget = TimeBudget(config.budget)
+        self.planner = Planner(self.budget, failures)
+        self.drawing = FigureWorker(self.budget)
+        self.prober = Prober(config, reader, tracker, self.planner, failures)
+        self.output = Output(config, self.planner, self.drawing, describe_fn)
+
+    def end(
+        self,
+        trainer: Trainer,
+        module: LightningModule,
+        at: tuple[int, int],
+        loaders: dict[str, DataLoader],
+        use_evidence: bool,
+        class_names: tuple[str, ...] | None,
+    ) -> None:
+        """The end of a monitored validation epoch, on every rank: gather the scores (a
+        collective), then on rank zero :meth:`run`; a failure skips the epoch with a warning."""
+        with self.failures.epoch(at[0]), preserved_rng():
+            scores = self.tracker.gather()  # a collective: every rank
+            log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective, too
+            if trainer.is_global_zero and "val" in scores:
+                self.run(trainer, module, scores, loaders, at, log_dir, use_evidence, class_names)
+
+    def run(
+        self,
+        trainer: Trainer,
+        module: LightningModule,
+        scores: dict[str, SplitScores],
+        loaders: dict[str, DataLoader],
+        at: tuple[int, int],
+        log_dir: Path,
+        use_evidence: bool,
+        class_names: tuple[str, ...] | None,
+    ) -> None:
+        """Probe, flag, write and draw one epoch, logged at ``at`` = (epoch, step).
+        ``use_evidence``: flag the training split by the evidence of every training step so
+        far (:meth:`~lightning_sens.tracking.SensitivityTracker.compute`)."""
+        epoch, step = at
+        self.finish_figures(wait=False)  # an earlier epoch's figures failed: say so once
+        self.planner.rows = sum(len(s.ids) for s in scores.values())
+        probes = self.prober.probes(module, loaders, scores, epoch)
+        quiet = trainer.progress_bar_callback is None
+        self.prober.scan(module, loaders, scores, epoch, quiet)
+        self.prober.damage(module, probes)
+        began = time.perf_counter()  # flags, scalars and tables: the part the budget reserves
+        extra = self._cost(probes) if self.planner.active else None
+        report = self.tracker.compute(
+            epoch, step, scores, probes, use_evidence=use_evidence, extra=extra
+        )
+        self.output.write(trainer.loggers, report, log_dir)
+        self.budget.learn("flags", time.perf_counter() - began)
+        self.planner.over(epoch, time.perf_counter() - began)
+        with self.failures.part("the figures"):
+            self.output.figures(
+                report,
+                lambda wanted: self.prober.fetch_pictures(module, loaders, wanted),
+                self.tracker.history,
+                self.tracker.num_classes,
+                self._names(class_names),
+                log_dir,
+            )
+
+    def _cost(self, probes: Probes) -> dict[str, float]:
+        """The monitor's cost share so far and the exact probes' size this epoch."""
+        size = len(next(iter(probes.ids.values()), ()))
+        return {keys.cost_share(): self.budget.cost_share, keys.exact_probe_size(): float(size)}
+
+    def _names(self, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        """Class names where they fit the model's classes (else the figures show numbers)."""
+        k = self.tracker.num_classes
+        if names is not None and len(names) != k:
+            self.failures.warn_once(
+                "class-names",
+                f"SensitivityMonitor got {len(names)} class names for a model with {k} classes; "
+                "the figures show class numbers instead.",
+            )
+            return None
+        return names
+
+    def finish_figures(self, wait: bool = True) -> None:
+        """Raise (as a part) what the figures failed with; with ``wait``, first wait for the
+        figures in flight and flush what they drew (the end of fit or validate)."""
+        error = self.drawing.wait() if wait else self.drawing.failure()
+        if error is not None:
+            with self.failures.part("the figures"):
+                raise error
+        if wait and self.output.writer is not None:
+            self.output.writer.flush()
+
+    def close(self, trainer: Trainer, end_of_fit: bool) -> None:
+        """The end of fit (the run's cost share, once) or of any stage (the event files)."""
+        writer = self.output.writer
+        if end_of_fit:
+            self.finish_figures()
+            self.budget.stop()
+            if writer is not None and trainer.is_global_zero:
+                writer.scalars({keys.cost_share(): self.budget.cost_share}, trainer.global_step)
+                writer.flush()
+            self.planner.active = False
+            return
+        self.finish_figures()
+        self.drawing.close()
+        if writer is not None:  # the split runs' event files; reopened if used again
+            writer.close()

@@ -1,0 +1,284 @@
+"""The monitor's state and its per-epoch arithmetic, without Lightning: scores in, flags,
+metrics and tables out.
+
+:class:`SensitivityTracker` follows torchmetrics' protocol: :meth:`~SensitivityTracker.update`
+takes a validation batch's logits, :meth:`~SensitivityTracker.gather` collects the epoch's
+scores from every process, :meth:`~SensitivityTracker.compute` turns them (with what the exact
+engine measured on the probes) into one :class:`EpochReport`, :meth:`~SensitivityTracker.reset`
+starts the next epoch, and ``state_dict``/``load_state_dict`` carry what lasts across epochs
+(probes, history, flag history, the training-set evidence) through a checkpoint. The callback
+(:class:`~lightning_sens.callbacks.SensitivityMonitor`) only reads batches and runs the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_sens.config import MonitorConfig
+from lightning_sens.core import SensitivityResult
+from lightning_sens.damage import LayerDamage
+from lightning_sens.flagging import FlagDecision, FlagHistory, flag
+from lightning_sens.label_noise import LabelEvidence, estimate_noise
+from lightning_sens.reporting import keys
+from lightning_sens.reporting.summary import (
+    SplitScores,
+    epoch_metrics,
+    flag_columns,
+    label_scores,
+    layer_rows,
+    probe_metrics,
+)
+from lightning_sens.reporting.tables import LayerRow
+from lightning_sens.tracking.resume import restore
+from lightning_sens.tracking.samples import EpochScores
+
+__all__ = ["SCALE", "EpochReport", "Probes", "SensitivityTracker"]
+
+SCALE = 0.1  # δ of the layer table's "scale by 1 + δ" column
+
+
+@dataclass
+class Probes:
+    """What the exact engine measured this epoch, per split: its results, the sample ids they
+    belong to, and the per-layer damage predicted from them."""
+
+    results: dict[str, SensitivityResult] = field(default_factory=dict)
+    ids: dict[str, Tensor] = field(default_factory=dict)
+    damage: dict[str, dict[str, LayerDamage]] = field(default_factory=dict)
+
+
+@dataclass
+class EpochReport:
+    """One monitored epoch, computed.
+
+    Attributes:
+        epoch, step: where it is logged.
+        scores: per split, the score each split's flags rank by (for the training split
+            scored in the training steps: the mean log FI over the steps so far).
+        evidence_splits: the splits whose ``scores`` are such means.
+        decisions: per split, the flags.
+        metrics: every scalar of the epoch, by key (:mod:`~lightning_sens.reporting.keys`).
+        flags: the flag table, column by column.
+        layers: the layer table's rows.
+        probes: the exact probes' results.
+        histograms: per split, the epoch's log FI with the true and the predicted label.
+    """
+
+    epoch: int
+    step: int
+    scores: dict[str, SplitScores]
+    evidence_splits: set[str]
+    decisions: dict[str, FlagDecision]
+    metrics: dict[str, float]
+    flags: dict[str, list[Any]]
+    layers: list[LayerRow]
+    probes: Probes
+    histograms: dict[str, tuple[Tensor, Tensor]]
+
+
+class SensitivityTracker:
+    """Per-epoch scores, flags and the state that lasts across epochs (docs/monitor.md, "What
+    it does every monitored epoch").
+
+    Attributes:
+        config: the monitor's options.
+        probes: split → the probe's sample ids (drawn once with ``config.seed``).
+        history: one row of metrics per monitored epoch (with ``epoch`` and ``step``).
+        flags: the epochs each sample was flagged in (persistence).
+        evidence: every training sample's log FI under every label, summed over the training
+            steps (when they are scored).
+        noise_floor: per class and cell, the largest count of wrong labels estimated from one
+            epoch's training steps after the first (memorisation lowers later estimates; this
+            keeps the evidence).
+    """
+
+    def __init__(self, config: MonitorConfig) -> None:
+        self.config = config
+        self.probes: dict[str, Tensor] = {}
+        self.history: list[dict[str, float]] = []
+        self.flags = FlagHistory(config.persistence)
+        self.evidence: LabelEvidence | None = None
+        self.noise_floor: Tensor | None = None
+        self.folds = 0
+        self.validation = EpochScores()
+        self.num_classes = 0
+        self._train_epoch: SplitScores | None = None
+
+    # -- update, gather, compute, reset ------------------------------------------------------
+
+    def update(self, ids: Tensor, labels: Tensor, logits: Tensor) -> None:
+        """Score a validation batch from its logits (closed forms: docs/method.md, "Two facts
+        you must know")."""
+        self.num_classes = logits.shape[1]
+        self.validation.add(ids, labels, logits)
+
+    def fold(self, ids: Tensor, labels: Tensor, scores: Tensor) -> None:
+        """Add the training steps' log FI under every label ``(N, K)`` since the last
+        validation to the evidence; their per-sample mean is this epoch's training split."""
+        window = LabelEvidence.empty(scores.shape[-1]).update(ids, labels, scores)
+        self._train_epoch = label_scores(window.ids, window.labels, window.mean)
+        rule = self.config.flag_rule
+        if rule in ("counterfactual", "counterfactual_pairs") and self.folds > 0:
+            # the first epoch mixes in the untrained network: its estimate does not count
+            pairs = rule == "counterfactual_pairs"
+            estimated = estimate_noise(window.mean, window.labels, pairs=pairs).per_cell
+            floor = self.noise_floor
+            self.noise_floor = estimated if floor is None else torch.maximum(floor, estimated)
+        self.folds += 1
+        evidence = self.evidence or LabelEvidence.empty(scores.shape[-1])
+        self.evidence = evidence.update(ids, labels, scores)
+
+    def gather(self) -> dict[str, SplitScores]:
+        """This epoch's scores of every process, by split: the validation samples (one row
+        per id) and, where the training steps were folded, the training samples. A collective
+        under DDP: every process calls it."""
+        scores = {}
+        val = self.validation.scores()
+        if val is not None:
+            scores["val"] = val
+        if self._train_epoch is not None:
+            scores["train"], self._train_epoch = self._train_epoch, None
+        return scores
+
+    def reset(self) -> None:
+        """Forget this epoch's validation scores (the state across epochs stays)."""
+        self.validation.reset()
+
+    def compute(
+        self,
+        epoch: int,
+        step: int,
+        scores: dict[str, SplitScores],
+        probes: Probes,
+        *,
+        use_evidence: bool,
+        extra: dict[str, float] | None = None,
+    ) -> EpochReport:
+        """Metrics, flags and tables of one monitored epoch; its metrics join the history.
+
+        ``use_evidence``: flag the training split by the evidence of every training step so far
+        (when the training steps are scored) instead of this epoch's scores. ``extra``: more
+        metrics for this epoch's row (the monitor's cost).
+        """
+        c = self.config
+        metrics = epoch_metrics(scores)
+        layers: list[LayerRow] = []
+        for split, result in probes.results.items():
+            found = probes.damage.get(split)
+            metrics.update(
+                probe_metrics(split, result, self.num_classes, found, c.damage_noise, c.damage_bits)
+            )
+            if found:
+                layers += layer_rows(
+                    split, epoch, result, found, c.damage_noise, c.damage_bits, SCALE
+                )
+        table: dict[str, list[Any]] = {}
+        decisions, pictured = {}, dict(scores)
+        for split, s in scores.items():
+            decision, evidence = self.decide(split, s, use_evidence)
+            decisions[split] = decision
+            if evidence is not None:
+                pictured[split] = dataclasses.replace(s, log_fi_true=evidence[0])
+            self.flags.update(split, epoch, s.ids[decision.flagged].tolist())
+            columns = flag_columns(
+                split, epoch, s, decision, self.flags.counts(split), _ranks(probes, split), evidence
+            )
+            for name, values in columns.items():
+                table.setdefault(name, []).extend(values)
+            metrics[keys.flag_count(split)] = float(decision.flagged.sum())
+            recent = columns["flagged_recent"]
+            metrics[keys.persistent_count(split)] = float(
+                sum(m * 2 > c.persistence for m in recent)
+            )
+            if decision.estimated is not None:
+                metrics[keys.estimated_wrong(split)] = decision.estimated_share
+        metrics.update(extra or {})
+        self.history.append({"epoch": epoch, "step": step, **metrics})
+        histograms = {split: (s.log_fi_true, s.log_fi_pred) for split, s in scores.items()}
+        evidence_splits = {k for k in scores if pictured[k] is not scores[k]}
+        return EpochReport(
+            epoch, step, pictured, evidence_splits, decisions, metrics, table, layers, probes,
+            histograms,
+        )  # fmt: skip
+
+    def decide(
+        self, split: str, scores: SplitScores, use_evidence: bool
+    ) -> tuple[FlagDecision, tuple[Tensor, Tensor] | None]:
+        """Flags of one split: the training split by its evidence over all training steps so
+        far (with ``use_evidence``), every other split by this epoch's scores. Returns the
+        decision and, for the former, (mean log FI with the label, steps seen) per sample."""
+        c = self.config
+        evidence = self.evidence if split == "train" and use_evidence else None
+        if evidence is None or evidence.ids.numel() == 0:
+            decision = flag(
+                scores.log_fi_true,
+                c.flag_rule,
+                c.flag_threshold,
+                c.top_k,
+                label_scores=scores.label_log_fi,
+                labels=scores.labels,
+            )
+            return decision, None
+        mean = evidence.mean
+        own = mean.gather(-1, evidence.labels.unsqueeze(-1)).squeeze(-1)
+        decision = flag(
+            own,
+            c.flag_rule,
+            c.flag_threshold,
+            c.top_k,
+            label_scores=mean,
+            labels=evidence.labels,
+            at_least=self.noise_floor,
+        )
+        where = torch.searchsorted(evidence.ids, scores.ids)
+        return decision.take(where), (own[where], evidence.seen[where])
+
+    # -- what lasts across epochs -------------------------------------------------------------
+
+    def probe(self, split: str, dataset_size: int, size: int) -> Tensor:
+        """The probe's sample ids: ``size`` of ``dataset_size``, drawn once with the seed (the
+        validation probe with seed + 1); drawn again when the size asked for changed."""
+        wanted = min(size, dataset_size)
+        found = self.probes.get(split)
+        stale = found is None or len(found) != wanted
+        if stale or (wanted and int(found.max()) >= dataset_size):  # type: ignore[union-attr]
+            generator = torch.Generator().manual_seed(self.config.seed + (split == "val"))
+            self.probes[split] = torch.randperm(dataset_size, generator=generator)[:size]
+        return self.probes[split]
+
+    def scan_due(self) -> bool:
+        """Whether this monitored epoch scans the training set (``scan_every_n_epochs``)."""
+        done = len(self.flags.monitored.get("train", []))
+        return self.config.scan_train_set and done % self.config.scan_every_n_epochs == 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "probes": {k: v.tolist() for k, v in self.probes.items()},
+            "history": self.history,
+            "flags": self.flags.state_dict(),
+            "evidence": None if self.evidence is None else self.evidence.state_dict(),
+            "noise_floor": self.noise_floor,
+            "folds": self.folds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> str:
+        """Restore a saved state; what no longer fits the current options is dropped. Returns
+        "" or a sentence naming the options that changed and what that reset
+        (docs/monitor.md, "Resuming")."""
+        changes = restore(self, state)
+        return f"a state saved with other options: {'; '.join(changes)}" if changes else ""
+
+
+def _ranks(probes: Probes, split: str) -> dict[int, int]:
+    """Sample id → the whole input's effective rank, for the samples of a split's exact probe."""
+    result = probes.results.get(split)
+    if result is None or result.input is None:
+        return {}
+    whole = result.input.whole.effective_rank
+    return dict(zip(probes.ids[split].tolist(), whole.tolist(), strict=True))

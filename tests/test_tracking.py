@@ -1,0 +1,162 @@
+"""The monitor's Lightning-free state (lightning_sens.tracking): the torchmetrics rows, the
+tracker's update/gather/compute/reset, and resuming a state saved with other options."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lightning_sens import MonitorConfig, SensitivityMonitor
+from lightning_sens.flagging import flag
+from lightning_sens.reporting import keys
+from lightning_sens.reporting.summary import split_scores
+from lightning_sens.tracking import Probes, Samples, SensitivityTracker
+
+K = 4
+
+
+def _logits(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_samples_keep_rows_of_any_width_and_restore_their_dtypes() -> None:
+    rows = Samples({"ids": torch.long, "scores": torch.float64})
+    assert rows.gathered() is None  # nothing kept: None, and no torchmetrics warning
+    rows.update(ids=torch.tensor([5, 1]), scores=torch.ones(2, 3, dtype=torch.float32))
+    rows.update(ids=torch.tensor([2]), scores=torch.full((1, 3), 2.0, dtype=torch.float32))
+    found = rows.gathered()
+    assert found is not None
+    assert found["ids"].dtype == torch.long
+    assert found["ids"].tolist() == [5, 1, 2]
+    assert found["scores"].dtype == torch.float64
+    assert found["scores"].shape == (3, 3)
+    assert found["scores"][:, 0].tolist() == [1.0, 1.0, 2.0]
+    rows.reset()
+    assert rows.gathered() is None
+    with pytest.raises(ValueError, match="columns"):
+        rows.update(ids=torch.tensor([1]))
+
+
+def test_tracker_scores_flags_and_resets_an_epoch() -> None:
+    """update → gather → compute equals scoring and flagging the same logits directly; the
+    epoch joins the history; reset forgets the epoch's scores, not the history."""
+    config = MonitorConfig(flag_rule="mad", flag_threshold=1.0)
+    tracker = SensitivityTracker(config)
+    labels = torch.arange(12) % K
+    tracker.update(torch.arange(6, 12), labels[6:], _logits(6, 1))
+    tracker.update(torch.arange(6), labels[:6], _logits(6, 0))
+    scores = tracker.gather()
+    assert list(scores) == ["val"]
+    assert scores["val"].ids.tolist() == list(range(12))  # sorted by id
+    direct = split_scores(torch.arange(12), labels, torch.cat([_logits(6, 0), _logits(6, 1)]))
+    torch.testing.assert_close(scores["val"].log_fi_true, direct.log_fi_true, rtol=0, atol=0)
+    report = tracker.compute(3, 30, scores, Probes(), use_evidence=False)
+    want = flag(direct.log_fi_true, "mad", 1.0, config.top_k)
+    assert report.metrics[keys.flag_count("val")] == float(want.flagged.sum())
+    assert report.flags["flagged"] == want.flagged.tolist()
+    assert tracker.history[-1]["epoch"] == 3
+    assert tracker.history[-1]["step"] == 30
+    assert tracker.history[-1][keys.flag_count("val")] == float(want.flagged.sum())
+    tracker.reset()
+    assert tracker.gather() == {}
+    assert len(tracker.history) == 1
+
+
+def test_a_probe_is_drawn_once_and_again_when_its_size_changes() -> None:
+    tracker = SensitivityTracker(MonitorConfig(seed=3))
+    first = tracker.probe("val", 50, 8)
+    assert tracker.probe("val", 50, 8) is first  # the same samples every epoch
+    larger = tracker.probe("val", 50, 12)
+    assert len(larger) == 12
+    assert larger[:8].tolist() == first.tolist()  # a larger probe keeps the samples it had
+    smaller_set = tracker.probe("val", 5, 8)  # the dataset shrank: no index beyond it
+    assert sorted(smaller_set.tolist()) == list(range(5))
+    assert tracker.probe("train", 50, 8).tolist() != first.tolist()  # seed + 1 for val
+
+
+def _filled(config: MonitorConfig) -> SensitivityTracker:
+    """A tracker with every part of its state: probes, history, flags, evidence, noise floor."""
+    tracker = SensitivityTracker(config)
+    tracker.probe("train", 100, 16)
+    labels = torch.arange(40) % K
+    for epoch in range(3):
+        tracker.fold(torch.arange(40), labels, _logits(40, epoch).log_softmax(-1).neg())
+        tracker.update(torch.arange(20), labels[:20], _logits(20, 10 + epoch))
+        scores = tracker.gather()
+        tracker.compute(epoch, 10 * epoch, scores, Probes(), use_evidence=True)
+        tracker.reset()
+    assert tracker.noise_floor is not None
+    return tracker
+
+
+def test_resuming_with_the_same_options_restores_everything() -> None:
+    config = MonitorConfig(train_probe_size=16, flag_rule="counterfactual")
+    saved = _filled(config)
+    resumed = SensitivityTracker(config)
+    assert resumed.load_state_dict(saved.state_dict()) == ""
+    assert resumed.probes["train"].tolist() == saved.probes["train"].tolist()
+    assert resumed.history == saved.history
+    assert resumed.flags == saved.flags
+    assert resumed.evidence is not None
+    assert saved.evidence is not None
+    assert torch.equal(resumed.evidence.total, saved.evidence.total)
+    assert saved.noise_floor is not None
+    assert torch.equal(resumed.noise_floor, saved.noise_floor)  # type: ignore[arg-type]
+    assert resumed.folds == saved.folds
+
+
+@pytest.mark.parametrize(
+    ("change", "said", "reset"),
+    [
+        (
+            {"train_probe_size": 24},
+            "train_probe_size: 16 → 24 (the probes are drawn again)",
+            "probes",
+        ),
+        ({"seed": 7}, "seed: 0 → 7 (the probes are drawn again)", "probes"),
+        ({"flag_rule": "counterfactual_pairs"}, "the estimated counts of wrong labels", "floor"),
+        ({"persistence": 3}, "persistence: 5 → 3", "window"),
+        ({"top_k": 5}, "top_k: 10 → 5", ""),
+    ],
+)
+def test_resuming_with_other_options_names_them_and_resets_what_no_longer_fits(
+    change: dict[str, object], said: str, reset: str
+) -> None:
+    saved = _filled(MonitorConfig(train_probe_size=16, flag_rule="counterfactual"))
+    options = {"train_probe_size": 16, "flag_rule": "counterfactual", **change}
+    config = MonitorConfig(**options)  # type: ignore[arg-type]
+    resumed = SensitivityTracker(config)
+    message = resumed.load_state_dict(saved.state_dict())
+    assert said in message
+    assert resumed.history == saved.history  # always kept
+    assert resumed.evidence is not None
+    assert (resumed.probes == {}) == (reset == "probes")
+    assert (resumed.noise_floor is None) == (reset == "floor")
+    assert resumed.flags.window == config.persistence
+    assert resumed.flags.monitored == saved.flags.monitored
+
+
+def test_the_monitor_warns_once_when_it_resumes_other_options() -> None:
+    saved = SensitivityMonitor(train_probe_size=16, budget=None)
+    saved.tracker.probe("train", 100, 16)
+    state = saved.state_dict()
+    with pytest.warns(UserWarning, match=r"resumes a state saved with other options: .*"
+                      r"train_probe_size: 16 → 32 \(the probes are drawn again\)"):  # fmt: skip
+        SensitivityMonitor(train_probe_size=32, budget=None).load_state_dict(state)
+    same = SensitivityMonitor(train_probe_size=16, budget=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(state)  # the same options: silent
+    assert same.tracker.probes["train"].tolist() == saved.tracker.probes["train"].tolist()
+
+
+def test_the_state_key_depends_on_the_constructor_arguments_only() -> None:
+    monitor = SensitivityMonitor(seed=1)
+    key = monitor.state_key
+    monitor.position = (3, 30)  # what evaluate sets per checkpoint does not move the key
+    assert monitor.state_key == key
+    assert SensitivityMonitor(seed=1).state_key == key
+    assert SensitivityMonitor(seed=2).state_key != key
+    assert SensitivityMonitor(seed=1, post_hoc=True).state_key != key
