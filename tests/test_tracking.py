@@ -160,3 +160,35 @@ def test_the_state_key_depends_on_the_constructor_arguments_only() -> None:
     assert SensitivityMonitor(seed=1).state_key == key
     assert SensitivityMonitor(seed=2).state_key != key
     assert SensitivityMonitor(seed=1, post_hoc=True).state_key != key
+
+
+def test_a_process_without_rows_gathers_the_others_rows() -> None:
+    """The DDP corner case, with torchmetrics' gather replaced by one that adds a second
+    process's states, in the order the metric declares them: this process saw no rows, the
+    other two samples with scores of width 3."""
+    other = iter(
+        [
+            torch.tensor([7.0, 9.0], dtype=torch.float64),  # ids
+            torch.tensor(1.0, dtype=torch.float64),  # ids' width
+            torch.arange(6, dtype=torch.float64),  # scores, flat
+            torch.tensor(3.0, dtype=torch.float64),  # scores' width
+        ]
+    )
+
+    def gather(tensor: torch.Tensor, group: object = None) -> list[torch.Tensor]:
+        if tensor.dim() > 0:  # this process's rows: none, in a tensor that fits the other's
+            assert tensor.numel() == 0
+            assert tensor.dtype == torch.float64
+        return [tensor, next(other)]
+
+    rows = Samples(
+        {"ids": torch.long, "scores": torch.float64},
+        dist_sync_fn=gather,
+        distributed_available_fn=lambda: True,
+    )
+    found = rows.gathered()
+    assert next(other, None) is None  # every state was gathered
+    assert found is not None
+    assert found["ids"].tolist() == [7, 9]
+    assert found["ids"].dtype == torch.long
+    assert found["scores"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]

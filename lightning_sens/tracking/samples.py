@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,13 +29,14 @@ class Samples(Metric):
 
     Args:
         columns: each column's name and the dtype :meth:`compute` returns it in.
+        options: torchmetrics ``Metric`` options (``process_group``, ``dist_sync_fn``, ...).
     """
 
     full_state_update = False
     _LATE_COMPUTE = ".*was called before the ``update`` method.*"
 
-    def __init__(self, columns: dict[str, torch.dtype]) -> None:
-        super().__init__(compute_with_cache=False)
+    def __init__(self, columns: dict[str, torch.dtype], **options: Any) -> None:
+        super().__init__(compute_with_cache=False, **options)
         self.columns = dict(columns)
         for name in self.columns:
             self.add_state(name, default=[], dist_reduce_fx="cat")
