@@ -40,12 +40,22 @@ def sensitivity(
 ) -> SensitivityResult:
     """Everything :func:`lightning_sens.core.engine.sensitivity` measures, by brute force.
 
+    ``model``, ``target``, ``windows``, ``forward_fn``, ``rtol``, ``input_key`` and
+    ``input_module`` are as in :func:`~lightning_sens.reference.input_fi`.
+
     Args:
-        model, target, windows, forward_fn, rtol, input_key, input_module: as in
-            :func:`~lightning_sens.reference.input_fi`; ``batch`` is its ``inputs``.
+        model: the model.
+        batch: the inputs (``inputs`` of :func:`~lightning_sens.reference.input_fi`).
+        target: the labels, or ``"pred"``.
         inputs: compute the input families (:func:`~lightning_sens.reference.input_fi`).
         parameters: compute the parameter families (:func:`~lightning_sens.reference.parameter_fi`,
             with ``layers``).
+        windows: window sizes of the input maps.
+        layers: the layers of the parameter families (None: every trainable layer).
+        forward_fn: (module, inputs) → logits.
+        rtol: the rank tolerance.
+        input_key: the perturbed entry of a dict input.
+        input_module: the module whose output is perturbed (token inputs).
 
     Returns:
         The engine's :class:`~lightning_sens.core.results.SensitivityResult`: ``target`` (B,)
