@@ -3,6 +3,8 @@ engine on one sample before the first step, in fit and in validate, sanity check
 
 from __future__ import annotations
 
+import csv
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,7 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens import SensitivityMonitor
 from lightning_sens.callbacks import MonitorSetupError
-from lightning_sens.reporting import keys
+from lightning_sens.reporting import keys, paths
+from lightning_sens.reporting.stats import log_fi_summary
+from lightning_sens.reporting.writers import read_scalars
 from tests.logged import read_logged
 from tests.test_monitor import CLASSES, SMALL, PairNet, TinyNet, _loaders, _trainer
 
@@ -141,3 +145,122 @@ def test_class_names_from_the_dataset_or_the_option(tmp_path: Path) -> None:
         _trainer(tmp_path / "wrong", [wrong], epochs=1).fit(TinyNet(), train, val)
     with pytest.raises(ValueError, match="class_names must be a sequence of strings"):
         SensitivityMonitor(class_names="abcd")
+
+
+# -- binary classifiers with one logit, and multi-label models ----------------------------------
+
+
+class OneLogitNet(Counted, TinyNet):
+    """One logit z per image, trained with BCEWithLogitsLoss on float 0/1 targets ``(B, 1)``;
+    ``outputs`` says what ``validation_step`` returns: the logit ``(B, 1)``, or the per-sample
+    losses ``(B,)`` (which must not be read as logits), or None."""
+
+    def __init__(self, outputs: str = "logits") -> None:
+        super().__init__(classes=1)
+        self.outputs = outputs
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.binary_cross_entropy_with_logits(self(x), y)
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> Tensor | None:
+        x, y = batch
+        z = self(x)
+        if self.outputs == "losses":
+            return nn.functional.binary_cross_entropy_with_logits(z, y, reduction="none")[:, 0]
+        return z if self.outputs == "logits" else None
+
+
+class MultiLabelNet(Counted, TinyNet):
+    """CLASSES independent sigmoids, trained with BCEWithLogitsLoss on float (B, K) targets."""
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.binary_cross_entropy_with_logits(self(x), y)
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return self(batch[0])
+
+
+def _binary_loaders(targets: Tensor | None = None) -> tuple[DataLoader, DataLoader]:
+    """The tiny images with float 0/1 targets (B, 1) (or ``targets``): the label is whether the
+    image's mean is positive, which a model can learn."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 1, 8, 8, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).float()[:, None] if targets is None else targets
+    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16, shuffle=True)
+    return train, DataLoader(TensorDataset(x[64:], y[64:]), batch_size=16)
+
+
+@pytest.mark.parametrize("outputs", ["logits", "losses", "none"])
+def test_a_binary_classifier_with_one_logit_is_monitored_as_the_model_0_z(
+    tmp_path: Path, outputs: str
+) -> None:
+    """The monitor at its defaults on BCEWithLogitsLoss with float targets (B, 1): every
+    validation sample's score is the closed form of the two-class logits (0, z), log FI = −z
+    for y = 1 and z for y = 0, whatever the validation step returns."""
+    pl.seed_everything(0)
+    train, val = _binary_loaders()
+    model, monitor = OneLogitNet(outputs), SensitivityMonitor()
+    _trainer(tmp_path, [monitor], epochs=1).fit(model, train, val)
+    with torch.no_grad():
+        z = torch.cat([model.eval()(x) for x, _ in val])[:, 0].double()
+    y = torch.cat([y for _, y in val])[:, 0].double()
+    log_fi = (1 - 2 * y) * z  # log((1 − p_y)/p_y), p_1 = sigmoid(z)
+    (table,) = paths.flag_tables(tmp_path / "tb" / "version_0")
+    with table.open() as f:
+        rows = {int(r["sample"]): r for r in csv.DictReader(f) if r["split"] == "val"}
+    assert sorted(rows) == list(range(32))
+    for i, row in rows.items():
+        assert float(row["fi"]) == pytest.approx(math.exp(log_fi[i]), rel=1e-6), i
+        p_label = torch.sigmoid((2 * y[i] - 1) * z[i])
+        assert float(row["p_label"]) == pytest.approx(float(p_label), rel=1e-6), i
+    logged = read_scalars(tmp_path / "tb" / "version_0")
+    want = {
+        "true": log_fi_summary(log_fi),
+        "pred": log_fi_summary(-z.abs()),  # the predicted class: the sign of z
+    }
+    for target, stats in want.items():
+        for stat in ("median", "mean", "q90", "q100"):
+            key = keys.curve(target, "val", stat)
+            assert monitor.history[-1][key] == pytest.approx(stats[stat], rel=1e-6), key
+            assert logged[key][-1][1] == pytest.approx(stats[stat], rel=1e-5), key
+
+
+def test_binary_labels_as_int_bool_or_flat_floats_are_read_as_classes(tmp_path: Path) -> None:
+    for made in (lambda y: y.long(), lambda y: y.bool(), lambda y: y[:, 0]):
+        train, val = _binary_loaders()
+        labels = made(val.dataset.tensors[1])  # type: ignore[attr-defined]
+        val = DataLoader(TensorDataset(val.dataset.tensors[0], labels), batch_size=16)  # type: ignore[attr-defined]
+        monitor = SensitivityMonitor(SMALL, score_training_steps=False)
+        _trainer(tmp_path / str(labels.dtype), [monitor], epochs=1).fit(OneLogitNet(), train, val)
+        # the exact probes (budget=None: every epoch) certify the closed form: rank K − 1 = 1
+        assert monitor.history[-1][keys.closed_form_holds("val")] == 1.0
+
+
+def test_a_multi_label_model_fails_before_the_first_step(tmp_path: Path) -> None:
+    MultiLabelNet.steps = 0
+    g = torch.Generator().manual_seed(0)
+    targets = (torch.rand(96, CLASSES, generator=g) > 0.5).float()
+    train, val = _binary_loaders(targets)
+    with pytest.raises(
+        MonitorSetupError,
+        match=r"float targets of shape \(B, K\) = \(16, 4\).*multi-label.*one class per sample "
+        r"\(a softmax over K classes, or one binary logit\); multi-label support is planned",
+    ):
+        _trainer(tmp_path, [SensitivityMonitor()], epochs=1).fit(MultiLabelNet(), train, val)
+    assert MultiLabelNet.steps == 0
+
+
+def test_float_labels_other_than_0_and_1_fail_before_the_first_step(tmp_path: Path) -> None:
+    OneLogitNet.steps = 0
+    g = torch.Generator().manual_seed(0)
+    soft = torch.rand(96, 1, generator=g)  # soft targets, as label smoothing makes them
+    train, val = _binary_loaders(soft)
+    with pytest.raises(
+        MonitorSetupError,
+        match=r"labels of the first train batch: labels holds the float values \[0\.\d+, .*"
+        r"must be 0 or 1.*\(labels > 0\.5\)\.long\(\).*batch_fn",
+    ):
+        _trainer(tmp_path, [SensitivityMonitor()], epochs=1).fit(OneLogitNet(), train, val)
+    assert OneLogitNet.steps == 0

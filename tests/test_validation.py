@@ -31,7 +31,7 @@ Y = torch.tensor([0, 1])
     [
         (lambda z: (z, z), TypeError, "returned tuple.*forward_fn"),
         (lambda z: z.unsqueeze(-1), ValueError, r"shape \(B, K\).*\(2, 4, 1\).*forward_fn"),
-        (lambda z: z[:, :1], ValueError, "K >= 2.*K = 1"),
+        (lambda z: z[:, :0], ValueError, "K >= 2.*K = 0"),  # (B, 1): one binary logit
         (lambda z: z.argmax(-1, keepdim=True).expand(2, 4), TypeError, "floating-point logits"),
         (
             lambda z: z * torch.tensor([1.0, float("nan")], dtype=z.dtype)[:, None],
@@ -58,8 +58,8 @@ def test_labels_out_of_range_or_mis_shaped() -> None:
         sensitivity(model, X, torch.tensor([-1, 0]))
     with pytest.raises(ValueError, match=r"shape \(B,\) = \(2,\)"):
         sensitivity(model, X, torch.tensor([0, 1, 2]))
-    with pytest.raises(TypeError, match="integer class indices"):
-        sensitivity(model, X, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"float values \[2\].*0 or 1"):
+        sensitivity(model, X, torch.tensor([0.0, 2.0]))  # floats: the 0/1 labels of a binary model
     with pytest.raises(ValueError, match="'pred'"):
         sensitivity(model, X, "predicted")  # type: ignore[arg-type]
 

@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
-from lightning_sens.callbacks.setup import MonitorSetupError, shape_of
-from lightning_sens.core.inputs import Inputs, default_forward, logits_of, to_device
+from lightning_sens.callbacks.setup import MonitorSetupError, class_labels, shape_of
+from lightning_sens.core.inputs import Inputs, default_forward, found_logits, logits_of, to_device
 from lightning_sens.reporting.summary import SplitScores, split_scores
 
 __all__ = [
@@ -66,7 +66,11 @@ def _unchanged(batch: Any) -> Any:
 
 
 class Reader:
-    """Batches → inputs, labels, ids; inputs → logits.
+    """Batches → inputs, labels, ids (:meth:`read`); inputs → logits.
+
+    Labels are one class index per sample, int64 ``(B,)``; a binary classifier's 0/1 labels
+    (int, float or bool, ``(B,)`` or ``(B, 1)``) are class 0 and 1 of its two-class model, whose
+    logits are ``(0, z)`` for its one logit z (docs/monitor.md, "Supported models").
 
     Args:
         batch_fn: batch → (inputs, labels, sample ids or None).
@@ -83,18 +87,32 @@ class Reader:
         # what the Trainer's precision does to a batch before the model sees it (64-true: to
         # float64), for the batches the monitor reads itself; set by the callback's setup
         self.convert: Callable[[Any], Any] = _unchanged
+        # the shape of one sample's logits as the model returns them ((K,), (1,) or () for one
+        # binary logit), from the first forward: what a validation step's output must match
+        self.sample_shape: tuple[int, ...] | None = None
+
+    def read(self, batch: Any, where: str = "a batch") -> Batch:
+        """(inputs, labels, ids or None) of a batch: ``batch_fn``, then the labels as one class
+        index per sample, int64 ``(B,)`` (0/1 float or bool labels and ``(B, 1)`` labels
+        converted). Labels that are not one class per sample raise :class:`MonitorSetupError`
+        with the fix (multi-label (B, K) targets, float labels other than 0 and 1), saying
+        ``where`` the batch comes from (``"a training batch"``)."""
+        inputs, labels, ids = self.batch_fn(batch)
+        return inputs, class_labels(labels, where), ids
 
     def forward(self, module: nn.Module, inputs: Inputs) -> Tensor:
-        """The model's logits, without gradients; a clear error where they are not (B, K)."""
+        """The model's ``(B, K)`` logits, without gradients (one binary logit z, ``(B,)`` or
+        ``(B, 1)``, as ``(0, z)``); a clear error where there are none."""
         with torch.no_grad():
             output = (self.forward_fn or default_forward)(module, inputs)
         logits = logits_of(output)
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise MonitorSetupError(
-                f"The module's forward returned {shape_of(logits)}, not (B, K) logits or an "
-                "output with a `logits` attribute. Pass SensitivityMonitor(forward_fn=lambda "
-                "module, x: ...) that returns the logits."
+                f"The module's forward returned {shape_of(logits)}, not (B, K) logits (or one "
+                "binary logit, (B,) or (B, 1)) or an output with a `logits` attribute. Pass "
+                "SensitivityMonitor(forward_fn=lambda module, x: ...) that returns the logits."
             )
+        self.sample_shape = tuple(found_logits(output).shape[1:])
         return logits
 
     def validation_batch(
@@ -102,18 +120,31 @@ class Reader:
     ) -> tuple[Inputs, Tensor, Tensor]:
         """(inputs, labels, ids) of a validation batch; ids by position in the dataset where
         the batch carries none (the ``seen`` samples before it on this process)."""
-        inputs, labels, ids = self.batch_fn(batch)
+        inputs, labels, ids = self.read(batch, "a validation batch")
         if ids is None:
             where = (trainer.global_rank, trainer.world_size, trainer.val_dataloaders)
             ids = default_ids(seen, len(labels), *where)
         return inputs, labels, ids
 
+    def returned_logits(self, outputs: Any, size: int) -> Tensor | None:
+        """The logits a validation step returned, ``(B, K)`` (one binary logit z as ``(0, z)``),
+        or None where it returned none. A returned tensor counts when it has the shape of the
+        model's own logits (one sample's shape as :meth:`forward` saw it), so that a step
+        returning per-sample losses ``(B,)`` is not read as binary logits."""
+        found = found_logits(outputs) if outputs is not None else None
+        if not isinstance(found, Tensor) or found.dim() == 0 or found.shape[0] != size:
+            return None
+        expected = self.sample_shape
+        logits = logits_of(found)
+        if expected is not None and tuple(found.shape[1:]) != expected:
+            return None
+        return logits if logits.dim() == 2 else None
+
     def logits(self, outputs: Any, module: nn.Module, inputs: Inputs, size: int) -> Tensor:
-        """The validation step's logits where it returned them; otherwise one more forward."""
-        found = logits_of(outputs) if outputs is not None else None
-        if isinstance(found, Tensor) and found.dim() == 2 and found.shape[0] == size:
-            return found
-        return self.forward(module, inputs)
+        """The validation step's logits where it returned them (:meth:`returned_logits`);
+        otherwise one more forward."""
+        found = self.returned_logits(outputs, size)
+        return found if found is not None else self.forward(module, inputs)
 
     def fetch(
         self, loader: DataLoader, indices: Tensor, device: torch.device
@@ -121,7 +152,7 @@ class Reader:
         """The samples ``indices`` of the loader's dataset, collated as the loader does."""
         samples = [loader.dataset[i] for i in indices.tolist()]
         batch = self.convert((loader.collate_fn or default_collate)(samples))
-        inputs, labels, _ = self.batch_fn(batch)
+        inputs, labels, _ = self.read(batch)
         return to_device(inputs, device), labels.to(device), indices
 
     def first(self, loader: DataLoader, split: str, device: torch.device) -> tuple[Inputs, Tensor]:
@@ -135,7 +166,7 @@ class Reader:
         except (TypeError, NotImplementedError, AttributeError):
             batch = next(iter(loader))
         try:
-            inputs, labels, _ = self.batch_fn(self.convert(batch))
+            inputs, labels, _ = self.read(self.convert(batch), f"the first {split} batch")
         except MonitorSetupError:
             raise
         except Exception as error:
@@ -143,12 +174,6 @@ class Reader:
                 f"SensitivityMonitor cannot read the first {split} batch with batch_fn: "
                 f"{type(error).__name__}: {error}"
             ) from error
-        if not isinstance(labels, Tensor) or labels.dim() != 1:
-            raise MonitorSetupError(
-                f"SensitivityMonitor read labels of shape {shape_of(labels)} from a {split} "
-                "batch; it needs one class index per sample, (B,). Pass batch_fn=lambda batch: "
-                "(inputs, labels, ids_or_None)."
-            )
         return to_device(inputs, device), labels.to(device)
 
     def scan(
@@ -168,7 +193,7 @@ class Reader:
         for batch in tqdm(
             ordered, desc="sensitivity: scanning the training set", leave=False, disable=quiet
         ):
-            inputs, labels, ids = self.batch_fn(self.convert(batch))
+            inputs, labels, ids = self.read(self.convert(batch), "a training batch")
             if ids is None:
                 ids = torch.arange(seen, seen + len(labels))
             seen += len(labels)

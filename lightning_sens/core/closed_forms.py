@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lightning_sens.core.validation import check_logits, check_target
+from lightning_sens.core.inputs import logits_of
+from lightning_sens.core.validation import check_logits, check_target, class_indices
 
 __all__ = ["ClosedFormFI", "Target", "closed_form_fi", "log_prob_gradient", "resolve_target"]
 
@@ -47,17 +48,17 @@ class ClosedFormFI:
         return torch.exp(self.log_fi_max)
 
 
-def resolve_target(logits: Tensor, target: Target) -> Tensor:
-    """The class index y per sample: ``target`` itself, or the argmax of the logits for "pred"."""
+def resolve_target(logits: Tensor, target: Target, name: str = "target") -> Tensor:
+    """The class index y per sample: ``target`` as class indices (0/1 float or bool labels and
+    ``(B, 1)`` labels converted by :func:`~lightning_sens.core.validation.class_indices`), or
+    the argmax of the logits for "pred"."""
     if isinstance(target, str):
         if target != "pred":
             raise ValueError(
-                f"target must be a tensor of class indices or the string 'pred', got {target!r}."
+                f"{name} must be a tensor of class indices or the string 'pred', got {target!r}."
             )
         return logits.argmax(dim=-1)
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}.")
-    return target.to(device=logits.device, dtype=torch.long)
+    return class_indices(target, name).to(logits.device)
 
 
 def log_prob_gradient(probs: Tensor, target: Tensor) -> Tensor:
@@ -75,14 +76,19 @@ def closed_form_fi(logits: Tensor, target: Target) -> ClosedFormFI:
     float64, so it stays exact at logit margins where (1 − p)/p in float32 is 0.
 
     Args:
-        logits: ``(B, K)`` logits, any floating dtype.
+        logits: ``(B, K)`` logits, any floating dtype; one binary logit ``(B,)`` or ``(B, 1)``
+            is the two-class model ``(0, z)`` (docs/method.md, "Binary classifiers with one
+            logit"), where log FI = −z for y = 1 and z for y = 0.
         target: ``(B,)`` true labels (Setups 1, 2) or ``"pred"`` for the predicted class (3, 4).
+            Integer class indices, or the 0/1 labels of a binary classifier (float or bool,
+            ``(B,)`` or ``(B, 1)``).
 
     Example:
         >>> z = torch.tensor([[0.0, 60.0, 0.0], [2.0, 0.0, 0.0]])
         >>> closed_form_fi(z, torch.tensor([1, 0])).log_fi_max  # log(2 e^-60), log(2 e^-2)
         tensor([-59.3069,  -1.3069], dtype=torch.float64)
     """
+    logits = logits_of(logits)
     check_logits(logits)
     y = resolve_target(logits, target)
     check_target(y, logits)

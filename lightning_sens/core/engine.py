@@ -27,7 +27,12 @@ from lightning_sens.core.results import (
 )
 from lightning_sens.core.runner import Runner
 from lightning_sens.core.session import Session
-from lightning_sens.core.validation import UnsupportedLayerError, check_inputs, check_windows
+from lightning_sens.core.validation import (
+    UnsupportedLayerError,
+    check_inputs,
+    check_windows,
+    class_indices,
+)
 
 __all__ = [
     "InputFI",
@@ -155,10 +160,14 @@ def sensitivity(
 
     Args:
         model: a classifier; ``forward_fn(model, batch)`` must return ``(B, K)`` logits, or an
-            output with a ``logits`` attribute or key (Hugging Face models).
+            output with a ``logits`` attribute or key (Hugging Face models). A binary
+            classifier with one logit z, ``(B,)`` or ``(B, 1)``, is the two-class model with
+            logits ``(0, z)`` (docs/method.md, "Binary classifiers with one logit").
         batch: the samples, a ``(B, ...)`` tensor or a dict of tensors passed as keyword
             arguments (``input_ids``, ``attention_mask``, ``pixel_values``, ...).
-        target: ``(B,)`` true labels (Setups 1, 2) or ``"pred"`` (Setups 3, 4).
+        target: ``(B,)`` true labels (Setups 1, 2) or ``"pred"`` (Setups 3, 4): integer class
+            indices, or the 0/1 labels of a binary classifier (float or bool, ``(B,)`` or
+            ``(B, 1)``), read as class indices; other float values are refused.
         inputs: compute input FI at all (``SensitivityResult.input``; None when False): the
             whole input and, with ``input_maps``, the window maps. Floating inputs are
             perturbed directly; token ids at the output of the embedding that reads them.
@@ -193,7 +202,9 @@ def sensitivity(
             from one forward pass and one set of backward products. None: ``target``.
 
     Returns:
-        :class:`SensitivityResult` with per-sample float64 FI, relative FI and effective ranks.
+        :class:`SensitivityResult` with per-sample float64 FI, relative FI and effective ranks;
+        ``target`` holds the class indices used (int64). Every tensor is detached (no autograd
+        graph, also outside ``torch.inference_mode()``).
     """
     check_inputs(batch)
     if backward not in ("auto", "batched", "loop"):
@@ -217,8 +228,12 @@ def sensitivity(
         elif perturbed.kind == "tokens" and len(shape) == 2:
             windows = check_windows(windows, 1, shape[1], what="sequence of")
     monitored = trainable_layers(model, layers, exclude_layers) if parameters else {}
+    if isinstance(target, Tensor):
+        target = class_indices(target, "target")
+    if isinstance(input_target, Tensor):
+        input_target = class_indices(input_target, "input_target")
     for name, given in (("target", target), ("input_target", input_target)):
-        if isinstance(given, Tensor) and (given.dim() != 1 or given.shape[0] != B):
+        if isinstance(given, Tensor) and given.shape[0] != B:
             raise ValueError(f"{name} must have shape (B,) = ({B},), got {tuple(given.shape)}.")
     if input_module is not None:
         names = dict(model.named_modules())

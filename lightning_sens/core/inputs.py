@@ -23,15 +23,18 @@ __all__ = [
     "batch_size",
     "batched_tensors",
     "default_forward",
+    "found_logits",
     "get",
     "input_embedding_name",
     "logits_of",
+    "one_logit",
     "perturbed_input",
     "repeat_first",
     "replace",
     "select",
     "to_device",
     "to_dtype",
+    "two_class_logits",
     "usable_windows",
 ]
 
@@ -55,11 +58,9 @@ def default_forward(model: nn.Module, inputs: Inputs) -> Any:
     return model(inputs)
 
 
-def logits_of(output: Any) -> Any:
-    """The logits in a model's output: the tensor itself, ``output.logits`` or ``output["logits"]``.
-
-    Anything else is returned unchanged, for the caller to reject with a clear message.
-    """
+def found_logits(output: Any) -> Any:
+    """The tensor that holds the logits in a model's output, as the model returned it: the output
+    itself, ``output.logits`` or ``output["logits"]``; anything else unchanged."""
     if isinstance(output, Tensor):
         return output
     found = getattr(output, "logits", None)
@@ -68,6 +69,38 @@ def logits_of(output: Any) -> Any:
     if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
         return output["logits"]
     return output
+
+
+def one_logit(logits: Any) -> bool:
+    """Whether ``logits`` is the output of a binary classifier with one logit: a floating
+    ``(B,)`` or ``(B, 1)`` tensor."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        return False
+    return logits.dim() == 1 or (logits.dim() == 2 and logits.shape[1] == 1)
+
+
+def two_class_logits(z: Tensor) -> Tensor:
+    """The two-class model ``(0, z)`` of one logit z per sample, ``(B, 2)``: softmax gives
+    p_1 = sigmoid(z) and p_0 = 1 − sigmoid(z), the probabilities a binary classifier trained
+    with ``BCEWithLogitsLoss`` predicts (docs/method.md, "Binary classifiers with one logit").
+
+    Differentiable: the backward products through it are those of z.
+    """
+    column = z.reshape(z.shape[0], 1)
+    return torch.cat([torch.zeros_like(column), column], dim=1)
+
+
+def logits_of(output: Any) -> Any:
+    """The logits in a model's output: the tensor itself, ``output.logits`` or
+    ``output["logits"]``, ``(B, K)``.
+
+    A binary classifier with one logit, a floating ``(B,)`` or ``(B, 1)`` output z, is read as
+    the two-class model with logits ``(0, z)`` (p_1 = sigmoid(z); :func:`two_class_logits`),
+    inside autograd. Anything else is returned unchanged, for the caller to reject with a clear
+    message.
+    """
+    found = found_logits(output)
+    return two_class_logits(found) if one_logit(found) else found
 
 
 class ForwardModule(nn.Module):

@@ -288,7 +288,7 @@ class Session:
             c_input, frame_input = c, frame
             if input_target is not None:  # the same backprops, another label (docs/engine.md,
                 # "One forward pass, K − 1 backward products")
-                y_input = resolve_target(logits, input_target)
+                y_input = resolve_target(logits, input_target, "input_target")
                 check_target(y_input, logits)
                 c_input = log_prob_gradient(probs, y_input)
                 frame_input = metric_frame(probs, c_input)

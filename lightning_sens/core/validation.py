@@ -13,6 +13,7 @@ __all__ = [
     "check_logits",
     "check_target",
     "check_windows",
+    "class_indices",
 ]
 
 
@@ -21,13 +22,21 @@ class UnsupportedLayerError(RuntimeError):
 
 
 def check_logits(logits: object, hint: str = "") -> None:
-    """Raise unless ``logits`` is a finite floating ``(B, K)`` tensor with B ≥ 1 and K ≥ 2."""
+    """Raise unless ``logits`` is a finite floating ``(B, K)`` tensor with B ≥ 1 and K ≥ 2.
+
+    One binary logit, ``(B,)`` or ``(B, 1)``, has been made ``(B, 2)`` by
+    :func:`~lightning_sens.core.inputs.logits_of` before this check.
+    """
     if not isinstance(logits, Tensor):
         raise TypeError(
-            f"The model returned {type(logits).__name__}, expected a (B, K) tensor of logits.{hint}"
+            f"The model returned {type(logits).__name__}, expected a (B, K) tensor of logits "
+            f"(or (B,) / (B, 1), one binary logit).{hint}"
         )
     if logits.dim() != 2:
-        raise ValueError(f"Expected logits of shape (B, K), got shape {tuple(logits.shape)}.{hint}")
+        raise ValueError(
+            f"Expected logits of shape (B, K), or (B,) / (B, 1) for one binary logit, got shape "
+            f"{tuple(logits.shape)}.{hint}"
+        )
     if not logits.is_floating_point():
         raise TypeError(f"Expected floating-point logits, got dtype {logits.dtype}.{hint}")
     if logits.shape[0] == 0:
@@ -59,6 +68,56 @@ def check_target(target: Tensor, logits: Tensor) -> None:
         raise ValueError(
             f"target holds labels {bad} outside [0, {K}) for a model with K = {K} classes."
         )
+
+
+def class_indices(labels: object, name: str = "target") -> Tensor:
+    """One class index per sample, int64 ``(B,)``, from the labels classifiers are trained with.
+
+    Integer labels are class indices already. Float and bool labels are the 0/1 targets of a
+    binary classifier (``BCEWithLogitsLoss``): class 0 and class 1 of its two-class model
+    ``(0, z)`` (docs/method.md, "Binary classifiers with one logit"). A ``(B, 1)`` column is
+    read as ``(B,)``. Float labels other than 0 and 1, and ``(B, K)`` targets with K ≥ 2
+    (multi-label, one-hot or soft), are refused with the fix; the range of the indices is
+    checked against the logits by :func:`check_target`.
+
+    Args:
+        labels: the labels as given.
+        name: the argument's name, for the error messages (``"target"``, ``"input_target"``).
+    """
+    if not isinstance(labels, Tensor):
+        raise TypeError(
+            f"{name} must be a tensor of class indices (or 'pred'), got {type(labels).__name__}."
+        )
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.dim() == 2:
+        raise ValueError(
+            f"{name} has shape {tuple(labels.shape)}: {labels.shape[1]} values per sample, as the "
+            "targets of a multi-label model (one sigmoid per class) or one-hot or soft targets "
+            "are. FI is defined for one class per sample (a softmax over K classes, or one "
+            f"binary logit): pass one class index per sample, shape (B,) ({name}.argmax(-1) "
+            "for one-hot targets)."
+        )
+    if labels.dim() != 1:
+        raise ValueError(
+            f"{name} must hold one class index per sample, shape (B,) or (B, 1), got shape "
+            f"{tuple(labels.shape)}."
+        )
+    if labels.is_complex():
+        raise TypeError(f"{name} must hold class indices, got dtype {labels.dtype}.")
+    if labels.is_floating_point():
+        binary = (labels == 0) | (labels == 1)
+        if not bool(binary.all()):
+            found = labels[~binary].unique()
+            bad = ", ".join(f"{v:.6g}" for v in found[:10].tolist())
+            more = " (the first 10 shown)" if len(found) > 10 else ""
+            raise ValueError(
+                f"{name} holds the float values [{bad}]{more}. Float labels are read "
+                "as the 0/1 targets of a binary classifier, so they must be 0 or 1. Pass class "
+                f"indices as an integer tensor ({name}.long() where the floats are whole class "
+                f"numbers), or hard 0/1 targets for soft ones (({name} > 0.5).long())."
+            )
+    return labels.long()
 
 
 def check_inputs(inputs: object) -> None:

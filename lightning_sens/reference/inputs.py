@@ -92,10 +92,12 @@ def input_fi(
     Args:
         model: the classifier; never modified (eval mode during the call, flags restored).
         inputs: a batch (B, *shape), or a dict of tensors passed as keyword arguments.
-        target: true labels (B,) or ``"pred"`` for the predicted label ``argmax z``.
+        target: true labels (B,) or ``"pred"`` for the predicted label ``argmax z``; a binary
+            classifier's 0/1 labels may be float or bool, (B,) or (B, 1) (see ``targets``).
         windows: odd window sizes ``2s + 1`` for the per-channel maps (images, and token
             sequences perturbed at ``input_module``).
-        forward_fn: ``forward_fn(model, x) -> logits (N, K)``; default ``model(x)`` (or
+        forward_fn: ``forward_fn(model, x) -> logits (N, K)``, or one binary logit z, (N,) or
+            (N, 1), read as the two-class logits (0, z); default ``model(x)`` (or
             ``model(**x)`` for a dict); an output's ``logits`` attribute or key is used.
         rtol: relative tolerance, see :func:`fi_from_jacobian`.
         input_key: for dict inputs, the floating tensor to perturb.

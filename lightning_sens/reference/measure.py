@@ -121,19 +121,40 @@ def logits_one(forward: Callable[[Inputs], Tensor], x: Inputs) -> Tensor:
     logits = forward(copy_inputs(x))
     if logits.dim() != 2 or logits.shape[0] != 1 or logits.shape[1] < 2:
         raise ValueError(
-            f"forward_fn must return logits of shape (1, K) with K >= 2 for one sample, "
-            f"got {tuple(logits.shape)}"
+            f"forward_fn must return logits of shape (1, K) with K >= 2 for one sample (or one "
+            f"binary logit, (1,) or (1, 1)), got {tuple(logits.shape)}"
         )
     return logits[0]
 
 
 def targets(target: Target, logits: Tensor) -> Tensor:
-    """Labels (B,) int64: the given ones, or the argmax of ``logits`` (B, K) for ``"pred"``."""
+    """Labels (B,) int64: the given ones, or the argmax of ``logits`` (B, K) for ``"pred"``.
+
+    Float or bool labels are the 0/1 targets of a binary classifier, class 0 and class 1 of its
+    two-class model ``(0, z)`` (docs/method.md, "Binary classifiers with one logit"); other
+    float values are refused. A ``(B, 1)`` column counts as ``(B,)``.
+    """
     if isinstance(target, str):
         if target != "pred":
             raise ValueError(f"target must be a label tensor or 'pred', got {target!r}")
         return logits.argmax(dim=1)
-    labels = torch.as_tensor(target, device=logits.device).to(torch.int64).reshape(-1)
+    labels = torch.as_tensor(target, device=logits.device)
+    if labels.dim() == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.dim() != 1:
+        raise ValueError(
+            f"target must hold one class index per sample, (B,) or (B, 1); got shape "
+            f"{tuple(labels.shape)}"
+        )
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        values = sorted({float(v) for v in labels.tolist()} - {0.0, 1.0})
+        if values:
+            raise ValueError(
+                f"target holds the float values {values[:10]}, but float labels are the 0/1 "
+                "targets of a binary classifier and must be 0 or 1; pass integer class indices "
+                "(target.long()) or hard targets ((target > 0.5).long())"
+            )
+    labels = labels.to(torch.int64)
     if labels.numel() != logits.shape[0]:
         raise ValueError(f"target has {labels.numel()} labels for {logits.shape[0]} samples")
     if bool(((labels < 0) | (labels >= logits.shape[1])).any()):

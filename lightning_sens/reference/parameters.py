@@ -71,10 +71,12 @@ def parameter_fi(
     Args:
         model: the classifier; never modified (eval mode during the call, flags restored).
         inputs: a batch (B, *shape), or a dict of tensors passed as keyword arguments.
-        target: true labels (B,) or ``"pred"`` for the predicted label ``argmax z``.
+        target: true labels (B,) or ``"pred"`` for the predicted label ``argmax z``; a binary
+            classifier's 0/1 labels may be float or bool, (B,) or (B, 1) (see ``targets``).
         layers: module names as in ``model.named_modules()``; ``None`` selects every module that
             directly owns (``recurse=False``) a parameter with ``requires_grad=True``.
-        forward_fn: ``forward_fn(model, x) -> logits (N, K)``; default as in :func:`input_fi`.
+        forward_fn: ``forward_fn(model, x) -> logits (N, K)``, or one binary logit z, (N,) or
+            (N, 1), read as the two-class logits (0, z); default as in :func:`input_fi`.
         rtol: relative tolerance, see :func:`fi_from_jacobian`.
 
     Returns:

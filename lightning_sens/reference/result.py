@@ -46,13 +46,16 @@ def sensitivity(
     Args:
         model: the model.
         batch: the inputs (``inputs`` of :func:`~lightning_sens.reference.input_fi`).
-        target: the labels, or ``"pred"``.
+        target: the labels, or ``"pred"``; a binary classifier's 0/1 labels may be float or
+            bool, (B,) or (B, 1).
         inputs: compute the input families (:func:`~lightning_sens.reference.input_fi`).
         parameters: compute the parameter families (:func:`~lightning_sens.reference.parameter_fi`,
             with ``layers``).
         windows: window sizes of the input maps.
         layers: the layers of the parameter families (None: every trainable layer).
-        forward_fn: (module, inputs) → logits.
+        forward_fn: (module, inputs) → logits; one binary logit z, (B,) or (B, 1), is the
+            two-class model with logits (0, z) (docs/method.md, "Binary classifiers with one
+            logit").
         rtol: the rank tolerance.
         input_key: the perturbed entry of a dict input.
         input_module: the module whose output is perturbed (token inputs).

@@ -79,6 +79,11 @@ def _vmapped(call: JacobianCall, params: dict[str, Tensor], rows: slice) -> dict
         kept = [t.unsqueeze(d) for t, d in zip(sample_inputs, call.in_dims, strict=True)]
         per_k = [c.unsqueeze(d + 1) for c, d in zip(sample_cots, call.out_dims, strict=True)]
         pull = vjp(lambda p: call.replay(p, kept), params)[1]
+        if per_k[0].shape[0] == 1:
+            # K' = 1 (a binary classifier): one pull, no inner vmap of size 1, which torch's
+            # batching rule for prelu's backward (2.14) expands to the outer batch size
+            pulled: dict[str, Tensor] = pull([c[0] for c in per_k])[0]
+            return {n: g.unsqueeze(0) for n, g in pulled.items()}
         grads: dict[str, Tensor] = vmap(lambda *cs: pull(list(cs))[0])(*per_k)
         return grads
 
@@ -177,11 +182,12 @@ def jacobian_route(
         jac = jacobians[use.key]
         flat = jac.reshape(batch, jac.shape[1], -1).to(torch.float64)
         grams[use.key] = flat @ flat.transpose(-1, -2)
-        scale = (flat * use.value.reshape(-1).to(torch.float64)).sum(-1)
+        value = params[use.key]  # detached: the results carry no autograd graph
+        scale = (flat * value.reshape(-1).to(torch.float64)).sum(-1)
         for layer, axis in use.layers.items():
             channel = None
             if axis is not None:
-                channel = _channel_columns(flat.reshape(jac.shape), use.value, axis)
+                channel = _channel_columns(flat.reshape(jac.shape), value, axis)
             rows = None
             if layer in use.weight_of:
                 rows = flat.reshape(batch, flat.shape[1], use.value.shape[0], -1)

@@ -163,12 +163,13 @@ class RecurrentRoute(Route):
         self.parts: list[tuple[LinearUse, PatchGram, Tensor | None]] = []
         for call in self.calls:
             for use in call.extra.uses:
-                inputs = use.inputs.to(self.dtype).unsqueeze(1)  # (B, 1, T, d)
+                # detached: the unrolled forward's graph must not reach the results
+                inputs = use.inputs.detach().to(self.dtype).unsqueeze(1)  # (B, 1, T, d)
                 p = int(call.tensors[use.weight].shape[0])
                 train_weight = use.weight in self.trainable
                 train_bias = use.bias is not None and use.bias in self.trainable
                 grams = PatchGram(inputs, p, train_weight, train_bias, self.num_cotangents)
-                bias = call.tensors[use.bias] if use.bias is not None else None
+                bias = call.tensors[use.bias].detach() if use.bias is not None else None
                 self.parts.append((use, grams, bias))
         self.scales: list[Tensor] = []
 
