@@ -59,9 +59,9 @@ def run_checkpoints(
             )
         done.append((path.name, epoch, step))
         progress.write(_summary(path.name, epoch, step, monitor.history[-1]))
-    last = checkpoints[-1][1]
-    figures = paths.figures(work, last)
-    table = paths.flag_table(work, last)
+    last = checkpoints[-1][1:]
+    figures = paths.figures(work, *last)
+    table = paths.flag_table(work, *last)
     report = work / "report.html"
     datasets = {"train": data.train_dataloader().dataset, "val": data.val_dataloader().dataset}
     probe = f"a fixed probe of {config.train_probe_size} training samples"
@@ -130,12 +130,11 @@ def _at_checkpoint(epoch: int, step: int) -> Any:
     where the monitor logs."""
     from lightning.pytorch import Callback
 
+    from lightning_sens.callbacks.internals import log_at
+
     class AtCheckpoint(Callback):
         def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-            loop = trainer.fit_loop
-            if hasattr(loop.epoch_loop, "_batches_that_stepped"):  # Lightning's logging step
-                loop.epoch_loop._batches_that_stepped = step
-                loop.epoch_progress.current.completed = epoch
+            log_at(trainer, epoch, step)
 
     return AtCheckpoint()
 

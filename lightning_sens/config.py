@@ -24,7 +24,8 @@ class MonitorConfig:
     """What :class:`~lightning_sens.SensitivityMonitor` measures, and how often.
 
     Attributes:
-        every_n_epochs: monitor every n-th validation epoch (the first one included).
+        every_n_epochs: monitor every n-th validation loop (the first one included); without a
+            validation loop, decide at the end of every n-th training epoch.
         train_probe_size: training samples, chosen once with ``seed``, whose closed-form FI gives
             the training curves (one eval forward pass each).
         exact_probe_size: how many of the train probe, and of a validation probe of the same
@@ -45,12 +46,12 @@ class MonitorConfig:
             outliers) or "top_k".
         flag_threshold: the robust z-score cut-off of the "mad" rule.
         top_k: how many samples the "top_k" rule flags per split and epoch.
-        persistence: n in "flagged in m of the last n monitored epochs".
+        persistence: n in "flagged in m of the last n decisions".
         score_training_steps: score every training sample from the logits its training step
             computes (no extra pass; train-mode logits) and flag training labels by the mean over
             all steps so far. Needs sample ids: batches ``(x, y, ids)``, or a loader with a batch
             sampler, whose order the monitor records.
-        scan_train_set: every ``scan_every_n_epochs`` monitored epochs, also compute the
+        scan_train_set: every ``scan_every_n_epochs`` decisions, also compute the
             closed-form FI of every training sample (one eval forward pass per sample) so that
             outliers anywhere in the training set can be flagged.
         scan_every_n_epochs: see ``scan_train_set``.

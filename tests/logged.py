@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_sens.reporting import keys
+from lightning_sens.reporting import keys, paths
 from lightning_sens.reporting.paths import split_run
 from lightning_sens.reporting.writers import read_scalars
 
@@ -53,3 +53,18 @@ def read_logged(log_dir: Path) -> Logged:
         histograms |= {keys.unroute(split, tag) for tag in tags["histograms"]}
         texts |= {keys.unroute(split, tag.removesuffix("/text_summary")) for tag in tags["tensors"]}
     return Logged(read_scalars(log_dir), images, histograms, texts, runs)
+
+
+def epoch_table(log_dir: Path, kind: str, epoch: int) -> Path:
+    """The one table of ``kind`` (``"flags"`` or ``"layers"``) a run wrote for ``epoch``, where
+    it made one decision in that epoch (its file is named by epoch and step)."""
+    found = sorted(paths.folder(log_dir).glob(f"{kind}_epoch{epoch:04d}_step*.csv"))
+    assert len(found) == 1, f"{kind} tables of epoch {epoch}: {found}"
+    return found[0]
+
+
+def epoch_figure(log_dir: Path, name: str, split: str, epoch: int) -> Path:
+    """The one saved figure ``name`` of ``split`` for ``epoch`` (one decision in that epoch)."""
+    found = sorted((paths.folder(log_dir) / "figures").glob(f"{name}_{split}_epoch{epoch:04d}_*"))
+    assert len(found) == 1, f"{name} figures of epoch {epoch}: {found}"
+    return found[0]

@@ -18,7 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens import MonitorConfig, SensitivityMonitor
 from lightning_sens.callbacks.budget import TimeBudget
+from lightning_sens.callbacks.planner import SECOND_FORWARD, SETUP_CHECK
 from lightning_sens.reporting import keys
+from tests.logged import epoch_table
 
 
 class Clock:
@@ -174,16 +176,14 @@ def test_a_tight_budget_skips_the_optional_parts_and_says_so(
         assert keys.curve("true", "val", "median") in row  # the free scores did
         assert keys.flag_count("val") in row
         assert row[keys.cost_share()] > 1e-9
-        assert (
-            (tmp_path / "lightning_logs/version_0/sensitivity")
-            .joinpath(f"flags_epoch{epoch:04d}.csv")
-            .is_file()
-        )
+        assert epoch_table(tmp_path / "lightning_logs/version_0", "flags", epoch).is_file()
     assert monitor.figure_sets_drawn == 0
     notices = [r.getMessage() for r in caplog.records if "SensitivityMonitor (budget=" in r.message]
     # the training probe, the exact probes, the figures, and what is never skipped, once each
     assert len(notices) == 4, notices
-    assert any("more than its budget, with what it never skips" in n for n in notices)
+    # what is never skipped, part by part, each with its fix
+    (never,) = [n for n in notices if "on what it never skips, more than its budget" in n]
+    assert "the scores of every validation sample" in never
     assert any("skipped the exact probes at epoch 0" in n for n in notices)
     assert any("skipped the 2 figures" in n for n in notices)  # val: manhattan, flagged
     assert any("scored 0 of 64 probe samples" in n for n in notices)
@@ -207,6 +207,7 @@ def test_the_logged_cost_share_is_the_time_the_monitor_took(tmp_path: Path) -> N
     total = time.perf_counter() - begin
     budget = monitor.budget
     assert budget.spent >= slow * 2 * 2  # 2 validation batches per epoch, 2 epochs
+    assert budget.totals[SETUP_CHECK] >= slow * 2  # the first batch of each split, charged too
     assert 0 < budget.elapsed <= total
     share = budget.spent / (budget.elapsed - budget.spent)
     assert budget.cost_share == share  # frozen at the end of training
@@ -224,3 +225,32 @@ def test_the_logged_cost_share_is_the_time_the_monitor_took(tmp_path: Path) -> N
 def monitor_model(trainer: pl.Trainer) -> pl.LightningModule:
     assert trainer.lightning_module is not None
     return trainer.lightning_module
+
+
+class Silent(Net):
+    """A validation step that returns nothing (it logs its loss), and a forward that takes
+    30 ms in eval mode: the monitor's second forward of every validation batch is its cost."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            time.sleep(0.03)
+        return self.net(x)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:  # type: ignore[override]
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+
+def test_a_second_validation_forward_is_charged_and_named_with_its_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where validation_step returns no logits, the monitor runs the model once more per
+    validation batch: that time is charged to the budget (the logged share is the truth) and,
+    when it alone exceeds the budget, the one line about it names the fix."""
+    monitor = SensitivityMonitor(log_images=False)
+    train, val = _loaders()
+    with caplog.at_level(logging.INFO):
+        _trainer(tmp_path, monitor, epochs=2).fit(Silent(), train, val)
+    assert monitor.budget.totals[SECOND_FORWARD] >= 0.03 * 2 * 2  # 2 batches, 2 epochs
+    (never,) = [r.getMessage() for r in caplog.records if "never skips" in r.getMessage()]
+    assert never.index("a second forward pass of every validation batch") < never.index("; ")
+    assert "validation_step returns no logits: return them" in never

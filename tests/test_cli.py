@@ -30,6 +30,7 @@ from lightning_sens.reporting import keys
 from lightning_sens.reporting.paths import split_run
 from lightning_sens.reporting.writers import read_scalars
 from tests.cli_models import TinyData, TinyModule
+from tests.logged import epoch_figure, epoch_table
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:lightning")
 
@@ -99,8 +100,8 @@ def test_evaluate_a_directory_of_checkpoints(checkpoints: Path, tmp_path: Path) 
     events.Reload()
     assert keys.route(keys.image("manhattan", "val"))[1] in events.Tags()["images"]
     for epoch in range(3):
-        assert (out / "sensitivity" / f"flags_epoch{epoch:04d}.csv").exists()
-        assert (out / "sensitivity" / "figures" / f"manhattan_val_epoch{epoch:04d}.png").exists()
+        assert epoch_table(out, "flags", epoch).exists()
+        assert epoch_figure(out, "manhattan", "val", epoch).exists()
     report = (out / "report.html").read_text()
     assert report.count("<tr><td class='text'>epoch=") == 3  # one row per checkpoint
     assert "data:image/png;base64," in report

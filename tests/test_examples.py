@@ -18,7 +18,7 @@ from lightning_sens.demos.data import corrupt_labels, load_images
 from lightning_sens.demos.run import flagged_per_epoch
 from lightning_sens.reporting import keys
 from lightning_sens.reporting.writers import read_scalars
-from tests.logged import read_logged
+from tests.logged import epoch_table, read_logged
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +74,7 @@ def test_readme_demo_then_the_evaluate_command_it_prints(tmp_path: Path) -> None
     assert "exists and is not empty" in again_demo.stderr
     assert "--overwrite" in again_demo.stderr
 
-    table = tmp_path / out / "training" / "sensitivity" / "flags_epoch0001.csv"
+    table = epoch_table(tmp_path / out / "training", "flags", 1)
     with table.open() as f:
         rows = list(csv.DictReader(f))
     flagged = sum(r["split"] == "train" and r["flagged"] == "True" for r in rows)
@@ -138,8 +138,7 @@ def test_quickstart(tmp_path: Path) -> None:
     quickstart = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quickstart)
     trainer = quickstart.main(str(tmp_path), epochs=1)
-    tables = list(Path(trainer.log_dir).glob("sensitivity/flags_epoch0000.csv"))
-    assert len(tables) == 1
+    assert epoch_table(Path(trainer.log_dir), "flags", 0).is_file()
 
 
 def test_lightning_cli_config_configures_the_monitor(tmp_path: Path) -> None:
@@ -157,7 +156,7 @@ def test_lightning_cli_config_configures_the_monitor(tmp_path: Path) -> None:
         "false",
     ]
     subprocess.run(command, check=True, capture_output=True)
-    (table,) = tmp_path.glob("lightning_logs/version_0/sensitivity/flags_epoch0000.csv")
+    table = epoch_table(tmp_path / "lightning_logs/version_0", "flags", 0)
     rows = table.read_text().splitlines()
     assert sum(",True," in row for row in rows if ",val," in row) == 5  # top_k: 5 from the YAML
 

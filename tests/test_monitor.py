@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import math
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,10 @@ from lightning_sens.damage import predict_damage
 from lightning_sens.demos.tiny import CLASSES
 from lightning_sens.demos.tiny import TinyClassifier as TinyNet
 from lightning_sens.demos.tiny import tiny_loaders as _loaders
-from lightning_sens.reporting import keys
+from lightning_sens.reporting import keys, paths
 from lightning_sens.reporting.stats import log_fi_summary
 from lightning_sens.reporting.summary import split_scores
-from tests.logged import read_logged
+from tests.logged import epoch_table, read_logged
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning:lightning"),  # few-batch and worker hints
@@ -100,9 +102,7 @@ def test_logs_every_documented_scalar_and_the_flag_tables(tmp_path: Path) -> Non
     assert logged.values(keys.flag_count("val")) == [3.0, 3.0]  # top_k = 3
 
     for epoch in (0, 1):
-        with (
-            tmp_path / "tb" / "version_0" / "sensitivity" / f"flags_epoch{epoch:04d}.csv"
-        ).open() as f:
+        with epoch_table(tmp_path / "tb" / "version_0", "flags", epoch).open() as f:
             rows = list(csv.DictReader(f))
         val_rows = [r for r in rows if r["split"] == "val"]
         train_rows = [r for r in rows if r["split"] == "train"]
@@ -160,7 +160,7 @@ def test_other_loggers_get_the_scalars(tmp_path: Path) -> None:
         header = next(csv.reader(f))
     assert keys.curve("pred", "val", "q90") in header
     assert keys.flag_count("train") in header  # the keys as they are: the split in the key
-    assert (tmp_path / "csv" / "version_0" / "sensitivity" / "flags_epoch0000.csv").exists()
+    assert epoch_table(tmp_path / "csv" / "version_0", "flags", 0).exists()
     hparams = (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
     assert "sensitivity/flag_rule: top_k" in hparams  # the configuration, where kept as hparams
 
@@ -241,7 +241,7 @@ def test_post_hoc_validate_from_a_checkpoint_and_state_round_trip(tmp_path: Path
 
 
 def _val_rows(folder: Path) -> list[tuple[int, str]]:
-    with (folder / "sensitivity" / "flags_epoch0000.csv").open() as f:
+    with epoch_table(folder, "flags", 0).open() as f:
         return [(int(r["sample"]), r["log_fi"]) for r in csv.DictReader(f) if r["split"] == "val"]
 
 
@@ -339,7 +339,9 @@ def test_resumed_run_continues_the_curves_without_gaps_or_duplicates(tmp_path: P
     _trainer(tmp_path, [resumed], epochs=4).fit(TinyNet(), train, val, ckpt_path=checkpoint)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
     assert torch.equal(resumed.tracker.probes["train"], first.tracker.probes["train"])
-    assert resumed.tracker.flags.monitored["val"] == [0, 1, 2, 3]
+    # decisions are counted by their global step: one per epoch, 4 steps each
+    assert resumed.tracker.flags.monitored["val"] == [4, 8, 12, 16]
+    assert [h["step"] for h in resumed.history] == [4, 8, 12, 16]
 
     logged = read_logged(tmp_path / "tb" / "version_0")  # both runs log to the same folder
     steps = logged.steps(keys.curve("pred", "val", "median"))
@@ -352,9 +354,9 @@ def test_scanning_the_whole_training_set(tmp_path: Path) -> None:
     train, val = _loaders()
     monitor = SensitivityMonitor(SMALL, scan_train_set=True, scan_every_n_epochs=2)
     _trainer(tmp_path, [monitor], epochs=3).fit(TinyNet(), train, val)
-    folder = tmp_path / "tb" / "version_0" / "sensitivity"
+    folder = tmp_path / "tb" / "version_0"
     for epoch, scanned in ((0, True), (1, False), (2, True)):
-        with (folder / f"flags_epoch{epoch:04d}.csv").open() as f:
+        with epoch_table(folder, "flags", epoch).open() as f:
             rows = [r for r in csv.DictReader(f) if r["split"] == "train_all"]
         assert sorted(int(r["sample"]) for r in rows) == (list(range(64)) if scanned else [])
     logged = read_logged(tmp_path / "tb" / "version_0")
@@ -450,7 +452,7 @@ def test_layer_curves_are_the_predicted_damage_of_the_probe(tmp_path: Path) -> N
     assert set(want) == {"net.0", "net.1", "net.4"}
     assert (4, True) not in want["net.1"].quant  # BatchNorm: no weight quantisation entry
 
-    with (tmp_path / "tb" / "version_0" / "sensitivity" / "layers_epoch0001.csv").open() as f:
+    with epoch_table(tmp_path / "tb" / "version_0", "layers", 1).open() as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
     assert [r["layer"] for r in rows] == ["net.0", "net.1", "net.4"]
     for row in rows:
@@ -484,8 +486,7 @@ def test_scores_flags_and_tables_survive_a_failing_engine(tmp_path: Path) -> Non
         assert keys.curve("true", "train", "q90") in history
         assert keys.flag_count("val") in history
         assert keys.closed_form_holds("val") not in history
-    folder = tmp_path / "tb" / "version_0" / "sensitivity"
-    assert (folder / "flags_epoch0001.csv").exists()
+    assert epoch_table(tmp_path / "tb" / "version_0", "flags", 1).exists()
     strict = SensitivityMonitor(SMALL, strict=True)
     with pytest.raises(ValueError, match="track_running_stats"):
         _trainer(tmp_path / "strict", [strict], epochs=1).fit(BatchStatsNet(), train, val)
@@ -513,12 +514,12 @@ def test_every_off_setting_still_writes_every_epoch(tmp_path: Path, off: dict[st
     monitor = SensitivityMonitor(SMALL, **off)
     _trainer(tmp_path, [monitor], epochs=2).fit(TinyNet(), train, val)
     assert len(monitor.history) == 2
-    folder = tmp_path / "tb" / "version_0" / "sensitivity"
+    folder = tmp_path / "tb" / "version_0"
     for epoch, row in enumerate(monitor.history):
         for split in ("train", "val"):
             assert keys.curve("true", split, "median") in row
             assert keys.flag_count(split) in row
-        with (folder / f"flags_epoch{epoch:04d}.csv").open() as stream:
+        with epoch_table(folder, "flags", epoch).open() as stream:
             splits = {line["split"] for line in csv.DictReader(stream)}
         assert splits == {"train", "val"}
     layer_curves = any(k.startswith(keys.LAYERS) for k in monitor.history[-1])
@@ -529,3 +530,23 @@ def test_every_off_setting_still_writes_every_epoch(tmp_path: Path, off: dict[st
     assert map_curves == (exact and off.get("windows") != ())
     drawn = off.get("log_images", True) and off.get("budget", 1) > 1e-6
     assert (monitor.figure_sets_drawn == 2) == drawn
+
+
+def test_a_batch_that_fails_on_one_rank_skips_the_epoch_on_every_rank(tmp_path: Path) -> None:
+    """DDP, 2 processes: a validation batch that fails on rank 1 only skips that validation's
+    monitoring on both ranks (they agree before the gather; the epoch's training steps are
+    decided at its end); the next epoch is monitored. Before the ranks agreed, rank 0 waited in
+    the gather for a rank that had gone on training."""
+    command = [sys.executable, "-m", "tests.ddp_one_rank_fails", str(tmp_path)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "done.pt").exists()
+    assert "skipped the monitoring of epoch 0" in done.stderr
+    splits = []
+    for table in paths.flag_tables(tmp_path / "tb" / "version_0"):
+        with table.open() as stream:
+            splits.append(sorted({row["split"] for row in csv.DictReader(stream)}))
+    # epoch 0: the training steps only, decided at the end of the epoch; epoch 1: both splits
+    assert splits == [["train"], ["train", "val"]]

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_sens import SensitivityMonitor
 from lightning_sens.reporting import keys
 from tests import zoo
-from tests.logged import read_logged
+from tests.logged import epoch_table, read_logged
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
@@ -151,7 +151,7 @@ def test_monitor_at_defaults(name: str, tmp_path: Path) -> None:
     for split in keys.SPLITS:
         for figure in ("manhattan", "flagged", "layer_heatmap", "layer_strip", "fi_maps"):
             assert keys.image(figure, split) in logged.images, (figure, split)
-    with (run / "sensitivity" / "flags_epoch0000.csv").open() as f:
+    with epoch_table(run, "flags", 0).open() as f:
         rows = list(csv.DictReader(f))
     assert sorted(int(r["sample"]) for r in rows if r["split"] == "val") == list(range(24))
     assert {r["split"] for r in rows} == {"train", "val"}

@@ -223,8 +223,9 @@ def first_loader(held: Any) -> DataLoader | None:
 def trainer_loaders(trainer: Any, train: DataLoader | None = None) -> dict[str, DataLoader]:
     """The Trainer's first training and validation loader (``train`` where it has no training
     loader: ``trainer.validate``)."""
+    running = first_loader(trainer.train_dataloader)  # no `or`: a stream's loader has no len
     found = {
-        "train": first_loader(trainer.train_dataloader) or first_loader(train),
+        "train": running if running is not None else first_loader(train),
         "val": first_loader(trainer.val_dataloaders),
     }
     return {split: loader for split, loader in found.items() if loader is not None}

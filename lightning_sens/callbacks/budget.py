@@ -52,6 +52,7 @@ class TimeBudget:
         self.stopped: float | None = None
         self.spent = 0.0
         self.unit_cost: dict[str, float] = {}  # seconds per unit, from the last run of a part
+        self.totals: dict[str, float] = {}  # seconds per named part, since the start
         self._depth = 0
         self._open_since = 0.0  # when the outermost timed block began
         self._lock = threading.Lock()
@@ -66,8 +67,8 @@ class TimeBudget:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        """Training starts: the clock runs from here; what was spent before does not count."""
-        self.started, self.stopped, self.spent = self.clock(), None, 0.0
+        """Fit starts: the clock runs from here; what was spent before does not count."""
+        self.started, self.stopped, self.spent, self.totals = self.clock(), None, 0.0, {}
 
     def stop(self) -> None:
         """Training ended: the shares stay those of the run."""
@@ -86,11 +87,21 @@ class TimeBudget:
         return self.spent + running
 
     @property
+    def rest(self) -> float:
+        """Seconds of everything but the monitor since the start."""
+        return self.elapsed - self.used
+
+    @property
     def cost_share(self) -> float:
         """Monitor seconds per second of the rest of training, so far (nan before any)."""
         used = self.used
         rest = self.elapsed - used
         return used / rest if rest > 0 else math.nan
+
+    def share_of(self, parts: tuple[str, ...]) -> float:
+        """The seconds of the named parts per second of the rest of training, so far."""
+        rest = self.rest
+        return sum(self.totals.get(p, 0.0) for p in parts) / rest if rest > 0 else math.nan
 
     @property
     def allowance(self) -> float:
@@ -108,7 +119,8 @@ class TimeBudget:
     @contextmanager
     def timed(self, part: str | None = None, units: int = 1) -> Iterator[None]:
         """Charge the wall time of the block (nested blocks are charged once, by the outermost);
-        with ``part``, also learn its cost per unit for :meth:`fit`."""
+        with ``part``, also add it to the part's total and learn its cost per unit for
+        :meth:`fit`."""
         begin = self.clock()
         if self._depth == 0:
             self._open_since = begin
@@ -120,8 +132,10 @@ class TimeBudget:
             seconds = self.clock() - begin
             if self._depth == 0:
                 self.add(seconds)
-            if part is not None and units > 0:
-                self.unit_cost[part] = seconds / units
+            if part is not None:
+                self.totals[part] = self.totals.get(part, 0.0) + seconds
+                if units > 0:
+                    self.unit_cost[part] = seconds / units
 
     def learn(self, part: str, seconds: float, units: int = 1) -> None:
         """The measured cost of a part that ran elsewhere (the figures)."""

@@ -5,6 +5,7 @@ logits, and the exact engine on one sample."""
 from __future__ import annotations
 
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -38,6 +39,16 @@ def check_setup(
     the random streams are left as they were. Returns the class names the datasets carry
     (``dataset.classes``), if any."""
     first: tuple[Inputs, Tensor] | None = None
+    if reader.forward_fn is None and not is_overridden("forward", module, LightningModule):
+        children = [name for name, _ in module.named_children()]
+        child = children[0] if children else "net"
+        raise MonitorSetupError(
+            f"The LightningModule {type(module).__name__} has no forward(); SensitivityMonitor "
+            "runs the model through it (the probes, the pictures, and the validation scores "
+            "where validation_step returns no logits). Define it, e.g. `def forward(self, x): "
+            f"return self.{child}(x)`, or pass SensitivityMonitor(forward_fn=lambda module, x: "
+            f"module.{child}(x))."
+        )
     with preserved_rng(), eval_mode(module):
         for split, loader in loaders.items():
             inputs, labels = reader.first(loader, split, module.device)

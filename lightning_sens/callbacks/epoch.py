@@ -4,7 +4,6 @@ write (scalars, histograms, tables) and draw (figures on a background thread).""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from lightning.pytorch import LightningModule, Trainer
@@ -14,7 +13,7 @@ from lightning_sens.callbacks.batches import Reader
 from lightning_sens.callbacks.budget import TimeBudget
 from lightning_sens.callbacks.drawing import FigureWorker
 from lightning_sens.callbacks.output import Output
-from lightning_sens.callbacks.planner import Planner
+from lightning_sens.callbacks.planner import FLAGS, Planner
 from lightning_sens.callbacks.policy import Failures
 from lightning_sens.callbacks.probing import Prober
 from lightning_sens.callbacks.rng import preserved_rng
@@ -61,12 +60,13 @@ class EpochRunner:
         use_evidence: bool,
         class_names: tuple[str, ...] | None,
     ) -> None:
-        """The end of a monitored validation epoch, on every rank: gather the scores (a
-        collective), then on rank zero :meth:`run`; a failure skips the epoch with a warning."""
+        """A decision, on every rank: gather the scores (a collective), then on rank zero
+        :meth:`run` where there is something to score (the scores gathered, or a training probe
+        to draw); a failure skips the decision with a warning."""
         with self.failures.epoch(at[0]), preserved_rng():
             scores = self.tracker.gather()  # a collective: every rank
             log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective, too
-            if trainer.is_global_zero and "val" in scores:
+            if trainer.is_global_zero and (scores or "train" in loaders):
                 self.run(trainer, module, scores, loaders, at, log_dir, use_evidence, class_names)
 
     def run(
@@ -80,7 +80,7 @@ class EpochRunner:
         use_evidence: bool,
         class_names: tuple[str, ...] | None,
     ) -> None:
-        """Probe, flag, write and draw one epoch, logged at ``at`` = (epoch, step).
+        """Probe, flag, write and draw one decision, logged at ``at`` = (epoch, step).
         ``use_evidence``: flag the training split by the evidence of every training step so
         far (:meth:`~lightning_sens.tracking.SensitivityTracker.compute`)."""
         epoch, step = at
@@ -90,14 +90,15 @@ class EpochRunner:
         quiet = trainer.progress_bar_callback is None
         self.prober.scan(module, loaders, scores, epoch, quiet)
         self.prober.damage(module, probes)
-        began = time.perf_counter()  # flags, scalars and tables: the part the budget reserves
-        extra = self._cost(probes) if self.planner.active else None
-        report = self.tracker.compute(
-            epoch, step, scores, probes, use_evidence=use_evidence, extra=extra
-        )
-        self.output.write(trainer.loggers, report, log_dir)
-        self.budget.learn("flags", time.perf_counter() - began)
-        self.planner.over(epoch, time.perf_counter() - began)
+        if not scores:  # nothing was scored (the training probe failed or did not fit)
+            return
+        with self.budget.timed(FLAGS):  # flags, scalars and tables: the part the budget reserves
+            extra = self._cost(probes) if self.planner.active else None
+            report = self.tracker.compute(
+                epoch, step, scores, probes, use_evidence=use_evidence, extra=extra
+            )
+            self.output.write(trainer.loggers, report, log_dir)
+        self.planner.over(epoch)
         with self.failures.part("the figures"):
             self.output.figures(
                 report,

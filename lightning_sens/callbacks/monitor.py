@@ -9,14 +9,24 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_sens.callbacks.batches import Batch, Reader, default_batch_fn, trainer_loaders
 from lightning_sens.callbacks.checking import check_setup
 from lightning_sens.callbacks.epoch import EpochRunner
+from lightning_sens.callbacks.internals import planned_loader
+from lightning_sens.callbacks.planner import (
+    FLAGS,
+    SECOND_FORWARD,
+    SETUP_CHECK,
+    TRAIN_STEPS,
+    VALIDATION_SCORES,
+)
 from lightning_sens.callbacks.policy import Failures
-from lightning_sens.callbacks.setup import MonitorSetupError, source_loader
+from lightning_sens.callbacks.sample_ids import indexable
+from lightning_sens.callbacks.setup import MonitorSetupError
 from lightning_sens.callbacks.train_scores import TrainScores
 from lightning_sens.config import MonitorConfig
 from lightning_sens.reporting.images import Describe
@@ -26,15 +36,20 @@ __all__ = ["MonitorSetupError", "SensitivityMonitor", "default_batch_fn"]
 
 
 class SensitivityMonitor(Callback):
-    """Sensitivity (the influence measure FI of Shu & Zhu, AAAI 2019) logged during validation.
+    """Sensitivity (the influence measure FI of Shu & Zhu, AAAI 2019) logged during training.
 
-    Every monitored validation epoch (``every_n_epochs``) it scores every validation sample
-    and every training sample (from its training steps, or a fixed probe) with the closed form
-    of whole-input FI, runs the exact engine on small probes (input maps, per-layer FI and
-    damage), flags high-influence samples with persistence, writes the flag and layer tables
-    under ``<log_dir>/sensitivity/`` and logs curves, histograms and figures; optionally it
-    scans the whole training set. Within ``budget`` it runs the optional parts only as far as
-    they fit. What it logs, key by key, and every option: docs/monitor.md, "Output" and "Options".
+    It decides (scores, probes, flags, writes and draws) at every monitored validation
+    (``every_n_epochs``), at the end of a training epoch whose training steps no validation has
+    decided on (every epoch without a validation loop), and at the end of ``fit`` for the steps
+    after the last decision, so that every training sample lands in a table of its epoch. Each
+    decision scores every validation sample it has and every training sample since the previous
+    decision (from its training steps, or a fixed probe) with the closed form of whole-input FI,
+    runs the exact engine on small probes (input maps, per-layer FI and damage), flags
+    high-influence samples with persistence, writes the flag and layer tables under
+    ``<log_dir>/sensitivity/`` and logs curves, histograms and figures; optionally it scans the
+    whole training set. Within ``budget`` it runs the optional parts only as far as they fit,
+    after a first look at all of them. What it logs, key by key, and every option:
+    docs/monitor.md, "Output" and "Options".
 
     Args:
         config: a :class:`~lightning_sens.config.MonitorConfig`; keyword options override its
@@ -71,18 +86,18 @@ class SensitivityMonitor(Callback):
         self.failures = Failures(c.strict)
         self.runner = EpochRunner(c, self.reader, self.tracker, self.failures, describe_fn)
         self.budget = self.runner.budget
-        self._train = TrainScores(self.reader.batch_fn, self.failures.warn_once)
+        self._train = TrainScores(self.reader.read, self.failures.warn_once)
         self._active, self._seen = False, 0
         self._checked: set[tuple[str, int]] = set()  # (stage, trainer) whose setup was checked
 
     @property
     def history(self) -> list[dict[str, float]]:
-        """One row of metrics per monitored epoch (with ``epoch`` and ``step``)."""
+        """One row of metrics per decision (with ``epoch`` and ``step``)."""
         return self.tracker.history
 
     @property
     def figure_sets_drawn(self) -> int:
-        """Monitored epochs whose figures were drawn to the end (the time budget skips some)."""
+        """Decisions whose figures were drawn to the end (the time budget skips some)."""
         return self.runner.drawing.drawn
 
     @property
@@ -104,15 +119,18 @@ class SensitivityMonitor(Callback):
         self.reader.convert = trainer.precision_plugin.convert_input
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        loops = {"train": trainer.fit_loop, "val": trainer.fit_loop.epoch_loop.val_loop}
-        found = {split: source_loader(loop) for split, loop in loops.items()}
-        self._check(trainer, pl_module, "fit", {k: v for k, v in found.items() if v is not None})
+        self.budget.start()  # from here: the set-up check is part of the monitor's cost
+        with self.budget.timed(SETUP_CHECK):
+            loops = {"train": trainer.fit_loop, "val": trainer.fit_loop.epoch_loop.val_loop}
+            found = {split: planned_loader(loop) for split, loop in loops.items()}
+            # a stream is not read ahead of training: its first batch is checked when it comes
+            self._check(trainer, pl_module, "fit", {k: v for k, v in found.items() if indexable(v)})
+            if self.config.score_training_steps:
+                self._train.start(trainer, pl_module, self.reader.sample_shape)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == TrainerFn.VALIDATING:  # trainer.validate: its loaders are set up
-            self._check(
-                trainer, pl_module, "validate", trainer_loaders(trainer, self.train_dataloader)
-            )
+            self._check(trainer, pl_module, "validate", self._loaders(trainer))
 
     def _check(self, trainer: Trainer, module: LightningModule, stage: str, loaders: Any) -> None:
         if (stage, id(trainer)) not in self._checked:  # every rank checks: all raise, none waits
@@ -120,30 +138,58 @@ class SensitivityMonitor(Callback):
             found = check_setup(self.reader, module, loaders, self.runner.prober, self.failures)
             self.class_names = self.class_names or found
 
+    def _loaders(self, trainer: Trainer, validation: bool = True) -> dict[str, DataLoader]:
+        """The loaders the probes, the scan and the pictures fetch samples from (indexable
+        ones only), without the validation loader where this decision has no validation."""
+        found = trainer_loaders(trainer, self.train_dataloader)
+        return {k: v for k, v in found.items() if indexable(v) and (validation or k != "val")}
+
     # -- training steps ---------------------------------------------------------------------------
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.budget.start()
         self.runner.planner.active = self.config.budget is not None
-        with self.budget.timed():
-            if self.config.score_training_steps:
-                self._train.start(trainer, pl_module)
+        if not trainer.enable_validation:
+            self.failures.info_once(
+                "no-validation",
+                "SensitivityMonitor: this run has no validation loop, so it scores, flags and "
+                "draws the training split at the end of every training epoch; the validation "
+                "curves and flags, the train-vs-validation gap and the validation probe need "
+                "one (val_dataloaders, with limit_val_batches > 0).",
+            )
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        with self.budget.timed():
+        with self.budget.timed(TRAIN_STEPS):
             self._train.on_epoch_start()
 
-    def on_train_batch_start(self, *args: Any) -> None:
-        with self.budget.timed():
-            self._train.on_batch_start()
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        with self.budget.timed(TRAIN_STEPS):
+            self._train.on_batch_start(pl_module)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, _: int
     ) -> None:
-        with self.budget.timed():
+        with self.budget.timed(TRAIN_STEPS):
             self._train.score(trainer, pl_module, outputs, batch, self.config.strict)
 
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The training steps no validation decided on: every epoch (with ``every_n_epochs``
+        > 1, only without a validation loop, every n-th epoch)."""
+        n = self.config.every_n_epochs
+        if not trainer.enable_validation:  # the same on every rank
+            due = trainer.current_epoch % n == 0
+        else:
+            due = n == 1 and self._any_rank(self._train.pending > 0, trainer)
+        if due:
+            with self.budget.timed():
+                self._decide(trainer, pl_module, (trainer.current_epoch, trainer.global_step))
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The steps after the last decision (``max_steps``, ``check_val_every_n_epoch``)."""
+        if self._any_rank(self._train.pending > 0, trainer):
+            with self.budget.timed():
+                self._decide(trainer, pl_module, (self._train.last_epoch, trainer.global_step))
         self._train.stop()
         self.runner.close(trainer, end_of_fit=True)
 
@@ -152,15 +198,26 @@ class SensitivityMonitor(Callback):
         self.runner.drawing.wait()  # the figures drawn so far reach the logs; errors don't matter
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._train.stop()
         self.runner.close(trainer, end_of_fit=False)
+
+    @staticmethod
+    def _any_rank(here: bool, trainer: Trainer) -> bool:
+        """Whether ``here`` holds on some rank: every rank takes the same branch into the
+        collectives that follow (a rank that went its own way would leave the others waiting)."""
+        return bool(trainer.strategy.reduce_boolean_decision(here, all=False))
 
     # -- validation ---------------------------------------------------------------------------
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         with self.budget.timed():
-            due = trainer.current_epoch % self.config.every_n_epochs == 0
-            due = due or self.post_hoc or self.position is not None
-            self._active = due and not trainer.sanity_checking
+            self._active = False
+            if trainer.state.fn != TrainerFn.FITTING:  # trainer.validate: asked for, so done
+                self._active = True
+            elif not trainer.sanity_checking:
+                count = self.tracker.validations
+                self.tracker.validations += 1
+                self._active = count % self.config.every_n_epochs == 0
             self._seen = 0
             self.runner.planner.start_clock()
             self.tracker.reset()
@@ -178,21 +235,61 @@ class SensitivityMonitor(Callback):
         if not self._active or dataloader_idx != 0:  # the first validation loader only
             return
         with self.budget.timed(), self.failures.epoch(trainer.current_epoch) as failed:
-            inputs, labels, ids = self.reader.validation_batch(batch, self._seen, trainer)
-            self._seen += len(labels)
-            logits = self.reader.logits(outputs, pl_module, inputs, len(labels))
-            self.tracker.update(ids, labels, logits)
+            with self.budget.timed(VALIDATION_SCORES):
+                inputs, labels, ids = self.reader.validation_batch(batch, self._seen, trainer)
+                self._seen += len(labels)
+                logits = self.reader.returned_logits(outputs, len(labels))
+            if logits is None:  # the step returns no logits: one more forward, charged apart
+                with self.budget.timed(SECOND_FORWARD):
+                    logits = self.reader.forward(pl_module, inputs)
+            with self.budget.timed(VALIDATION_SCORES):
+                self.tracker.update(ids, labels, logits)
         self._active = not failed[0]
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
         with self.budget.timed():
             if self._active and self._seen:
                 self.runner.planner.stop_clock(self._seen)
-            if self._train.started and not trainer.sanity_checking:
-                with self.failures.part("the training-step scores"):
-                    self._train.fold_into(self.tracker, trainer.is_global_zero)  # a collective
-            if self._active:
+            # a validation batch that failed on one rank skips the decision on every rank
+            agreed = bool(trainer.strategy.reduce_boolean_decision(self._active, all=True))
+            if agreed:
                 at = self.position or (trainer.current_epoch, trainer.global_step)
-                train, names = trainer_loaders(trainer, self.train_dataloader), self.class_names
-                self.runner.end(trainer, pl_module, at, train, self._train.started, names)
+                self._decide(trainer, pl_module, at, validation=True)
+            elif self._active:
+                rank_zero_warn(
+                    f"SensitivityMonitor skipped the monitoring of epoch {trainer.current_epoch}:"
+                    " a validation batch failed on another process (the processes skip it "
+                    "together)."
+                )
             self.tracker.reset()
+
+    def _decide(
+        self,
+        trainer: Trainer,
+        module: LightningModule,
+        at: tuple[int, int],
+        validation: bool = False,
+    ) -> None:
+        """Fold the training steps since the last decision into the evidence and run the
+        decision at ``at`` = (epoch, step) on every rank (a collective)."""
+        if self._train.started:
+            with self.failures.part("the training-step scores"), self.budget.timed(FLAGS):
+                self._train.fold_into(self.tracker, trainer.is_global_zero)  # a collective
+        loaders, names = self._loaders(trainer, validation), self.class_names
+        self.runner.planner.progress = _progress(trainer)
+        self.runner.end(trainer, module, at, loaders, self._train.started, names)
+
+
+def _progress(trainer: Trainer) -> float | None:
+    """The share of the run's optimizer steps done, where Lightning knows the run's length."""
+    if trainer.state.fn != TrainerFn.FITTING:
+        return None
+    try:
+        total = float(trainer.estimated_stepping_batches)
+    except Exception:  # a loader without a length, or an unbounded run: the length is unknown
+        return None
+    if not 0 < total < float("inf"):
+        return None
+    return min(max(trainer.global_step, 1) / total, 1.0)

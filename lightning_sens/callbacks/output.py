@@ -71,9 +71,9 @@ class Output:
             writer.histogram(keys.histogram("true", split), true, step)
             writer.histogram(keys.histogram("pred", split), pred, step)
         writer.flush()
-        write_table(report.flags, paths.flag_table(log_dir, epoch))
+        write_table(report.flags, paths.flag_table(log_dir, epoch, step))
         if report.layers:
-            write_table(report.layers, paths.layer_table(log_dir, epoch), LAYER_COLUMNS)
+            write_table(report.layers, paths.layer_table(log_dir, epoch, step), LAYER_COLUMNS)
         return writer
 
     def figures(
@@ -91,9 +91,10 @@ class Output:
         assert writer is not None, "write() comes first"
         if not self.config.log_images:
             return
-        if writer.tensorboard is None and not self.config.save_figures:
-            writer.skip_images()
-            return
+        if writer.tensorboard is None:
+            writer.skip_images(paths.folder(log_dir), self.config.save_figures)
+            if not self.config.save_figures:
+                return
         probes, epoch = report.probes, report.epoch
         count = 2 * len(report.scores) + 2 * len(probes.results)  # about this many figures
         fit = self.planner.fit("figures", count, count, SECONDS_PER_FIGURE)
@@ -102,8 +103,6 @@ class Output:
         self.planner.notice("figures", fit, f"skipped the {count} figures", epoch)
         if fit.units:
             self._submit(report, fetch, history, num_classes, class_names, log_dir, writer)
-        if writer.tensorboard is None:
-            writer.skip_images()
 
     def _submit(
         self,
@@ -144,7 +143,7 @@ class Output:
                 if config.save_figures:
                     split, tag = keys.route(key)
                     name = tag.rsplit("/", 1)[-1]
-                    save_png(image, paths.figure(log_dir, name, str(split), epoch))
+                    save_png(image, paths.figure(log_dir, name, str(split), epoch, step))
             writer.flush()
             return len(images)
 

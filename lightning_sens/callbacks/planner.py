@@ -1,14 +1,54 @@
-"""How much of each optional part of a monitored epoch runs now (:class:`Planner`), from the
-time budget (:mod:`~lightning_sens.callbacks.budget`) and what the monitor knows of its costs."""
+"""How much of each optional part of a decision runs now (:class:`Planner`), from the time
+budget (:mod:`~lightning_sens.callbacks.budget`), the run's planned length and what the monitor
+knows of its costs."""
 
 from __future__ import annotations
 
+import math
 import time
 
 from lightning_sens.callbacks.budget import Fit, TimeBudget
 from lightning_sens.callbacks.policy import Failures
 
-__all__ = ["EXACT_FORWARDS_PER_CLASS", "MIN_EXACT", "SECONDS_PER_FIGURE", "Planner"]
+__all__ = [
+    "EXACT",
+    "EXACT_FORWARDS_PER_CLASS",
+    "FIGURES",
+    "FIRST_LOOK_SECONDS",
+    "FLAGS",
+    "MIN_EXACT",
+    "SCAN",
+    "SECONDS_PER_FIGURE",
+    "SECOND_FORWARD",
+    "SETUP_CHECK",
+    "TRAIN_PROBE",
+    "TRAIN_STEPS",
+    "VALIDATION_SCORES",
+    "Planner",
+]
+
+# The parts the budget charges. Optional, run as far as they fit:
+EXACT, TRAIN_PROBE, SCAN, FIGURES = "exact probes", "train probe", "scan", "figures"
+# ... and never skipped: the check before the first step (once per fit), and the parts that
+# recur, each named with its fix where they alone exceed the budget.
+SETUP_CHECK, SECOND_FORWARD = "setup check", "second forward"
+TRAIN_STEPS, VALIDATION_SCORES, FLAGS = "training steps", "validation scores", "flags"
+_FIXES = {
+    SECOND_FORWARD: (
+        "a second forward pass of every validation batch",
+        "validation_step returns no logits: return them, `return logits` or a dict with a "
+        "'logits' entry, and the validation scores cost nothing",
+    ),
+    FLAGS: ("the flags and tables of every sample", "every_n_epochs > 1 decides less often"),
+    VALIDATION_SCORES: (
+        "the scores of every validation sample",
+        "every_n_epochs > 1 scores every n-th validation only",
+    ),
+    TRAIN_STEPS: (
+        "keeping the training steps' logits",
+        "score_training_steps=False leaves it out; the training curves then come from a probe",
+    ),
+}
 
 # Until a part has run once, the budget assumes: the exact engine costs this many forward passes
 # per probe sample and split (one forward, K − 1 backward products, the Grams, in chunks smaller
@@ -18,18 +58,30 @@ EXACT_FORWARDS_PER_CLASS = 10.0
 SECONDS_PER_FIGURE = 0.25
 MIN_EXACT = 4  # fewer exact-probe samples per split than this are not worth an engine call
 _SECONDS_PER_ROW = 1e-5  # flags and tables, per scored sample, until measured
+# The first look (the exact probes and the figures once, at the first decision) may spend the
+# budget's share of the whole run as planned, and of at least this many seconds of it.
+FIRST_LOOK_SECONDS = 60.0
 
 
 class Planner:
     """Answers "how much of this part now?" during fit, and "all of it" outside fit or without a
     budget; says once per run and part when it scales a part down.
 
+    The budget is kept as it accrues: a part runs when the monitor's seconds so far, plus the
+    part's, stay within ``share`` × the seconds of everything else. Except once: the first
+    decision that finds the exact probes or the figures out of budget still runs their smallest
+    useful amount (:data:`MIN_EXACT` samples per split; one set of figures), when that fits the
+    share of the whole run as Lightning plans it (``progress``), counted as at least
+    :data:`FIRST_LOOK_SECONDS`; later decisions pay that advance back before they run more.
+
     Attributes:
         budget: what the monitor spent and what each part costs.
         active: during fit with a budget.
         forward_cost: seconds per validation sample of the validation loop's own forward (the
             prior of the parts that have not run yet), None until measured.
-        rows: the scored samples of this epoch (its flag table's rows: the reserve).
+        rows: the scored samples of this decision (its flag table's rows: the reserve).
+        progress: the share of the run's steps done, where Lightning knows the run's length.
+        looked: the optional parts that ran at least once.
     """
 
     def __init__(self, budget: TimeBudget, failures: Failures) -> None:
@@ -38,6 +90,8 @@ class Planner:
         self.active = False
         self.forward_cost: float | None = None
         self.rows = 0
+        self.progress: float | None = None
+        self.looked: set[str] = set()
         self._clock = (0.0, 0.0)
 
     def start_clock(self) -> None:
@@ -53,10 +107,35 @@ class Planner:
     def fit(self, part: str, wanted: int, minimum: int = 1, prior: float | None = None) -> Fit:
         if not self.active:
             return Fit(wanted, wanted)
-        reserve = 0.0  # the flags and tables still to come in this epoch
-        if part != "figures":
-            reserve = self.budget.unit_cost.get("flags", _SECONDS_PER_ROW * self.rows)
-        return self.budget.fit(part, wanted, minimum, prior, reserve)
+        reserve = 0.0  # the flags and tables still to come in this decision
+        if part != FIGURES:
+            reserve = self.budget.unit_cost.get(FLAGS, _SECONDS_PER_ROW * self.rows)
+        found = self.budget.fit(part, wanted, minimum, prior, reserve)
+        if found.units == 0 and part in (EXACT, FIGURES) and part not in self.looked:
+            found = self._first_look(part, wanted, minimum, prior, reserve) or found
+        if found.units:
+            self.looked.add(part)
+        return found
+
+    def run_allowance(self) -> float:
+        """Seconds the monitor may spend over the whole run as Lightning plans it: ``share`` ×
+        the run's planned length, counted as at least :data:`FIRST_LOOK_SECONDS`."""
+        share, rest = self.budget.share or 0.0, self.budget.rest
+        planned = rest / self.progress if self.progress else math.inf
+        return share * max(planned, FIRST_LOOK_SECONDS)
+
+    def _first_look(
+        self, part: str, wanted: int, minimum: int, prior: float | None, reserve: float
+    ) -> Fit | None:
+        """The smallest useful amount of ``part``, once per run, where it costs less than the
+        budget of the whole run."""
+        units = min(minimum, wanted)
+        cost = self.budget.unit_cost.get(part, prior)
+        allowance = self.run_allowance()
+        if cost is not None and cost * units + reserve > allowance:
+            return None
+        planned = "an open-ended run" if math.isinf(allowance) else f"{allowance:.2g} s"
+        return Fit(units, wanted, f"a first look, within the budget of the whole run ({planned})")
 
     def prior(self, forwards: float) -> float | None:
         """The cost of ``forwards`` validation forward passes per sample, if measured."""
@@ -73,14 +152,25 @@ class Planner:
                 "schedule.",
             )
 
-    def over(self, epoch: int, seconds: float) -> None:
-        """Once per run: the parts that are never skipped alone exceed the budget."""
-        if self.active and self.budget.allowance < 0:
-            self.failures.info_once(
-                "budget:flags",
-                f"SensitivityMonitor (budget={self.budget.share:g}) spent "
-                f"{100 * self.budget.cost_share:.1f} % of the training time by epoch {epoch}, "
-                "more than its budget, with what it never skips (the scores, flags and tables; "
-                f"{seconds:.2g} s for the flags and tables of this epoch). On models this fast, "
-                "pass a larger budget or every_n_epochs > 1.",
-            )
+    def over(self, epoch: int) -> None:
+        """Once per run: the recurring parts that are never skipped alone exceed the budget;
+        they are named, largest first, each with its fix (the one-off check before the first
+        step is charged, but not named: a longer run spreads it)."""
+        share = self.budget.share
+        if not self.active or share is None:
+            return
+        mandatory = self.budget.share_of(tuple(_FIXES))
+        if not mandatory > share:
+            return
+        parts = sorted(_FIXES, key=lambda p: -self.budget.totals.get(p, 0.0))
+        named = [
+            f"{_FIXES[p][0]}, {100 * self.budget.share_of((p,)):.1f} % ({_FIXES[p][1]})"
+            for p in parts
+            if self.budget.share_of((p,)) >= 0.001
+        ]
+        self.failures.info_once(
+            "budget:never-skipped",
+            f"SensitivityMonitor (budget={share:g}) spent {100 * mandatory:.1f} % of the training "
+            f"time by epoch {epoch} on what it never skips, more than its budget: "
+            f"{'; '.join(named)}.",
+        )

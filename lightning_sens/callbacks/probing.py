@@ -96,6 +96,7 @@ class Prober:
                     inputs, labels, ids = self.reader.fetch(loaders["train"], chosen, module.device)
                     logits = self.reader.logits(None, module, inputs, len(labels))
                     scores["train"] = split_scores(ids, labels, logits)
+                    self.tracker.num_classes = logits.shape[-1]
 
         found = Probes()
         wanted = min([c.exact_probe_size, *(len(i) for i in indices.values())]) if indices else 0

@@ -160,11 +160,11 @@ def run_demo(out: Path, max_epochs: int | None, dataset: str, corrupt: float, se
             f"Last epoch: precision {precision:.2f} ({hits} of {flagged} flags are corrupted "
             f"labels), recall {recall:.2f} ({hits} of {len(corrupted)} corrupted labels found)."
         )
-    last = trainer.current_epoch - 1
-    figures = paths.figures(folder, last)
+    last = (int(monitor.history[-1]["epoch"]), int(monitor.history[-1]["step"]))
+    figures = paths.figures(folder, *last)
     rows = [(f"epoch {int(h['epoch'])}", int(h["epoch"]), int(h["step"])) for h in monitor.history]
     report = out / "report.html"
-    table = paths.flag_table(folder, last)
+    table = paths.flag_table(folder, *last)
     write_report(
         report,
         f"lightning-sens demo: {data.dataset_name}",

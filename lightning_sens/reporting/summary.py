@@ -234,17 +234,17 @@ def layer_rows(
 
 def flag_columns(
     split: str,
-    epoch: int,
+    at: tuple[int, int],
     scores: SplitScores,
     decision: FlagDecision,
     recent: dict[int, int],
     ranks: dict[int, int],
     evidence: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, list[Any]]:
-    """The flag table of one split and epoch, column by column (the columns of
-    :class:`~lightning_sens.reporting.tables.FlagRow`).
+    """The flag table of one split and decision ``at`` = (epoch, step), column by column (the
+    columns of :class:`~lightning_sens.reporting.tables.FlagRow`).
 
-    ``recent``: sample → in how many of the last monitored epochs it was flagged, this one
+    ``recent``: sample → in how many of the last decisions it was flagged, this one
     included (:meth:`FlagHistory.counts`). ``evidence``: (mean log FI with the true label over
     training, number of steps), aligned with ``scores``, where the split was scored in the
     training steps.
@@ -254,7 +254,8 @@ def flag_columns(
     return {
         "sample": ids,
         "split": [split] * n,
-        "epoch": [epoch] * n,
+        "epoch": [at[0]] * n,
+        "step": [at[1]] * n,
         "label": scores.labels.tolist(),
         "prediction": scores.preds.tolist(),
         "p_label": scores.p_label.tolist(),

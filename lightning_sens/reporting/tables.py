@@ -16,12 +16,14 @@ __all__ = ["FlagRow", "LayerRow", "write_table"]
 
 @dataclass(frozen=True)
 class FlagRow:
-    """One sample in one monitored epoch.
+    """One sample in one decision (a monitored validation, or the end of a training epoch or of
+    fit).
 
     Attributes:
         sample: the sample's id (its index in the dataset unless the batch carries ids).
         split: "train" or "val".
         epoch: the training epoch.
+        step: the global step of the decision (several decisions in one epoch differ in it).
         label, prediction: true and predicted class.
         p_label: the model's probability of the true label.
         fi, log_fi: whole-input FI with the true label, (1 − p_label)/p_label, and its log.
@@ -32,11 +34,11 @@ class FlagRow:
             label) over every step that scored the sample so far, a soft area under the margin
             curve; the evidence the "counterfactual" rule flags by. NaN elsewhere.
         seen: how many training steps scored the sample (0 outside the training split).
-        flagged: flagged by ``rule`` in this epoch.
+        flagged: flagged by ``rule`` in this decision.
         p_bad: "counterfactual" rule: the estimated share of wrong labels among the samples of
             this class that score at least as high (1 − the q-value of the flag); NaN for the
             other rules.
-        flagged_recent: in how many of the last ``persistence`` monitored epochs it was flagged.
+        flagged_recent: in how many of the last ``persistence`` decisions it was flagged.
         rule: the flag rule and its parameter, e.g. "mad>3.5".
         cutoff: the score above which a sample looks like a wrong label: per split (mad, top_k)
             or per class (counterfactual).
@@ -45,6 +47,7 @@ class FlagRow:
     sample: int
     split: str
     epoch: int
+    step: int
     label: int
     prediction: int
     p_label: float

@@ -104,14 +104,27 @@ class Writer:
             split, tag = keys.route(key)
             self.run(split).add_text(tag, text, step)
 
-    def skip_images(self) -> None:
-        """Say once that figures need TensorBoard."""
-        if not self.images_skipped_said:
-            self.images_skipped_said = True
-            _log.warning(
-                "No TensorBoard logger: sensitivity figures are skipped; scalars still go to "
-                "the loggers and the flag tables to the log directory."
+    def skip_images(self, folder: Path, saved: bool) -> None:
+        """Say once where the output goes without a TensorBoard logger: the tables under
+        ``folder``, the figures as PNG files there where ``saved``, else nowhere."""
+        if self.images_skipped_said:
+            return
+        self.images_skipped_said = True
+        if self.loggers:
+            names = ", ".join(sorted({type(logger).__name__ for logger in self.loggers}))
+            where = f"its scalars go to {names} and its tables under {folder}"
+        else:
+            where = (
+                f"with no logger at all, its tables go under {folder} and its curves stay in "
+                "SensitivityMonitor.history"
             )
+        figures = (
+            f"its figures are saved as PNG files under {folder / 'figures'}"
+            if saved
+            else "it draws no figures (they need a TensorBoard logger; save_figures=True saves "
+            "them as PNG files)"
+        )
+        _log.warning(f"SensitivityMonitor found no TensorBoard logger: {where}; {figures}.")
 
     def flush(self) -> None:
         if self.tensorboard is not None:

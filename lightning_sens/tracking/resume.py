@@ -67,4 +67,5 @@ def restore(tracker: SensitivityTracker, state: dict[str, Any]) -> list[str]:
     tracker.evidence = None if evidence is None else LabelEvidence.from_state_dict(evidence)
     tracker.noise_floor = None if "flag_rule" in changed else state.get("noise_floor")
     tracker.folds = int(state.get("folds", 0))
+    tracker.validations = int(state.get("validations", 0))
     return lines

@@ -88,13 +88,14 @@ class SensitivityTracker:
     Attributes:
         config: the monitor's options.
         probes: split → the probe's sample ids (drawn once with ``config.seed``).
-        history: one row of metrics per monitored epoch (with ``epoch`` and ``step``).
-        flags: the epochs each sample was flagged in (persistence).
+        history: one row of metrics per decision (with ``epoch`` and ``step``).
+        flags: the decisions (by global step) each sample was flagged in (persistence).
         evidence: every training sample's log FI under every label, summed over the training
             steps (when they are scored).
-        noise_floor: per class and cell, the largest count of wrong labels estimated from one
-            epoch's training steps after the first (memorisation lowers later estimates; this
-            keeps the evidence).
+        noise_floor: per class and cell, the largest count of wrong labels estimated from the
+            training steps between two decisions, after the first (memorisation lowers later
+            estimates; this keeps the evidence).
+        validations: the validation loops run so far (``every_n_epochs`` counts them).
     """
 
     def __init__(self, config: MonitorConfig) -> None:
@@ -105,6 +106,7 @@ class SensitivityTracker:
         self.evidence: LabelEvidence | None = None
         self.noise_floor: Tensor | None = None
         self.folds = 0
+        self.validations = 0
         self.validation = EpochScores()
         self.num_classes = 0
         self._train_epoch: SplitScores | None = None
@@ -119,7 +121,8 @@ class SensitivityTracker:
 
     def fold(self, ids: Tensor, labels: Tensor, scores: Tensor) -> None:
         """Add the training steps' log FI under every label ``(N, K)`` since the last
-        validation to the evidence; their per-sample mean is this epoch's training split."""
+        decision to the evidence; their per-sample mean is this decision's training split."""
+        self.num_classes = scores.shape[-1]
         window = LabelEvidence.empty(scores.shape[-1]).update(ids, labels, scores)
         self._train_epoch = label_scores(window.ids, window.labels, window.mean)
         rule = self.config.flag_rule
@@ -184,9 +187,15 @@ class SensitivityTracker:
             decisions[split] = decision
             if evidence is not None:
                 pictured[split] = dataclasses.replace(s, log_fi_true=evidence[0])
-            self.flags.update(split, epoch, s.ids[decision.flagged].tolist())
+            self.flags.update(split, step, s.ids[decision.flagged].tolist())
             columns = flag_columns(
-                split, epoch, s, decision, self.flags.counts(split), _ranks(probes, split), evidence
+                split,
+                (epoch, step),
+                s,
+                decision,
+                self.flags.counts(split),
+                _ranks(probes, split),
+                evidence,
             )
             for name, values in columns.items():
                 table.setdefault(name, []).extend(values)
@@ -265,6 +274,7 @@ class SensitivityTracker:
             "evidence": None if self.evidence is None else self.evidence.state_dict(),
             "noise_floor": self.noise_floor,
             "folds": self.folds,
+            "validations": self.validations,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> str:
