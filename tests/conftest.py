@@ -1,6 +1,8 @@
 """One suite for every machine: the device comes from LIGHTNING_SENS_TEST_DEVICE (default cpu).
 
 Tests marked ``gpu`` run only where CUDA is present; tests marked ``slow`` only with --runslow.
+``python -m tests.oldest_versions`` runs the Lightning-facing tests on the oldest Lightning and
+torchmetrics the package declares (LIGHTNING_SENS_EXPECT).
 """
 
 from __future__ import annotations
@@ -9,6 +11,20 @@ import os
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``python -m tests.oldest_versions``: stop unless the releases imported are the ones
+    it installed (a PYTHONPATH that did not take would test the newest ones instead)."""
+    expected = os.environ.get("LIGHTNING_SENS_EXPECT")
+    if not expected:
+        return
+    import lightning
+    import torchmetrics
+
+    found = f"lightning=={lightning.__version__} torchmetrics=={torchmetrics.__version__}"
+    if found != expected:
+        raise pytest.UsageError(f"expected {expected}, imported {found}")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
