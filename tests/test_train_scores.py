@@ -81,6 +81,40 @@ def test_evidence_is_the_closed_form_of_the_training_logits(
     assert_close("evidence", evidence.mean, want, 1e-6)  # float32 logits, summed in float64
 
 
+class FrozenBinary(Frozen):
+    """One logit and BCEWithLogitsLoss on float (B, 1) targets, learning rate 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(self(batch[0]), batch[1])
+
+
+def test_binary_evidence_is_the_closed_form_of_the_two_class_logits(tmp_path: Path) -> None:
+    """A one-logit model's training steps are scored as the two-class model (0, z): the
+    evidence of every label equals label_log_fi of (0, z), computed here apart from the
+    package's own conversion; labels are the 0/1 targets as class indices."""
+    x, y = _data()
+    y = y % 2
+    target = y.float().unsqueeze(1)
+    train = DataLoader(TensorDataset(x, target), batch_size=16, shuffle=True)
+    val = DataLoader(TensorDataset(x[:32], target[:32]), batch_size=16)
+    model = FrozenBinary()
+    monitor = SensitivityMonitor(SMALL)
+    pl.seed_everything(0)
+    _trainer(tmp_path, [monitor], epochs=2).fit(model, train, val)
+    evidence = monitor.tracker.evidence
+    assert evidence is not None
+    assert torch.equal(evidence.labels, y)
+    assert torch.equal(evidence.seen, torch.full((64,), 2))
+    with torch.no_grad():
+        z = model.net(x).double()
+    two = torch.cat([torch.zeros_like(z), z], dim=1)
+    assert_close("binary evidence", evidence.mean, label_log_fi(two), 1e-6)
+
+
 def test_ids_from_the_batch_and_from_with_index(tmp_path: Path) -> None:
     x, y = _data()
     ids = torch.arange(64) * 10 + 5
