@@ -52,7 +52,8 @@ def drawn_texts(fig: Figure) -> list[tuple[Text, Bbox]]:
 
 def assert_texts_whole(fig: Figure) -> list[str]:
     """Every drawn text lies inside the figure (one pixel of slack), so that nothing is cut off,
-    and the drawn tick labels of each axis do not overlap one another. Returns the texts."""
+    the drawn tick labels of each axis do not overlap one another, and no text overlaps another
+    text or an axes it does not belong to (:func:`assert_nothing_overlaps`). Returns the texts."""
     texts = drawn_texts(fig)
     box = fig.bbox
     cut = [
@@ -71,7 +72,49 @@ def assert_texts_whole(fig: Figure) -> list[str]:
         for axis in (ax.xaxis, ax.yaxis):
             labels = [t for t in axis.get_ticklabels(which="both") if id(t) in extents]
             assert_apart([(t, extents[id(t)]) for t in labels], "tick labels")
+    assert_nothing_overlaps(fig, texts)
     return [text.get_text() for text, _ in texts]
+
+
+def assert_nothing_overlaps(fig: Figure, texts: list[tuple[Text, Bbox]]) -> None:
+    """No two drawn texts overlap (by their extents, half a pixel of slack), and no text but an
+    axes' own annotations (``ax.texts``, e.g. a heat map's cell values) overlaps a drawn axes:
+    titles, captions, labels, legends and colour bars keep apart from one another and from
+    the pictures. Tick labels of one axis are compared by :func:`assert_apart` instead (their
+    extents overlap when they are turned, the texts need not)."""
+    ticks: dict[int, int] = {}  # tick label -> its axis
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            ticks.update((id(t), id(axis)) for t in axis.get_ticklabels(which="both"))
+    boxes = np.array([extent.extents for _, extent in texts]).reshape(-1, 4)
+    apart = np.maximum(
+        np.maximum(boxes[:, None, 0], boxes[None, :, 0])
+        - np.minimum(boxes[:, None, 2], boxes[None, :, 2]),
+        np.maximum(boxes[:, None, 1], boxes[None, :, 1])
+        - np.minimum(boxes[:, None, 3], boxes[None, :, 3]),
+    )
+    axis_of = [ticks.get(id(text)) for text, _ in texts]
+    clashes = [
+        (texts[i][0].get_text(), texts[j][0].get_text())
+        for i, j in zip(*np.nonzero(np.triu(apart < -0.5, k=1)), strict=True)
+        if axis_of[i] is None or axis_of[i] != axis_of[j]
+    ]
+    assert not clashes, f"texts overlap: {clashes[:5]}"
+    annotations = {id(text) for ax in fig.axes for text in ax.texts}
+    for ax in fig.axes:
+        if not (ax.get_visible() and ax.axison):
+            continue
+        box = ax.get_window_extent()
+        inside = [
+            text.get_text()
+            for text, extent in texts
+            if id(text) not in annotations
+            and min(extent.x1, box.x1) - max(extent.x0, box.x0) > 0.5
+            and min(extent.y1, box.y1) - max(extent.y0, box.y0) > 0.5
+        ]
+        assert not inside, (
+            f"texts over an axes at {tuple(round(v) for v in box.extents)}: {inside[:5]}"
+        )
 
 
 def assert_apart(texts: list[tuple[Text, Bbox]], what: str) -> None:
@@ -128,6 +171,25 @@ def test_figure_to_image_follows_dpi() -> None:
 def test_figure_to_image_rejects_bad_dpi() -> None:
     with pytest.raises(ValueError, match="dpi"):
         figure_to_image(Figure(), dpi=0)
+
+
+def test_the_text_check_finds_overlaps() -> None:
+    """assert_texts_whole fails on two texts on top of each other and on a text over an axes it
+    does not belong to; a plot's own annotations may lie on it."""
+    fig = Figure(figsize=(4.0, 3.0))
+    fig.subplots_adjust(left=0.2, bottom=0.2, top=0.8)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_title("a title")
+    ax.text(0.5, 0.5, "a note on the plot", transform=ax.transAxes)
+    assert "a note on the plot" in assert_texts_whole(fig)
+    fig.text(0.5, 0.6, "a caption over the plot")
+    with pytest.raises(AssertionError, match="texts over an axes"):
+        assert_texts_whole(fig)
+    fig.texts.clear()
+    fig.text(0.05, 0.9, "one")
+    fig.text(0.06, 0.9, "two")
+    with pytest.raises(AssertionError, match="texts overlap"):
+        assert_texts_whole(fig)
 
 
 def test_manhattan_plot_renders_with_flagged_legend() -> None:

@@ -22,11 +22,15 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from numpy.typing import NDArray
 
+from lightning_sens.reporting.layout import PAD, extent, title_pad
+
 __all__ = ["figure_to_image"]
 
+_DPI = 100  # what figure_to_image draws at by default: texts are measured at it
 _JITTER_SEED = 0
 _NAME_CHARS = 30
 _MAX_FIG_INCHES = 16.0
@@ -77,14 +81,37 @@ def _normalise(image: NDArray[np.float64]) -> NDArray[np.float64]:
 
 
 def _figure(width: float, height: float) -> Figure:
+    """A figure of at most 16 × 16 inches, drawn at 100 dpi; no layout engine: each picture
+    places its axes itself (:mod:`lightning_sens.reporting.layout`)."""
     size = (min(width, _MAX_FIG_INCHES), min(height, _MAX_FIG_INCHES))
-    return Figure(figsize=size, layout="constrained")
+    return Figure(figsize=size, dpi=_DPI)
 
 
-def _suptitle(fig: Figure, title: str) -> None:
-    """The figure's title, wrapped at the figure's edges (constrained layout makes room)."""
-    if title:
-        fig.suptitle(title, wrap=True)
+def _suptitle(fig: Figure, title: str) -> float:
+    """Sets the figure's title, wrapped at the figure's edges, and returns the inches it takes
+    at the top of the figure (the room above the first row of axes); 0 without a title."""
+    if not title:
+        return 0.0
+    top = 1.0 - PAD / fig.get_size_inches()[1]
+    text = fig.suptitle(title, wrap=True, y=top, verticalalignment="top")
+    return PAD + extent(fig, text)[1]
+
+
+def _log_norm(values: NDArray[np.float64]) -> LogNorm:
+    """A log colour scale for FI ``values``: from their largest down at most
+    ``_OVERLAY_DECADES`` decades (smaller FI takes the lowest colour, so that peaks stand out);
+    FI ≤ 0 and non-finite FI are left out. Without any positive FI: 1 to 10."""
+    shown = (values > 0) & np.isfinite(values)
+    high = float(values[shown].max()) if shown.any() else 10.0
+    low = max(float(values[shown].min()), high * 10.0**-_OVERLAY_DECADES) if shown.any() else 1.0
+    return LogNorm(vmin=low, vmax=high if high > low else low * 10.0)
+
+
+def _bar_ticks(norm: LogNorm) -> list[float]:
+    """Three ticks for the colour bar of a log scale, geometrically spaced (its ends and their
+    middle): readable for narrow and wide ranges alike."""
+    low, high = float(norm.vmin), float(norm.vmax)  # type: ignore[arg-type]
+    return [low, (low * high) ** 0.5, high]
 
 
 def _label_ticks(ax: Axes, axis: str, names: Sequence[str], max_labels: int, **text: Any) -> None:
@@ -95,7 +122,7 @@ def _label_ticks(ax: Axes, axis: str, names: Sequence[str], max_labels: int, **t
 
 
 def _decorate(ax: Axes, title: str, xlabel: str, ylabel: str, finite: NDArray[np.bool_]) -> None:
-    ax.set_title(title, wrap=True)
+    ax.set_title(title, wrap=True, pad=title_pad())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)

@@ -34,6 +34,7 @@ from lightning_sens.reporting.canvas import (
     _shorten,
     figure_to_image,
 )
+from lightning_sens.reporting.layout import frame, title_pad
 from lightning_sens.reporting.pictures import fi_overlays, sample_grid
 
 __all__ = [
@@ -107,19 +108,21 @@ def manhattan_plot(
     ax = fig.add_subplot(1, 1, 1)
     plain, hit = finite & ~flag_values, finite & flag_values
     ax.scatter(x[plain], y[plain], s=8, c=shade[plain], alpha=0.7, linewidths=0)
+    legend = None
     if flagged is not None and hit.any():
         ax.scatter(x[hit], y[hit], s=30, c="#d62728", edgecolors="k", zorder=3, label=flag_label)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never hides a point
+        legend = ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: hides no point
     elif flagged is not None:  # no red mark drawn: no entry, the legend's title says why
         unseen = int(flag_values.sum())
         note = f"{flag_label}: {unseen} with non-finite log FI" if unseen else f"none {flag_label}"
-        ax.legend(handles=[], title=note, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        legend = ax.legend(handles=[], title=note, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     names = [str(i) for i in range(num_classes)] if class_names is None else list(class_names)
     names = [_shorten(str(name), 20) for name in names]
     upright = max(len(name) for name in names) > 3  # upright: long names cannot overlap
     _label_ticks(ax, "x", names, 40, rotation=90 if upright else 0, fontsize=8 if upright else 10)
     ax.set_xlim(-0.6, num_classes - 0.4)
     _decorate(ax, title or "FI per sample, by class", "class", "log FI (natural log)", finite)
+    frame(fig, ax, legend=legend)
     return fig
 
 
@@ -168,7 +171,7 @@ def layer_heatmap(
     cmap = colormaps["viridis"].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
     image = ax.imshow(masked, aspect="auto", cmap=cmap, interpolation="nearest",
                       vmin=0.0 if empty else None, vmax=1.0 if empty else None)  # fmt: skip
-    fig.colorbar(image, ax=ax, label=value_label)
+    bar = fig.colorbar(image, cax=fig.add_axes((0.9, 0.1, 0.03, 0.8)), label=value_label)
     names = [_shorten(str(name)) for name in layer_names]
     _label_ticks(ax, "y", names, int((height - 1.4) / 0.16), fontsize=7)
     _label_ticks(ax, "x", [str(epoch) for epoch in epochs], int(width * 3))
@@ -179,9 +182,11 @@ def layer_heatmap(
                 dark = 0.3 * red + 0.6 * green + 0.1 * blue < 0.5
                 ax.text(col, row, f"{value:.3g}", ha="center", va="center", fontsize=7,
                         color="white" if dark else "black")  # fmt: skip
-    ax.set_title(title or f"{value_label} per {ylabel} and {xlabel}", wrap=True)
+    # title_pad: the title may reach over the colour bar, whose top label sticks up
+    ax.set_title(title or f"{value_label} per {ylabel} and {xlabel}", wrap=True, pad=title_pad())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    frame(fig, ax, colorbar=bar.ax)
     return fig
 
 
@@ -228,6 +233,7 @@ def layer_strip_plot(
     _label_ticks(ax, "x", names, int(min(width, _MAX_FIG_INCHES) * 2.5), rotation=60, ha="right",
                  fontsize=7)  # fmt: skip
     ax.set_xlim(-0.6, n_layers - 0.4)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    legend = ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     _decorate(ax, title or f"{value_label} per layer", "layer", value_label, finite)
+    frame(fig, ax, legend=legend)
     return fig

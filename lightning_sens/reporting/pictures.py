@@ -11,30 +11,36 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import matplotlib as mpl
 import numpy as np
 import torch
 from matplotlib import colormaps
-from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
 from lightning_sens.reporting.canvas import (
-    _OVERLAY_DECADES,
+    _bar_ticks,
     _check_length,
     _check_shape,
     _figure,
+    _log_norm,
     _numpy,
     _show,
     _suptitle,
 )
+from lightning_sens.reporting.layout import PAD, extent, grid, text_size, tick_room
 
 __all__ = ["fi_overlays", "sample_grid"]
 
+_CAPTION = 7  # points: the captions under the images
+_GAP = 0.08  # inches between a caption and the next row, or the title and the first row
+_BAR = 0.1  # inches: the height of the colour bars under the maps
 # clip_on=False: a top pixel on the border keeps its whole cross
 _CROSS: dict[str, Any] = {
     "marker": "x", "color": "cyan", "markersize": 8, "mew": 2, "clip_on": False
@@ -72,12 +78,31 @@ def sample_grid(
     n_columns = min(columns, n)
     n_rows = math.ceil(n / n_columns)
     fig = _figure(max(1.6 * n_columns + 0.3, 4.0), 1.9 * n_rows + 0.5)  # 4 in: room for a title
+    top = _suptitle(fig, title) + _GAP
+    wide, tall = _captions(fig, captions)
+    across = _across(fig, n_columns, wide)
+    spec = grid(fig, [None] * n_rows, n_columns, (PAD, PAD + tall, PAD, top), (across, tall + _GAP))
     for i in range(n):
-        ax = fig.add_subplot(n_rows, n_columns, i + 1)
+        ax = fig.add_subplot(spec[i // n_columns, i % n_columns])
         _show(ax, data[i])
-        ax.set_xlabel(str(captions[i]), fontsize=7)
-    _suptitle(fig, title)
+        ax.set_xlabel(str(captions[i]), fontsize=_CAPTION)
     return fig
+
+
+def _captions(fig: Figure, captions: Sequence[str]) -> tuple[float, float]:
+    """(widest, tallest) caption under an image, in inches, the label pad included."""
+    sizes = [text_size(fig, str(caption), fontsize=_CAPTION) for caption in captions]
+    pad = mpl.rcParams["axes.labelpad"] / 72.0
+    return max(w for w, _ in sizes), max(h for _, h in sizes) + pad
+
+
+def _across(fig: Figure, columns: int, wide: float, least: float = 0.1) -> float:
+    """The gap between columns (inches, at least ``least``) that keeps captions ``wide`` inches
+    wide, centred under their cells, apart from their neighbours'."""
+    width = fig.get_size_inches()[0] - 2 * PAD
+    # Neighbouring captions are one column pitch, (width + gap) / columns, apart.
+    needed = columns * (wide + _GAP) - width if columns > 1 else 0.0
+    return max(least, needed / max(columns - 1, 1))
 
 
 def fi_overlays(
@@ -131,52 +156,75 @@ def fi_overlays(
         titles["lead"] = (lead[0], lead[1])
     columns = list(fi)
     cmap = colormaps["inferno"].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    norms = {w: _log_norm(fi[w]) for w in columns}
+    ticks = {w: _bar_ticks(norms[w]) for w in columns}
+    targets = _top_pixels(fi[columns[0]]) if columns else [None] * n
 
     n_columns = 1 + len(columns)
     fig = _figure(1.9 * n_columns + 0.3, 1.9 * n + (1.7 if columns else 1.2))
-    # The colour bars get a row of their own: constrained layout then keeps their labels inside.
-    ratios = [1.0] * n + ([0.06] if columns else [])
-    grid = fig.add_gridspec(len(ratios), n_columns, height_ratios=ratios)
-    axes = [[fig.add_subplot(grid[r, c]) for c in range(n_columns)] for r in range(n)]
+    top = _suptitle(fig, title) + _GAP
+    heads = ["image", *(titles[w][0] for w in columns)]
+    top += max(text_size(fig, t, fontsize=9)[1] for t in heads)
+    top += mpl.rcParams["axes.titlepad"] / 72.0
+    wide, tall = _captions(fig, captions)
+    bottom, right = PAD, PAD
+    if any(target is not None for target in targets):  # explain the cross: what it marks, why
+        cross = Line2D([], [], linestyle="none", **_CROSS)
+        what = f"top pixel of “{titles[columns[0]][0]}”\n(the one-pixel-attack candidate)"
+        at = (0.5, PAD / fig.get_size_inches()[1])  # the bottom centre, PAD above the edge
+        legend = fig.legend([cross], [what], loc="lower center", bbox_to_anchor=at,
+                            borderaxespad=0.0, fontsize=8, frameon=False)  # fmt: skip
+        bottom += extent(fig, legend)[1] + _GAP
+    across = _across(fig, n_columns, wide, least=0.2)
+    if columns:  # below the bars: their tick labels, then their labels
+        # The end labels of the bars stick out by half their width: neighbours keep apart.
+        ends = [[text_size(fig, f"{v:.2g}", fontsize=8)[0] / 2 for v in ticks[w]] for w in columns]
+        meet = [a[-1] + b[0] + _GAP for a, b in itertools.pairwise(ends)]
+        across = max([across, *meet])
+        right += ends[-1][-1]
+        bottom += max(text_size(fig, titles[w][1], fontsize=9)[1] for w in columns)
+        bottom += mpl.rcParams["axes.labelpad"] / 72.0 + tick_room("x")
+        bottom += text_size(fig, "0.1", fontsize=8)[1]
+    else:
+        bottom += tall
+    heights = [None] * n + ([_BAR] if columns else [])
+    spec = grid(fig, heights, n_columns, (PAD, bottom, right, top), (across, tall + _GAP))
+    axes = [[fig.add_subplot(spec[r, c]) for c in range(n_columns)] for r in range(n)]
     for r in range(n):
         _show(axes[r][0], data[r])
-        axes[r][0].set_xlabel(str(captions[r]), fontsize=7)
+        axes[r][0].set_xlabel(str(captions[r]), fontsize=_CAPTION)
     axes[0][0].set_title("image", fontsize=9)
     for c, w in enumerate(columns, start=1):
         shown = (fi[w] > 0) & np.isfinite(fi[w])
-        high = float(fi[w][shown].max()) if shown.any() else 10.0
-        # Lower FI than _OVERLAY_DECADES below the peak takes the lowest colour: peaks stand out.
-        low = max(float(fi[w][shown].min()), high * 10.0**-_OVERLAY_DECADES) if shown.any() else 1.0
-        norm = LogNorm(vmin=low, vmax=high if high > low else low * 10.0)
         for r in range(n):
             grey = data[r].mean(axis=0) if data.shape[1] == 3 else data[r, 0]
             _show(axes[r][c], grey[None])
             layer = np.ma.masked_array(np.where(shown[r], fi[w][r], 1.0), mask=~shown[r])
-            axes[r][c].imshow(layer, cmap=cmap, norm=norm, alpha=0.6, interpolation="nearest")
+            axes[r][c].imshow(layer, cmap=cmap, norm=norms[w], alpha=0.6, interpolation="nearest")
         axes[0][c].set_title(titles[w][0], fontsize=9)
         mappable = axes[n - 1][c].images[-1]
-        bar = fig.colorbar(mappable, cax=fig.add_subplot(grid[n, c]), orientation="horizontal")
+        bar = fig.colorbar(mappable, cax=fig.add_subplot(spec[n, c]), orientation="horizontal")
         bar.set_label(titles[w][1], fontsize=9)
-        # Three labelled ticks, geometrically spaced: readable for narrow and wide ranges alike.
-        bottom, top = float(norm.vmin), float(norm.vmax)  # type: ignore[arg-type]
-        bar.set_ticks([bottom, (bottom * top) ** 0.5, top], labels=None)
+        bar.set_ticks(ticks[w], labels=None)
         bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.2g"))
         bar.ax.xaxis.set_minor_formatter(NullFormatter())
         bar.ax.tick_params(labelsize=8)
-    marked = False
-    if columns:
-        smallest = fi[columns[0]]
-        for r in range(n):
-            scores = np.where(np.isfinite(smallest[r]), smallest[r], -np.inf)
-            if scores.max() <= 0:
-                continue  # no positive FI: no candidate pixel
-            row, col = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    for r, target in enumerate(targets):
+        if target is not None:
             for ax in (axes[r][0], axes[r][1]):
-                ax.plot([col], [row], **_CROSS)
-            marked = True
-    if marked:  # explain the cross: which map's top pixel, and what it is for
-        cross = Line2D([], [], linestyle="none", **_CROSS)
-        what = f"top pixel of “{titles[columns[0]][0]}”\n(the one-pixel-attack candidate)"
-        fig.legend([cross], [what], loc="outside lower center", fontsize=8, frameon=False)
-    _suptitle(fig, title)
+                ax.plot([target[1]], [target[0]], **_CROSS)
     return fig
+
+
+def _top_pixels(fi: np.ndarray) -> list[tuple[int, int] | None]:
+    """Per sample of (n, H, W) FI, the (row, column) of its largest FI; None where no FI is
+    positive (no candidate pixel)."""
+    found: list[tuple[int, int] | None] = []
+    for sample in fi:
+        scores = np.where(np.isfinite(sample), sample, -np.inf)
+        if scores.max() <= 0:
+            found.append(None)
+            continue
+        row, col = np.unravel_index(int(np.argmax(scores)), scores.shape)
+        found.append((int(row), int(col)))
+    return found
