@@ -7,10 +7,20 @@ Two models, each trained from scratch by ``trainer.fit`` with the same seed:
 - ``resnet18``: torchvision's ResNet-18 adapted to 32 × 32 inputs (3 × 3 stem, no max-pool),
   K = 10, batch 128, Adam, on random CIFAR-sized data (CIFAR10 is not available offline here;
   the cost does not depend on the pixel values);
+- ``hydra``: the same CNN and data in the lightning-hydra-template's layout (the network passed
+  to ``__init__``, ``model_step`` calling ``self.forward``, a ``validation_step`` that returns
+  nothing): the monitor runs a second forward of every validation batch, which its budget counts
+  but cannot skip;
+- ``mlp``: a model and data set the budget was never tuned on: a two-layer MLP on scikit-learn's
+  1,797 real 8 × 8 digits (1,497 train / 300 val, batch 32), many short epochs, so that the
+  per-decision costs recur often;
 - ``tiny`` (not run by default): ``lightning_sens.demos.tiny``'s classifier on its random 8 × 8
   images, 64 train / 32 val, batch 16, the model the monitor's tests train: the whole script in
   seconds (``--models tiny --repeats 1``), to check it runs; its ratios mean little, a fixed
   per-epoch cost dwarfs so small a fit.
+
+Each model trains for enough epochs that a plain ``fit`` lasts about a minute or more on a 2-core
+CPU (the budget's promise holds for runs of a minute or more; ``--epochs`` overrides).
 
 Configurations, run interleaved (plain, then each monitored one, ``--repeats`` times) so that
 the drift of a shared machine hits them alike; the whole ``fit`` is timed, first epoch included:
@@ -22,13 +32,14 @@ the drift of a shared machine hits them alike; the whole ``fit`` is timed, first
 
 Reported per model and configuration: the median wall time of ``fit``, its ratio to the plain
 median, the cost share the monitor logged for itself (``sensitivity_monitor/cost_share`` at the
-end of fit) next to the measured one (ratio − 1), and what the budget let run.
+end of fit) next to the measured one (ratio − 1) and their difference in points, the largest
+share of a part it never skips (``monitor.budget.totals``), and what the budget let run.
 
-Usage: python benchmarks/bench_callback.py [--models demo resnet18 tiny] [--repeats 3]
-       [--epochs 3] [--device cpu] [--out benchmarks/results/callback_demo_cpu.md]
+Usage: python benchmarks/bench_callback.py [--models demo resnet18 hydra mlp tiny]
+       [--repeats 3] [--epochs N] [--device cpu] [--out benchmarks/results/callback_demo_cpu.md]
 
-docs/performance.md shows ``--models demo --repeats 9 --out .../callback_demo_cpu.md`` and
-``--models resnet18 --repeats 3 --out .../callback_resnet_cpu.md``.
+docs/performance.md shows ``--models demo hydra mlp --repeats 5 --out
+.../callback_demo_cpu.md`` and ``--models resnet18 --repeats 3 --out .../callback_resnet_cpu.md``.
 """
 
 from __future__ import annotations
@@ -50,10 +61,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens import SensitivityMonitor
+from lightning_sens.callbacks.planner import FLAGS, SECOND_FORWARD, TRAIN_STEPS, VALIDATION_SCORES
 from lightning_sens.demos.data import load_images
 from lightning_sens.demos.models import SmallCNN
 from lightning_sens.demos.tiny import TinyClassifier, TinyData
 from lightning_sens.reporting import keys
+
+NEVER_SKIPPED = (SECOND_FORWARD, VALIDATION_SCORES, TRAIN_STEPS, FLAGS)
 
 K = 10
 CONFIGS: dict[str, dict[str, Any] | None] = {
@@ -87,6 +101,55 @@ class ResNet(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
+class Hydra(pl.LightningModule):
+    """The lightning-hydra-template's layout around any network: no logits returned from
+    ``validation_step``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False, ignore=["net"])
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def model_step(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.forward(x), y)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss = self.model_step(batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self.log("val/loss", self.model_step(batch), on_step=False, on_epoch=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=3e-3)
+
+
+class MLP(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, K)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
 @dataclass
 class Setting:
     name: str
@@ -95,19 +158,51 @@ class Setting:
     train: TensorDataset
     val: TensorDataset
     batch: int
+    epochs: int  # a plain fit of about a minute on a 2-core CPU
 
 
 def settings(args: argparse.Namespace) -> dict[str, Setting]:
     out = {}
-    if "demo" in args.models:
+    if "demo" in args.models or "hydra" in args.models:
         _, x, y, xv, yv = load_images("auto", Path(tempfile.gettempdir()) / "lightning_sens")
-        out["demo"] = Setting(
-            "demo",
-            f"demo CNN, Fashion-MNIST {len(y):,} train / {len(yv):,} val, batch 64",
-            lambda channels=x.shape[1]: SmallCNN(channels=channels),
-            TensorDataset(x, y),
-            TensorDataset(xv, yv),
-            64,
+        data = f"Fashion-MNIST {len(y):,} train / {len(yv):,} val, batch 64"
+        channels = x.shape[1]
+        if "demo" in args.models:
+            out["demo"] = Setting(
+                "demo",
+                f"demo CNN, {data}",
+                lambda: SmallCNN(channels=channels),
+                TensorDataset(x, y),
+                TensorDataset(xv, yv),
+                64,
+                13,
+            )
+        if "hydra" in args.models:
+            out["hydra"] = Setting(
+                "hydra",
+                f"demo CNN in the hydra template's layout (no logits from validation_step), {data}",
+                lambda: Hydra(SmallCNN(channels=channels).net),
+                TensorDataset(x, y),
+                TensorDataset(xv, yv),
+                64,
+                13,
+            )
+    if "mlp" in args.models:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+        y = torch.tensor(digits.target)
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+        x, y = x[order], y[order]
+        out["mlp"] = Setting(
+            "mlp",
+            "MLP 64-128-10 with dropout, scikit-learn digits 1,497 train / 300 val, batch 32",
+            MLP,
+            TensorDataset(x[300:], y[300:]),
+            TensorDataset(x[:300], y[:300]),
+            32,
+            150,
         )
     if "resnet18" in args.models:
         g = torch.Generator().manual_seed(0)
@@ -121,6 +216,7 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
             TensorDataset(x[:n], y[:n]),
             TensorDataset(x[n:], y[n:]),
             128,
+            4,
         )
     if "tiny" in args.models:
         tiny = TinyData()
@@ -131,6 +227,7 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
             tiny.train_set,
             tiny.val_set,
             16,
+            3,
         )
     return out
 
@@ -140,8 +237,9 @@ class Run:
     seconds: float
     cpu: float  # CPU seconds of the process, all threads: less sensitive to a busy neighbour
     logged: float = float("nan")  # the monitor's own cost share at the end of fit
-    exact: list[int] = field(default_factory=list)  # exact-probe samples per monitored epoch
+    exact: list[int] = field(default_factory=list)  # exact-probe samples per decision
     figures: int = 0  # figure sets drawn
+    never: tuple[str, float] = ("", float("nan"))  # the largest never-skipped part, its share
 
 
 def run(setting: Setting, options: dict[str, Any] | None, args: argparse.Namespace) -> Run:
@@ -151,7 +249,7 @@ def run(setting: Setting, options: dict[str, Any] | None, args: argparse.Namespa
     monitor = None if options is None else SensitivityMonitor(**options)
     with tempfile.TemporaryDirectory() as folder:
         trainer = pl.Trainer(
-            max_epochs=args.epochs,
+            max_epochs=args.epochs or setting.epochs,
             accelerator=args.device,
             devices=1,
             callbacks=[] if monitor is None else [monitor],
@@ -170,7 +268,21 @@ def run(setting: Setting, options: dict[str, Any] | None, args: argparse.Namespa
         return Run(seconds, cpu)
     every = monitor.config.exact_probe_size  # without a budget: every epoch, all of them
     exact = [int(h.get(keys.exact_probe_size(), every)) for h in monitor.history]
-    return Run(seconds, cpu, monitor.budget.cost_share, exact, monitor.figure_sets_drawn)
+    budget = monitor.budget
+    largest = max(NEVER_SKIPPED, key=lambda part: budget.totals.get(part, 0.0))
+    never = (largest, budget.share_of((largest,)))
+    return Run(seconds, cpu, budget.cost_share, exact, monitor.figure_sets_drawn, never)
+
+
+def _runs_of(values: list[int]) -> str:
+    """``[4, 0, 0, 0]`` as ``4 × 1, 0 × 3``."""
+    parts: list[list[int]] = []
+    for value in values:
+        if parts and parts[-1][0] == value:
+            parts[-1][1] += 1
+        else:
+            parts.append([value, 1])
+    return ", ".join(f"{value} × {count}" for value, count in parts)
 
 
 def main() -> None:
@@ -178,14 +290,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--models", nargs="+", choices=["demo", "resnet18", "tiny"], default=["demo", "resnet18"]
+        "--models",
+        nargs="+",
+        choices=["demo", "resnet18", "hydra", "mlp", "tiny"],
+        default=["demo", "hydra", "mlp"],
     )
     parser.add_argument("--device", default="gpu" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None, help="default: each model's own")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--resnet-train", type=int, default=512)
     parser.add_argument("--resnet-val", type=int, default=128)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["plain", "default"])
     parser.add_argument("--out", type=Path, default=None, help="also write a markdown table")
     args = parser.parse_args()
 
@@ -194,11 +309,12 @@ def main() -> None:
         f"device {args.device}"
         + (f" ({torch.cuda.get_device_name()})" if args.device == "gpu" else "")
     )
-    print(f"# bench_callback: {machine}, {args.epochs} epochs, {args.repeats} repeats")
+    print(f"# bench_callback: {machine}, {args.repeats} repeats")
     rows = [
-        "| model | configuration | fit (median) | monitored / plain | cost share logged "
-        "| measured (ratio − 1) | CPU time ratio | exact probes per epoch | figure sets |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|",
+        "| model | epochs | configuration | fit (median) | monitored / plain | cost share logged "
+        "| measured (ratio − 1) | logged − measured | largest never-skipped part | CPU time ratio "
+        "| exact probes per decision | figure sets |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---|---:|",
     ]
     for setting in settings(args).values():
         runs: dict[str, list[Run]] = {name: [] for name in args.configs}
@@ -211,25 +327,33 @@ def main() -> None:
         for name in args.configs:
             found = runs[name]
             seconds = statistics.median(r.seconds for r in found)
+            epochs = args.epochs or setting.epochs
             if name == "plain":
-                rows.append(f"| {setting.describe} | plain | {seconds:.1f} s | 1 | | | 1 | | |")
+                rows.append(
+                    f"| {setting.describe} | {epochs} | plain | {seconds:.1f} s | 1 | | | | | 1 "
+                    "| | |"
+                )
                 continue
             logged = statistics.median(r.logged for r in found)
+            measured = seconds / plain - 1
             cpu = statistics.median(r.cpu for r in found) / plain_cpu
             middle = sorted(found, key=lambda r: r.seconds)[len(found) // 2]
-            exact = ", ".join(map(str, middle.exact))
+            exact = _runs_of(middle.exact)
+            part, share = middle.never
             rows.append(
-                f"| {setting.describe} | {name} | {seconds:.1f} s | **{seconds / plain:.3f}** "
-                f"| {100 * logged:.1f} % | {100 * (seconds / plain - 1):.1f} % | {cpu:.3f} "
-                f"| {exact} "
-                f"| {middle.figures} |"
+                f"| {setting.describe} | {epochs} | {name} | {seconds:.1f} s "
+                f"| **{seconds / plain:.3f}** | {100 * logged:.1f} % | {100 * measured:.1f} % "
+                f"| {100 * (logged - measured):+.1f} | {part}, {100 * share:.1f} % | {cpu:.3f} "
+                f"| {exact} | {middle.figures} |"
             )
     header = (
-        f"Measured on {machine}; {args.epochs} epochs per run, whole `fit` timed (first epoch "
-        f"included), median of {args.repeats} interleaved repeats "
-        '(`python benchmarks/bench_callback.py --out ...`). "exact probes per epoch": samples '
-        "per split the exact engine ran on in each monitored epoch of the median run (0: "
-        'skipped by the budget); "figure sets": epochs whose figures were drawn.'
+        f"Measured on {machine}; whole `fit` timed (first epoch included), median of "
+        f"{args.repeats} interleaved repeats (`python benchmarks/bench_callback.py --out ...`). "
+        '"logged − measured": points between the share the monitor logged and the measured one; '
+        '"largest never-skipped part": its share of the rest of training in the median run; '
+        '"exact probes per decision": samples per split the exact engine ran on at each '
+        "decision of the median run (0: skipped by the budget; `4 × 1, 0 × 12`: 4 at one "
+        'decision, then 0 at twelve); "figure sets": decisions whose figures were drawn.'
     )
     text = "\n".join([header, "", *rows]) + "\n"
     print(text)

@@ -69,7 +69,7 @@ class MonitorConfig:
             are always written. It logs ``sensitivity_monitor/cost_share`` and says in one line
             per part when it scaled one down. Applies during ``fit`` only (validate and
             post-hoc evaluation run everything). None: the fixed schedule above, every part
-            every monitored epoch (docs/performance.md, "The monitor during training
+            every decision (docs/performance.md, "The monitor during training
             (`benchmarks/bench_callback.py`)").
         strict: raise errors from monitoring instead of warning and skipping the epoch.
         seed: seed of the probe selection.

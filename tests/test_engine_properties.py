@@ -264,7 +264,7 @@ PURE = (  # everything below the callbacks and the command line: no Lightning, n
         f"lightning_sens.reporting.{name}"
         for name in (
             "keys", "writers", "summary", "stats", "tables", "figures", "images", "sequences",
-            "html", "canvas", "pictures", "html_cells", "html_flags", "paths",
+            "html", "canvas", "pictures", "html_cells", "html_flags", "paths", "layout",
         )
     ),
 )  # fmt: skip

@@ -104,6 +104,7 @@ def _flag_table(path: Path, flagged: dict[str, int], scored: dict[str, int]) -> 
                     "sample": 1000 * list(scored).index(split) + i,
                     "split": split,
                     "epoch": 2,
+                    "step": 564,
                     "label": label,
                     "prediction": (label + (i % 3)) % 10,
                     "p_label": p,
@@ -152,7 +153,7 @@ def _report(
     scan: bool = False,
     **kwargs: object,
 ) -> tuple[Path, list[dict[str, float]]]:
-    table = _flag_table(tmp_path / "sensitivity" / "flags_epoch0002.csv", flagged, scored)
+    table = _flag_table(tmp_path / "sensitivity" / "flags_epoch0002_step0000564.csv", flagged, scored)
     history = _history(flagged, scan)
     checkpoints = [(f"epoch {e}", e, 1234 * (e + 1)) for e in range(3)]
     config = {"flag_rule": "counterfactual", "persistence": 5, "budget": 0.05, "windows": [1, 3]}
@@ -318,11 +319,11 @@ def test_failing_thumbnails_still_write_the_report(
 
 
 def test_sortable_table_is_self_contained(tmp_path: Path) -> None:
-    figure = tmp_path / "figures" / "manhattan_val_epoch0002.png"
+    figure = tmp_path / "figures" / "manhattan_val_epoch0002_step0000564.png"
     figure.parent.mkdir(parents=True)
     figure.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     path, _ = _report(tmp_path, _FLAGGED, _SCORED)
-    table = _flag_table(tmp_path / "sensitivity" / "flags_epoch0002.csv", _FLAGGED, _SCORED)
+    table = _flag_table(tmp_path / "sensitivity" / "flags_epoch0002_step0000564.csv", _FLAGGED, _SCORED)
     write_report(path, "t", [("e", 2, 3)], _history(_FLAGGED)[-1:], [figure], table, {})
     root = _parse(path)
     scripts = root.all("script")
@@ -350,7 +351,7 @@ def test_the_table_link_survives_a_moved_folder_and_why_rows_are_flagged(tmp_pat
     folder and renames it); the flagged rows carry the evidence and p_bad the rule used."""
     path, _ = _report(tmp_path, _FLAGGED, _SCORED)
     text = path.read_text()
-    assert f"Every scored sample: {Path('sensitivity', 'flags_epoch0002.csv')}" in text
+    assert f"Every scored sample: {Path('sensitivity', 'flags_epoch0002_step0000564.csv')}" in text
     assert str(tmp_path) not in text
     heads, rows = _table(_parse(path), id="flagged")
     assert {"evidence", "p_bad"} <= set(heads)

@@ -1,4 +1,4 @@
-"""One monitored epoch on rank zero, step by step: score (the probes and the scan add to the
+"""One decision on rank zero, step by step: score (the probes and the scan add to the
 gathered scores), probe (the exact engine and the damage), flag (the tracker's ``compute``),
 write (scalars, histograms, tables) and draw (figures on a background thread)."""
 
@@ -27,7 +27,7 @@ __all__ = ["EpochRunner"]
 
 
 class EpochRunner:
-    """The monitor's work on a monitored epoch, and the time budget it is done within.
+    """The monitor's work at a decision, and the time budget it is done within.
 
     Attributes:
         budget, planner: what the monitor spent; how much of each optional part fits now.

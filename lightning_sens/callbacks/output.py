@@ -1,4 +1,4 @@
-"""What a monitored epoch writes, on rank zero: scalars and histograms to the loggers, the flag
+"""What a decision writes, on rank zero: scalars and histograms to the loggers, the flag
 and layer tables as files, and the figures, drawn on a background thread."""
 
 from __future__ import annotations

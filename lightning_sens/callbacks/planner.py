@@ -53,9 +53,10 @@ _FIXES = {
 # Until a part has run once, the budget assumes: the exact engine costs this many forward passes
 # per probe sample and split (one forward, K − 1 backward products, the Grams, in chunks smaller
 # than the validation batches: about 10 K on a small CNN), and a figure this many seconds of CPU
-# time (matplotlib, on the CPU of the training machine).
+# time (matplotlib with fixed layouts, on the CPU of the training machine: about 0.13 s on two
+# cores of a shared AMD EPYC, docs/performance.md).
 EXACT_FORWARDS_PER_CLASS = 10.0
-SECONDS_PER_FIGURE = 0.25
+SECONDS_PER_FIGURE = 0.15
 MIN_EXACT = 4  # fewer exact-probe samples per split than this are not worth an engine call
 _SECONDS_PER_ROW = 1e-5  # flags and tables, per scored sample, until measured
 # The first look (the exact probes and the figures once, at the first decision) may spend the

@@ -1,4 +1,4 @@
-"""The model-running parts of a monitored epoch, on rank zero: the training probe, the exact
+"""The model-running parts of a decision, on rank zero: the training probe, the exact
 engine on the probes, the training-set scan and the per-layer damage, each as far as the time
 budget allows (:class:`~lightning_sens.callbacks.planner.Planner`) and each left out alone
 when it fails (:class:`~lightning_sens.callbacks.policy.Failures`)."""

@@ -76,7 +76,7 @@ def flag_count(split: str) -> str:
 
 
 def persistent_count(split: str) -> str:
-    """Samples flagged in more than half of the last ``persistence`` monitored epochs."""
+    """Samples flagged in more than half of the last ``persistence`` decisions."""
     return f"{HEADLINE}/{split}/persistent"
 
 

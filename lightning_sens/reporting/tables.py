@@ -69,7 +69,7 @@ COLUMNS = tuple(f.name for f in fields(FlagRow))
 
 @dataclass(frozen=True)
 class LayerRow:
-    """One layer on one exact probe in one monitored epoch (docs/damage.md, "What the metric
+    """One layer on one exact probe at one decision (docs/damage.md, "What the metric
     predicts"; docs/method.md, "Families computed").
 
     Attributes:

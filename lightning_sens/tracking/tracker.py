@@ -54,7 +54,7 @@ class Probes:
 
 @dataclass
 class EpochReport:
-    """One monitored epoch, computed.
+    """One decision (docs/monitor.md, "When it decides"), computed.
 
     Attributes:
         epoch, step: where it is logged.
@@ -82,8 +82,8 @@ class EpochReport:
 
 
 class SensitivityTracker:
-    """Per-epoch scores, flags and the state that lasts across epochs (docs/monitor.md, "What
-    it does every monitored epoch").
+    """Per-decision scores, flags and the state that lasts across decisions (docs/monitor.md,
+    "What it does at each decision").
 
     Attributes:
         config: the monitor's options.
@@ -162,7 +162,7 @@ class SensitivityTracker:
         use_evidence: bool,
         extra: dict[str, float] | None = None,
     ) -> EpochReport:
-        """Metrics, flags and tables of one monitored epoch; its metrics join the history.
+        """Metrics, flags and tables of one decision; its metrics join the history.
 
         ``use_evidence``: flag the training split by the evidence of every training step so far
         (when the training steps are scored) instead of this epoch's scores. ``extra``: more
@@ -261,7 +261,7 @@ class SensitivityTracker:
         return self.probes[split]
 
     def scan_due(self) -> bool:
-        """Whether this monitored epoch scans the training set (``scan_every_n_epochs``)."""
+        """Whether this decision scans the training set (``scan_every_n_epochs``)."""
         done = len(self.flags.monitored.get("train", []))
         return self.config.scan_train_set and done % self.config.scan_every_n_epochs == 0
 
