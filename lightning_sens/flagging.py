@@ -9,7 +9,9 @@ mislabelled samples). Three rules, chosen by the user:
   docs/flags.md, "Benchmark"). Every flag carries ``p_bad``, the estimated share of wrong labels
   among the samples of its class scoring at least as high. It stays quiet on clean data and does
   not break down when 10–40 % of the labels are wrong, where the bad labels are no longer a few
-  outliers.
+  outliers. A class the model does not separate from the others (a model at chance) is
+  undecided: it flags nothing there and says so (docs/flags.md, "When the rule declines to
+  decide").
 - ``"mad"``: a sample is flagged when its robust z-score
   z = (log FI − median) / (1.4826 · MAD) exceeds ``threshold`` (3.5 by default, the cut-off
   Iglewicz and Hoaglin recommend for modified z-scores). Median and MAD ignore the flagged tail
@@ -85,8 +87,14 @@ class FlagDecision:
         p_bad: ``(N,)`` for "counterfactual": the estimated share of wrong labels among the
             samples of the same class scoring at least as high (NaN where the rule does not say).
         estimated: for the counterfactual rules: the estimated number of wrong labels per class
-            (−1 where the model does not separate the class from the others yet); else None.
+            (−1 where the rule is undecided); else None.
         per_cell: the same per class and cell (:class:`~lightning_sens.label_noise.NoiseEstimate`).
+        undecided: for the counterfactual rules: bool ``(K,)``, the classes the rule cannot
+            decide because the model does not separate them from the others (at the 1 % level)
+            or half or more of their labels would be wrong: none of their samples is flagged
+            and their ``p_bad`` is NaN (docs/flags.md, "When the rule declines to decide");
+            else None.
+        undecided_cells: the same per class and cell (``(K, C)``; cells without samples False).
     """
 
     flagged: Tensor
@@ -95,6 +103,8 @@ class FlagDecision:
     p_bad: Tensor
     estimated: Tensor | None = None
     per_cell: Tensor | None = None
+    undecided: Tensor | None = None
+    undecided_cells: Tensor | None = None
 
     def take(self, index: Tensor) -> FlagDecision:
         """The decision of a subset of the samples (the counts stay per class)."""
@@ -105,12 +115,22 @@ class FlagDecision:
             self.p_bad[index],
             self.estimated,
             self.per_cell,
+            self.undecided,
+            self.undecided_cells,
         )
 
     @property
+    def undecided_classes(self) -> list[int]:
+        """The classes the rule could not decide (empty for the rules that decide every
+        sample: "mad", "top_k")."""
+        if self.undecided is None:
+            return []
+        return [int(k) for k in torch.nonzero(self.undecided).flatten()]
+
+    @property
     def estimated_share(self) -> float:
-        """The estimated share of wrong labels (classes not yet separated left out); NaN
-        for the rules that do not estimate it."""
+        """The estimated share of wrong labels (undecided classes left out); NaN for the rules
+        that do not estimate it."""
         if self.estimated is None or self.flagged.numel() == 0:
             return float("nan")
         return float(self.estimated.clamp(min=0).sum()) / self.flagged.numel()
@@ -133,7 +153,8 @@ def flag(
     and the ``labels``; ``at_least`` are counts of wrong labels per class and cell estimated
     earlier in training (:func:`~lightning_sens.label_noise.estimate_noise`).
     ``"counterfactual_pairs"`` compares each class with every other class separately (it finds
-    wrong labels between similar classes, and flags samples the model finds ambiguous).
+    wrong labels between similar classes, and flags samples the model finds ambiguous). Both
+    decline to decide a class the model does not separate (``FlagDecision.undecided``).
     """
     scores = log_fi.detach().to(torch.float64).flatten().cpu()
     n = scores.numel()
@@ -151,7 +172,14 @@ def flag(
         pairs = rule == "counterfactual_pairs"
         found = estimate_noise(label_scores, labels, at_least, pairs)
         return FlagDecision(
-            found.flagged, found.cutoff, rule, found.p_bad, found.estimated, found.per_cell
+            found.flagged,
+            found.cutoff,
+            rule,
+            found.p_bad,
+            found.estimated,
+            found.per_cell,
+            found.undecided,
+            found.undecided_cells,
         )
     if rule == "top_k":
         k = min(top_k, n)

@@ -1,6 +1,6 @@
 """How many labels are wrong, and which: evidence from every label's FI, accumulated over training.
 
-Pure torch, no Lightning. Three pieces (the rule and its benchmark: docs/flags.md, "The rule:
+Pure torch, no Lightning. Four pieces (the rule and its benchmark: docs/flags.md, "The rule:
 what a wrong label looks like to this model" and "Benchmark"):
 
 - :func:`label_log_fi`: the closed form log FI = log((1 − p_k) / p_k) of the whole input for
@@ -16,20 +16,37 @@ what a wrong label looks like to this model" and "Benchmark"):
   wrong label, so almost nothing is flagged; no threshold is tuned. With ``pairs``, each class
   is compared with every other class separately: it finds wrong labels between classes the
   model confuses, and also flags samples it finds ambiguous between them.
+- :func:`separation_p_value`: whether the model separates a class from its reference at all (a
+  one-sided rank test at :data:`SIGNIFICANCE`). A class it does not separate, or whose estimate
+  reaches half its samples, is *undecided*: nothing in it is flagged (docs/flags.md, "When the
+  rule declines to decide").
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["MAX_ENTRIES", "LabelEvidence", "NoiseEstimate", "estimate_noise", "label_log_fi"]
+__all__ = [
+    "MAX_ENTRIES",
+    "SIGNIFICANCE",
+    "LabelEvidence",
+    "NoiseEstimate",
+    "estimate_noise",
+    "label_log_fi",
+    "separation_p_value",
+]
 
 MAX_ENTRIES = 2**25
 """The most samples × classes the evidence keeps (float64: 256 MiB), e.g. 50,000 × 100 CIFAR-100
 or 300,000 × 100; beyond it the monitor says so and does not keep training-set evidence."""
+
+SIGNIFICANCE = 0.01
+"""The level of the one-sided test that the model separates a class (or cell) from its
+reference (:func:`separation_p_value`); a class it does not reject is undecided."""
 
 
 def label_log_fi(logits: Tensor) -> Tensor:
@@ -115,12 +132,16 @@ class NoiseEstimate:
         flagged: bool ``(N,)``.
         p_bad: ``(N,)`` the estimated share of wrong labels among the samples of the same class
             (and cell) that score at least as high: 1 − the q-value of flagging down to this
-            sample. NaN in a class the model does not yet separate.
-        estimated: ``(K,)`` estimated number of wrong labels per class (−1: not separated).
-        per_cell: ``(K, C)`` the same per class and cell: C = 1, or C = K with ``pairs`` (cell
-            ``[i, j]``: labelled i, most likely other class j).
+            sample. NaN where the rule is undecided.
+        estimated: ``(K,)`` estimated number of wrong labels per class (−1: undecided).
+        per_cell: ``(K, C)`` the number flagged per class and cell: C = 1, or C = K with
+            ``pairs`` (cell ``[i, j]``: labelled i, most likely other class j); 0 where undecided.
         cutoff: ``(N,)`` the median of each sample's reference: log FI above it looks like a
-            wrong label.
+            wrong label (+inf where the rule is undecided).
+        undecided: bool ``(K,)``: classes the rule cannot decide (:func:`separation_p_value`):
+            none of their samples is flagged. A class without samples is not undecided.
+        undecided_cells: bool ``(K, C)``: the same per cell that holds samples; with ``pairs``
+            a class can be decided in some cells and not in others.
     """
 
     flagged: Tensor
@@ -128,12 +149,49 @@ class NoiseEstimate:
     estimated: Tensor
     per_cell: Tensor
     cutoff: Tensor
+    undecided: Tensor
+    undecided_cells: Tensor
 
     @property
-    def unseparated(self) -> list[int]:
-        """Classes whose estimate would exceed half their samples: the model cannot tell them
-        apart from other classes yet, so none of their samples is flagged."""
-        return [int(k) for k in torch.nonzero(self.estimated < 0).flatten()]
+    def undecided_classes(self) -> list[int]:
+        """The classes the rule cannot decide: the model does not separate them from the
+        others (or half or more of their labels would be wrong), so none is flagged."""
+        return [int(k) for k in torch.nonzero(self.undecided).flatten()]
+
+
+def separation_p_value(own: Tensor, reference: Tensor) -> float:
+    """One-sided Mann–Whitney p-value against "``own`` scores lie below ``reference``".
+
+    The null hypothesis is that the two are exchangeable, as they are when the model's scores
+    carry no information about the labels: a small p-value says that the model separates the
+    samples of ``own`` from the reference. Normal approximation of the U statistic (pairs in
+    which the own score is the lower, ties counting half) with tie and continuity corrections;
+    at 1 % it never rejects where the exact test would not, for every size up to 25 × 25
+    without ties (docs/flags.md, "When the rule declines to decide"). 1 when either side is
+    empty or every score ties.
+
+    Example:
+        >>> round(separation_p_value(torch.arange(6.0), torch.arange(6.0) + 10), 4)
+        0.0025
+        >>> separation_p_value(torch.arange(6.0) + 10, torch.arange(6.0)) > 0.99  # above it
+        True
+    """
+    a = own.detach().to(torch.float64).flatten().cpu()
+    r = reference.detach().to(torch.float64).flatten().cpu().sort().values
+    n, m = a.numel(), r.numel()
+    if n == 0 or m == 0:
+        return 1.0
+    right = torch.searchsorted(r, a, side="right")
+    tied = right - torch.searchsorted(r, a, side="left")
+    below = float((m - right).sum()) + 0.5 * float(tied.sum())  # pairs with own < reference
+    counts = torch.unique(torch.cat([a, r]), return_counts=True)[1].to(torch.float64)
+    total = n + m
+    ties = float((counts**3 - counts).sum()) / (total * (total - 1))
+    variance = n * m / 12 * (total + 1 - ties)
+    if variance <= 0:
+        return 1.0
+    z = (below - n * m / 2 - 0.5) / math.sqrt(variance)
+    return float(torch.special.ndtr(torch.tensor(-z, dtype=torch.float64)))
 
 
 def estimate_noise(
@@ -141,19 +199,27 @@ def estimate_noise(
 ) -> NoiseEstimate:
     """The counterfactual-label rule on per-sample log FI under every label (module docstring).
 
+    A class (with ``pairs``: a cell) is decided only when the model separates it: its samples'
+    log FI under their label lies below the reference's at the :data:`SIGNIFICANCE` level
+    (:func:`separation_p_value`), and its estimate is below half its samples. An undecided
+    class flags nothing and its ``p_bad`` is NaN (docs/flags.md, "When the rule declines to
+    decide").
+
     Args:
         scores: ``(N, K)`` log FI of every label (one epoch's :func:`label_log_fi`, or the
             :attr:`LabelEvidence.mean` over training).
         labels: ``(N,)`` the given labels.
         at_least: ``(K, C)`` (or ``(K,)`` when C = 1) counts estimated earlier in training (e.g.
             the largest per-epoch estimate so far): memorisation lowers the estimate as training
-            goes on, so the flagged count of a cell is the larger of the two.
+            goes on, so the flagged count of a decided cell is the larger of the two. It never
+            decides a class: an undecided class stays unflagged whatever it holds.
         pairs: split each class i into cells by the sample's most likely other class j, and
             compare cell (i, j) with the samples labelled j only. This finds wrong labels between
             classes the model confuses (class-conditional noise), which the pooled reference of
             all other classes misses; it also flags samples that the model itself finds
             ambiguous between such classes, also when every label is right (docs/flags.md,
-            "The rule: what a wrong label looks like to this model").
+            "The rule: what a wrong label looks like to this model"). Cell (i, j) is decided
+            when the samples labelled i are separated from those labelled j under label i.
     """
     x = scores.detach().to(torch.float64).cpu()
     y = labels.detach().long().cpu()
@@ -168,31 +234,49 @@ def estimate_noise(
     estimated = torch.zeros(num_classes, dtype=torch.long)
     per_cell = torch.zeros(num_classes, width, dtype=torch.long)
     cutoff = torch.full((n,), float("inf"), dtype=torch.float64)
+    undecided = torch.zeros(num_classes, dtype=torch.bool)
+    undecided_cells = torch.zeros(num_classes, width, dtype=torch.bool)
     members_of = [torch.nonzero(y == k).flatten() for k in range(num_classes)]
     for k in range(num_classes):
         mine = members_of[k]
+        if mine.numel() == 0:
+            continue
+        rest = x[y != k, k].sort().values  # what a wrong label k looks like to this model
         if pairs:  # only the cells that hold samples: K² cells, mostly empty when K is large
             sources = alternative[mine]
             cells = [
                 (j, mine[sources == j], x[members_of[j], k]) for j in sources.unique().tolist()
             ]
         else:
-            cells = [(0, mine, x[y != k, k])]
+            cells = [(0, mine, rest)]
+        # the class against all others first; with pairs, then each cell against its class j
+        whole = separation_p_value(own[mine], rest) <= SIGNIFICANCE
         found = []
+        current = flagging = 0  # the estimate of these scores; with the counts kept earlier
         for cell, members, reference in cells:
-            if members.numel() == 0 or reference.numel() == 0:
-                continue
             reference = reference.sort().values
+            separated = whole and (
+                not pairs or separation_p_value(own[mine], reference) <= SIGNIFICANCE
+            )
+            undecided_cells[k, cell] = not separated
+            if reference.numel() == 0:
+                continue
             median = reference[(reference.numel() - 1) // 2]
             count = min(2 * int((own[members] > median).sum()), members.numel())
-            if floor is not None:
+            current += count
+            if separated and floor is not None:
                 count = min(max(count, int(floor[k, cell])), members.numel())
-            found.append((cell, members, reference, median, count))
-        total = sum(f[-1] for f in found)
-        if total > mine.numel() // 2:  # more than half "wrong": the classes are not separated
+            flagging += count
+            if separated:
+                found.append((cell, members, reference, median, count))
+        # the premise is that fewer than half the labels are wrong (an estimate of half is
+        # what a small class at chance gives); the counts kept earlier flag at most half
+        if not found or 2 * current >= mine.numel() or 2 * flagging > mine.numel():
+            undecided[k] = True
+            undecided_cells[k, [cell for cell, _, _ in cells]] = True
             estimated[k] = -1
             continue
-        estimated[k] = total
+        estimated[k] = sum(f[-1] for f in found)
         for cell, members, reference, median, count in found:
             per_cell[k, cell] = count
             cutoff[members] = median
@@ -203,4 +287,4 @@ def estimate_noise(
             ahead = torch.arange(1, order.numel() + 1, dtype=torch.float64)
             share = (count * survival.to(torch.float64) / ahead).clamp(max=1.0)
             p_bad[order] = share.flip(0).cummax(0).values.flip(0)  # never rises as scores fall
-    return NoiseEstimate(flagged, p_bad, estimated, per_cell, cutoff)
+    return NoiseEstimate(flagged, p_bad, estimated, per_cell, cutoff, undecided, undecided_cells)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lightning_sens.flagging import FlagHistory, flag, robust_z
+from lightning_sens.label_noise import label_log_fi
 from lightning_sens.reporting.stats import log_fi_summary
 from lightning_sens.reporting.tables import COLUMNS, FlagRow, write_table
 
@@ -50,6 +51,54 @@ def test_top_k_rule() -> None:
     rules = "'counterfactual', 'counterfactual_pairs', 'mad', 'top_k'"
     with pytest.raises(ValueError, match=rules):
         flag(scores, "zscore")  # type: ignore[arg-type]
+
+
+def test_a_class_the_model_does_not_separate_is_undecided_not_flagged() -> None:
+    """Two classes of 12 validation samples. Class 0 scores 3 of its samples above the median
+    of what a wrong label 0 looks like: an estimate of 6 wrong labels, exactly half the class,
+    which the rule as it was accepted (it flagged 6 correct labels with p_bad 1). The model does
+    not separate the class (p ≈ 0.2): the decision flags none, and says which classes it could
+    not decide; a subset keeps that."""
+    reference = torch.arange(1.0, 13.0, dtype=torch.float64)  # class 1 under label 0
+    own = torch.tensor([0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 5.6, 5.7, 5.8, 7.5, 9.5, 11.5])
+    under_0 = torch.cat([own.double(), reference])
+    scores = torch.stack([under_0, -under_0], dim=1)  # log FI under labels 0 and 1
+    labels = torch.arange(2).repeat_interleave(12)
+    cells = {
+        "counterfactual": [[True], [True]],
+        "counterfactual_pairs": [[False, True], [True, False]],
+    }
+    for rule, undecided_cells in cells.items():  # with pairs, the cell (k, k) holds no sample
+        decision = flag(under_0, rule, label_scores=scores, labels=labels)  # type: ignore[arg-type]
+        assert not decision.flagged.any()
+        assert decision.p_bad.isnan().all()
+        assert decision.undecided is not None
+        assert decision.undecided.tolist() == [True, True]
+        assert decision.undecided_classes == [0, 1]
+        assert decision.estimated is not None
+        assert decision.estimated.tolist() == [-1, -1]
+        assert decision.estimated_share == 0.0
+        part = decision.take(torch.tensor([3, 20]))
+        assert part.undecided_classes == [0, 1]
+        assert part.undecided_cells is not None
+        assert part.undecided_cells.tolist() == undecided_cells
+
+
+def test_a_separated_class_is_decided_and_the_other_rules_decide_everything() -> None:
+    g = torch.Generator().manual_seed(1)
+    labels = torch.arange(3).repeat_interleave(20)
+    logits = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    logits[torch.arange(60), labels] += 6.0  # the model knows every class
+    scores = label_log_fi(logits)
+    own = scores[torch.arange(60), labels]
+    decision = flag(own, label_scores=scores, labels=labels)
+    assert decision.undecided is not None
+    assert decision.undecided_classes == []
+    assert not decision.flagged.any()  # every label right: nothing to flag
+    for rule in ("mad", "top_k"):
+        other = flag(own, rule)  # type: ignore[arg-type]
+        assert other.undecided is None
+        assert other.undecided_classes == []
 
 
 def test_persistence_counts_the_last_n_monitored_epochs() -> None:

@@ -64,6 +64,29 @@ def test_tracker_scores_flags_and_resets_an_epoch() -> None:
     assert len(tracker.history) == 1
 
 
+def test_the_epoch_reports_the_classes_the_rule_could_not_decide() -> None:
+    """An untrained network's uniform logits: the "counterfactual" rule decides no class, logs
+    their number, flags nothing and leaves p_bad NaN in the table; once the model separates
+    the classes, none is undecided. The rules that decide every sample log no such count."""
+    labels = torch.arange(16) % K
+    separated = _logits(16, 2)
+    separated[torch.arange(16), labels] += 8.0
+    for logits, undecided in ((torch.zeros(16, K, dtype=torch.float64), K), (separated, 0)):
+        tracker = SensitivityTracker(MonitorConfig(flag_rule="counterfactual"))
+        tracker.update(torch.arange(16), labels, logits)
+        report = tracker.compute(1, 10, tracker.gather(), Probes(), use_evidence=False)
+        assert report.metrics[keys.undecided_classes("val")] == float(undecided)
+        assert report.decisions["val"].undecided_classes == list(range(undecided))
+        assert tracker.history[-1][keys.undecided_classes("val")] == float(undecided)
+        p_bad = torch.tensor(report.flags["p_bad"])
+        assert p_bad.isnan().all() if undecided else not p_bad.isnan().any()
+        assert report.metrics[keys.flag_count("val")] == 0.0
+    tracker = SensitivityTracker(MonitorConfig(flag_rule="mad"))
+    tracker.update(torch.arange(16), labels, separated)
+    report = tracker.compute(1, 10, tracker.gather(), Probes(), use_evidence=False)
+    assert keys.undecided_classes("val") not in report.metrics
+
+
 def test_a_probe_is_drawn_once_and_again_when_its_size_changes() -> None:
     tracker = SensitivityTracker(MonitorConfig(seed=3))
     first = tracker.probe("val", 50, 8)

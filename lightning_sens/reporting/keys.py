@@ -48,6 +48,7 @@ __all__ = [
     "map_relative",
     "persistent_count",
     "route",
+    "undecided_classes",
     "unroute",
 ]
 
@@ -83,6 +84,13 @@ def persistent_count(split: str) -> str:
 def estimated_wrong(split: str) -> str:
     """The share of the split's labels the "counterfactual" rule estimates to be wrong."""
     return f"{HEADLINE}/{split}/estimated_wrong"
+
+
+def undecided_classes(split: str) -> str:
+    """Classes the "counterfactual" rules could not decide at this decision: the model does
+    not separate them from the others yet, so none of their samples is flagged (docs/flags.md,
+    "When the rule declines to decide")."""
+    return f"{HEADLINE}/{split}/undecided_classes"
 
 
 def loss(split: str) -> str:

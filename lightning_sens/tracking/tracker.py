@@ -206,6 +206,8 @@ class SensitivityTracker:
             )
             if decision.estimated is not None:
                 metrics[keys.estimated_wrong(split)] = decision.estimated_share
+            if decision.undecided is not None:
+                metrics[keys.undecided_classes(split)] = float(decision.undecided.sum())
         metrics.update(extra or {})
         self.history.append({"epoch": epoch, "step": step, **metrics})
         histograms = {split: (s.log_fi_true, s.log_fi_pred) for split, s in scores.items()}
