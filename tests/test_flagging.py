@@ -126,7 +126,24 @@ def test_summary_statistics() -> None:
 
 def test_flag_table_is_written_atomically_and_reads_back(tmp_path: Path) -> None:
     row = FlagRow(
-        3, "val", 2, 1, 0, 0.25, 3.0, math.log(3.0), 1.0, 9, 0.5, 4, True, 0.75, 2, "mad>3.5", 1.5
+        3,
+        "val",
+        2,
+        64,
+        1,
+        0,
+        0.25,
+        3.0,
+        math.log(3.0),
+        1.0,
+        9,
+        0.5,
+        4,
+        True,
+        0.75,
+        2,
+        "mad>3.5",
+        1.5,
     )
     path = tmp_path / "sensitivity" / "flags.csv"
     written = write_table([row, row], path)

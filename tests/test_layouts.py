@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import logging
 import os
 import pickle
 import warnings
@@ -26,7 +27,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens import SensitivityMonitor
 from lightning_sens.callbacks import MonitorSetupError
@@ -362,3 +363,24 @@ def test_a_module_without_forward_is_refused_with_the_fix(tmp_path: Path) -> Non
     assert "NoForward has no forward()" in message
     assert "def forward(self, x): return self.net(x)" in message
     assert "forward_fn=lambda module, x: module.net(x)" in message
+
+
+def test_a_model_at_chance_flags_nothing_and_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A binary fine-tuning run that learns nothing (labels independent of the images, 24
+    validation samples): no validation sample is flagged (the rule as it was flagged 6 of the
+    24 at every epoch, correct labels all), the undecided classes are counted, and one line
+    says why."""
+    g = torch.Generator().manual_seed(10)  # one where the rule as it was flagged 6 of 24
+    x = torch.randn(64 + 24, 1, 8, 8, generator=g)
+    y = torch.randint(0, 2, (64 + 24,), generator=g).float().unsqueeze(1)
+    train = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=16, shuffle=True)
+    val = DataLoader(TensorDataset(x[64:], y[64:]), batch_size=24)
+    with caplog.at_level(logging.INFO):
+        run = _fit(tmp_path, layouts.Binary, (train, val))
+    assert run.monitor is not None
+    for row in run.monitor.history:
+        assert row[keys.flag_count("val")] == 0, row
+        assert row[keys.undecided_classes("val")] == 2, row
+    assert "flags no val sample of the classes 0, 1" in caplog.text

@@ -153,7 +153,9 @@ def _report(
     scan: bool = False,
     **kwargs: object,
 ) -> tuple[Path, list[dict[str, float]]]:
-    table = _flag_table(tmp_path / "sensitivity" / "flags_epoch0002_step0000564.csv", flagged, scored)
+    table = _flag_table(
+        tmp_path / "sensitivity" / "flags_epoch0002_step0000564.csv", flagged, scored
+    )
     history = _history(flagged, scan)
     checkpoints = [(f"epoch {e}", e, 1234 * (e + 1)) for e in range(3)]
     config = {"flag_rule": "counterfactual", "persistence": 5, "budget": 0.05, "windows": [1, 3]}
@@ -323,7 +325,9 @@ def test_sortable_table_is_self_contained(tmp_path: Path) -> None:
     figure.parent.mkdir(parents=True)
     figure.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     path, _ = _report(tmp_path, _FLAGGED, _SCORED)
-    table = _flag_table(tmp_path / "sensitivity" / "flags_epoch0002_step0000564.csv", _FLAGGED, _SCORED)
+    table = _flag_table(
+        tmp_path / "sensitivity" / "flags_epoch0002_step0000564.csv", _FLAGGED, _SCORED
+    )
     write_report(path, "t", [("e", 2, 3)], _history(_FLAGGED)[-1:], [figure], table, {})
     root = _parse(path)
     scripts = root.all("script")

@@ -21,7 +21,7 @@ from lightning_sens.config import MonitorConfig
 from lightning_sens.reporting import keys
 from lightning_sens.reporting.images import Describe
 from lightning_sens.reporting.summary import SplitScores
-from lightning_sens.tracking import Probes, SensitivityTracker
+from lightning_sens.tracking import EpochReport, Probes, SensitivityTracker
 
 __all__ = ["EpochRunner"]
 
@@ -99,6 +99,7 @@ class EpochRunner:
             )
             self.output.write(trainer.loggers, report, log_dir)
         self.planner.over(epoch)
+        self._undecided(report, self._names(class_names))
         with self.failures.part("the figures"):
             self.output.figures(
                 report,
@@ -108,6 +109,23 @@ class EpochRunner:
                 self._names(class_names),
                 log_dir,
             )
+
+    def _undecided(self, report: EpochReport, names: tuple[str, ...] | None) -> None:
+        """Once per run and split: the classes whose labels the flag rule could not judge, and
+        why (docs/flags.md, "When the rule declines to decide")."""
+        for split, decision in report.decisions.items():
+            undecided = decision.undecided_classes
+            if undecided:
+                shown = [names[k] if names else str(k) for k in undecided[:10]]
+                more = f" and {len(undecided) - 10} more" if len(undecided) > 10 else ""
+                self.failures.info_once(
+                    f"undecided:{split}",
+                    f"SensitivityMonitor flags no {split} sample of the classes "
+                    f"{', '.join(shown)}{more} at epoch {report.epoch}: the model does not "
+                    "separate them from the other classes yet, so their scores say nothing "
+                    f"about their labels ({keys.undecided_classes(split)} counts such classes "
+                    "at every decision).",
+                )
 
     def _cost(self, probes: Probes) -> dict[str, float]:
         """The monitor's cost share so far and the exact probes' size this epoch."""
