@@ -19,7 +19,7 @@ from torch import nn
 from lightning_sens import default_rtol, reference, sensitivity
 from lightning_sens.core.capture import unwrap_compiled
 from tests.checks import RTOL, assert_close, assert_equal
-from tests.zoo import ZOO, ZooCase, build
+from tests.zoo import CLASSES, ZOO, ZooCase, build
 
 
 def _float64(model: nn.Module, inputs: Any, case: ZooCase) -> tuple[nn.Module, Any]:
@@ -43,11 +43,18 @@ def _one_layer_per_kind(model: nn.Module, layers: dict[str, Any]) -> list[str]:
     return list(kinds.values())
 
 
+# (batch, classes): the zoo's sizes, and a batch of K − 1 samples, where the sample and cotangent
+# dimensions of the Jacobian route's vmap have the same size (tests/test_vmap_sizes.py)
+SIZES = {"K=5": (2, CLASSES), "batch=K-1": (2, 3)}
+
+
+@pytest.mark.parametrize("sizes", list(SIZES.values()), ids=list(SIZES))
 @pytest.mark.parametrize("case", ZOO, ids=[c.name for c in ZOO])
-def test_zoo_matches_reference(case: ZooCase) -> None:
+def test_zoo_matches_reference(case: ZooCase, sizes: tuple[int, int]) -> None:
     if case.requires:
         pytest.importorskip(case.requires)
-    model, x, labels = build(case)
+    batch, classes = sizes
+    model, x, labels = build(case, batch, classes=classes)
     got = sensitivity(model, x, labels, windows=case.windows)
     ref_model, ref_x = _float64(model, x, case)
     # A low-precision model is computed in float32 (the same rank rule; FI to float32 accuracy).

@@ -209,6 +209,23 @@ def layernorm2d_square(classes: int = CLASSES) -> nn.Module:
     )
 
 
+class Prototypes(nn.Module):
+    """Logits from the distances to learned class prototypes (``torch.cdist``)."""
+
+    def __init__(self, dim: int, classes: int = CLASSES) -> None:
+        super().__init__()
+        self.prototypes = nn.Parameter(torch.randn(classes, dim))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return -torch.cdist(h.unsqueeze(1), self.prototypes.unsqueeze(0)).squeeze(1)
+
+
+def prelu_prototypes(classes: int = CLASSES) -> nn.Module:
+    """A PReLU and a prototype head, both on the Jacobian route, where torch's batching rules for
+    their backward are wrong at some sizes (tests/test_vmap_sizes.py)."""
+    return nn.Sequential(nn.Conv2d(2, 3, 2), nn.PReLU(3), nn.Flatten(), Prototypes(48, classes))
+
+
 def small_cnn(classes: int = CLASSES) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, padding=1),
@@ -389,11 +406,13 @@ ZOO = [
     ZooCase("hf_vit", hf_vit, _pixel_values, requires="transformers"),
     ZooCase("timm_vit", timm_vit, images(3, 8), requires="timm"),
     ZooCase("lstm_packed", Packed, tokens(20, 6, padded=True), "embed"),
-    ZooCase("tied_module", lambda k: TiedEmbedding(False, k), ids(CLASSES, 4), "embed"),
-    ZooCase("tied_functional", lambda k: TiedEmbedding(True, k), ids(CLASSES, 4), "embed"),
+    # the vocabulary is the classes: ids below the fewest classes the zoo runs with
+    ZooCase("tied_module", lambda k: TiedEmbedding(False, k), ids(3, 4), "embed"),
+    ZooCase("tied_functional", lambda k: TiedEmbedding(True, k), ids(3, 4), "embed"),
     ZooCase("used_twice", Twice, images(2, 5)),
     ZooCase("in_place_input", InPlaceInput, images(2, 5)),
     ZooCase("layernorm2d", layernorm2d_square, images(2, 4)),
+    ZooCase("prelu_prototypes", prelu_prototypes, images(2, 5)),
     ZooCase("compiled", compiled_cnn, images(2, 6)),
     ZooCase("bfloat16", small_cnn, images(2, 6), dtype=torch.bfloat16),
 ]

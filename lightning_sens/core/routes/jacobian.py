@@ -2,11 +2,13 @@
 
 For any module (attention, recurrent layers, custom code, parameters used in several places) the
 route replays each recorded call of a *host* module sample by sample with :mod:`torch.func`
-(``vmap`` over samples of ``vjp`` over the K' cotangents) and pulls back the backprop that the
-host's outputs received. The host is the layer itself, or the nearest enclosing module whose calls
-contain every use of the parameters; the whole model (through ``forward_fn``) is the last resort.
-Where ``vmap`` cannot run a module (data-dependent control flow, unsupported operators), a loop
-over samples computes the same Jacobians (docs/engine.md, "The Jacobian route").
+(``vjp`` of one sample, in a ``vmap`` over samples inside a ``vmap`` over the K' cotangents) and
+pulls back the backprop that the host's outputs received. The host is the layer itself, or the
+nearest enclosing module whose calls contain every use of the parameters; the whole model
+(through ``forward_fn``) is the last resort. Where ``vmap`` cannot run a module (data-dependent
+control flow, unsupported operators) or its numbers fail a check against autograd (a wrong
+batching rule), a loop over samples computes the same Jacobians (docs/engine.md, "The Jacobian
+route").
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
+from lightning_sens.core.certificate import CERTIFICATE_TOL, disagree
 from lightning_sens.core.routes.base import LayerGram, RouteResult, norm2
 
 __all__ = ["JacobianCall", "ParamUse", "jacobian_route"]
@@ -68,6 +71,13 @@ class ParamUse:
 
 
 def _vmapped(call: JacobianCall, params: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
+    """``(B, K', *shape)`` Jacobians: ``vmap`` over the K' cotangents of ``vmap`` over samples.
+
+    The samples are the inner vmap: every tensor of the replay is then batched over samples, and
+    only the backward's are batched over cotangents too. Nested the other way, torch 2.14's
+    batching rule for prelu's backward lines up the sample dimension of the forward's tensors
+    with the cotangent dimension of the backward's (docs/engine.md, "The Jacobian route").
+    """
     size = rows.stop - rows.start
     inputs = [t.narrow(d, rows.start, size) for t, d in zip(call.inputs, call.in_dims, strict=True)]
     cots = [
@@ -77,18 +87,55 @@ def _vmapped(call: JacobianCall, params: dict[str, Tensor], rows: slice) -> dict
 
     def one_sample(sample_inputs: list[Tensor], sample_cots: list[Tensor]) -> dict[str, Tensor]:
         kept = [t.unsqueeze(d) for t, d in zip(sample_inputs, call.in_dims, strict=True)]
-        per_k = [c.unsqueeze(d + 1) for c, d in zip(sample_cots, call.out_dims, strict=True)]
-        pull = vjp(lambda p: call.replay(p, kept), params)[1]
-        if per_k[0].shape[0] == 1:
-            # K' = 1 (a binary classifier): one pull, no inner vmap of size 1, which torch's
-            # batching rule for prelu's backward (2.14) expands to the outer batch size
-            pulled: dict[str, Tensor] = pull([c[0] for c in per_k])[0]
-            return {n: g.unsqueeze(0) for n, g in pulled.items()}
-        grads: dict[str, Tensor] = vmap(lambda *cs: pull(list(cs))[0])(*per_k)
-        return grads
+        held = [c.unsqueeze(d) for c, d in zip(sample_cots, call.out_dims, strict=True)]
+        pulled: dict[str, Tensor] = vjp(lambda p: call.replay(p, kept), params)[1](held)[0]
+        return pulled
 
-    in_dims = ([*call.in_dims], [d + 1 for d in call.out_dims])
-    return vmap(one_sample, in_dims=in_dims)(inputs, cots)
+    def one_cotangent(k_cots: list[Tensor]) -> dict[str, Tensor]:
+        samples: dict[str, Tensor] = vmap(one_sample, in_dims=(call.in_dims, call.out_dims))(
+            inputs, k_cots
+        )
+        return samples
+
+    if cots[0].shape[0] == 1:  # K' = 1 (a binary classifier): no vmap of size 1
+        return {n: g.unsqueeze(1) for n, g in one_cotangent([c[0] for c in cots]).items()}
+    return {n: g.movedim(0, 1) for n, g in vmap(one_cotangent)(cots).items()}
+
+
+def _agrees(
+    call: JacobianCall, params: dict[str, Tensor], rows: slice, found: dict[str, Tensor]
+) -> bool:
+    """Whether vmap's Jacobians are autograd's, along a random combination of samples and
+    cotangents: one backward pass of the chunk, no vmap. A batching rule that mixes samples or
+    cotangents fails it (docs/engine.md, "The Jacobian route")."""
+    size = rows.stop - rows.start
+    K1 = call.cotangents[0].shape[0]
+    r = torch.randn(size, K1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with torch.enable_grad():
+        leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+        inputs = [
+            t.narrow(d, rows.start, size).clone()  # a replay may modify its inputs in place
+            for t, d in zip(call.inputs, call.in_dims, strict=True)
+        ]
+        outs = call.replay(leaves, inputs)
+        combined = []
+        for c, d in zip(call.cotangents, call.out_dims, strict=True):
+            part = c.narrow(d + 1, rows.start, size)
+            shape = [K1] + [size if i == d else 1 for i in range(part.dim() - 1)]
+            weights = r.T.reshape(shape).to(part.device, part.dtype)
+            combined.append((weights * part).sum(0))
+        used = [(o, c) for o, c in zip(outs, combined, strict=True) if o.requires_grad]
+        truth: tuple[Tensor | None, ...] = (None,) * len(leaves)
+        if used:  # else no parameter reaches this call's outputs: every Jacobian is zero
+            truth = torch.autograd.grad(
+                [o for o, _ in used], list(leaves.values()), [c for _, c in used], allow_unused=True
+            )
+    tol = CERTIFICATE_TOL.get(call.cotangents[0].dtype, 1e-3)
+    for (n, p), g in zip(params.items(), truth, strict=True):
+        mine = torch.einsum("bk,bk...->...", r.to(found[n].device, found[n].dtype), found[n])
+        if mine.shape != p.shape or disagree(mine, torch.zeros_like(p) if g is None else g, tol):
+            return False
+    return True
 
 
 def _looped(call: JacobianCall, params: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
@@ -145,11 +192,17 @@ def per_sample_jacobians(
             for start in range(0, batch, step):
                 rows = slice(start, min(batch, start + step))
                 if vectorised:
+                    # a batching rule may also be wrong without raising (cdist's backward over
+                    # cotangents, torch 2.14): vmap's numbers are used only if checked
                     try:
-                        parts.append(_vmapped(call, params, rows))
-                        continue
+                        found = _vmapped(call, params, rows)
+                        trusted = _agrees(call, params, rows, found)
                     except Exception:  # any vmap limitation: the loop computes the same
-                        vectorised = False
+                        trusted = False
+                    if trusted:
+                        parts.append(found)
+                        continue
+                    vectorised = False
                 parts.append(_looped(call, params, rows))
             joined = {n: torch.cat([p[n] for p in parts]) for n in params}
             total = joined if not total else {n: total[n] + joined[n] for n in params}
