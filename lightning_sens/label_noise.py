@@ -176,15 +176,23 @@ def separation_p_value(own: Tensor, reference: Tensor) -> float:
         >>> separation_p_value(torch.arange(6.0) + 10, torch.arange(6.0)) > 0.99  # above it
         True
     """
-    a = own.detach().to(torch.float64).flatten().cpu()
+    a = own.detach().to(torch.float64).flatten().cpu().sort().values
     r = reference.detach().to(torch.float64).flatten().cpu().sort().values
+    return _p_value_sorted(a, r)
+
+
+def _p_value_sorted(a: Tensor, r: Tensor, merged: Tensor | None = None) -> float:
+    """:func:`separation_p_value` of two sorted float64 CPU tensors (the caller sorted them);
+    ``merged``: both together, sorted, where the caller has them."""
     n, m = a.numel(), r.numel()
     if n == 0 or m == 0:
         return 1.0
     right = torch.searchsorted(r, a, side="right")
     tied = right - torch.searchsorted(r, a, side="left")
     below = float((m - right).sum()) + 0.5 * float(tied.sum())  # pairs with own < reference
-    counts = torch.unique(torch.cat([a, r]), return_counts=True)[1].to(torch.float64)
+    if merged is None:
+        merged = torch.cat([a, r]).sort().values
+    counts = torch.unique_consecutive(merged, return_counts=True)[1].to(torch.float64)
     total = n + m
     ties = float((counts**3 - counts).sum()) / (total * (total - 1))
     variance = n * m / 12 * (total + 1 - ties)
@@ -237,26 +245,30 @@ def estimate_noise(
     undecided = torch.zeros(num_classes, dtype=torch.bool)
     undecided_cells = torch.zeros(num_classes, width, dtype=torch.bool)
     members_of = [torch.nonzero(y == k).flatten() for k in range(num_classes)]
+    # every label's scores sorted once; a class's own and reference scores are slices of it
+    column_values, column_order = x.sort(dim=0)
     for k in range(num_classes):
         mine = members_of[k]
         if mine.numel() == 0:
             continue
-        rest = x[y != k, k].sort().values  # what a wrong label k looks like to this model
+        column, sorted_labels = column_values[:, k], y[column_order[:, k]]
+        mine_sorted = column[sorted_labels == k]
+        rest = column[sorted_labels != k]  # what a wrong label k looks like to this model
         if pairs:  # only the cells that hold samples: K² cells, mostly empty when K is large
             sources = alternative[mine]
             cells = [
-                (j, mine[sources == j], x[members_of[j], k]) for j in sources.unique().tolist()
+                (j, mine[sources == j], column[sorted_labels == j])
+                for j in sources.unique().tolist()
             ]
         else:
             cells = [(0, mine, rest)]
         # the class against all others first; with pairs, then each cell against its class j
-        whole = separation_p_value(own[mine], rest) <= SIGNIFICANCE
+        whole = _p_value_sorted(mine_sorted, rest, column) <= SIGNIFICANCE
         found = []
         current = flagging = 0  # the estimate of these scores; with the counts kept earlier
-        for cell, members, reference in cells:
-            reference = reference.sort().values
+        for cell, members, reference in cells:  # each reference sorted
             separated = whole and (
-                not pairs or separation_p_value(own[mine], reference) <= SIGNIFICANCE
+                not pairs or _p_value_sorted(mine_sorted, reference) <= SIGNIFICANCE
             )
             undecided_cells[k, cell] = not separated
             if reference.numel() == 0:

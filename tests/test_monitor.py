@@ -550,3 +550,33 @@ def test_a_batch_that_fails_on_one_rank_skips_the_epoch_on_every_rank(tmp_path: 
             splits.append(sorted({row["split"] for row in csv.DictReader(stream)}))
     # epoch 0: the training steps only, decided at the end of the epoch; epoch 1: both splits
     assert splits == [["train"], ["train", "val"]]
+
+
+def test_histograms_hold_every_finite_score(tmp_path: Path) -> None:
+    """The monitor bins its histograms itself (64 equal bins): each holds every finite value
+    once, within its limits, with TensorBoard's own summary statistics."""
+    from lightning_sens.reporting.writers import Writer
+
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    writer = Writer([logger])
+    values = torch.cat([torch.randn(1000, dtype=torch.float64) * 3, torch.tensor([math.inf])])
+    writer.histogram(keys.histogram("true", "val"), values, 7)
+    writer.histogram(keys.histogram("pred", "val"), torch.full((5,), 2.5), 7)
+    writer.flush()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(paths.split_run(tmp_path / "tb" / "version_0", "val")))
+    events.Reload()
+    (event,) = events.Histograms(keys.route(keys.histogram("true", "val"))[1])
+    h = event.histogram_value
+    finite = values[values.isfinite()]
+    assert event.step == 7
+    assert h.num == 1000
+    assert sum(h.bucket) == 1000
+    assert h.bucket[0] == 0  # the empty bin that ends at the left edge
+    assert h.bucket_limit[0] == pytest.approx(float(finite.min()))
+    assert h.bucket_limit[-1] == pytest.approx(float(finite.max()))
+    assert h.sum == pytest.approx(float(finite.sum()))
+    assert h.sum_squares == pytest.approx(float(finite.square().sum()))
+    (constant,) = events.Histograms(keys.route(keys.histogram("pred", "val"))[1])
+    assert sum(constant.histogram_value.bucket) == 5

@@ -30,6 +30,7 @@ class Fit:
     units: int
     wanted: int
     reason: str = ""  # why fewer than wanted: for the one-line notice
+    first_look: bool = False  # the run's first look: the smallest useful amount, one split
 
     @property
     def reduced(self) -> bool:

@@ -128,8 +128,8 @@ class EpochRunner:
                 )
 
     def _cost(self, probes: Probes) -> dict[str, float]:
-        """The monitor's cost share so far and the exact probes' size this epoch."""
-        size = len(next(iter(probes.ids.values()), ()))
+        """The monitor's cost share so far and the exact probes' size at this decision."""
+        size = max((len(ids) for ids in probes.ids.values()), default=0)
         return {keys.cost_share(): self.budget.cost_share, keys.exact_probe_size(): float(size)}
 
     def _names(self, names: tuple[str, ...] | None) -> tuple[str, ...] | None:

@@ -3,6 +3,7 @@ and layer tables as files, and the figures, drawn on a background thread."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,16 +12,37 @@ from torch import Tensor
 
 from lightning_sens.callbacks.budget import Fit
 from lightning_sens.callbacks.drawing import FigureWorker
-from lightning_sens.callbacks.planner import SECONDS_PER_FIGURE, Planner
+from lightning_sens.callbacks.planner import FIGURES, SECONDS_PER_FIGURE, Planner
 from lightning_sens.config import MonitorConfig
 from lightning_sens.core.inputs import Inputs
 from lightning_sens.reporting import keys, paths
 from lightning_sens.reporting.images import Describe, epoch_images, pictured_samples
 from lightning_sens.reporting.tables import LAYER_COLUMNS, write_table
 from lightning_sens.reporting.writers import Writer, save_png
-from lightning_sens.tracking import EpochReport
+from lightning_sens.tracking import EpochReport, Probes
 
 __all__ = ["Output", "new_writer"]
+
+
+def _one_split(report: EpochReport) -> EpochReport:
+    """The report of one split: the one the exact probes ran on, else validation, else the
+    first."""
+    probes = report.probes
+    splits = list(probes.results) or list(report.scores)
+    split = "val" if "val" in splits else splits[0]
+
+    def only(found: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in found.items() if k == split}
+
+    kept = Probes(only(probes.results), only(probes.ids), only(probes.damage))
+    return dataclasses.replace(
+        report,
+        scores=only(report.scores),
+        decisions=only(report.decisions),
+        evidence_splits=report.evidence_splits & {split},
+        probes=kept,
+    )
+
 
 Fetch = Callable[[dict[tuple[str, str], Tensor]], dict[tuple[str, str], Inputs]]
 
@@ -97,10 +119,15 @@ class Output:
                 return
         probes, epoch = report.probes, report.epoch
         count = 2 * len(report.scores) + 2 * len(probes.results)  # about this many figures
-        fit = self.planner.fit("figures", count, count, SECONDS_PER_FIGURE)
+        fit = self.planner.fit(FIGURES, count, count, SECONDS_PER_FIGURE)
         if fit.units and self.planner.active and self.drawing.busy:
             fit = Fit(0, count, "the figures of an earlier epoch are still being drawn")
-        self.planner.notice("figures", fit, f"skipped the {count} figures", epoch)
+        if fit.first_look:  # one split's figures: the exact probe's, else validation's
+            report = _one_split(report)
+            what = f"drew the figures of {next(iter(report.scores))} only"
+        else:
+            what = f"skipped the {count} figures"
+        self.planner.notice(FIGURES, fit, what, epoch)
         if fit.units:
             self._submit(report, fetch, history, num_classes, class_names, log_dir, writer)
 

@@ -71,8 +71,9 @@ class Planner:
     The budget is kept as it accrues: a part runs when the monitor's seconds so far, plus the
     part's, stay within ``share`` × the seconds of everything else. Except once: the first
     decision that finds the exact probes or the figures out of budget still runs their smallest
-    useful amount (:data:`MIN_EXACT` samples per split; one set of figures), when that fits the
-    share of the whole run as Lightning plans it (``progress``), counted as at least
+    useful amount on one split (:data:`MIN_EXACT` samples of the validation split, or of the
+    training split without one; that split's figures), when the smallest amount of both splits
+    fits the share of the whole run as Lightning plans it (``progress``), counted as at least
     :data:`FIRST_LOOK_SECONDS`; later decisions pay that advance back before they run more.
 
     Attributes:
@@ -136,7 +137,8 @@ class Planner:
         if cost is not None and cost * units + reserve > allowance:
             return None
         planned = "an open-ended run" if math.isinf(allowance) else f"{allowance:.2g} s"
-        return Fit(units, wanted, f"a first look, within the budget of the whole run ({planned})")
+        reason = f"a first look, within the budget of the whole run ({planned})"
+        return Fit(units, wanted, reason, first_look=True)
 
     def prior(self, forwards: float) -> float | None:
         """The cost of ``forwards`` validation forward passes per sample, if measured."""

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_sens.callbacks.batches import Reader
-from lightning_sens.callbacks.planner import EXACT_FORWARDS_PER_CLASS, MIN_EXACT, Planner
+from lightning_sens.callbacks.planner import EXACT, EXACT_FORWARDS_PER_CLASS, MIN_EXACT, Planner
 from lightning_sens.callbacks.policy import Failures
 from lightning_sens.config import MonitorConfig
 from lightning_sens.core import SensitivityResult, sensitivity
@@ -100,22 +100,27 @@ class Prober:
 
         found = Probes()
         wanted = min([c.exact_probe_size, *(len(i) for i in indices.values())]) if indices else 0
-        forwards = EXACT_FORWARDS_PER_CLASS * self.tracker.num_classes * len(indices)
-        fit = plan.fit("exact probes", wanted, MIN_EXACT, plan.prior(forwards))
+        splits = list(indices)
+        # units: samples × splits; the prior: the engine's forward passes per sample and split
+        forwards = EXACT_FORWARDS_PER_CLASS * self.tracker.num_classes
+        fit = plan.fit(EXACT, wanted * len(splits), MIN_EXACT * len(splits), plan.prior(forwards))
+        size = fit.units // max(len(splits), 1)
+        if fit.first_look:  # the smallest useful probe of one split: validation if there is one
+            splits, size = ["val" if "val" in splits else splits[0]], min(MIN_EXACT, wanted)
         what = (
-            f"ran the exact probes on {fit.units} of {wanted} samples per split"
-            if fit.units
+            f"ran the exact probes on {size} of {wanted} samples of {' and '.join(splits)}"
+            if size
             else "skipped the exact probes"
         )
-        plan.notice("exact probes", fit, what, epoch)
-        if fit.units:
+        plan.notice(EXACT, fit, what, epoch)
+        if size:
             with (
                 self.failures.part("the exact engine on the probes"),
-                plan.budget.timed("exact probes", fit.units),
+                plan.budget.timed(EXACT, size * len(splits)),
             ):
-                for split, chosen in indices.items():
+                for split in splits:
                     inputs, labels, ids = self.reader.fetch(
-                        loaders[split], chosen[: fit.units], module.device
+                        loaders[split], indices[split][:size], module.device
                     )
                     found.results[split] = self.exact(module, inputs, labels)
                     found.ids[split] = ids

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, default_collate
@@ -43,10 +44,10 @@ def indexable(loader: object) -> bool:
 
 
 def _recording_iter(self: Any) -> Iterator[Any]:
-    queue: deque[list[int]] = getattr(self, _QUEUE)
+    queue: deque[np.ndarray] = getattr(self, _QUEUE)
     queue.clear()  # a new iterator: an epoch starts, or the previous one was left unfinished
     for indices in super(type(self), self).__iter__():
-        queue.append([int(i) for i in indices])
+        queue.append(np.asarray(indices, dtype=np.int64))  # a list or a tensor; microseconds
         yield indices
 
 
@@ -58,7 +59,7 @@ class IndexRecorder:
     """
 
     def __init__(self) -> None:
-        self.queue: deque[list[int]] = deque()
+        self.queue: deque[np.ndarray] = deque()
         self.loader: DataLoader | None = None
         self._samplers: list[Any] = []
 
@@ -88,9 +89,10 @@ class IndexRecorder:
         self.loader = loader  # type: ignore[assignment]
         return True
 
-    def next_batch(self) -> list[int] | None:
-        """The indices of the batch the loader delivered next; None when none was recorded."""
-        return self.queue.popleft() if self.queue else None
+    def next_batch(self) -> Tensor | None:
+        """The indices of the batch the loader delivered next, ``(B,)`` int64 on the CPU; None
+        when none was recorded."""
+        return torch.from_numpy(self.queue.popleft()) if self.queue else None
 
     def release(self) -> None:
         """Give every recorded sampler its own class back."""
@@ -102,7 +104,7 @@ class IndexRecorder:
         self.loader = None
 
     def labels_match(
-        self, indices: list[int], labels: Tensor, read: Callable[[Any], tuple[Any, Tensor, Any]]
+        self, indices: Tensor, labels: Tensor, read: Callable[[Any], tuple[Any, Tensor, Any]]
     ) -> bool:
         """Whether the dataset's labels of ``indices`` are the batch's ``labels`` (the first 32,
         each sample collated alone, so that a collate_fn that reorders cannot hide a
@@ -110,7 +112,7 @@ class IndexRecorder:
         loader = self.loader
         if loader is None:
             return False
-        check = indices[: min(len(indices), 32)]
+        check = indices[: min(len(indices), 32)].tolist()
         collate = loader.collate_fn or default_collate
         with preserved_rng():  # a dataset's random augmentations must not move training's RNG
             expected = [read(collate([loader.dataset[i]]))[1] for i in check]

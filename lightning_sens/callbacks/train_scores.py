@@ -192,7 +192,7 @@ class TrainScores:
             self._found = []
 
     def _keep_batch(
-        self, module: LightningModule, outputs: Any, batch: Any, recorded: list[int] | None
+        self, module: LightningModule, outputs: Any, batch: Any, recorded: Tensor | None
     ) -> None:
         _, labels, ids = self.read(batch)
         size = len(labels)
@@ -216,7 +216,7 @@ class TrainScores:
         self._rows.update(ids=ids.to(logits.device), labels=labels, logits=logits)
         self.pending += size
 
-    def _recorded_ids(self, recorded: list[int] | None, labels: Tensor) -> Tensor | None:
+    def _recorded_ids(self, recorded: Tensor | None, labels: Tensor) -> Tensor | None:
         """The batch's ids from the batch sampler's record; None (the steps are no longer
         scored, with a warning) where there is none or it disagrees with the batch."""
         if recorded is None:
@@ -249,7 +249,7 @@ class TrainScores:
                 "reorders its batches?).",
             )
             return None
-        return torch.tensor(recorded)
+        return recorded
 
     def _logits(self, module: LightningModule, outputs: Any, size: int) -> Tensor | None:
         """The training step's logits: returned in its output, or seen by the forward hook."""

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from lightning_sens.reporting import keys, paths
@@ -87,10 +88,27 @@ class Writer:
             board.log_metrics(own, step=step)
 
     def histogram(self, key: str, values: Tensor, step: int) -> None:
-        finite = values[values.isfinite()]
-        if self.tensorboard is not None and finite.numel():
-            split, tag = keys.route(key)
-            self.run(split).add_histogram(tag, finite.float(), step)
+        """The finite values as a histogram of 64 equal bins (TensorBoard only), binned here in
+        torch: TensorBoard's own binning of ten thousand scores costs several milliseconds."""
+        finite = values[values.isfinite()].to(torch.float64).cpu()
+        if self.tensorboard is None or not finite.numel():
+            return
+        low, high = float(finite.min()), float(finite.max())
+        if high <= low:  # one value: one bin around it
+            low, high = low - 0.5, high + 0.5
+        counts, edges = torch.histogram(finite, bins=64, range=(low, high))
+        split, tag = keys.route(key)
+        self.run(split).add_histogram_raw(
+            tag,
+            min=float(finite.min()),
+            max=float(finite.max()),
+            num=finite.numel(),
+            sum=float(finite.sum()),
+            sum_squares=float(finite.square().sum()),
+            bucket_limits=edges.tolist(),  # right edges; an empty bin ends at the left edge
+            bucket_counts=[0.0, *counts.tolist()],
+            global_step=step,
+        )
 
     def image(self, key: str, image: Tensor, step: int) -> None:
         """Log a (3, H, W) uint8 image (TensorBoard only)."""
