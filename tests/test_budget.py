@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens import MonitorConfig, SensitivityMonitor
 from lightning_sens.callbacks.budget import TimeBudget
-from lightning_sens.callbacks.planner import SECOND_FORWARD, SETUP_CHECK
+from lightning_sens.callbacks.planner import SECOND_FORWARD, SETUP_CHECK, Planner
+from lightning_sens.callbacks.policy import Failures
 from lightning_sens.reporting import keys
 from tests.logged import epoch_table
 
@@ -70,6 +71,45 @@ def test_no_budget_always_fits_and_still_measures() -> None:
     assert budget.fit("exact probes", 32, prior=100.0).units == 32
     assert budget.cost_share == pytest.approx(3.0)
     assert math.isinf(budget.allowance)
+
+
+def test_the_first_look_and_decisions_are_planned_over_the_whole_run() -> None:
+    """On a fake clock: the first look may borrow from the budget of the whole run as planned
+    (at least a minute of it), once per part and on one split; decisions that would exceed the
+    budget come less often on runs of a minute or more, never on shorter ones."""
+    clock = Clock()
+    budget = TimeBudget(0.05, clock)
+    planner = Planner(budget, Failures(strict=False))
+    planner.active = True
+    budget.start()
+    clock.now += 10.0  # 10 s of training, 0.5 s allowed so far
+    with budget.timed():
+        clock.now += 0.4
+    planner.progress = 0.05  # 10 s of the rest of training so far: a run planned at 200 s
+    assert planner.planned_seconds() == pytest.approx(200.0)
+    assert planner.run_allowance() == pytest.approx(10.0)  # 5 % of it
+    figures = planner.fit("figures", 10, 10, prior=0.5)  # 5 s: beyond now, within the run
+    assert figures.units == 10
+    assert figures.first_look
+    assert planner.fit("figures", 10, 10, prior=0.5).units == 0  # the first look was taken
+    assert not planner.fit("exact probes", 8, 8, prior=2.0).first_look  # 16 s: not even once
+    planner.progress = 0.5  # a short run (20 s): the first look may still take 3 s
+    assert planner.fit("exact probes", 8, 8, prior=0.3).first_look
+
+    planner.decision_cost = None
+    assert planner.decision_fits()  # before a decision was measured
+    planner.decision_cost = 1.0
+    assert planner.decision_fits()  # a run planned under a minute decides every time
+    planner.progress = 0.05
+    assert not planner.decision_fits()  # 1 s of decision, 0.1 s left
+    clock.now += 100.0  # the allowance grows with training time
+    assert planner.decision_fits()
+    budget.spent += 6.0  # 5.1 s allowed, 6.4 s spent
+    planner.progress = None  # a run of unknown length that has lasted a minute and more
+    assert not planner.decision_fits()
+    planner.active = False
+    budget.spent = 1e9
+    assert planner.decision_fits()  # outside fit, or without a budget
 
 
 def test_budget_is_validated() -> None:

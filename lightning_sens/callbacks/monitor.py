@@ -18,6 +18,7 @@ from lightning_sens.callbacks.checking import check_setup
 from lightning_sens.callbacks.epoch import EpochRunner
 from lightning_sens.callbacks.internals import planned_loader
 from lightning_sens.callbacks.planner import (
+    DECISION_PARTS,
     FLAGS,
     SECOND_FORWARD,
     SETUP_CHECK,
@@ -88,6 +89,8 @@ class SensitivityMonitor(Callback):
         self.budget = self.runner.budget
         self._train = TrainScores(self.reader.read, self.failures.warn_once)
         self._active, self._seen = False, 0
+        self._decisions = 0  # made in this fit, on every rank alike
+        self._decision_began = 0.0  # the never-skipped seconds when this decision began
         self._checked: set[tuple[str, int]] = set()  # (stage, trainer) whose setup was checked
 
     @property
@@ -120,6 +123,7 @@ class SensitivityMonitor(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.budget.start()  # from here: the set-up check is part of the monitor's cost
+        self._decisions = 0
         with self.budget.timed(SETUP_CHECK):
             loops = {"train": trainer.fit_loop, "val": trainer.fit_loop.epoch_loop.val_loop}
             found = {split: planned_loader(loop) for split, loop in loops.items()}
@@ -181,8 +185,9 @@ class SensitivityMonitor(Callback):
             due = trainer.current_epoch % n == 0
         else:
             due = n == 1 and self._any_rank(self._train.pending > 0, trainer)
-        if due:
+        if due and not self._thinned(trainer):
             with self.budget.timed():
+                self._decision_began = self._mandatory()
                 self._decide(trainer, pl_module, (trainer.current_epoch, trainer.global_step))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -217,7 +222,9 @@ class SensitivityMonitor(Callback):
             elif not trainer.sanity_checking:
                 count = self.tracker.validations
                 self.tracker.validations += 1
-                self._active = count % self.config.every_n_epochs == 0
+                due = count % self.config.every_n_epochs == 0
+                self._active = due and not self._thinned(trainer)
+            self._decision_began = self._mandatory()
             self._seen = 0
             self.runner.planner.start_clock()
             self.tracker.reset()
@@ -280,6 +287,34 @@ class SensitivityMonitor(Callback):
         loaders, names = self._loaders(trainer, validation), self.class_names
         self.runner.planner.progress = _progress(trainer)
         self.runner.end(trainer, module, at, loaders, self._train.started, names)
+        self._decisions += 1
+        self.runner.planner.decision_cost = self._mandatory() - self._decision_began
+
+    def _mandatory(self) -> float:
+        """The seconds spent so far on what every decision does."""
+        return sum(self.budget.totals.get(part, 0.0) for part in DECISION_PARTS)
+
+    def _thinned(self, trainer: Trainer) -> bool:
+        """Whether to leave out a decision that is due: on a run of a minute or more, where its
+        never-skipped work would exceed the budget now (the first decision of a fit is always
+        made). Rank zero's budget decides for every rank (a collective)."""
+        if self._decisions == 0 or trainer.state.fn != TrainerFn.FITTING:
+            return False
+        planner = self.runner.planner
+        planner.progress = _progress(trainer)
+        fits = bool(trainer.strategy.broadcast(planner.decision_fits(), src=0))
+        if not fits:
+            cost = planner.decision_cost or 0.0
+            self.failures.info_once(
+                "budget:decisions",
+                f"SensitivityMonitor (budget={self.budget.share:g}) decides less often than at "
+                f"every validation from epoch {trainer.current_epoch} on: the scores, flags and "
+                f"tables of every sample take {cost:.2g} s per decision, more than the budget "
+                "allows now. No training sample is left out: the next decision's table holds "
+                "every one trained since the last. every_n_epochs=n decides at every n-th "
+                "validation; budget=None at every one.",
+            )
+        return not fits
 
 
 def _progress(trainer: Trainer) -> float | None:

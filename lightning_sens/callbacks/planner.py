@@ -11,6 +11,7 @@ from lightning_sens.callbacks.budget import Fit, TimeBudget
 from lightning_sens.callbacks.policy import Failures
 
 __all__ = [
+    "DECISION_PARTS",
     "EXACT",
     "EXACT_FORWARDS_PER_CLASS",
     "FIGURES",
@@ -30,9 +31,12 @@ __all__ = [
 # The parts the budget charges. Optional, run as far as they fit:
 EXACT, TRAIN_PROBE, SCAN, FIGURES = "exact probes", "train probe", "scan", "figures"
 # ... and never skipped: the check before the first step (once per fit), and the parts that
-# recur, each named with its fix where they alone exceed the budget.
+# recur, each named with its fix where they alone exceed the budget. A decision's own
+# (DECISION_PARTS) run at every decision; on runs of a minute or more, decisions come less often
+# where they would not fit (Planner.decision_fits).
 SETUP_CHECK, SECOND_FORWARD = "setup check", "second forward"
 TRAIN_STEPS, VALIDATION_SCORES, FLAGS = "training steps", "validation scores", "flags"
+DECISION_PARTS = (VALIDATION_SCORES, SECOND_FORWARD, FLAGS)
 _FIXES = {
     SECOND_FORWARD: (
         "a second forward pass of every validation batch",
@@ -84,6 +88,7 @@ class Planner:
         rows: the scored samples of this decision (its flag table's rows: the reserve).
         progress: the share of the run's steps done, where Lightning knows the run's length.
         looked: the optional parts that ran at least once.
+        decision_cost: what the last decision's never-skipped parts took, in seconds.
     """
 
     def __init__(self, budget: TimeBudget, failures: Failures) -> None:
@@ -94,6 +99,7 @@ class Planner:
         self.rows = 0
         self.progress: float | None = None
         self.looked: set[str] = set()
+        self.decision_cost: float | None = None  # the last decision's never-skipped seconds
         self._clock = (0.0, 0.0)
 
     def start_clock(self) -> None:
@@ -119,12 +125,30 @@ class Planner:
             self.looked.add(part)
         return found
 
+    def planned_seconds(self) -> float:
+        """The run's length as Lightning plans it (``max_epochs``/``max_steps``), in seconds of
+        everything but the monitor; inf where it is not known."""
+        return self.budget.rest / self.progress if self.progress else math.inf
+
+    def decision_fits(self) -> bool:
+        """Whether the never-skipped work of a decision (the scores of every validation sample,
+        the flags and tables of every sample), as much as the last one took, fits the budget now.
+
+        Always on a run planned shorter than :data:`FIRST_LOOK_SECONDS` (its every decision
+        costs less than its first look; a run of unknown length, until it has lasted that long)
+        and before a decision has been measured; else the monitor decides at a later
+        validation, and the training steps meanwhile land in that decision's table."""
+        if not self.active or self.decision_cost is None:
+            return True
+        planned = self.planned_seconds()
+        if (self.budget.rest if math.isinf(planned) else planned) < FIRST_LOOK_SECONDS:
+            return True
+        return self.budget.allowance >= self.decision_cost
+
     def run_allowance(self) -> float:
         """Seconds the monitor may spend over the whole run as Lightning plans it: ``share`` ×
         the run's planned length, counted as at least :data:`FIRST_LOOK_SECONDS`."""
-        share, rest = self.budget.share or 0.0, self.budget.rest
-        planned = rest / self.progress if self.progress else math.inf
-        return share * max(planned, FIRST_LOOK_SECONDS)
+        return (self.budget.share or 0.0) * max(self.planned_seconds(), FIRST_LOOK_SECONDS)
 
     def _first_look(
         self, part: str, wanted: int, minimum: int, prior: float | None, reserve: float

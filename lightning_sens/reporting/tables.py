@@ -138,8 +138,11 @@ def _csv_column(values: Sequence[Any]) -> list[str]:
     which matters for the training set's table every epoch): floats by their repr (full
     precision, ``inf`` and ``nan`` included), as ``str(float)`` writes them."""
     kinds = set(map(type, values))
-    distinct = set(values)
-    if len(kinds) == 1 and 4 * len(distinct) <= len(values):  # one type (1 == 1.0 == True)
+    # few distinct values (labels, flags, per-class cutoffs): format each once. A prefix says
+    # cheaply when a column has too many for that (the scores: a set of them costs as much)
+    few = len(kinds) == 1 and 4 * len(set(values[:256])) <= min(len(values), 256)
+    distinct = set(values) if few else ()
+    if few and 4 * len(distinct) <= len(values):  # one type (1 == 1.0 == True)
         text = {v: "" if v is None else _csv_field(str(v)) for v in distinct}
         return list(map(text.__getitem__, values))
     if kinds <= {float}:

@@ -82,9 +82,9 @@ class Samples(Metric):
         rows) and :meth:`compute` shapes them."""
         for name in self.columns:
             parts = getattr(self, name)
-            if isinstance(parts, list) and parts:
-                flat = [p.to(self.device, torch.float64).reshape(-1) for p in parts]
-                setattr(self, name, [torch.cat(flat)])
+            if isinstance(parts, list) and parts:  # one column keeps one dtype: cat, then cast
+                flat = torch.cat([p.reshape(-1) for p in parts])
+                setattr(self, name, [flat.to(self.device, torch.float64)])
             width = float(self._widths.get(name, 0))
             setattr(self, f"{name}_width", torch.tensor(width, device=self.device))
         with warnings.catch_warnings():
