@@ -249,8 +249,9 @@ def test_works_under_inference_mode_and_no_grad() -> None:
 
 
 def test_rejects_non_classifier_output() -> None:
-    model = nn.Linear(3, 1).to(DTYPE)
-    with pytest.raises(ValueError, match=r"\(1, K\)"):
+    # (B, 2, 3): not logits; a (B, 1) output is one binary logit (tests/test_binary.py)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Unflatten(1, (2, 3))).to(DTYPE)
+    with pytest.raises(ValueError, match=r"\(1, K\).*got \(1, 2, 3\)"):
         input_fi(model, torch.randn(2, 3, dtype=DTYPE), "pred")
     with pytest.raises(ValueError, match="odd"):
         input_fi(_mlp(), torch.randn(2, 12, dtype=DTYPE), "pred", windows=(2,))
