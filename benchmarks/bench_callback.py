@@ -12,8 +12,8 @@ Two models, each trained from scratch by ``trainer.fit`` with the same seed:
   nothing): the monitor runs a second forward of every validation batch, which its budget counts
   but cannot skip;
 - ``mlp``: a model and data set the budget was never tuned on: a two-layer MLP on scikit-learn's
-  1,797 real 8 × 8 digits (1,497 train / 300 val, batch 32), many short epochs, so that the
-  per-decision costs recur often;
+  1,797 real 8 × 8 digits (1,497 train / 300 val, batch 8), hundreds of fifth-of-a-second
+  epochs, so that the costs of every decision recur often;
 - ``tiny`` (not run by default): ``lightning_sens.demos.tiny``'s classifier on its random 8 × 8
   images, 64 train / 32 val, batch 16, the model the monitor's tests train: the whole script in
   seconds (``--models tiny --repeats 1``), to check it runs; its ratios mean little, a fixed
@@ -133,7 +133,7 @@ class MLP(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Dropout(0.1), nn.Linear(128, K)
+            nn.Flatten(), nn.Linear(64, 512), nn.ReLU(), nn.Dropout(0.1), nn.Linear(512, K)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -175,7 +175,7 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
                 TensorDataset(x, y),
                 TensorDataset(xv, yv),
                 64,
-                13,
+                36,
             )
         if "hydra" in args.models:
             out["hydra"] = Setting(
@@ -185,7 +185,7 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
                 TensorDataset(x, y),
                 TensorDataset(xv, yv),
                 64,
-                13,
+                36,
             )
     if "mlp" in args.models:
         from sklearn.datasets import load_digits
@@ -197,12 +197,12 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
         x, y = x[order], y[order]
         out["mlp"] = Setting(
             "mlp",
-            "MLP 64-128-10 with dropout, scikit-learn digits 1,497 train / 300 val, batch 32",
+            "MLP 64-512-10 with dropout, scikit-learn digits 1,497 train / 300 val, batch 8",
             MLP,
             TensorDataset(x[300:], y[300:]),
             TensorDataset(x[:300], y[:300]),
-            32,
-            150,
+            8,
+            400,
         )
     if "resnet18" in args.models:
         g = torch.Generator().manual_seed(0)
@@ -216,7 +216,7 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
             TensorDataset(x[:n], y[:n]),
             TensorDataset(x[n:], y[n:]),
             128,
-            4,
+            7,
         )
     if "tiny" in args.models:
         tiny = TinyData()
