@@ -20,24 +20,12 @@ __all__ = [
     "describe_inputs",
     "eval_mode",
     "shape_of",
-    "source_loader",
 ]
 
 
 class MonitorSetupError(TypeError):
     """The batches or the model's outputs cannot be read: raised even when ``strict=False``,
     since no later epoch would do better."""
-
-
-def source_loader(loop: object) -> DataLoader | None:
-    """The loader a fit loop will use, asked from its source before the loop sets it up (the
-    Trainer's own ``train_dataloader``/``val_dataloader`` call, or the loader passed to fit)."""
-    source = getattr(loop, "_data_source", None)
-    if source is None or not source.is_defined():
-        return None
-    found = source.dataloader()
-    found = found[0] if isinstance(found, list | tuple) and found else found
-    return found if isinstance(found, DataLoader) else None
 
 
 def dataset_classes(loaders: dict[str, DataLoader]) -> tuple[str, ...] | None:
