@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import csv
 import math
 import re
 from collections.abc import Callable
@@ -371,3 +372,33 @@ def test_the_splits_note_says_what_train_is(tmp_path: Path) -> None:
     evaluated, _ = _report(tmp_path / "evaluate", _FLAGGED, _SCORED, splits_note=note)
     assert note in evaluated.read_text()
     assert "scored in the training steps" not in evaluated.read_text()
+
+
+def test_undecided_classes_are_named(tmp_path: Path) -> None:
+    """A class the rule left undecided (its rows have no p_bad) is named in one note per split;
+    where the table cannot say which classes the logged count means, the note only counts."""
+    table = _flag_table(tmp_path / "flags.csv", {"train": 0, "val": 0}, _SCORED)
+    with table.open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    for row in rows:
+        if row["split"] == "val" and row["label"] in ("3", "9"):
+            row["p_bad"] = "nan"
+    write_table(rows, table)
+    history = _history({"train": 0, "val": 0})
+    history[-1][keys.undecided_classes("val")] = 2.0
+    history[-1][keys.undecided_classes("train")] = 1.0
+    path = tmp_path / "report.html"
+    checkpoints = [(f"epoch {e}", e, 1234 * (e + 1)) for e in range(3)]
+    write_report(path, "t", checkpoints, history, [], table, {}, class_names=_CLASSES)
+    notes = {
+        p.attrs["data-undecided"]: p.content()
+        for p in _parse(path).all("p")
+        if "data-undecided" in p.attrs
+    }
+    assert set(notes) == {"train", "val"}
+    assert notes["val"].startswith("2 classes (cat, t<r>) of the val samples were undecided")
+    assert notes["train"].startswith("1 class of the train samples was undecided")
+    history[-1][keys.undecided_classes("val")] = 0.0
+    history[-1][keys.undecided_classes("train")] = math.nan
+    write_report(path, "t", checkpoints, history, [], table, {}, class_names=_CLASSES)
+    assert "data-undecided" not in path.read_text()

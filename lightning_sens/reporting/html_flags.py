@@ -66,6 +66,41 @@ def _class_name(text: str, class_names: Sequence[str] | None) -> str:
     return text
 
 
+def _undecided_notes(
+    table: Sequence[Mapping[str, str]],
+    last: Mapping[str, float],
+    splits: Sequence[str],
+    class_names: Sequence[str] | None,
+) -> list[str]:
+    """One note per split whose last decision left classes undecided (the model does not
+    separate them yet, so none of their samples is flagged), naming them where the table shows
+    which: the labels whose every row has no ``p_bad``."""
+    notes = []
+    for s in splits:
+        logged = last.get(keys.undecided_classes(s))
+        if logged is None or not math.isfinite(logged) or logged < 1:
+            continue
+        count = round(logged)
+        labels: dict[str, bool] = {}
+        for r in table:
+            if r["split"] == s and r.get("rule") == "counterfactual":
+                undecided = not math.isfinite(_float(r.get("p_bad", "nan")))
+                labels[r["label"]] = labels.get(r["label"], True) and undecided
+        named = sorted((k for k, v in labels.items() if v), key=_parse)
+        which = ""
+        if len(named) == count:
+            which = " (" + ", ".join(_class_name(k, class_names) for k in named) + ")"
+        classes, were = ("class", "was") if count == 1 else ("classes", "were")
+        notes.append(
+            f"<p class='note' data-undecided=\"{html.escape(s)}\">{count} {classes}"
+            f"{html.escape(which)} of the {html.escape(_samples(s))} {were} undecided at the last "
+            "decision: the model does not yet separate them from the others, so none of their "
+            "samples is flagged (the flags page of the docs, \"When the rule declines to "
+            "decide\").</p>"
+        )
+    return notes
+
+
 def flag_section(
     flag_table: Path,
     history: Sequence[Mapping[str, float]],
@@ -100,6 +135,7 @@ def flag_section(
                 f"{html.escape(_split_name(s))} samples, the last logged metric "
                 f"{html.escape(keys.flag_count(s))} {format_number(logged)}.</p>"
             )
+    parts += _undecided_notes(table, last, splits, class_names)
     if not rows:
         return parts
 
