@@ -312,9 +312,9 @@ def main() -> None:
     print(f"# bench_callback: {machine}, {args.repeats} repeats")
     rows = [
         "| model | epochs | configuration | fit (median) | monitored / plain | cost share logged "
-        "| measured (ratio − 1) | logged − measured | largest never-skipped part | CPU time ratio "
-        "| exact probes per decision | figure sets |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|---:|---|---:|",
+        "| measured (ratio − 1) | logged − measured | each repeat's ratio | largest never-skipped "
+        "part | CPU time ratio | exact probes per decision | figure sets |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---|---:|---|---:|",
     ]
     for setting in settings(args).values():
         runs: dict[str, list[Run]] = {name: [] for name in args.configs}
@@ -330,7 +330,7 @@ def main() -> None:
             epochs = args.epochs or setting.epochs
             if name == "plain":
                 rows.append(
-                    f"| {setting.describe} | {epochs} | plain | {seconds:.1f} s | 1 | | | | | 1 "
+                    f"| {setting.describe} | {epochs} | plain | {seconds:.1f} s | 1 | | | | | | 1 "
                     "| | |"
                 )
                 continue
@@ -340,16 +340,22 @@ def main() -> None:
             middle = sorted(found, key=lambda r: r.seconds)[len(found) // 2]
             exact = _runs_of(middle.exact)
             part, share = middle.never
+            # Each repeat against the plain run beside it: the spread the median hides.
+            pairs = zip(found, runs["plain"], strict=True)
+            paired = sorted(watched.seconds / beside.seconds for watched, beside in pairs)
+            spread = ", ".join(f"{ratio:.2f}" for ratio in paired)
             rows.append(
                 f"| {setting.describe} | {epochs} | {name} | {seconds:.1f} s "
                 f"| **{seconds / plain:.3f}** | {100 * logged:.1f} % | {100 * measured:.1f} % "
-                f"| {100 * (logged - measured):+.1f} | {part}, {100 * share:.1f} % | {cpu:.3f} "
+                f"| {100 * (logged - measured):+.1f} | {spread} | {part}, {100 * share:.1f} % "
+                f"| {cpu:.3f} "
                 f"| {exact} | {middle.figures} |"
             )
     header = (
         f"Measured on {machine}; whole `fit` timed (first epoch included), median of "
         f"{args.repeats} interleaved repeats (`python benchmarks/bench_callback.py --out ...`). "
         '"logged − measured": points between the share the monitor logged and the measured one; '
+        '"each repeat\'s ratio": each monitored run over the plain run beside it, sorted; '
         '"largest never-skipped part": its share of the rest of training in the median run; '
         '"exact probes per decision": samples per split the exact engine ran on at each '
         "decision of the median run (0: skipped by the budget; `4 × 1, 0 × 12`: 4 at one "
