@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sens import MonitorConfig, SensitivityMonitor
 from lightning_sens.callbacks.budget import TimeBudget
-from lightning_sens.callbacks.planner import SECOND_FORWARD, SETUP_CHECK, Planner
+from lightning_sens.callbacks.planner import SECOND_FORWARD, SETUP_CHECK, TRAIN_STEPS, Planner
 from lightning_sens.callbacks.policy import Failures
+from lightning_sens.callbacks.train_scores import TrainScores
 from lightning_sens.reporting import keys
 from tests.logged import epoch_table
 
@@ -294,3 +295,28 @@ def test_a_second_validation_forward_is_charged_and_named_with_its_fix(
     (never,) = [r.getMessage() for r in caplog.records if "never skips" in r.getMessage()]
     assert never.index("a second forward pass of every validation batch") < never.index("; ")
     assert "validation_step returns no logits: return them" in never
+
+
+def test_the_training_hook_inside_the_users_forward_is_charged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forward hook that keeps the training step's logits runs inside the user's forward,
+    outside every callback hook: its time is charged to the training steps all the same (the
+    reading of the logits, made slow here, runs in the hook and once more on the step's output
+    at the end of each step)."""
+    slow, calls = 0.01, []
+    keep = TrainScores._as_logits
+
+    def slow_keep(self: TrainScores, output: Any) -> Tensor | None:
+        calls.append(output)
+        time.sleep(slow)
+        return keep(self, output)
+
+    monkeypatch.setattr(TrainScores, "_as_logits", slow_keep)
+    monitor = SensitivityMonitor(log_images=False)
+    train, val = _loaders()
+    trainer = _trainer(tmp_path, monitor, epochs=2)
+    trainer.fit(Net(), train, val)
+    hooked = [output for output in calls if isinstance(output, Tensor)]
+    assert len(hooked) >= trainer.global_step >= 4
+    assert monitor.budget.totals[TRAIN_STEPS] >= slow * len(calls)

@@ -5,6 +5,7 @@ reset, state_dict) and on the parts that run the model and write (:mod:`.epoch`)
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -80,6 +81,10 @@ class SensitivityMonitor(Callback):
     ) -> None:
         c = self.config = MonitorConfig.with_options(config, options)
         self.train_dataloader, self.post_hoc = train_dataloader, post_hoc
+        post = {"post_hoc": True} if post_hoc else {}
+        self._state_key = self._generate_state_key(
+            seed=c.seed, every_n_epochs=c.every_n_epochs, **post
+        )
         self.position: tuple[int, int] | None = None  # (epoch, step) of a post-hoc evaluation
         self.class_names = c.class_names
         self.reader = Reader(batch_fn, forward_fn)
@@ -87,7 +92,8 @@ class SensitivityMonitor(Callback):
         self.failures = Failures(c.strict)
         self.runner = EpochRunner(c, self.reader, self.tracker, self.failures, describe_fn)
         self.budget = self.runner.budget
-        self._train = TrainScores(self.reader.read, self.failures.warn_once)
+        timed = partial(self.budget.timed, TRAIN_STEPS)
+        self._train = TrainScores(self.reader.read, self.failures.warn_once, timed)
         self._active, self._seen = False, 0
         self._decisions = 0  # made in this fit, on every rank alike
         self._decision_began = 0.0  # the never-skipped seconds when this decision began
@@ -104,9 +110,10 @@ class SensitivityMonitor(Callback):
         return self.runner.drawing.drawn
 
     @property
-    def state_key(self) -> str:  # from the constructor's arguments only
-        c, post_hoc = self.config, {"post_hoc": True} if self.post_hoc else {}
-        return self._generate_state_key(seed=c.seed, every_n_epochs=c.every_n_epochs, **post_hoc)
+    def state_key(self) -> str:
+        """From the constructor's arguments only; computed once (Lightning reads it at every
+        hook it calls, several times per training step)."""
+        return self._state_key
 
     def state_dict(self) -> dict[str, Any]:
         return self.tracker.state_dict()

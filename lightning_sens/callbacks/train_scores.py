@@ -19,6 +19,7 @@ Each rank keeps its own rows on its device, in a torchmetrics ``Metric``
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -79,9 +80,15 @@ class TrainScores:
         last_epoch: the epoch of the last training step scored or seen.
     """
 
-    def __init__(self, read: Read, warn: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        read: Read,
+        warn: Callable[[str, str], None],
+        timed: Callable[[], AbstractContextManager[object]] = nullcontext,
+    ) -> None:
         self.read = read
         self.warn = warn
+        self.timed = timed  # charges the hook's work inside the user's forward to the budget
         self.sample_shape: tuple[int, ...] | None = None
         self.active = self.started = False
         self.pending = 0
@@ -140,9 +147,10 @@ class TrainScores:
         ]
 
     def _keep(self, name: str, output: Any) -> None:
-        logits = self._as_logits(output)
-        if logits is not None:
-            self._found.append((name, logits))
+        with self.timed():
+            logits = self._as_logits(output)
+            if logits is not None:
+                self._found.append((name, logits))
 
     def _as_logits(self, output: Any) -> Tensor | None:
         """``(B, K)`` logits where ``output`` holds a tensor of the model's logits' shape (one

@@ -95,8 +95,8 @@ def _undecided_notes(
             f"<p class='note' data-undecided=\"{html.escape(s)}\">{count} {classes}"
             f"{html.escape(which)} of the {html.escape(_samples(s))} {were} undecided at the last "
             "decision: the model does not yet separate them from the others, so none of their "
-            "samples is flagged (the flags page of the docs, \"When the rule declines to "
-            "decide\").</p>"
+            'samples is flagged (the flags page of the docs, "When the rule declines to '
+            'decide").</p>'
         )
     return notes
 
