@@ -16,11 +16,26 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["Fit", "TimeBudget"]
+
+
+class _Timed:
+    """:meth:`TimeBudget.timed`'s context: a class, not a generator, because the monitor enters
+    one around every training step's hooks (a generator context costs twice as much)."""
+
+    __slots__ = ("_begin", "_budget", "_part", "_units")
+
+    def __init__(self, budget: TimeBudget, part: str | None, units: int) -> None:
+        self._budget, self._part, self._units, self._begin = budget, part, units, 0.0
+
+    def __enter__(self) -> None:
+        self._begin = self._budget._enter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._budget._exit(self._begin, self._part, self._units)
 
 
 @dataclass(frozen=True)
@@ -117,26 +132,28 @@ class TimeBudget:
         with self._lock:
             self.spent += seconds
 
-    @contextmanager
-    def timed(self, part: str | None = None, units: int = 1) -> Iterator[None]:
-        """Charge the wall time of the block (nested blocks are charged once, by the outermost);
-        with ``part``, also add it to the part's total and learn its cost per unit for
-        :meth:`fit`."""
+    def timed(self, part: str | None = None, units: int = 1) -> _Timed:
+        """A context that charges the wall time of its block (nested blocks are charged once, by
+        the outermost); with ``part``, also adds it to the part's total and learns its cost per
+        unit for :meth:`fit`."""
+        return _Timed(self, part, units)
+
+    def _enter(self) -> float:
         begin = self.clock()
         if self._depth == 0:
             self._open_since = begin
         self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            seconds = self.clock() - begin
-            if self._depth == 0:
-                self.add(seconds)
-            if part is not None:
-                self.totals[part] = self.totals.get(part, 0.0) + seconds
-                if units > 0:
-                    self.unit_cost[part] = seconds / units
+        return begin
+
+    def _exit(self, begin: float, part: str | None, units: int) -> None:
+        self._depth -= 1
+        seconds = self.clock() - begin
+        if self._depth == 0:
+            self.add(seconds)
+        if part is not None:
+            self.totals[part] = self.totals.get(part, 0.0) + seconds
+            if units > 0:
+                self.unit_cost[part] = seconds / units
 
     def learn(self, part: str, seconds: float, units: int = 1) -> None:
         """The measured cost of a part that ran elsewhere (the figures)."""

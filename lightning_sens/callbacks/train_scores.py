@@ -94,6 +94,9 @@ class TrainScores:
         self.pending = 0
         self.last_epoch = 0
         self._rows = Samples({"ids": torch.long, "labels": torch.long, "logits": torch.float64})
+        # each step's (ids, labels, logits), handed to ``_rows`` once per decision: a metric's
+        # update per step costs more than the rest of the step's scoring on a small model
+        self._steps: list[tuple[Tensor, Tensor, Tensor]] = []
         self._ids = IndexRecorder()
         self._tap: LoaderTap | None = None
         self._handles: list[Any] = []
@@ -124,8 +127,7 @@ class TrainScores:
             self._tap.remove()
             self._tap = None
         self._ids.release()
-        self._rows.reset()
-        self.pending = 0
+        self._forget()
         self.active = self.started = False
 
     def on_epoch_start(self) -> None:
@@ -221,7 +223,7 @@ class TrainScores:
             )
         # the scores are computed at collect(), for all rows in one call: a few small kernels
         # per step cost more than the scores themselves on small models
-        self._rows.update(ids=ids.to(logits.device), labels=labels, logits=logits)
+        self._steps.append((ids, labels, logits))
         self.pending += size
 
     def _recorded_ids(self, recorded: Tensor | None, labels: Tensor) -> Tensor | None:
@@ -285,8 +287,7 @@ class TrainScores:
 
     def _disable(self, key: str, message: str) -> None:
         self.active = False
-        self._rows.reset()
-        self.pending = 0
+        self._forget()
         self._unhook()
         self.warn(f"train-{key}", message)
 
@@ -296,9 +297,11 @@ class TrainScores:
         """Everything kept since the last call, from every rank, on the CPU: (ids, labels, log
         FI of every label); None where no rank kept anything. A collective: every rank calls
         it."""
+        if self._steps:
+            ids, labels, logits = (torch.cat(column) for column in zip(*self._steps, strict=True))
+            self._rows.update(ids=ids.to(logits.device), labels=labels, logits=logits)
         found = self._rows.gathered()
-        self._rows.reset()
-        self.pending = 0
+        self._forget()
         if found is None:
             return None
         return found["ids"], found["labels"], label_log_fi(found["logits"])
@@ -316,6 +319,12 @@ class TrainScores:
             )
         if found is not None and here:
             tracker.fold(*found)
+
+    def _forget(self) -> None:
+        """Drop the rows kept since the last :meth:`collect`."""
+        self._steps = []
+        self._rows.reset()
+        self.pending = 0
 
     def _fits(self, num_classes: int) -> bool:
         """Whether the evidence of the whole training set stays under its memory cap."""
