@@ -20,7 +20,7 @@ from lightning_sens import MonitorConfig, SensitivityMonitor
 from lightning_sens.callbacks.budget import TimeBudget
 from lightning_sens.callbacks.planner import SECOND_FORWARD, SETUP_CHECK, TRAIN_STEPS, Planner
 from lightning_sens.callbacks.policy import Failures
-from lightning_sens.callbacks.train_scores import TrainScores
+from lightning_sens.callbacks.train_scores import LogitsHook, TrainScores
 from lightning_sens.reporting import keys
 from tests.logged import epoch_table
 
@@ -320,3 +320,40 @@ def test_the_training_hook_inside_the_users_forward_is_charged(
     hooked = [output for output in calls if isinstance(output, Tensor)]
     assert len(hooked) >= trainer.global_step >= 4
     assert monitor.budget.totals[TRAIN_STEPS] >= slow * len(calls)
+
+
+def test_every_second_the_monitor_takes_on_the_training_thread_is_charged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The logged share is the truth only if nothing the monitor does escapes the budget: every
+    Lightning hook of the monitor and the forward hook inside the user's step, timed from
+    outside, add up to what the budget charged (within what the outside timers' own calls
+    cost). A validation step without logits (the second forward), no time limit (every part
+    runs: exact probes, training probe, tables); no figures (their thread is charged its CPU
+    time, tested above)."""
+    outside = [0.0]
+
+    def timed_from_outside(function: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            begin = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                outside[0] += time.perf_counter() - begin
+
+        return call
+
+    monkeypatch.setattr(LogitsHook, "__call__", timed_from_outside(LogitsHook.__call__))
+    monitor = SensitivityMonitor(budget=None, log_images=False)
+    hooks = [name for name in vars(SensitivityMonitor) if name.startswith("on_")]
+    hooks += ["setup", "teardown"]
+    for name in hooks:
+        setattr(monitor, name, timed_from_outside(getattr(monitor, name)))
+    train, val = _loaders()
+    _trainer(tmp_path, monitor, epochs=3).fit(Silent(), train, val)
+    budget = monitor.budget
+    assert budget.totals[SECOND_FORWARD] >= 0.03 * 2 * 3  # the slow eval forward ran
+    assert budget.totals[TRAIN_STEPS] > 0
+    # the outside timers hold the budget's blocks: never less; and not much more
+    assert budget.spent <= outside[0]
+    assert budget.spent >= 0.95 * outside[0], (budget.spent, outside[0], budget.totals)
