@@ -1,11 +1,24 @@
 """Benchmark: finding wrong labels — the monitor's flags against what users would pick instead.
 
 Real data: Fashion-MNIST (Debian's ``dataset-fashion-mnist``: 12,000 training images) and
-scikit-learn's 8 × 8 digits (1,297 training images). Labels are corrupted at several rates,
-symmetrically (to any other class) or between similar classes (Fashion-MNIST: T-shirt ↔ shirt,
-pullover ↔ coat, sneaker ↔ ankle boot; digits: 1 ↔ 7, 3 ↔ 8, 5 ↔ 6; the rate is the share of
-those classes' samples moved to their partner). Every method trains the same model (the demo's
-small CNN, Adam 1e-3, batch 128, ``--epochs`` epochs) with the same seed:
+scikit-learn's 8 × 8 digits (1,297 training images). Labels are corrupted at several rates, in
+three ways (``--kinds``):
+
+- ``symmetric``: to any other class, uniformly;
+- ``pairs``: between similar classes (Fashion-MNIST: T-shirt ↔ shirt, pullover ↔ coat, sneaker ↔
+  ankle boot; digits: 1 ↔ 7, 3 ↔ 8, 5 ↔ 6; the rate is the share of those classes' samples moved
+  to their partner);
+- ``instance``: instance-dependent, the usual stand-in for human mistakes: a separately trained
+  model (the demo CNN, on Fashion-MNIST training images 30,000–41,999 that the benchmark never
+  uses; on the digits, each half of the training set by a model trained on the other half)
+  gives every image probabilities; the images to mislabel are drawn with weights 1 − p(true
+  class), hard ones likelier, and each gets a wrong label drawn from that model's
+  probabilities over the other classes.
+
+Every method trains the same model (``--models``: the demo's small CNN, ``cnn3`` three
+convolutions with BatchNorm and dropout, ``mlp`` one hidden layer with dropout, ``resnet`` a
+small ResNet; Adam 1e-3, batch 128, each of ``--epochs`` training lengths) with the same seed,
+for each of ``--seeds`` (which also draws the corruption):
 
 - ``monitor``: ``SensitivityMonitor()`` (training-set scores from the training steps, the
   "counterfactual" rule on the evidence of all steps), at its defaults and with the exact-engine
@@ -21,10 +34,13 @@ small CNN, Adam 1e-3, batch 128, ``--epochs`` epochs) with the same seed:
   labels, an oracle no user has, reported as an upper bound.
 
 Precision, recall and F1 of the flagged set against the corrupted labels, AUROC of each
-method's score, and cost: wall time relative to one plain training run on the same machine.
+method's score, and cost: wall time relative to one plain training run of the same model on the
+same machine. With several seeds each number is their mean and F1 shows its range.
 
 Usage: pip install -e ".[bench]"; python benchmarks/label_noise.py [--small] [--out FILE.md]
        [--accelerator cpu|gpu] [--datasets fashion-mnist digits] [--methods flags cleanlab ...]
+       [--kinds symmetric pairs instance] [--models cnn cnn3 mlp resnet] [--epochs 2 6]
+       [--seeds 0 1]
 """
 
 from __future__ import annotations
@@ -32,10 +48,11 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -58,6 +75,13 @@ METHODS = {  # command-line name: name in the table
     "rankings": "loss and TracIn",
 }
 PAIRS = {"fashion-mnist": ((0, 6), (2, 4), (7, 9)), "digits": ((1, 7), (3, 8), (5, 6))}
+KINDS = ("symmetric", "pairs", "instance")
+MODELS = {  # command-line name: name in the table
+    "cnn": "demo CNN",
+    "cnn3": "3 conv + BN + dropout",
+    "mlp": "MLP + dropout",
+    "resnet": "small ResNet",
+}
 
 
 class Indexed(Dataset):
@@ -73,12 +97,79 @@ class Indexed(Dataset):
         return self.x[i], self.y[i], i
 
 
-class Net(SmallCNN):
-    """The demo's CNN, reading (x, y, ids) batches, with ``outputs`` classes."""
+class Block(nn.Module):
+    """A ResNet basic block: two 3 × 3 convolutions with BatchNorm, and the shortcut."""
 
-    def __init__(self, outputs: int = 10) -> None:
-        super().__init__(channels=1, lr=1e-3)
-        self.net[-1] = nn.Linear(32 * 4 * 4, outputs)
+    def __init__(self, inputs: int, outputs: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(outputs),
+            nn.ReLU(),
+            nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(outputs),
+        )
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and inputs == outputs
+            else nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride, bias=False), nn.BatchNorm2d(outputs)
+            )
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def network(model: str, outputs: int, side: int) -> nn.Module:
+    """The benchmark's models for 1-channel ``side`` × ``side`` images."""
+    if model == "cnn":  # the demo's small CNN
+        net = SmallCNN(channels=1).net
+        net[-1] = nn.Linear(32 * 4 * 4, outputs)
+        return net
+    if model == "cnn3":  # three convolutions, BatchNorm and dropout
+        layers: list[nn.Module] = []
+        for inputs, width, pool in ((1, 32, True), (32, 64, True), (64, 64, False)):
+            layers += [nn.Conv2d(inputs, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+            layers += [nn.MaxPool2d(2)] if pool else []
+        return nn.Sequential(
+            *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(64, outputs)
+        )
+    if model == "mlp":
+        return nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(side * side, 256),
+            nn.ReLU(),
+            nn.Dropout(0.2),
+            nn.Linear(256, outputs),
+        )
+    if model == "resnet":  # three stages of one basic block each
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            Block(16, 16, 1),
+            Block(16, 32, 2),
+            Block(32, 64, 2),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(64, outputs),
+        )
+    raise ValueError(f"model must be one of {', '.join(MODELS)}, got {model!r}")
+
+
+class Net(pl.LightningModule):
+    """One of the benchmark's networks, reading (x, y, ids) batches, with ``outputs`` classes."""
+
+    def __init__(self, model: str = "cnn", outputs: int = 10, side: int = 28) -> None:
+        super().__init__()
+        self.net = network(model, outputs, side)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y, _ = batch
@@ -89,11 +180,20 @@ class Net(SmallCNN):
 
 
 def corrupt(
-    y: Tensor, rate: float, kind: str, pairs: tuple[tuple[int, int], ...], seed: int
+    y: Tensor,
+    rate: float,
+    kind: str,
+    pairs: tuple[tuple[int, int], ...],
+    seed: int,
+    probs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Noisy labels and the mask of corrupted ones."""
+    """Noisy labels and the mask of corrupted ones; ``instance`` needs ``probs``, a separate
+    model's ``(N, K)`` probabilities of every image."""
     g = torch.Generator().manual_seed(seed)
     noisy = y.clone()
+    if kind == "instance":
+        assert probs is not None, "instance-dependent noise needs a separate model's probabilities"
+        return instance_noise(y, probs, rate, g)
     if kind == "symmetric":
         chosen = torch.randperm(len(y), generator=g)[: int(rate * len(y))]
         noisy[chosen] = (y[chosen] + torch.randint(1, 10, (len(chosen),), generator=g)) % 10
@@ -106,6 +206,22 @@ def corrupt(
     return noisy, noisy != y
 
 
+def instance_noise(
+    y: Tensor, probs: Tensor, rate: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """``rate`` × N images, drawn without replacement with weights 1 − p(true class) (hard
+    images likelier), each given a wrong label drawn from ``probs`` over the other classes."""
+    count = int(rate * len(y))
+    noisy = y.clone()
+    if count == 0:
+        return noisy, noisy != y
+    hard = (1 - probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)).clamp(min=1e-3).double()
+    chosen = torch.multinomial(hard, count, replacement=False, generator=generator)
+    others = probs[chosen].double().clamp(min=1e-12).scatter(-1, y[chosen].unsqueeze(-1), 0.0)
+    noisy[chosen] = torch.multinomial(others, 1, generator=generator).squeeze(-1)
+    return noisy, noisy != y
+
+
 @dataclass
 class Setting:
     x: Tensor
@@ -115,6 +231,7 @@ class Setting:
     epochs: int
     accelerator: str
     seed: int = 0
+    model: str = "cnn"
 
 
 def fit(
@@ -126,7 +243,7 @@ def fit(
 ) -> tuple[Net, float]:
     """Train the model on (x, y) with the setting's recipe; (model, seconds)."""
     pl.seed_everything(s.seed, verbose=False)
-    model = Net(outputs)
+    model = Net(s.model, outputs, x.shape[-1])
     train = DataLoader(Indexed(x, y), batch_size=128, shuffle=True)
     val = DataLoader(Indexed(s.x_val, s.y_val), batch_size=500)
     trainer = pl.Trainer(
@@ -308,57 +425,122 @@ def top_n(score: Tensor, n: int) -> Tensor:
     return flagged
 
 
+def separate_probabilities(name: str, x: Tensor, y: Tensor, s: Setting) -> Tensor:
+    """Every training image's class probabilities from a demo CNN that never saw it: on
+    Fashion-MNIST one trained on training images 30,000–41,999 (the benchmark uses the first
+    12,000); on the digits, each half by a model trained on the other half."""
+    recipe = Setting(x, y, s.x_val, s.y_val, 6, s.accelerator, seed=100)
+    if name == "digits":
+        probs = torch.zeros(len(y), 10)
+        half = torch.arange(len(y)) % 2 == 0
+        for part in (half, ~half):
+            model, _ = fit(recipe, x[~part], y[~part])
+            probs[part] = predict(model, x[part]).softmax(-1)
+        return probs
+    _, x_all, y_all, _, _ = load_images(name, Path("/tmp/lightning-sens-data"), subset=None)
+    model, _ = fit(recipe, x_all[30_000:42_000], y_all[30_000:42_000])
+    return predict(model, x).softmax(-1)
+
+
+@dataclass
+class Outcome:
+    """One method on one setting, over the seeds."""
+
+    flagged: list[int] = field(default_factory=list)
+    bad: list[int] = field(default_factory=list)
+    quality: list[tuple[float, float, float]] = field(default_factory=list)
+    auroc: list[float] = field(default_factory=list)
+    cost: list[float] = field(default_factory=list)
+
+    def row(self, key: tuple[str, str, int, str, int, str], total: int) -> str:
+        name, model, epochs, kind, rate, method = key
+        mean = statistics.fmean
+        p, r, f = (mean(q[i] for q in self.quality) for i in range(3))
+        f1s = [q[2] for q in self.quality]
+        spread = f" ({min(f1s):.2f}–{max(f1s):.2f})" if len(f1s) > 1 else ""
+        flagged = mean(self.flagged)
+        share = f"{flagged:.0f} / {mean(self.bad):.0f}"
+        if rate == 0:
+            share = f"{flagged:.0f} ({100 * flagged / total:.2f} %)"
+        return (
+            f"| {name} | {MODELS[model]} | {epochs} | {kind} | {rate} | {method} | {share} | "
+            f"{p:.2f} | {r:.2f} | {f:.2f}{spread} | {_number(mean(self.auroc), 3)} | "
+            f"{mean(self.cost):.1f}× |"
+        )
+
+
+def _number(value: float, digits: int) -> str:
+    return "—" if value != value else f"{value:.{digits}f}"  # NaN: AUROC on clean labels
+
+
 def run(args: argparse.Namespace) -> list[str]:
+    outcomes: dict[tuple[str, str, int, str, int, str], Outcome] = {}
     lines = []
     for dataset in args.datasets:
         name, x, y, x_val, y_val = load_images(dataset, Path("/tmp/lightning-sens-data"))
-        s = Setting(x, y, x_val[:500], y_val[:500], args.epochs, args.accelerator)
-        _, plain = fit(s, x, y)
-        _, plain = fit(s, x, y)  # the second run: warm caches, the plain cost to compare with
-        for kind in args.kinds:
-            for rate in args.rates:
-                if kind == "pairs" and rate == 0:
-                    continue  # the same labels as symmetric noise at 0 %
-                noisy, bad = corrupt(y, rate / 100, kind, PAIRS[name], seed=1)
-                every: dict[str, Callable[[Setting, Tensor], tuple[Tensor, Tensor, float]]] = {
-                    "flags": partial(monitor_method, exact_probe_size=0),
-                    "defaults": monitor_method,
-                    "pairs": partial(
-                        monitor_method, exact_probe_size=0, flag_rule="counterfactual_pairs"
-                    ),
-                    "cleanlab": cleanlab_method,
-                    "aum": aum_method,
-                }
-                methods = {METHODS[m]: f for m, f in every.items() if m in args.methods}
-                for method, compute in methods.items():
-                    flagged, score, seconds = compute(s, noisy)
-                    p, r, f = quality(flagged, bad)
-                    lines.append(
-                        f"| {name} | {kind} | {rate} | {method} | {int(flagged.sum())} / "
-                        f"{int(bad.sum())} | {p:.2f} | {r:.2f} | {f:.2f} | "
-                        f"{auroc(score, bad):.3f} | {seconds / plain:.1f}× |"
-                    )
-                    print(lines[-1], flush=True)
-                if "rankings" not in args.methods:
-                    continue
-                for method, (score, seconds) in ranking_methods(s, noisy).items():
-                    p, r, f = quality(top_n(score, int(bad.sum())), bad)
-                    lines.append(
-                        f"| {name} | {kind} | {rate} | {method}, top n (oracle) | "
-                        f"{int(bad.sum())} / {int(bad.sum())} | {p:.2f} | {r:.2f} | {f:.2f} | "
-                        f"{auroc(score, bad):.3f} | {seconds / plain:.1f}× |"
-                    )
-                    print(lines[-1], flush=True)
+        base = Setting(x, y, x_val[:500], y_val[:500], 0, args.accelerator)
+        probs = separate_probabilities(name, x, y, base) if "instance" in args.kinds else None
+        for model in args.models:
+            for epochs in args.epochs:
+                for seed in args.seeds:
+                    s = Setting(x, y, base.x_val, base.y_val, epochs, args.accelerator, seed, model)
+                    _, plain = fit(s, x, y)
+                    _, plain = fit(s, x, y)  # warm caches: the plain cost to compare with
+                    for kind, rate in settings_of(args):
+                        noisy, bad = corrupt(y, rate / 100, kind, PAIRS[name], 1 + seed, probs)
+                        label = "none" if rate == 0 else kind
+                        for method, (found, score, seconds) in methods(args, s, noisy):
+                            flagged = top_n(score, int(bad.sum())) if found is None else found
+                            key = (name, model, epochs, label, rate, method)
+                            outcome = outcomes.setdefault(key, Outcome())
+                            outcome.flagged.append(int(flagged.sum()))
+                            outcome.bad.append(int(bad.sum()))
+                            outcome.quality.append(quality(flagged, bad))
+                            outcome.auroc.append(auroc(score, bad))
+                            outcome.cost.append(seconds / plain)
+                            print(outcome.row(key, len(y)), f"(seed {seed})", flush=True)
+        for key, outcome in outcomes.items():
+            if key[0] == name:
+                lines.append(outcome.row(key, len(y)))
     return lines
+
+
+def settings_of(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(kind, rate) to run: clean labels once, then every kind at every other rate."""
+    out = [("symmetric", 0)] if 0 in args.rates else []
+    return out + [(kind, rate) for kind in args.kinds for rate in args.rates if rate != 0]
+
+
+def methods(
+    args: argparse.Namespace, s: Setting, noisy: Tensor
+) -> list[tuple[str, tuple[Tensor | None, Tensor, float]]]:
+    """Every method asked for on (s, noisy labels): (name, (flagged, score, seconds)); a ranking
+    without a rule has no flagged set (None)."""
+    every: dict[str, Callable[[Setting, Tensor], tuple[Tensor, Tensor, float]]] = {
+        "flags": partial(monitor_method, exact_probe_size=0),
+        "defaults": monitor_method,
+        "pairs": partial(monitor_method, exact_probe_size=0, flag_rule="counterfactual_pairs"),
+        "cleanlab": cleanlab_method,
+        "aum": aum_method,
+    }
+    out = [(METHODS[m], f(s, noisy)) for m, f in every.items() if m in args.methods]
+    if "rankings" in args.methods:  # no rule: flagged below at the true number of bad labels
+        for method, (score, seconds) in ranking_methods(s, noisy).items():
+            out.append((f"{method}, top n (oracle)", (None, score, seconds)))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--small", action="store_true", help="digits, monitor only, 0 and 20 %%")
     parser.add_argument("--datasets", nargs="+", default=["fashion-mnist", "digits"])
-    parser.add_argument("--kinds", nargs="+", default=["symmetric", "pairs"])
+    parser.add_argument(
+        "--kinds", nargs="+", default=["symmetric", "pairs", "instance"], choices=KINDS
+    )
     parser.add_argument("--rates", nargs="+", type=int, default=[0, 3, 10, 20, 40])
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--models", nargs="+", default=["cnn"], choices=MODELS)
+    parser.add_argument("--epochs", nargs="+", type=int, default=[6])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument(
         "--methods",
@@ -375,13 +557,17 @@ def main() -> None:
     torch.set_float32_matmul_precision("highest")
     lines = run(args)
     device = torch.cuda.get_device_name() if args.accelerator == "gpu" else platform.processor()
+    seeds = len(args.seeds)
     header = [
         f"Measured by `benchmarks/label_noise.py` on {device or platform.machine()} "
-        f"({args.accelerator}, torch {torch.__version__}), {args.epochs} epochs. "
-        "flagged / bad: flagged samples and truly corrupted labels.",
+        f"({args.accelerator}, torch {torch.__version__}), {seeds} seed{'s' * (seeds > 1)}"
+        f"{' (mean; F1 with its range)' if seeds > 1 else ''}. flagged / bad: flagged samples "
+        "and truly corrupted labels; on clean labels (noise none), the flagged samples and their "
+        "share.",
         "",
-        "| data | noise | % | method | flagged / bad | precision | recall | F1 | AUROC | cost |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| data | model | epochs | noise | % | method | flagged / bad | precision | recall | F1 | "
+        "AUROC | cost |",
+        "|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     text = "\n".join(header + lines) + "\n"
     if args.out is not None:

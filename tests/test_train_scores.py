@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -153,17 +151,3 @@ def test_evidence_survives_a_checkpoint(tmp_path: Path) -> None:
     assert monitor.tracker.evidence is not None
     assert torch.equal(restored.tracker.evidence.total, monitor.tracker.evidence.total)
     assert torch.equal(restored.tracker.evidence.seen, monitor.tracker.evidence.seen)
-
-
-def test_label_noise_benchmark_small_mode(tmp_path: Path) -> None:
-    out = tmp_path / "label_noise.md"
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "label_noise.py"
-    subprocess.run(
-        [sys.executable, str(script), "--small", "--out", str(out)], check=True, timeout=600
-    )
-    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| digits")]
-    by_rate = {int(r[3]): r for r in rows}
-    assert sorted(by_rate) == [0, 20]
-    flagged_clean = int(by_rate[0][5].split("/")[0])
-    assert flagged_clean <= 0.005 * 1297  # quiet on clean labels
-    assert float(by_rate[20][8]) >= 0.85  # F1 at 20 % symmetric noise
