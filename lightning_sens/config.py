@@ -40,9 +40,10 @@ class MonitorConfig:
             b bits, one step per output channel" (Linear and convolution layers).
         flag_rule: "counterfactual" (estimates how many labels of each class are wrong and
             flags that many; docs/flags.md, "The rule: what a wrong label looks like to this
-            model"), "counterfactual_pairs" (the same class by class pair: finds wrong labels
-            between similar classes, and flags samples the model finds
-            ambiguous), "mad" (robust z-score of log FI above ``flag_threshold``: a few
+            model"), "counterfactual_pairs" (also class pair by class pair, on the margin between
+            the two labels: finds wrong labels between similar classes, and flags some samples
+            the model finds ambiguous; docs/flags.md, "Wrong labels between similar classes"),
+            "mad" (robust z-score of log FI above ``flag_threshold``: a few
             outliers) or "top_k".
         flag_threshold: the robust z-score cut-off of the "mad" rule.
         top_k: how many samples the "top_k" rule flags per split and epoch.

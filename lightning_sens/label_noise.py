@@ -14,8 +14,9 @@ what a wrong label looks like to this model" and "Benchmark"):
   median, twice the number of class-i samples above it estimates how many class-i labels are
   wrong; the highest-scoring that many are flagged. On clean data almost no sample scores like a
   wrong label, so almost nothing is flagged; no threshold is tuned. With ``pairs``, each class
-  is compared with every other class separately: it finds wrong labels between classes the
-  model confuses, and also flags samples it finds ambiguous between them.
+  is also compared with every other class separately, on the margin between the two labels:
+  it finds wrong labels between classes the model confuses, and also flags some samples it
+  finds ambiguous between them.
 - :func:`separation_p_value`: whether the model separates a class from its reference at all (a
   one-sided rank test at :data:`SIGNIFICANCE`). A class it does not separate, or whose estimate
   reaches half its samples, is *undecided*: nothing in it is flagged (docs/flags.md, "When the
@@ -43,6 +44,10 @@ __all__ = [
 MAX_ENTRIES = 2**25
 """The most samples × classes the evidence keeps (float64: 256 MiB), e.g. 50,000 × 100 CIFAR-100
 or 300,000 × 100; beyond it the monitor says so and does not keep training-set evidence."""
+
+CELL_CUTS = (0.5, 0.75, 0.9)
+"""The reference quantiles at which the pairs rule estimates a cell's count of wrong labels
+(:func:`estimate_noise`): the smallest of the three estimates is kept."""
 
 SIGNIFICANCE = 0.01
 """The level of the one-sided test that the model separates a class (or cell) from its
@@ -116,6 +121,21 @@ class LabelEvidence:
         self.ids, self.labels, self.total, self.seen = unique, latest, total, seen
         return self
 
+    def forget(self, part: LabelEvidence, ids: Tensor) -> LabelEvidence:
+        """Take ``part``'s scores of the samples ``ids`` out of these sums (a sample's last label
+        stays) and out of ``part``; returns self. Every such sample must be here and in ``part``
+        and scored here more often than in ``part``."""
+        ids = ids.cpu().long().unique()
+        mine = torch.searchsorted(self.ids, ids)
+        theirs = torch.searchsorted(part.ids, ids)
+        self.total[mine] -= part.total[theirs]
+        self.seen[mine] -= part.seen[theirs]
+        keep = torch.ones(len(part.ids), dtype=torch.bool)
+        keep[theirs] = False
+        part.ids, part.labels = part.ids[keep], part.labels[keep]
+        part.total, part.seen = part.total[keep], part.seen[keep]
+        return self
+
     def state_dict(self) -> dict[str, Tensor]:
         return {"ids": self.ids, "labels": self.labels, "total": self.total, "seen": self.seen}
 
@@ -132,12 +152,16 @@ class NoiseEstimate:
         flagged: bool ``(N,)``.
         p_bad: ``(N,)`` the estimated share of wrong labels among the samples of the same class
             (and cell) that score at least as high: 1 − the q-value of flagging down to this
-            sample. NaN where the rule is undecided.
-        estimated: ``(K,)`` estimated number of wrong labels per class (−1: undecided).
-        per_cell: ``(K, C)`` the number flagged per class and cell: C = 1, or C = K with
-            ``pairs`` (cell ``[i, j]``: labelled i, most likely other class j); 0 where undecided.
-        cutoff: ``(N,)`` the median of each sample's reference: log FI above it looks like a
-            wrong label (+inf where the rule is undecided).
+            sample (with ``pairs``, the larger of its class's and its cell's). NaN where the
+            rule is undecided.
+        estimated: ``(K,)`` estimated number of wrong labels per class, the number it flags
+            (−1: undecided).
+        per_cell: ``(K, C)`` the count of each comparison: C = 1, or C = K with ``pairs``
+            (``[i, i]``: class i against all others; ``[i, j]``: the samples labelled i whose
+            most likely other class is j); the class flags the union of their top-ranked
+            samples. 0 where undecided.
+        cutoff: ``(N,)`` the median of the class's reference (the other classes' log FI under
+            its label): log FI above it looks like a wrong label (+inf where undecided).
         undecided: bool ``(K,)``: classes the rule cannot decide (:func:`separation_p_value`):
             none of their samples is flagged. A class without samples is not undecided.
         undecided_cells: bool ``(K, C)``: the same per cell that holds samples; with ``pairs``
@@ -202,16 +226,29 @@ def _p_value_sorted(a: Tensor, r: Tensor, merged: Tensor | None = None) -> float
     return float(torch.special.ndtr(torch.tensor(-z, dtype=torch.float64)))
 
 
+@dataclass
+class _Part:
+    """One comparison of :func:`estimate_noise`: the samples of class ``k`` in ``cell``, their
+    statistic (higher: looks more like a wrong label), the reference's sorted statistic, and
+    whether the model separates them."""
+
+    cell: int
+    members: Tensor
+    values: Tensor
+    reference: Tensor
+    separated: bool
+    cuts: tuple[float, ...]
+
+
 def estimate_noise(
     scores: Tensor, labels: Tensor, at_least: Tensor | None = None, pairs: bool = False
 ) -> NoiseEstimate:
     """The counterfactual-label rule on per-sample log FI under every label (module docstring).
 
-    A class (with ``pairs``: a cell) is decided only when the model separates it: its samples'
-    log FI under their label lies below the reference's at the :data:`SIGNIFICANCE` level
-    (:func:`separation_p_value`), and its estimate is below half its samples. An undecided
-    class flags nothing and its ``p_bad`` is NaN (docs/flags.md, "When the rule declines to
-    decide").
+    A class is decided only when the model separates it: its samples' log FI under their label
+    lies below the reference's at the :data:`SIGNIFICANCE` level (:func:`separation_p_value`),
+    and fewer than half its samples would be flagged. An undecided class flags nothing and its
+    ``p_bad`` is NaN (docs/flags.md, "When the rule declines to decide").
 
     Args:
         scores: ``(N, K)`` log FI of every label (one epoch's :func:`label_log_fi`, or the
@@ -221,13 +258,16 @@ def estimate_noise(
             the largest per-epoch estimate so far): memorisation lowers the estimate as training
             goes on, so the flagged count of a decided cell is the larger of the two. It never
             decides a class: an undecided class stays unflagged whatever it holds.
-        pairs: split each class i into cells by the sample's most likely other class j, and
-            compare cell (i, j) with the samples labelled j only. This finds wrong labels between
-            classes the model confuses (class-conditional noise), which the pooled reference of
-            all other classes misses; it also flags samples that the model itself finds
-            ambiguous between such classes, also when every label is right (docs/flags.md,
-            "The rule: what a wrong label looks like to this model"). Cell (i, j) is decided
-            when the samples labelled i are separated from those labelled j under label i.
+        pairs: besides the pooled comparison, split each class i into cells by the sample's most
+            likely other class j and compare cell (i, j) with the samples labelled j, on the
+            margin log FI(i) − log FI(j) (docs/flags.md, "Wrong labels between similar
+            classes"). Its estimate is the smallest of those at the reference's median, upper
+            quartile and 90th percentile (:data:`CELL_CUTS`), so that correct samples the model
+            finds ambiguous, which crowd just above the reference's lower half, count less. It
+            finds wrong labels between classes the model confuses (class-conditional noise),
+            which the pooled reference misses, and flags the union of both; it also flags some
+            correct samples of classes the model itself confuses. C = K: cell ``[i, i]`` holds
+            the pooled comparison, ``[i, j]`` the cell of samples labelled i nearest to j.
     """
     x = scores.detach().to(torch.float64).cpu()
     y = labels.detach().long().cpu()
@@ -235,8 +275,7 @@ def estimate_noise(
     own = x[torch.arange(n), y]
     width = num_classes if pairs else 1
     floor = None if at_least is None else at_least.reshape(num_classes, -1).cpu()
-    if pairs:
-        alternative = x.scatter(-1, y.unsqueeze(-1), float("inf")).argmin(dim=-1)
+    alternative = x.scatter(-1, y.unsqueeze(-1), float("inf")).argmin(dim=-1)
     flagged = torch.zeros(n, dtype=torch.bool)
     p_bad = torch.full((n,), float("nan"), dtype=torch.float64)
     estimated = torch.zeros(num_classes, dtype=torch.long)
@@ -254,49 +293,74 @@ def estimate_noise(
         column, sorted_labels = column_values[:, k], y[column_order[:, k]]
         mine_sorted = column[sorted_labels == k]
         rest = column[sorted_labels != k]  # what a wrong label k looks like to this model
+        whole = _p_value_sorted(mine_sorted, rest, column) <= SIGNIFICANCE
+        parts = [_Part(k if pairs else 0, mine, own[mine], rest, whole, (0.5,))]
         if pairs:  # only the cells that hold samples: K² cells, mostly empty when K is large
             sources = alternative[mine]
-            cells = [
-                (j, mine[sources == j], column[sorted_labels == j])
-                for j in sources.unique().tolist()
-            ]
-        else:
-            cells = [(0, mine, rest)]
-        # the class against all others first; with pairs, then each cell against its class j
-        whole = _p_value_sorted(mine_sorted, rest, column) <= SIGNIFICANCE
-        found = []
-        current = flagging = 0  # the estimate of these scores; with the counts kept earlier
-        for cell, members, reference in cells:  # each reference sorted
-            separated = whole and (
-                not pairs or _p_value_sorted(mine_sorted, reference) <= SIGNIFICANCE
-            )
-            undecided_cells[k, cell] = not separated
-            if reference.numel() == 0:
+            for j in sources.unique().tolist():
+                members = mine[sources == j]
+                margin = x[members, k] - x[members, j]
+                theirs = members_of[j]
+                reference = (x[theirs, k] - x[theirs, j]).sort().values
+                separated = whole and (
+                    _p_value_sorted(margin.sort().values, reference) <= SIGNIFICANCE
+                )
+                parts.append(_Part(j, members, margin, reference, separated, CELL_CUTS))
+        chosen, raw, kept = [], torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        for part in parts:
+            undecided_cells[k, part.cell] = not part.separated
+            if part.reference.numel() == 0:
                 continue
-            median = reference[(reference.numel() - 1) // 2]
-            count = min(2 * int((own[members] > median).sum()), members.numel())
-            current += count
-            if separated and floor is not None:
-                count = min(max(count, int(floor[k, cell])), members.numel())
-            flagging += count
-            if separated:
-                found.append((cell, members, reference, median, count))
+            count = _count(part.values, part.reference, part.cuts)
+            ranked, where = part.values.sort(descending=True)
+            order = part.members[where]
+            raw[order[:count]] = True
+            if part.separated and floor is not None:
+                count = min(max(count, int(floor[k, part.cell])), part.members.numel())
+            kept[order[:count]] = True
+            if part.separated:
+                chosen.append((part.cell, part.reference, order, ranked, count))
         # the premise is that fewer than half the labels are wrong (an estimate of half is
         # what a small class at chance gives); the counts kept earlier flag at most half
-        if not found or 2 * current >= mine.numel() or 2 * flagging > mine.numel():
+        wrong, flagging = int(raw[mine].sum()), int(kept[mine].sum())
+        if not chosen or 2 * wrong >= mine.numel() or 2 * flagging > mine.numel():
             undecided[k] = True
-            undecided_cells[k, [cell for cell, _, _ in cells]] = True
+            undecided_cells[k, [part.cell for part in parts]] = True
             estimated[k] = -1
             continue
-        estimated[k] = sum(f[-1] for f in found)
-        for cell, members, reference, median, count in found:
+        cutoff[mine] = rest[(rest.numel() - 1) // 2]
+        for cell, reference, order, ranked, count in chosen:
             per_cell[k, cell] = count
-            cutoff[members] = median
-            order = members[own[members].argsort(descending=True)]
             flagged[order[:count]] = True
-            # share of wrong labels among the samples scoring ≥ s: count · S_ref(s) / #{own ≥ s}
-            survival = 1 - torch.searchsorted(reference, own[order], side="left") / len(reference)
-            ahead = torch.arange(1, order.numel() + 1, dtype=torch.float64)
-            share = (count * survival.to(torch.float64) / ahead).clamp(max=1.0)
-            p_bad[order] = share.flip(0).cummax(0).values.flip(0)  # never rises as scores fall
+            p_bad[order] = torch.fmax(p_bad[order], _share(reference, ranked, count))
+        estimated[k] = int(flagged[mine].sum())
     return NoiseEstimate(flagged, p_bad, estimated, per_cell, cutoff, undecided, undecided_cells)
+
+
+def _count(values: Tensor, reference: Tensor, cuts: tuple[float, ...]) -> int:
+    """How many of ``values`` are wrong labels, if wrong labels are distributed like the sorted
+    ``reference`` above each cut and correct ones sit below it: the smallest over the cuts (the
+    reference's quantiles) of the number above the cut over the reference's share above it.
+    With the median alone: twice the number above it, at most all of them."""
+    m = reference.numel()
+    if cuts == (0.5,):
+        median = reference[(m - 1) // 2]
+        return min(2 * int((values > median).sum()), values.numel())
+    best = float("inf")
+    for q in cuts:
+        cut = reference[int(q * (m - 1))]
+        tail = (m - int(torch.searchsorted(reference, cut, right=True))) / m
+        if tail > 0:
+            best = min(best, int((values > cut).sum()) / tail)
+    return 0 if best == float("inf") else min(int(best + 0.5), values.numel())
+
+
+def _share(reference: Tensor, ranked: Tensor, count: int) -> Tensor:
+    """Per sample, for a part's statistic ``ranked`` highest first: the estimated share of
+    wrong labels among the part's samples scoring at least as high, count · S_ref(s) / #{≥ s}
+    (the sorted ``reference`` tells how many wrong labels to expect above any score), never
+    rising as the statistic falls."""
+    survival = 1 - torch.searchsorted(reference, ranked, side="left") / len(reference)
+    ahead = torch.arange(1, ranked.numel() + 1, dtype=torch.float64)
+    share = (count * survival.to(torch.float64) / ahead).clamp(max=1.0)
+    return share.flip(0).cummax(0).values.flip(0)

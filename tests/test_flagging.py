@@ -66,9 +66,9 @@ def test_a_class_the_model_does_not_separate_is_undecided_not_flagged() -> None:
     labels = torch.arange(2).repeat_interleave(12)
     cells = {
         "counterfactual": [[True], [True]],
-        "counterfactual_pairs": [[False, True], [True, False]],
+        "counterfactual_pairs": [[True, True], [True, True]],
     }
-    for rule, undecided_cells in cells.items():  # with pairs, the cell (k, k) holds no sample
+    for rule, undecided_cells in cells.items():  # with pairs, the cell (k, k) is the pooled part
         decision = flag(under_0, rule, label_scores=scores, labels=labels)  # type: ignore[arg-type]
         assert not decision.flagged.any()
         assert decision.p_bad.isnan().all()

@@ -215,3 +215,30 @@ def test_a_process_without_rows_gathers_the_others_rows() -> None:
     assert found["ids"].tolist() == [7, 9]
     assert found["ids"].dtype == torch.long
     assert found["scores"].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+
+
+def test_the_first_epoch_leaves_a_samples_evidence_once_a_later_epoch_scored_it() -> None:
+    """The first epoch's scores are the untrained network's: a sample's evidence keeps them only
+    until a later epoch scores it (here sample 5 is left out of the second epoch), also across
+    a checkpoint saved between the two."""
+    tracker = SensitivityTracker(MonitorConfig())
+    labels = torch.arange(10) % K
+    first, second, third = (_logits(10, seed).log_softmax(-1).neg() for seed in (1, 2, 3))
+    tracker.fold(torch.arange(10), labels, first)
+    assert tracker.evidence is not None
+    assert torch.equal(tracker.evidence.mean, first)
+    resumed = SensitivityTracker(MonitorConfig())
+    resumed.load_state_dict(tracker.state_dict())
+    for t in (tracker, resumed):
+        later = torch.arange(10) != 5
+        t.fold(torch.arange(10)[later], labels[later], second[later])
+        assert t.evidence is not None
+        expected = torch.where(later.unsqueeze(-1), second, first)
+        torch.testing.assert_close(t.evidence.mean, expected, rtol=1e-14, atol=1e-14)
+        assert t.evidence.seen.tolist() == [1] * 10
+        assert t.first is not None
+        assert t.first.ids.tolist() == [5]
+        t.fold(torch.arange(10), labels, third)
+        both = torch.where(later.unsqueeze(-1), (second + third) / 2, third)
+        torch.testing.assert_close(t.evidence.mean, both, rtol=1e-14, atol=1e-14)
+        assert t.first is None

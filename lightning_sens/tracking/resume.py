@@ -65,6 +65,8 @@ def restore(tracker: SensitivityTracker, state: dict[str, Any]) -> list[str]:
     tracker.flags.window = tracker.config.persistence
     evidence = state.get("evidence")
     tracker.evidence = None if evidence is None else LabelEvidence.from_state_dict(evidence)
+    first = state.get("first")
+    tracker.first = None if first is None else LabelEvidence.from_state_dict(first)
     tracker.noise_floor = None if "flag_rule" in changed else state.get("noise_floor")
     tracker.folds = int(state.get("folds", 0))
     tracker.validations = int(state.get("validations", 0))

@@ -91,7 +91,9 @@ class SensitivityTracker:
         history: one row of metrics per decision (with ``epoch`` and ``step``).
         flags: the decisions (by global step) each sample was flagged in (persistence).
         evidence: every training sample's log FI under every label, summed over the training
-            steps (when they are scored).
+            steps (when they are scored); a sample's steps of the first epoch, whose scores
+            are the untrained network's, leave it once a later epoch has scored it.
+        first: the first epoch's sums of the samples no later epoch has scored yet.
         noise_floor: per class and cell, the largest count of wrong labels estimated from the
             training steps between two decisions, after the first (memorisation lowers later
             estimates; this keeps the evidence).
@@ -104,6 +106,7 @@ class SensitivityTracker:
         self.history: list[dict[str, float]] = []
         self.flags = FlagHistory(config.persistence)
         self.evidence: LabelEvidence | None = None
+        self.first: LabelEvidence | None = None
         self.noise_floor: Tensor | None = None
         self.folds = 0
         self.validations = 0
@@ -121,7 +124,9 @@ class SensitivityTracker:
 
     def fold(self, ids: Tensor, labels: Tensor, scores: Tensor) -> None:
         """Add the training steps' log FI under every label ``(N, K)`` since the last
-        decision to the evidence; their per-sample mean is this decision's training split."""
+        decision to the evidence; their per-sample mean is this decision's training split. A
+        sample's scores from the first epoch (the untrained network's, which say nothing about
+        its label) leave its evidence once a later epoch has scored it."""
         self.num_classes = scores.shape[-1]
         window = LabelEvidence.empty(scores.shape[-1]).update(ids, labels, scores)
         self._train_epoch = label_scores(window.ids, window.labels, window.mean)
@@ -132,9 +137,17 @@ class SensitivityTracker:
             estimated = estimate_noise(window.mean, window.labels, pairs=pairs).per_cell
             floor = self.noise_floor
             self.noise_floor = estimated if floor is None else torch.maximum(floor, estimated)
-        self.folds += 1
         evidence = self.evidence or LabelEvidence.empty(scores.shape[-1])
         self.evidence = evidence.update(ids, labels, scores)
+        if self.folds == 0:
+            self.first = window
+        elif self.first is not None:
+            # the untrained network's scores leave a sample once a later epoch scored it
+            again = window.ids[torch.isin(window.ids, self.first.ids)]
+            self.evidence.forget(self.first, again)
+            if self.first.ids.numel() == 0:
+                self.first = None
+        self.folds += 1
 
     def gather(self) -> dict[str, SplitScores]:
         """This epoch's scores of every process, by split: the validation samples (one row
@@ -274,6 +287,7 @@ class SensitivityTracker:
             "history": self.history,
             "flags": self.flags.state_dict(),
             "evidence": None if self.evidence is None else self.evidence.state_dict(),
+            "first": None if self.first is None else self.first.state_dict(),
             "noise_floor": self.noise_floor,
             "folds": self.folds,
             "validations": self.validations,
