@@ -50,8 +50,8 @@ class MonitorConfig:
         persistence: n in "flagged in m of the last n decisions".
         score_training_steps: score every training sample from the logits its training step
             computes (no extra pass; train-mode logits) and flag training labels by the mean over
-            all steps so far. Needs sample ids: batches ``(x, y, ids)``, or a loader with a batch
-            sampler, whose order the monitor records.
+            the steps so far (from the second epoch on). Needs sample ids: batches
+            ``(x, y, ids)``, or a loader with a batch sampler, whose order the monitor records.
         scan_train_set: every ``scan_every_n_epochs`` decisions, also compute the
             closed-form FI of every training sample (one eval forward pass per sample) so that
             outliers anywhere in the training set can be flagged.

@@ -306,24 +306,25 @@ def estimate_noise(
                     _p_value_sorted(margin.sort().values, reference) <= SIGNIFICANCE
                 )
                 parts.append(_Part(j, members, margin, reference, separated, CELL_CUTS))
-        chosen, raw, kept = [], torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        chosen, pooled_decided = [], False
         for part in parts:
             undecided_cells[k, part.cell] = not part.separated
             if part.reference.numel() == 0:
                 continue
-            count = _count(part.values, part.reference, part.cuts)
-            ranked, where = part.values.sort(descending=True)
-            order = part.members[where]
-            raw[order[:count]] = True
+            size = part.members.numel()
+            count = kept = _count(part.values, part.reference, part.cuts)
             if part.separated and floor is not None:
-                count = min(max(count, int(floor[k, part.cell])), part.members.numel())
-            kept[order[:count]] = True
+                kept = min(max(count, int(floor[k, part.cell])), size)
+            # the premise is that fewer than half of a part's labels are wrong (an estimate of
+            # half is what a part at chance gives); the counts kept earlier flag at most half
+            if 2 * count >= size or 2 * kept > size:
+                undecided_cells[k, part.cell] = True
+                continue
             if part.separated:
-                chosen.append((part.cell, part.reference, order, ranked, count))
-        # the premise is that fewer than half the labels are wrong (an estimate of half is
-        # what a small class at chance gives); the counts kept earlier flag at most half
-        wrong, flagging = int(raw[mine].sum()), int(kept[mine].sum())
-        if not chosen or 2 * wrong >= mine.numel() or 2 * flagging > mine.numel():
+                ranked, where = part.values.sort(descending=True)
+                chosen.append((part.cell, part.reference, part.members[where], ranked, kept))
+                pooled_decided |= part is parts[0]
+        if not pooled_decided:  # the class against all others decides the class
             undecided[k] = True
             undecided_cells[k, [part.cell for part in parts]] = True
             estimated[k] = -1

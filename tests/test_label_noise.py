@@ -187,8 +187,9 @@ def _plain_pairs_rule(
     similar classes"): per class k, the pooled part (twice the samples above the median of the
     other classes' log FI under k) and, per most likely other class j, the cell of the samples
     nearest to j (the margin log FI(k) − log FI(j) against that of the samples labelled j; the
-    smallest estimate over the reference's median, upper quartile and 90th percentile). The
-    class flags the union of its parts' top-ranked samples."""
+    smallest estimate over the reference's median, upper quartile and 90th percentile). A part
+    whose count reaches half its samples declines; the pooled part decides the class. The class
+    flags the union of its parts' top-ranked samples."""
     x = scores.to(torch.float64)
     n, classes = x.shape
     flagged = torch.zeros(n, dtype=torch.bool)
@@ -212,10 +213,8 @@ def _plain_pairs_rule(
             p = separation_p_value(torch.tensor(list(values.values())), torch.tensor(theirs))
             separated = whole <= SIGNIFICANCE and p <= SIGNIFICANCE
             parts.append((j, values, theirs, separated, CELL_CUTS))
-        raw: set[int] = set()
-        kept: set[int] = set()
         chosen = []
-        for cell, values, reference, separated, cuts in parts:
+        for part, (cell, values, reference, separated, cuts) in enumerate(parts):
             m = len(reference)
             if m == 0:
                 continue
@@ -230,17 +229,18 @@ def _plain_pairs_rule(
                     if share > 0:
                         estimates.append(sum(v > cut for v in values.values()) / share)
                 count = min(int(min(estimates) + 0.5), len(values)) if estimates else 0
-            ranked = sorted(values, key=lambda i: -values[i])
-            raw |= set(ranked[:count])
+            kept = count
             if separated and at_least is not None:
-                count = min(max(count, int(at_least[k, cell])), len(values))
-            kept |= set(ranked[:count])
+                kept = min(max(count, int(at_least[k, cell])), len(values))
+            if 2 * count >= len(values) or 2 * kept > len(values):
+                continue  # half or more of the part looks wrong: it declines
             if separated:
-                chosen.append((cell, ranked, count))
-        if not chosen or 2 * len(raw) >= len(mine) or 2 * len(kept) > len(mine):
+                ranked = sorted(values, key=lambda i: -values[i])
+                chosen.append((part, cell, ranked, kept))
+        if not any(part == 0 for part, *_ in chosen):  # the pooled part decides the class
             refused.append(k)
             continue
-        for cell, ranked, count in chosen:
+        for _, cell, ranked, count in chosen:
             per_cell[k, cell] = count
             flagged[ranked[:count]] = True
     return flagged, per_cell, refused

@@ -33,7 +33,8 @@ __all__ = ["Thumbnails", "flag_section"]
 Thumbnails = Callable[[str, int], "Tensor | None"]
 
 _EVIDENCE = (
-    "mean log FI with the label over every training step that scored the sample: what the "
+    "mean log FI with the label over the training steps that scored the sample (from the second "
+    "epoch on, once it has run): what the "
     "counterfactual rule ranks training samples by (docs/flags.md)"
 )
 _P_BAD = "the estimated share of wrong labels among the samples of this class that score as high"

@@ -31,9 +31,10 @@ class FlagRow:
         effective_rank: effective rank of the whole input, where the exact engine ran on this sample
             (K − 1 certifies the closed form); -1 where it did not.
         log_fi_mean: for the training set scored in the training steps: the mean log FI (true
-            label) over every step that scored the sample so far, a soft area under the margin
-            curve; the evidence the "counterfactual" rule flags by. NaN elsewhere.
-        seen: how many training steps scored the sample (0 outside the training split).
+            label) over the steps that scored the sample so far (the first epoch's until a later
+            one scored it), a soft area under the margin curve; the evidence the
+            "counterfactual" rule flags by. NaN elsewhere.
+        seen: how many training steps that evidence holds (0 outside the training split).
         flagged: flagged by ``rule`` in this decision.
         p_bad: "counterfactual" rule: the estimated share of wrong labels among the samples of
             this class that score at least as high (1 − the q-value of the flag); NaN for the
