@@ -21,9 +21,9 @@ small ResNet; Adam 1e-3, batch 128, each of ``--epochs`` training lengths) with 
 for each of ``--seeds`` (which also draws the corruption):
 
 - ``monitor``: ``SensitivityMonitor()`` (training-set scores from the training steps, the
-  "counterfactual" rule on the evidence of all steps), at its defaults and with the exact-engine
-  probes off (``exact_probe_size=0``: the flags alone), and with the opt-in rule
-  ``flag_rule="counterfactual_pairs"``;
+  "counterfactual" rule on the evidence of the steps since the second epoch), at its defaults
+  and with the exact-engine probes off (``exact_probe_size=0``: the flags alone), and with the
+  opt-in rule ``flag_rule="counterfactual_pairs"``;
 - ``cleanlab``: ``cleanlab.filter.find_label_issues`` on 4-fold cross-validated probabilities
   (its documented use; four more trainings on 3/4 of the data);
 - ``AUM``: area under the margin with threshold samples (Pleiss et al. 2020): two runs, each
