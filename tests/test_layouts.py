@@ -337,15 +337,23 @@ def test_logger_false_writes_only_under_the_root_dir(
 
 
 def test_batches_prefetched_by_workers_are_scored(tmp_path: Path) -> None:
-    """With workers, the loader deals the indices of the first batches before training starts;
-    they are scored too (every sample once per epoch), as is the first batch of a module that
-    calls its network as ``self.forward(x)``."""
+    """With workers, the loader deals the indices of the first batches before each epoch
+    starts; they are scored too (every sample once per epoch: the first epoch's in its flag
+    table, the second's in the evidence, which the first epoch has left), as is the first
+    batch of a module that calls its network as ``self.forward(x)``."""
     run = _fit(tmp_path, _hydra, layouts.image_loaders(workers=2), max_epochs=2)
     assert run.monitor is not None
     evidence = run.monitor.tracker.evidence
     assert evidence is not None
     assert evidence.ids.tolist() == list(range(layouts.TRAIN))
-    assert evidence.seen.tolist() == [2] * layouts.TRAIN
+    assert evidence.seen.tolist() == [1] * layouts.TRAIN
+    first: dict[int, int] = {}
+    for table in paths.flag_tables(run.log_dir):
+        with table.open(newline="") as stream:
+            for row in csv.DictReader(stream):
+                if row["split"] == "train" and row["epoch"] == "0":
+                    first[int(row["sample"])] = int(row["seen"])
+    assert first == dict.fromkeys(range(layouts.TRAIN), 1)
 
 
 class NoForward(layouts.Plain):
