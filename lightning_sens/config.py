@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, get_args
 
+from lightning_sens.core.outputs import TASKS
 from lightning_sens.flagging import FlagRule
 
 __all__ = ["MonitorConfig"]
@@ -72,6 +73,14 @@ class MonitorConfig:
             post-hoc evaluation run everything). None: the fixed schedule above, every part
             every decision (docs/performance.md, "The monitor during training
             (`benchmarks/bench_callback.py`)").
+        task: how the logits meet the labels: "auto" reads it from the first batch (one
+            class per sample, a class per token or pixel, one sigmoid per output), or
+            torchmetrics' "binary", "multiclass", "multilabel" where one batch cannot tell
+            (docs/tasks.md, "How the monitor reads a task").
+        ignore_index: the label of positions to skip in token and pixel labels; None: −100,
+            and 255 where the model has at most 255 classes.
+        position_quantile: the upper quantile of a sample's positions' log FI that is logged
+            beside their mean (a few wrong pixels of a large mask move it, not the mean).
         strict: raise errors from monitoring instead of warning and skipping the epoch.
         seed: seed of the probe selection.
     """
@@ -97,6 +106,9 @@ class MonitorConfig:
     log_images: bool = True
     save_figures: bool = False
     budget: float | None = 0.05
+    task: str = "auto"
+    ignore_index: int | None = None
+    position_quantile: float = 0.9
     strict: bool = False
     seed: int = 0
 
@@ -160,6 +172,20 @@ class MonitorConfig:
                 f"string {self.exclude_layers!r}; write [{self.exclude_layers!r}]."
             )
         object.__setattr__(self, "exclude_layers", tuple(self.exclude_layers))
+        if self.task not in TASKS:
+            raise ValueError(
+                f"task must be one of {', '.join(map(repr, TASKS))}, got {self.task!r}."
+            )
+        if self.ignore_index is not None and (
+            isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int)
+        ):
+            raise ValueError(
+                f"ignore_index must be an integer label (e.g. -100 or 255) or None, got "
+                f"{self.ignore_index!r}."
+            )
+        q = self.position_quantile
+        if isinstance(q, bool) or not isinstance(q, int | float) or not 0 <= q <= 1:
+            raise ValueError(f"position_quantile must be a number in [0, 1], got {q!r}.")
         if self.class_names is not None:
             names = self.class_names
             if isinstance(names, str) or not all(isinstance(n, str) for n in names):

@@ -171,17 +171,6 @@ class OneLogitNet(Counted, TinyNet):
         return z if self.outputs == "logits" else None
 
 
-class MultiLabelNet(Counted, TinyNet):
-    """CLASSES independent sigmoids, trained with BCEWithLogitsLoss on float (B, K) targets."""
-
-    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        return nn.functional.binary_cross_entropy_with_logits(self(x), y)
-
-    def validation_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
-        return self(batch[0])
-
-
 def _binary_loaders(targets: Tensor | None = None) -> tuple[DataLoader, DataLoader]:
     """The tiny images with float 0/1 targets (B, 1) (or ``targets``): the label is whether the
     image's mean is positive, which a model can learn."""
@@ -236,20 +225,6 @@ def test_binary_labels_as_int_bool_or_flat_floats_are_read_as_classes(tmp_path: 
         _trainer(tmp_path / str(labels.dtype), [monitor], epochs=1).fit(OneLogitNet(), train, val)
         # the exact probes (budget=None: every epoch) certify the closed form: rank K − 1 = 1
         assert monitor.history[-1][keys.closed_form_holds("val")] == 1.0
-
-
-def test_a_multi_label_model_fails_before_the_first_step(tmp_path: Path) -> None:
-    MultiLabelNet.steps = 0
-    g = torch.Generator().manual_seed(0)
-    targets = (torch.rand(96, CLASSES, generator=g) > 0.5).float()
-    train, val = _binary_loaders(targets)
-    with pytest.raises(
-        MonitorSetupError,
-        match=r"float targets of shape \(B, K\) = \(16, 4\).*multi-label.*one class per sample "
-        r"\(a softmax over K classes, or one binary logit\); multi-label support is planned",
-    ):
-        _trainer(tmp_path, [SensitivityMonitor()], epochs=1).fit(MultiLabelNet(), train, val)
-    assert MultiLabelNet.steps == 0
 
 
 def test_float_labels_other_than_0_and_1_fail_before_the_first_step(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ itself from a dataset (the probes, the scan, the first batch of the setup check,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,6 +14,8 @@ from tqdm.auto import tqdm
 
 from lightning_sens.callbacks.setup import MonitorSetupError, class_labels, shape_of
 from lightning_sens.core.inputs import Inputs, default_forward, found_logits, logits_of, to_device
+from lightning_sens.core.outputs import OutputLayout
+from lightning_sens.reporting.positions import PositionRows, position_rows
 from lightning_sens.reporting.summary import SplitScores, split_scores
 
 __all__ = [
@@ -70,7 +73,9 @@ class Reader:
 
     Labels are one class index per sample, int64 ``(B,)``; a binary classifier's 0/1 labels
     (int, float or bool, ``(B,)`` or ``(B, 1)``) are class 0 and 1 of its two-class model, whose
-    logits are ``(0, z)`` for its one logit z (docs/monitor.md, "Supported models").
+    logits are ``(0, z)`` for its one logit z (docs/monitor.md, "Supported models"). A model
+    with many positions (tokens, pixels, multi-label outputs; ``layout`` set by the set-up
+    check) keeps its labels and logits as they are (docs/tasks.md).
 
     Args:
         batch_fn: batch → (inputs, labels, sample ids or None).
@@ -90,6 +95,43 @@ class Reader:
         # the shape of one sample's logits as the model returns them ((K,), (1,) or () for one
         # binary logit), from the first forward: what a validation step's output must match
         self.sample_shape: tuple[int, ...] | None = None
+        # how the logits meet the labels where a sample has many positions (set by the set-up
+        # check from the first batch); None: one class per sample
+        self.layout: OutputLayout | None = None
+        self.quantile = 0.9  # the upper quantile of a sample's positions that is kept
+
+    def raw(self, batch: Any) -> Batch:
+        """(inputs, labels, ids or None) of a batch as ``batch_fn`` returns them."""
+        inputs, labels, ids = self.batch_fn(batch)
+        if not isinstance(labels, Tensor):
+            raise MonitorSetupError(
+                f"batch_fn returned labels of type {type(labels).__name__}; it must return "
+                "(inputs, labels, ids_or_None) with the labels a tensor."
+            )
+        return inputs, labels, ids
+
+    def rows(self, size: int) -> int:
+        """The first dimension of the logits of ``size`` samples (their positions folded into
+        the batch where the model returns ``(B · T, V)``)."""
+        layout = self.layout
+        if layout is not None and layout.flattened:
+            return size * math.prod(layout.positions)
+        return size
+
+    def mask(self, inputs: Inputs, labels: Tensor) -> Tensor | None:
+        """The ``attention_mask`` of dict inputs, where it has the labels' shape."""
+        found = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        if isinstance(found, Tensor) and found.shape == labels.shape:
+            return found
+        return None
+
+    def position_rows(
+        self, ids: Tensor, inputs: Inputs, labels: Tensor, logits: Tensor
+    ) -> PositionRows:
+        """Every position of a batch scored and reduced per sample (:attr:`layout` set)."""
+        assert self.layout is not None, "the set-up check reads the layout first"
+        mask = self.mask(inputs, labels)
+        return position_rows(ids, labels, logits, self.layout, mask, self.quantile)
 
     def read(self, batch: Any, where: str = "a batch") -> Batch:
         """(inputs, labels, ids or None) of a batch: ``batch_fn``, then the labels as one class
@@ -97,7 +139,9 @@ class Reader:
         converted). Labels that are not one class per sample raise :class:`MonitorSetupError`
         with the fix (multi-label (B, K) targets, float labels other than 0 and 1), saying
         ``where`` the batch comes from (``"a training batch"``)."""
-        inputs, labels, ids = self.batch_fn(batch)
+        inputs, labels, ids = self.raw(batch) if self.layout is not None else self.batch_fn(batch)
+        if self.layout is not None:
+            return inputs, labels, ids
         return inputs, class_labels(labels, where), ids
 
     def forward(self, module: nn.Module, inputs: Inputs) -> Tensor:
@@ -105,6 +149,15 @@ class Reader:
         ``(B, 1)``, as ``(0, z)``); a clear error where there are none."""
         with torch.no_grad():
             output = (self.forward_fn or default_forward)(module, inputs)
+        if self.layout is not None:
+            found = found_logits(output)
+            if not isinstance(found, Tensor) or tuple(found.shape[1:]) != self.sample_shape:
+                raise MonitorSetupError(
+                    f"The module's forward returned {shape_of(found)}, not logits of the shape "
+                    f"it returned on the first batch, (batch, {self.sample_shape}). Pass "
+                    "SensitivityMonitor(forward_fn=lambda module, x: ...) that returns the logits."
+                )
+            return found
         logits = logits_of(output)
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise MonitorSetupError(
@@ -132,8 +185,10 @@ class Reader:
         model's own logits (one sample's shape as :meth:`forward` saw it), so that a step
         returning per-sample losses ``(B,)`` is not read as binary logits."""
         found = found_logits(outputs) if outputs is not None else None
-        if not isinstance(found, Tensor) or found.dim() == 0 or found.shape[0] != size:
+        if not isinstance(found, Tensor) or found.dim() == 0 or found.shape[0] != self.rows(size):
             return None
+        if self.layout is not None:
+            return found if tuple(found.shape[1:]) == self.sample_shape else None
         expected = self.sample_shape
         logits = logits_of(found)
         if expected is not None and tuple(found.shape[1:]) != expected:
@@ -157,7 +212,8 @@ class Reader:
 
     def first(self, loader: DataLoader, split: str, device: torch.device) -> tuple[Inputs, Tensor]:
         """The first batch, its samples fetched from the dataset (no workers started), or the
-        loader's first batch where the dataset cannot be indexed."""
+        loader's first batch where the dataset cannot be indexed; its labels as ``batch_fn``
+        returns them (the set-up check reads them against the logits)."""
         dataset = loader.dataset
         try:
             size = min(loader.batch_size or 2, len(dataset))  # type: ignore[arg-type]
@@ -166,7 +222,7 @@ class Reader:
         except (TypeError, NotImplementedError, AttributeError):
             batch = next(iter(loader))
         try:
-            inputs, labels, _ = self.read(self.convert(batch), f"the first {split} batch")
+            inputs, labels, _ = self.raw(self.convert(batch))
         except MonitorSetupError:
             raise
         except Exception as error:

@@ -4,6 +4,9 @@ logits, and the exact engine on one sample."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
@@ -16,13 +19,40 @@ from lightning_sens.callbacks.rng import preserved_rng
 from lightning_sens.callbacks.setup import (
     MonitorSetupError,
     check_labels,
+    class_labels,
     dataset_classes,
     describe_inputs,
     eval_mode,
+    shape_of,
 )
-from lightning_sens.core.inputs import Inputs, select
+from lightning_sens.config import MonitorConfig
+from lightning_sens.core.inputs import Inputs, default_forward, found_logits, select
+from lightning_sens.core.outputs import OutputLayout, read_layout
 
 __all__ = ["check_setup"]
+
+
+def _layout(
+    split: str, logits: Any, labels: Tensor, inputs: Inputs, config: MonitorConfig
+) -> OutputLayout | None:
+    """How the logits meet the labels (:func:`~lightning_sens.core.outputs.read_layout`):
+    None for one class per sample (the classifier's path), the layout where a sample has many
+    positions; an unreadable layout raises :class:`MonitorSetupError` with the fix."""
+    if not isinstance(logits, Tensor):
+        raise MonitorSetupError(
+            f"The module's forward returned {shape_of(logits)}, not (B, K) logits (or one binary "
+            "logit, or logits with a class axis for every token or pixel) or an output with a "
+            "`logits` attribute. Pass SensitivityMonitor(forward_fn=lambda module, x: ...) "
+            "that returns the logits."
+        )
+    try:
+        layout = read_layout(logits, labels, inputs, config.task, config.ignore_index)
+    except (TypeError, ValueError) as error:
+        raise MonitorSetupError(
+            f"SensitivityMonitor cannot read the first {split} batch's logits against its "
+            f'labels: {error} (docs/tasks.md, "How the monitor reads a task")'
+        ) from error
+    return layout if layout.dense else None
 
 
 def check_setup(
@@ -53,15 +83,27 @@ def check_setup(
         for split, loader in loaders.items():
             inputs, labels = reader.first(loader, split, module.device)
             try:
-                logits = reader.forward(module, inputs)
-            except MonitorSetupError:
-                raise
+                with torch.no_grad():
+                    output = (reader.forward_fn or default_forward)(module, inputs)
             except Exception as error:
                 raise MonitorSetupError(
                     f"SensitivityMonitor cannot run the model on a {split} batch "
                     f"({describe_inputs(inputs)}): {type(error).__name__}: {error}. Check "
                     "batch_fn (what it passes to the model) and forward_fn."
                 ) from error
+            logits = found_logits(output)
+            reader.layout = _layout(split, logits, labels, inputs, prober.config)
+            if reader.layout is not None:  # many positions: scored and reduced per sample
+                reader.sample_shape = tuple(logits.shape[1:])
+                try:
+                    reader.position_rows(torch.arange(len(labels)), inputs, labels, logits)
+                except (TypeError, ValueError) as error:
+                    raise MonitorSetupError(
+                        f"SensitivityMonitor cannot score the first {split} batch: {error}"
+                    ) from error
+                continue
+            labels = class_labels(labels, f"the first {split} batch")
+            logits = reader.forward(module, inputs)
             check_labels(split, labels, logits)
             first = first or (select(inputs, slice(0, 1), len(labels)), labels[:1])
         if first is not None and prober.config.exact_probe_size > 0:

@@ -20,6 +20,7 @@ from lightning_sens.callbacks.rng import preserved_rng
 from lightning_sens.config import MonitorConfig
 from lightning_sens.reporting import keys
 from lightning_sens.reporting.images import Describe
+from lightning_sens.reporting.positions import PositionRows
 from lightning_sens.reporting.summary import SplitScores
 from lightning_sens.tracking import EpochReport, Probes, SensitivityTracker
 
@@ -64,6 +65,12 @@ class EpochRunner:
         :meth:`run` where there is something to score (the scores gathered, or a training probe
         to draw); a failure skips the decision with a warning."""
         with self.failures.epoch(at[0]), preserved_rng():
+            if self.prober.reader.layout is not None:  # many positions per sample
+                rows = self.tracker.gather_positions()  # a collective: every rank
+                log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+                if trainer.is_global_zero and rows:
+                    self.run_positions(trainer, rows, at, log_dir)
+                return
             scores = self.tracker.gather()  # a collective: every rank
             log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective, too
             if trainer.is_global_zero and (scores or "train" in loaders):
@@ -109,6 +116,31 @@ class EpochRunner:
                 self._names(class_names),
                 log_dir,
             )
+
+    def run_positions(
+        self,
+        trainer: Trainer,
+        rows: dict[str, PositionRows],
+        at: tuple[int, int],
+        log_dir: Path,
+    ) -> None:
+        """One decision of a model with many positions per sample: the curves, histograms and
+        the positions table (docs/tasks.md, "What the monitor logs")."""
+        layout = self.prober.reader.layout
+        read = layout.describe() if layout is not None else ""
+        self.failures.info_once(
+            "positions",
+            f"SensitivityMonitor reads this model's outputs as {read}: it logs the loss, "
+            "the accuracy and log FI of every position reduced per sample "
+            "(mean and upper quantile) for train and validation, and writes every sample's "
+            "scores to the positions table. Flags, figures, exact probes and per-layer damage "
+            "are computed for one class per sample only in this version (docs/tasks.md).",
+        )
+        with self.budget.timed(FLAGS):
+            extra = {keys.cost_share(): self.budget.cost_share} if self.planner.active else None
+            report = self.tracker.compute_positions(at[0], at[1], rows, extra)
+            self.output.write_positions(trainer.loggers, report, log_dir)
+        self.planner.over(at[0])
 
     def _undecided(self, report: EpochReport, names: tuple[str, ...] | None) -> None:
         """Once per run and split: the classes whose labels the flag rule could not judge, and

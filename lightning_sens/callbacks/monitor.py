@@ -88,12 +88,13 @@ class SensitivityMonitor(Callback):
         self.position: tuple[int, int] | None = None  # (epoch, step) of a post-hoc evaluation
         self.class_names = c.class_names
         self.reader = Reader(batch_fn, forward_fn)
+        self.reader.quantile = c.position_quantile
         self.tracker = SensitivityTracker(c)
         self.failures = Failures(c.strict)
         self.runner = EpochRunner(c, self.reader, self.tracker, self.failures, describe_fn)
         self.budget = self.runner.budget
         timed = partial(self.budget.timed, TRAIN_STEPS)
-        self._train = TrainScores(self.reader.read, self.failures.warn_once, timed)
+        self._train = TrainScores(self.reader, self.failures.warn_once, timed)
         self._active, self._seen = False, 0
         self._decisions = 0  # made in this fit, on every rank alike
         self._decision_began = 0.0  # the never-skipped seconds when this decision began
@@ -236,6 +237,7 @@ class SensitivityMonitor(Callback):
             self.runner.planner.start_clock()
             self.tracker.reset()
             self.tracker.validation.to(pl_module.device)
+            self.tracker.validation_positions.to(pl_module.device)
 
     def on_validation_batch_end(
         self,
@@ -257,7 +259,12 @@ class SensitivityMonitor(Callback):
                 with self.budget.timed(SECOND_FORWARD):
                     logits = self.reader.forward(pl_module, inputs)
             with self.budget.timed(VALIDATION_SCORES):
-                self.tracker.update(ids, labels, logits)
+                if self.reader.layout is not None:  # many positions per sample
+                    self.tracker.update_positions(
+                        self.reader.position_rows(ids, inputs, labels, logits)
+                    )
+                else:
+                    self.tracker.update(ids, labels, logits)
         self._active = not failed[0]
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

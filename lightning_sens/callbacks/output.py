@@ -17,9 +17,10 @@ from lightning_sens.config import MonitorConfig
 from lightning_sens.core.inputs import Inputs
 from lightning_sens.reporting import keys, paths
 from lightning_sens.reporting.images import Describe, epoch_images, pictured_samples
+from lightning_sens.reporting.positions import POSITION_COLUMNS
 from lightning_sens.reporting.tables import LAYER_COLUMNS, write_table
 from lightning_sens.reporting.writers import Writer, save_png
-from lightning_sens.tracking import EpochReport, Probes
+from lightning_sens.tracking import EpochReport, PositionReport, Probes
 
 __all__ = ["Output", "new_writer"]
 
@@ -96,6 +97,21 @@ class Output:
         write_table(report.flags, paths.flag_table(log_dir, epoch, step))
         if report.layers:
             write_table(report.layers, paths.layer_table(log_dir, epoch, step), LAYER_COLUMNS)
+        return writer
+
+    def write_positions(
+        self, loggers: Sequence[Any], report: PositionReport, log_dir: Path
+    ) -> Writer:
+        """:meth:`write` for a model with many positions per sample: scalars, histograms of
+        the samples' mean log FI, and the positions table."""
+        step, epoch = report.step, report.epoch
+        writer = self.writer = self.writer or new_writer(list(loggers), self.config, step)
+        writer.scalars(report.metrics, step)
+        for split, (true, pred) in report.histograms.items():
+            writer.histogram(keys.histogram("true", split), true, step)
+            writer.histogram(keys.histogram("pred", split), pred, step)
+        writer.flush()
+        write_table(report.table, paths.position_table(log_dir, epoch, step), POSITION_COLUMNS)
         return writer
 
     def figures(

@@ -65,10 +65,9 @@ def class_labels(labels: object, where: str = "a batch") -> Tensor:
             f"SensitivityMonitor read {kind} of shape (B, K) = {tuple(labels.shape)} from "
             f"{where}, K values per sample: the targets of a multi-label model (one sigmoid per "
             "class, trained with BCEWithLogitsLoss), or one-hot or soft targets. "
-            "SensitivityMonitor supports one class per sample (a softmax over K classes, or one "
-            "binary logit); multi-label support is planned. For one-hot or soft targets of a "
-            "softmax model, pass batch_fn=lambda batch: (inputs, targets.argmax(-1), "
-            "ids_or_None)."
+            "Pass SensitivityMonitor(task='multilabel') for one sigmoid per class; for one-hot or "
+            "soft targets of a softmax model, pass batch_fn=lambda batch: (inputs, "
+            "targets.argmax(-1), ids_or_None)."
         )
     try:
         return class_indices(labels, "labels")

@@ -27,15 +27,15 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_sens.callbacks.batches import Reader
 from lightning_sens.callbacks.internals import LoaderTap
 from lightning_sens.callbacks.sample_ids import IndexRecorder, indexable
 from lightning_sens.core.inputs import found_logits, logits_of
 from lightning_sens.label_noise import MAX_ENTRIES, label_log_fi
+from lightning_sens.reporting.positions import PositionRows
 from lightning_sens.tracking import Samples, SensitivityTracker
 
 __all__ = ["LogitsHook", "TrainScores"]
-
-Read = Callable[[Any], tuple[Any, Tensor, Tensor | None]]
 
 
 class LogitsHook:
@@ -68,8 +68,12 @@ def _depth(name: str) -> int:
 class TrainScores:
     """Collects (ids, labels, logits) of the training batches on each rank.
 
+    A model with many positions per sample (the reader's ``layout``) has each step's
+    positions scored and reduced per sample at the step (:class:`PositionRows`), so that no
+    step's ``(B, T, V)`` logits are kept.
+
     Args:
-        read: batch → (inputs, labels as class indices, ids or None).
+        reader: reads a batch (inputs, labels, ids or None) and, for many positions, scores it.
         warn: one-time warnings (key, message).
 
     Attributes:
@@ -82,11 +86,12 @@ class TrainScores:
 
     def __init__(
         self,
-        read: Read,
+        reader: Reader,
         warn: Callable[[str, str], None],
         timed: Callable[[], AbstractContextManager[object]] = nullcontext,
     ) -> None:
-        self.read = read
+        self.reader = reader
+        self.read = reader.read
         self.warn = warn
         self.timed = timed  # charges the hook's work inside the user's forward to the budget
         self.sample_shape: tuple[int, ...] | None = None
@@ -97,6 +102,8 @@ class TrainScores:
         # each step's (ids, labels, logits), handed to ``_rows`` once per decision: a metric's
         # update per step costs more than the rest of the step's scoring on a small model
         self._steps: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._positions = Samples(PositionRows.dtypes())  # many positions: reduced per step
+        self._position_steps: list[PositionRows] = []
         self._ids = IndexRecorder()
         self._tap: LoaderTap | None = None
         self._handles: list[Any] = []
@@ -114,6 +121,7 @@ class TrainScores:
         self.active = self.started = True
         self.sample_shape, self.pending, self._module = sample_shape, 0, None
         self._rows.to(module.device)
+        self._positions.to(module.device)
         self._tap = LoaderTap(trainer, self._on_loader)
 
     def _on_loader(self, loader: object) -> None:
@@ -160,6 +168,8 @@ class TrainScores:
         raw = found_logits(output)
         if not isinstance(raw, Tensor) or raw.dim() == 0:
             return None
+        if self.reader.layout is not None:
+            return raw.detach() if tuple(raw.shape[1:]) == self.sample_shape else None
         if self.sample_shape is None and raw.dim() != 2:
             return None
         if self.sample_shape is not None and tuple(raw.shape[1:]) != self.sample_shape:
@@ -204,7 +214,7 @@ class TrainScores:
     def _keep_batch(
         self, module: LightningModule, outputs: Any, batch: Any, recorded: Tensor | None
     ) -> None:
-        _, labels, ids = self.read(batch)
+        inputs, labels, ids = self.read(batch)
         size = len(labels)
         if ids is None:
             ids = self._recorded_ids(recorded, labels)
@@ -213,6 +223,10 @@ class TrainScores:
         self._check_labels = False
         logits = self._logits(module, outputs, size)
         if logits is None:
+            return
+        if self.reader.layout is not None:
+            self._position_steps.append(self.reader.position_rows(ids, inputs, labels, logits))
+            self.pending += size
             return
         if self.pending == 0 and not self._fits(logits.shape[-1]):
             return self._disable(
@@ -263,10 +277,11 @@ class TrainScores:
 
     def _logits(self, module: LightningModule, outputs: Any, size: int) -> Tensor | None:
         """The training step's logits: returned in its output, or seen by the forward hook."""
+        rows = self.reader.rows(size)  # (B · T, V) logits: the positions folded into the batch
         returned = self._as_logits(outputs) if isinstance(outputs, dict) else None
-        if returned is not None and len(returned) == size:
+        if returned is not None and len(returned) == rows:
             return returned
-        matching = [(i, name, z) for i, (name, z) in enumerate(self._found) if len(z) == size]
+        matching = [(i, name, z) for i, (name, z) in enumerate(self._found) if len(z) == rows]
         if self._module is None:  # the first batch watched every module: keep the outermost
             if not matching:
                 known = self.sample_shape
@@ -306,24 +321,46 @@ class TrainScores:
             return None
         return found["ids"], found["labels"], label_log_fi(found["logits"])
 
+    def collect_positions(self) -> PositionRows | None:
+        """:meth:`collect` for a model with many positions: every rank's per-sample rows since
+        the last call, on the CPU; None where no rank kept any. A collective."""
+        if self._position_steps:
+            rows = PositionRows.cat(self._position_steps)
+            self._positions.update(**{name: getattr(rows, name) for name in rows.names()})
+        found = self._positions.gathered()
+        self._forget()
+        return None if found is None else PositionRows(**found)
+
     def fold_into(self, tracker: SensitivityTracker, here: bool) -> None:
         """:meth:`collect`, and where ``here`` (rank zero) fold it into the tracker's evidence;
         one warning per run where no training step was scored."""
+        if self.reader.layout is not None:
+            rows = self.collect_positions()
+            if rows is None and self.active:
+                self._nothing_scored()
+            if rows is not None and here:
+                tracker.fold_positions(rows)
+            return
         found = self.collect()
         if found is None and self.active:
-            self.warn(
-                "train-none",
-                "SensitivityMonitor scored no training step since its last decision (no batch "
-                "of the training loader reached it with its sample ids); the training curves "
-                "come from the probe.",
-            )
+            self._nothing_scored()
         if found is not None and here:
             tracker.fold(*found)
+
+    def _nothing_scored(self) -> None:
+        self.warn(
+            "train-none",
+            "SensitivityMonitor scored no training step since its last decision (no batch "
+            "of the training loader reached it with its sample ids); the training curves "
+            "come from the probe.",
+        )
 
     def _forget(self) -> None:
         """Drop the rows kept since the last :meth:`collect`."""
         self._steps = []
         self._rows.reset()
+        self._position_steps = []
+        self._positions.reset()
         self.pending = 0
 
     def _fits(self, num_classes: int) -> bool:

@@ -50,6 +50,7 @@ __all__ = [
     "route",
     "undecided_classes",
     "unroute",
+    "upper_curve",
 ]
 
 PREFIX = "sensitivity"
@@ -114,6 +115,12 @@ def gap() -> str:
 def curve(target: str, split: str, stat: str) -> str:
     """A statistic of log FI (whole input, closed form) over a split's samples."""
     return f"{FI}/{split}/{target}_label/log_fi_{stat}"
+
+
+def upper_curve(split: str, stat: str) -> str:
+    """A statistic over a split's samples of the upper quantile of their positions' log FI
+    with the label (outputs with many positions: docs/tasks.md)."""
+    return f"{FI}/{split}/true_label/upper_log_fi_{stat}"
 
 
 def histogram(target: str, split: str) -> str:

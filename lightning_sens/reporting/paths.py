@@ -6,6 +6,8 @@ The callback writes them, and the command line, the demo and the report read the
         flags_epoch0003_step0000752.csv    every sample scored by the decision at epoch 3,
                                            step 752 (flag_table)
         layers_epoch0003_step0000752.csv   its per-layer table (layer_table)
+        positions_epoch0003_step0000752.csv  outputs with many positions: every sample
+                                           scored, its positions reduced (position_table)
         figures/manhattan_val_epoch0003_step0000752.png   with save_figures (figure)
         train/, val/, train_all/           TensorBoard's run of each split (split_run)
 
@@ -27,6 +29,7 @@ __all__ = [
     "flag_tables",
     "folder",
     "layer_table",
+    "position_table",
     "split_run",
     "stamp",
 ]
@@ -55,6 +58,12 @@ def flag_table(log_dir: Path | str, epoch: int, step: int) -> Path:
 def flag_tables(log_dir: Path | str) -> list[Path]:
     """Every decision's flag table, in the order they were made."""
     return sorted(folder(log_dir).glob("flags_epoch*.csv"))
+
+
+def position_table(log_dir: Path | str, epoch: int, step: int) -> Path:
+    """The positions table of one decision (outputs with many positions): every scored
+    sample and its positions' scores reduced."""
+    return folder(log_dir) / f"positions_{stamp(epoch, step)}.csv"
 
 
 def layer_table(log_dir: Path | str, epoch: int, step: int) -> Path:

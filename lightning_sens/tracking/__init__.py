@@ -3,6 +3,20 @@
 :class:`Samples` that gathers per-sample rows across processes."""
 
 from lightning_sens.tracking.samples import EpochScores, Samples
-from lightning_sens.tracking.tracker import SCALE, EpochReport, Probes, SensitivityTracker
+from lightning_sens.tracking.tracker import (
+    SCALE,
+    EpochReport,
+    PositionReport,
+    Probes,
+    SensitivityTracker,
+)
 
-__all__ = ["SCALE", "EpochReport", "EpochScores", "Probes", "Samples", "SensitivityTracker"]
+__all__ = [
+    "SCALE",
+    "EpochReport",
+    "EpochScores",
+    "PositionReport",
+    "Probes",
+    "Samples",
+    "SensitivityTracker",
+]

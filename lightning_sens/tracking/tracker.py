@@ -25,6 +25,7 @@ from lightning_sens.damage import LayerDamage
 from lightning_sens.flagging import FlagDecision, FlagHistory, flag
 from lightning_sens.label_noise import LabelEvidence, estimate_noise
 from lightning_sens.reporting import keys
+from lightning_sens.reporting.positions import PositionRows, position_columns, position_metrics
 from lightning_sens.reporting.summary import (
     SplitScores,
     epoch_metrics,
@@ -35,9 +36,9 @@ from lightning_sens.reporting.summary import (
 )
 from lightning_sens.reporting.tables import LayerRow
 from lightning_sens.tracking.resume import restore
-from lightning_sens.tracking.samples import EpochScores
+from lightning_sens.tracking.samples import EpochScores, Samples
 
-__all__ = ["SCALE", "EpochReport", "Probes", "SensitivityTracker"]
+__all__ = ["SCALE", "EpochReport", "PositionReport", "Probes", "SensitivityTracker"]
 
 SCALE = 0.1  # δ of the layer table's "scale by 1 + δ" column
 
@@ -81,6 +82,27 @@ class EpochReport:
     histograms: dict[str, tuple[Tensor, Tensor]]
 
 
+@dataclass
+class PositionReport:
+    """One decision of a model with many positions per sample (docs/tasks.md), computed.
+
+    Attributes:
+        epoch, step: where it is logged.
+        rows: per split, every sample scored, its positions reduced.
+        metrics: every scalar of the decision, by key.
+        table: the positions table, column by column.
+        histograms: per split, the samples' mean log FI with the label and with the most
+            probable class.
+    """
+
+    epoch: int
+    step: int
+    rows: dict[str, PositionRows]
+    metrics: dict[str, float]
+    table: dict[str, list[Any]]
+    histograms: dict[str, tuple[Tensor, Tensor]]
+
+
 class SensitivityTracker:
     """Per-decision scores, flags and the state that lasts across decisions (docs/monitor.md,
     "What it does at each decision").
@@ -111,8 +133,10 @@ class SensitivityTracker:
         self.folds = 0
         self.validations = 0
         self.validation = EpochScores()
+        self.validation_positions = Samples(PositionRows.dtypes())
         self.num_classes = 0
         self._train_epoch: SplitScores | None = None
+        self._train_positions: PositionRows | None = None
 
     # -- update, gather, compute, reset ------------------------------------------------------
 
@@ -121,6 +145,45 @@ class SensitivityTracker:
         you must know")."""
         self.num_classes = logits.shape[1]
         self.validation.add(ids, labels, logits)
+
+    def update_positions(self, rows: PositionRows) -> None:
+        """Keep a validation batch's samples of a model with many positions."""
+        self.validation_positions.update(**{name: getattr(rows, name) for name in rows.names()})
+
+    def fold_positions(self, rows: PositionRows) -> None:
+        """The training steps' samples since the last decision (many positions): this
+        decision's training split, one row per sample (its last step)."""
+        order = torch.arange(len(rows.ids) - 1, -1, -1)  # the last step first: unique keeps it
+        self._train_positions = rows.map(lambda t: t[order]).unique()
+
+    def gather_positions(self) -> dict[str, PositionRows]:
+        """:meth:`gather` for a model with many positions. A collective under DDP."""
+        rows = {}
+        found = self.validation_positions.gathered()
+        if found is not None:
+            rows["val"] = PositionRows(**found).unique()
+        if self._train_positions is not None:
+            rows["train"], self._train_positions = self._train_positions, None
+        return rows
+
+    def compute_positions(
+        self,
+        epoch: int,
+        step: int,
+        rows: dict[str, PositionRows],
+        extra: dict[str, float] | None = None,
+    ) -> PositionReport:
+        """Metrics and the positions table of one decision (many positions); its metrics
+        join the history."""
+        metrics = position_metrics(rows)
+        table: dict[str, list[Any]] = {}
+        for split, r in rows.items():
+            for name, values in position_columns(split, (epoch, step), r).items():
+                table.setdefault(name, []).extend(values)
+        metrics.update(extra or {})
+        self.history.append({"epoch": epoch, "step": step, **metrics})
+        histograms = {split: (r.log_fi_mean, r.log_fi_pred_mean) for split, r in rows.items()}
+        return PositionReport(epoch, step, rows, metrics, table, histograms)
 
     def fold(self, ids: Tensor, labels: Tensor, scores: Tensor) -> None:
         """Add the training steps' log FI under every label ``(N, K)`` since the last
@@ -164,6 +227,7 @@ class SensitivityTracker:
     def reset(self) -> None:
         """Forget this epoch's validation scores (the state across epochs stays)."""
         self.validation.reset()
+        self.validation_positions.reset()
 
     def compute(
         self,

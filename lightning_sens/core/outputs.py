@@ -1,0 +1,419 @@
+"""Outputs with many positions or many sigmoids, scored from the logits alone.
+
+A language model scores every token (logits ``(B, T, V)``, labels ``(B, T)``), a segmentation
+model every pixel (``(B, K, H, W)``, ``(B, H, W)``), a multi-label model every class with its own
+sigmoid (``(B, K)``, float targets ``(B, K)``). Given the input the positions are independent,
+so the metric of the perturbation manifold of a sample's joint likelihood is the sum of its
+positions' metrics, and each position has the classifier's closed form: log FI_t =
+log((1 − p_t) / p_t), p_t the probability the model gives position t's label
+(docs/derivations.md, "Many positions and many sigmoids"). :func:`read_layout` decides from one
+batch how the logits meet the labels; :func:`position_scores` scores every position;
+:meth:`PositionScores.summary` reduces them per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TASKS",
+    "OutputLayout",
+    "PositionScores",
+    "SampleSummary",
+    "Task",
+    "position_scores",
+    "read_layout",
+]
+
+Task = Literal["binary", "multiclass", "multilabel"]
+TASKS = ("auto", "binary", "multiclass", "multilabel")
+"""The values of the ``task`` option (torchmetrics' names): "auto" reads it from one batch."""
+
+IGNORE_INDEX = -100
+"""The label of a position to skip in PyTorch's and Hugging Face's losses; segmentation data
+sets also use 255, which :func:`read_layout` skips where the model has at most 255 classes."""
+
+_SEGMENTATION_IGNORE = 255
+_CHUNK = 2**23  # float64 entries per chunk of (positions × classes): 64 MiB
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """How a model's logits meet its labels (:func:`read_layout`).
+
+    Attributes:
+        task: "multiclass": a softmax over a class axis, one class index per position;
+            "binary": one logit per position, whose sigmoid is the probability of class 1;
+            "multilabel": one sigmoid per output entry, targets of the logits' shape.
+        class_dim: the class axis of the logits as the model returns them ("multiclass"; 1
+            for ``(B, K, H, W)``, −1 for ``(B, T, V)``), else None.
+        positions: the shape of one sample's positions: ``()`` for one label per sample,
+            ``(T,)`` for text, ``(H, W)`` for an image's pixels, ``(K,)`` for multi-label.
+        flattened: the logits come as ``(B · T, V)``, the positions folded into the batch (as
+            Lightning's demo language models return them).
+        shift: the logits at position t score the label at t + 1 (a causal language model
+            whose labels are its input ids, the Hugging Face convention).
+        ignore_index: the label values of positions to skip.
+    """
+
+    task: Task
+    class_dim: int | None
+    positions: tuple[int, ...]
+    flattened: bool = False
+    shift: bool = False
+    ignore_index: tuple[int, ...] = (IGNORE_INDEX,)
+
+    @property
+    def dense(self) -> bool:
+        """Whether a sample has more than one scored position (text, pixels, multi-label)."""
+        return self.positions != ()
+
+    def describe(self) -> str:
+        """One line for messages and logs: ``"multiclass, positions (32,), shifted"``."""
+        parts: list[str] = [self.task]
+        if self.dense:
+            parts.append(f"positions {self.positions}")
+        if self.flattened:
+            parts.append("flattened (B·T, V)")
+        if self.shift:
+            parts.append("labels shifted by one (causal language model)")
+        return ", ".join(parts)
+
+
+def read_layout(
+    logits: Tensor,
+    labels: Tensor,
+    inputs: Any = None,
+    task: str = "auto",
+    ignore_index: int | None = None,
+) -> OutputLayout:
+    """How ``logits`` meet ``labels``, decided from one batch.
+
+    - labels ``(B,)`` or ``(B, 1)``: one class per sample (``(B, K)`` logits, or one binary
+      logit);
+    - labels of the logits' shape without one axis: that axis holds the classes (axis 1 for
+      PyTorch's ``(B, K, d1, ...)`` convention, the last for ``(B, T, V)``; where both fit,
+      the last for sequences and axis 1 for images); an axis of size 1 is one binary logit;
+    - labels ``(B, T)`` and logits ``(B · T, V)``: positions folded into the batch;
+    - float (or 0/1) targets of the logits' shape: one sigmoid per entry (multi-label). Rows of
+      ``(B, K)`` targets that all sum to one are one-hot or soft targets of a softmax as much
+      as multi-label ones: ``task`` must say which.
+
+    A causal language model whose labels are its input ids (``inputs`` a tensor or a dict with
+    ``input_ids`` equal to the labels wherever they are not ignored) scores the label at t + 1
+    with the logits at t, as its own loss does.
+
+    Args:
+        logits: the model's output for the batch.
+        labels: the batch's labels.
+        inputs: the batch's inputs (to recognise labels that are the input ids), or None.
+        task: "auto", or torchmetrics' "binary", "multiclass", "multilabel".
+        ignore_index: the label of positions to skip; None: −100, and also 255 where the model
+            has at most 255 classes and several positions (segmentation masks).
+
+    Raises:
+        ValueError: a layout that is none of these, naming the shapes and the fix.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(map(repr, TASKS))}, got {task!r}.")
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError(
+            f"Expected floating-point logits, got {_shape(logits)}"
+            + (f" of dtype {logits.dtype}" if isinstance(logits, Tensor) else "")
+            + "."
+        )
+    if not isinstance(labels, Tensor) or labels.dim() == 0:
+        raise TypeError(f"Expected labels with a batch axis, got {_shape(labels)}.")
+    z, y = tuple(logits.shape), tuple(labels.shape)
+    same = z == y and len(z) >= 2
+    if same and (len(z) > 2 or z[1] > 1) and task in ("auto", "multilabel", "binary"):
+        if task == "auto" and len(z) == 2 and _distributions(labels):
+            raise ValueError(
+                f"The labels {y} have the logits' shape and every row sums to one: one-hot or "
+                "soft targets of a softmax, or multi-label targets with one class per sample. "
+                "Pass task='multilabel' for one sigmoid per class (BCEWithLogitsLoss), or class "
+                "indices (labels.argmax(-1)) for a softmax."
+            )
+        if labels.is_floating_point() or bool(((labels == 0) | (labels == 1)).all()):
+            kind: Task = "binary" if z[1] == 1 and len(z) > 2 else "multilabel"
+            return OutputLayout(kind, None, z[1:], ignore_index=_ignored(ignore_index, 2, True))
+    if len(y) == 1 or (len(y) == 2 and y[1] == 1 and len(z) <= 2):
+        if task == "multilabel":
+            raise ValueError(_mismatch(z, y, "multilabel targets of the logits' shape"))
+        kind = "binary" if len(z) == 1 or z[1] == 1 else "multiclass"
+        return OutputLayout(kind, -1, ())
+    if task == "multilabel":
+        raise ValueError(_mismatch(z, y, "multilabel targets of the logits' shape"))
+    if len(z) == 2 and len(y) == 2 and z[0] == labels.numel() and z[0] != y[0]:
+        classes, positions = z[1], y[1:]
+        kind = "binary" if classes == 1 else "multiclass"
+        shift = _shifted(labels, inputs, _ignored(ignore_index, classes, True))
+        ignored = _ignored(ignore_index, classes, True)
+        return OutputLayout(kind, -1, positions, True, shift, ignored)
+    if len(z) == len(y) + 1 and z[0] == y[0]:
+        fits = [d for d in (1, len(z) - 1) if z[:d] + z[d + 1 :] == y]
+        if fits:
+            d = fits[-1] if len(fits) == 1 or len(z) == 3 else fits[0]
+            classes = z[d]
+            ignored = _ignored(ignore_index, classes, True)
+            kind = "binary" if classes == 1 else "multiclass"
+            shift = len(y) == 2 and _shifted(labels, inputs, ignored)
+            return OutputLayout(kind, d if d == 1 else -1, y[1:], False, shift, ignored)
+    raise ValueError(
+        _mismatch(
+            z,
+            y,
+            "labels (B,) with logits (B, K); labels (B, T) with logits (B, T, V) or (B·T, V); "
+            "labels (B, H, W) with logits (B, K, H, W); or targets of the logits' shape "
+            "(multi-label)",
+        )
+    )
+
+
+def _shape(value: object) -> str:
+    return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+
+
+def _mismatch(z: tuple[int, ...], y: tuple[int, ...], expected: str) -> str:
+    return (
+        f"Cannot read logits of shape {z} against labels of shape {y}; expected {expected}. "
+        "Pass forward_fn (what returns the logits) or batch_fn (what returns the labels) so "
+        "that they meet in one of these layouts."
+    )
+
+
+def _distributions(labels: Tensor) -> bool:
+    """Whether every row of ``(B, K)`` targets is a probability vector."""
+    t = labels.double()
+    return bool(
+        ((t >= 0).all() & torch.isclose(t.sum(-1), torch.ones((), dtype=t.dtype)).all()).item()
+    )
+
+
+def _ignored(ignore_index: int | None, classes: int, dense: bool) -> tuple[int, ...]:
+    if ignore_index is not None:
+        return (ignore_index,)
+    if dense and classes <= _SEGMENTATION_IGNORE:
+        return (IGNORE_INDEX, _SEGMENTATION_IGNORE)
+    return (IGNORE_INDEX,)
+
+
+def _shifted(labels: Tensor, inputs: Any, ignored: tuple[int, ...]) -> bool:
+    """Whether ``labels`` are the input ids themselves (a causal language model's labels)."""
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else inputs
+    if not isinstance(ids, Tensor) or ids.shape != labels.shape or ids.is_floating_point():
+        return False
+    kept = ~torch.isin(labels, torch.tensor(ignored, device=labels.device))
+    return bool(kept.any()) and torch.equal(labels[kept], ids.to(labels.device)[kept])
+
+
+@dataclass(frozen=True)
+class SampleSummary:
+    """Per sample, its positions' log FI reduced (:meth:`PositionScores.summary`).
+
+    Attributes:
+        mean: the mean of log FI over the valid positions ``(B,)``.
+        upper: its upper quantile (``quantile`` of :meth:`PositionScores.summary`) ``(B,)``: a
+            few wrong pixels of a large mask move it where they leave the mean.
+        pred_mean: the mean of log FI with the most probable class ``(B,)``.
+        total: log Σ_t FI_t ``(B,)``: the closed form of the sample's joint likelihood, the
+            largest FI of any family, reached by one that moves every position's logits
+            independently (a multi-label model's output bias does).
+        loss: the mean negative log-likelihood of the labels over the valid positions ``(B,)``.
+        accuracy: the share of valid positions whose most probable class is the label ``(B,)``.
+        count: the valid positions ``(B,)``.
+        worst: the flat index of the position with the largest log FI ``(B,)`` (−1: none).
+
+    Samples without a valid position have NaN scores and count 0.
+    """
+
+    mean: Tensor
+    upper: Tensor
+    pred_mean: Tensor
+    total: Tensor
+    loss: Tensor
+    accuracy: Tensor
+    count: Tensor
+    worst: Tensor
+
+
+@dataclass(frozen=True)
+class PositionScores:
+    """Every position's closed form, ``(B, P)`` with P = the product of ``positions``.
+
+    Attributes:
+        log_fi: log FI = log((1 − p_t) / p_t) of each position with its label, float64; NaN at
+            the positions skipped.
+        log_fi_pred: log FI with the most probable class instead of the label (Setup 3 of
+            docs/method.md, "The paper's four setups"), float64; NaN where skipped.
+        log_p: log p_t, the log-probability of the label, float64; NaN where skipped.
+        correct: whether the most probable class is the label (for a sigmoid: whether
+            sigmoid(z) > ½ agrees with a target above ½).
+        valid: the positions scored (not ignored, not masked).
+        positions: the shape of one sample's positions.
+    """
+
+    log_fi: Tensor
+    log_fi_pred: Tensor
+    log_p: Tensor
+    correct: Tensor
+    valid: Tensor
+    positions: tuple[int, ...]
+
+    def summary(self, quantile: float = 0.9) -> SampleSummary:
+        """Per-sample reductions over the valid positions (:class:`SampleSummary`)."""
+        if not 0.0 <= quantile <= 1.0:
+            raise ValueError(f"quantile must lie in [0, 1], got {quantile}.")
+        count = self.valid.sum(-1)
+        empty = count == 0
+        mean = torch.nanmean(self.log_fi, dim=-1)
+        upper = torch.nanquantile(self.log_fi, quantile, dim=-1)
+        total = torch.logsumexp(self.log_fi.nan_to_num(nan=float("-inf")), dim=-1)
+        loss = -torch.nanmean(self.log_p, dim=-1)
+        right = (self.correct & self.valid).sum(-1).double()
+        accuracy = right / count.clamp(min=1)
+        worst = self.log_fi.nan_to_num(nan=float("-inf")).argmax(-1)
+        nan = torch.full_like(mean, float("nan"))
+        return SampleSummary(
+            mean=torch.where(empty, nan, mean),
+            upper=torch.where(empty, nan, upper),
+            pred_mean=torch.where(empty, nan, torch.nanmean(self.log_fi_pred, dim=-1)),
+            total=torch.where(empty, nan, total),
+            loss=torch.where(empty, nan, loss),
+            accuracy=torch.where(empty, nan, accuracy),
+            count=count,
+            worst=torch.where(empty, torch.full_like(worst, -1), worst),
+        )
+
+
+def position_scores(
+    logits: Tensor, labels: Tensor, layout: OutputLayout, mask: Tensor | None = None
+) -> PositionScores:
+    """Score every position of a batch from its logits: no backward pass.
+
+    Args:
+        logits: the model's output, as :func:`read_layout` read it.
+        labels: class indices of the positions (``"multiclass"``, ``"binary"``) or targets of
+            the logits' shape (``"multilabel"``).
+        layout: from :func:`read_layout`.
+        mask: ``(B, *positions)``, nonzero where a position counts (an ``attention_mask``), or
+            None.
+
+    Example:
+        >>> z = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])  # one sequence of two tokens, V = 2
+        >>> layout = read_layout(z, torch.tensor([[0, 1]]))
+        >>> position_scores(z, torch.tensor([[0, 1]]), layout).log_fi  # −2, log 1
+        tensor([[-2.,  0.]], dtype=torch.float64)
+    """
+    B = labels.shape[0]
+    z = logits.detach()
+    y = labels.detach().to(z.device)
+    y = y.long() if y.dtype == torch.bool else y
+    if layout.task == "multiclass":
+        K = z.shape[layout.class_dim or -1] if not layout.flattened else z.shape[-1]
+        if layout.flattened:
+            z = z.reshape(B, *layout.positions, K)
+        elif layout.dense and layout.class_dim == 1:
+            z = z.movedim(1, -1)
+        z, y = z.reshape(B, -1, K), y.reshape(B, -1)
+    else:  # one logit per position (a class axis of size 1 dropped), or one per target
+        z, y = z.reshape(B, -1), y.reshape(B, -1)
+    valid = torch.ones(y.shape, dtype=torch.bool, device=z.device)
+    if mask is not None:
+        valid &= mask.to(z.device).reshape(B, -1).bool()
+    if layout.task != "multilabel":
+        valid &= ~torch.isin(y, torch.tensor(layout.ignore_index, device=y.device, dtype=y.dtype))
+    if layout.shift:
+        z, y, valid = z[:, :-1], y[:, 1:], valid[:, 1:]
+        positions: tuple[int, ...] = (layout.positions[0] - 1,)
+    else:
+        positions = layout.positions or (1,)
+    if layout.task == "multiclass":
+        _check_classes(y, valid, z.shape[-1], layout)
+        log_fi, log_fi_pred, log_p, correct = _softmax_scores(z, y, valid)
+    else:
+        _check_binary(y, valid, layout)
+        log_fi, log_fi_pred, log_p, correct = _sigmoid_scores(z, y, valid)
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=z.device)
+    return PositionScores(
+        torch.where(valid, log_fi, nan),
+        torch.where(valid, log_fi_pred, nan),
+        torch.where(valid, log_p, nan),
+        correct & valid,
+        valid,
+        positions,
+    )
+
+
+def _check_classes(y: Tensor, valid: Tensor, classes: int, layout: OutputLayout) -> None:
+    """Raise unless every scored position's label is a class index in [0, K)."""
+    if y.is_floating_point():
+        raise TypeError(
+            f"Labels of a {layout.task} model with {classes} classes must be class indices, got "
+            f"dtype {y.dtype}; pass integer labels (labels.long())."
+        )
+    bad = valid & ((y < 0) | (y >= classes))
+    if bool(bad.any()):
+        found = y[bad].unique()[:10].tolist()
+        raise ValueError(
+            f"The labels hold {found} outside [0, {classes}) at positions that are not ignored "
+            f"(ignore_index {list(layout.ignore_index)}); pass ignore_index=<the label of the "
+            "positions to skip>, or labels that fit the model's classes."
+        )
+
+
+def _check_binary(y: Tensor, valid: Tensor, layout: OutputLayout) -> None:
+    """Raise unless every scored target lies in [0, 1] (0/1 for one binary logit)."""
+    t = y[valid].double()
+    binary = layout.task == "binary"
+    bad = ~((t == 0) | (t == 1)) if binary else (t < 0) | (t > 1) | torch.isnan(t)
+    if bool(bad.any()):
+        found = t[bad].unique()[:10].tolist()
+        expected = "0 or 1" if binary else "in [0, 1]"
+        raise ValueError(
+            f"The targets of a {layout.task} model must be {expected}, got {found} (the first 10 "
+            "values shown)."
+        )
+
+
+def _softmax_scores(z: Tensor, y: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """log FI = logsumexp_{k≠y}(z_k − z_y) with the label and with the most probable class,
+    log p_y and whether the label is the most probable class, per position, in float64 chunks
+    of positions (a 50,000-token vocabulary never makes one float64 copy of all the logits)."""
+    K = z.shape[-1]
+    flat, labels = z.reshape(-1, K), y.reshape(-1).clamp(0, K - 1) * valid.reshape(-1)
+    rows = max(1, _CHUNK // K)
+    columns: list[list[Tensor]] = [[], [], [], []]
+    for start in range(0, len(flat), rows):
+        part = flat[start : start + rows].to(torch.float64)
+        label = labels[start : start + rows].unsqueeze(-1)
+        top = part.argmax(-1, keepdim=True)
+        for column, chosen in ((0, label), (1, top)):
+            z_c = part.gather(-1, chosen)
+            others = (part - z_c).scatter(-1, chosen, float("-inf"))
+            columns[column].append(torch.logsumexp(others, dim=-1))
+        columns[2].append(part.gather(-1, label).squeeze(-1) - torch.logsumexp(part, dim=-1))
+        columns[3].append(top.squeeze(-1) == label.squeeze(-1))
+    log_fi, log_fi_pred, log_p, correct = (torch.cat(c).reshape(y.shape) for c in columns)
+    return log_fi, log_fi_pred, log_p, correct
+
+
+def _sigmoid_scores(z: Tensor, y: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One sigmoid per position with target t ∈ [0, 1]: FI = (t − σ)² / (σ (1 − σ)), which is
+    (1 − q)/q for q the probability of a 0/1 target, log FI = (1 − 2t) z exactly; with the more
+    probable value instead of the target, log FI = −|z|."""
+    z = z.to(torch.float64)
+    t = torch.where(valid, y.to(torch.float64), torch.zeros((), dtype=torch.float64))
+    log_sigma, log_rest = -torch.nn.functional.softplus(-z), -torch.nn.functional.softplus(z)
+    hard = (t == 0) | (t == 1)
+    soft = 2 * torch.log(torch.abs(t - torch.sigmoid(z))) - log_sigma - log_rest
+    log_fi = torch.where(hard, (1 - 2 * t) * z, soft)
+    log_p = t * log_sigma + (1 - t) * log_rest
+    correct = (z > 0) == (t > 0.5)
+    return log_fi, -z.abs(), log_p, correct

@@ -1,0 +1,150 @@
+"""Per-sample scores of outputs with many positions (tokens, pixels, multi-label outputs), and
+what the monitor logs of them (no Lightning here; docs/tasks.md).
+
+A sample's row reduces its positions' closed forms (:mod:`lightning_sens.core.outputs`): the
+mean of log FI with the label over its valid positions, its upper quantile, the bound
+log Σ_t FI_t, the mean with the most probable class, its loss and accuracy, and the position
+with the largest log FI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_sens.core.outputs import OutputLayout, position_scores
+from lightning_sens.reporting import keys
+from lightning_sens.reporting.stats import log_fi_summary
+
+__all__ = [
+    "POSITION_COLUMNS",
+    "PositionRows",
+    "position_columns",
+    "position_metrics",
+    "position_rows",
+]
+
+
+@dataclass(frozen=True)
+class PositionRows:
+    """One split's samples, each with its positions' closed forms reduced, on the CPU.
+
+    Attributes:
+        ids: sample ids ``(N,)``.
+        positions: the valid positions of each sample ``(N,)``.
+        loss: the mean negative log-likelihood of the labels over them ``(N,)``.
+        accuracy: the share of them whose most probable class is the label ``(N,)``.
+        log_fi_mean: the mean of log FI with the label over them ``(N,)``.
+        log_fi_upper: its upper quantile (``position_quantile``) ``(N,)``.
+        log_fi_total: log Σ_t FI_t, the largest FI of the sample's joint likelihood ``(N,)``.
+        log_fi_pred_mean: the mean of log FI with the most probable class ``(N,)``.
+        worst: the flat index of the position with the largest log FI ``(N,)``.
+    """
+
+    ids: Tensor
+    positions: Tensor
+    loss: Tensor
+    accuracy: Tensor
+    log_fi_mean: Tensor
+    log_fi_upper: Tensor
+    log_fi_total: Tensor
+    log_fi_pred_mean: Tensor
+    worst: Tensor
+
+    @staticmethod
+    def names() -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(PositionRows))
+
+    @staticmethod
+    def dtypes() -> dict[str, torch.dtype]:
+        whole = ("ids", "positions", "worst")
+        return {f: torch.int64 if f in whole else torch.float64 for f in PositionRows.names()}
+
+    @staticmethod
+    def cat(parts: list[PositionRows]) -> PositionRows:
+        names = PositionRows.names()
+        return PositionRows(*(torch.cat([getattr(p, f) for p in parts]) for f in names))
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> PositionRows:
+        return PositionRows(*(fn(getattr(self, f)) for f in self.names()))
+
+    def unique(self) -> PositionRows:
+        """One row per id (the first), sorted by id: undoes DistributedSampler's padding."""
+        order = torch.argsort(self.ids, stable=True)
+        ids = self.ids[order]
+        first = torch.ones_like(ids, dtype=torch.bool)
+        first[1:] = ids[1:] != ids[:-1]
+        keep = order[first]
+        return self.map(lambda t: t[keep])
+
+
+def position_rows(
+    ids: Tensor,
+    labels: Tensor,
+    logits: Tensor,
+    layout: OutputLayout,
+    mask: Tensor | None = None,
+    quantile: float = 0.9,
+) -> PositionRows:
+    """Score a batch's positions from its logits (closed forms, no backward pass) and reduce
+    them per sample, on the logits' device."""
+    summary = position_scores(logits, labels, layout, mask).summary(quantile)
+    return PositionRows(
+        ids.detach().to(summary.count.device).long(),
+        summary.count,
+        summary.loss,
+        summary.accuracy,
+        summary.mean,
+        summary.upper,
+        summary.total,
+        summary.pred_mean,
+        summary.worst,
+    )
+
+
+def position_metrics(rows: dict[str, PositionRows]) -> dict[str, float]:
+    """Per split: loss and accuracy over every valid position, statistics over the samples of
+    their mean log FI with the label and with the most probable class, and of the upper
+    quantile; the train − validation gap of the median of the latter means (the same keys as a
+    classifier's, docs/monitor.md, "Output")."""
+    metrics: dict[str, float] = {}
+    for split, r in rows.items():
+        weight = r.positions.double()
+        counted = weight.sum()
+        if counted > 0:
+            metrics[keys.loss(split)] = float((r.loss.nan_to_num() * weight).sum() / counted)
+            metrics[keys.accuracy(split)] = float(
+                (r.accuracy.nan_to_num() * weight).sum() / counted
+            )
+        for target, log_fi in (("true", r.log_fi_mean), ("pred", r.log_fi_pred_mean)):
+            summary = log_fi_summary(log_fi)
+            metrics.update({keys.curve(target, split, stat): v for stat, v in summary.items()})
+        upper = log_fi_summary(r.log_fi_upper)
+        metrics.update({keys.upper_curve(split, stat): v for stat, v in upper.items()})
+    if "train" in rows and "val" in rows:
+        median = [metrics[keys.curve("pred", split, "median")] for split in ("train", "val")]
+        metrics[keys.gap()] = median[0] - median[1]
+    return metrics
+
+
+POSITION_COLUMNS = ("sample", "split", "epoch", "step", *PositionRows.names()[1:])
+"""The columns of the positions table (one row per scored sample and decision)."""
+
+
+def position_columns(split: str, at: tuple[int, int], rows: PositionRows) -> dict[str, list[Any]]:
+    """The positions table of one split and decision ``at`` = (epoch, step), column by
+    column."""
+    n = len(rows.ids)
+    columns: dict[str, list[Any]] = {
+        "sample": rows.ids.tolist(),
+        "split": [split] * n,
+        "epoch": [at[0]] * n,
+        "step": [at[1]] * n,
+    }
+    columns.update({name: getattr(rows, name).tolist() for name in PositionRows.names()[1:]})
+    return columns

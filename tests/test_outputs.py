@@ -1,0 +1,224 @@
+"""Outputs with many positions or many sigmoids: the layouts read from one batch, and every
+position's closed form against the float64 brute force that enumerates the joint outcomes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+import lightning_sens.core.outputs as outputs
+from lightning_sens.core import closed_form_fi
+from lightning_sens.core.outputs import OutputLayout, position_scores, read_layout
+from lightning_sens.reference.outputs import enumerated_fi
+
+F64 = torch.float64
+
+
+def _generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def _softmax_case(shape: tuple[int, ...], class_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits of ``shape`` (classes on ``class_dim``), labels, and the (B, P, K) logits."""
+    g = _generator()
+    z = torch.randn(*shape, generator=g, dtype=F64) * 3
+    canonical = z.movedim(class_dim, -1)
+    labels = torch.randint(0, canonical.shape[-1], canonical.shape[:-1], generator=g)
+    return z, labels, canonical.reshape(shape[0], -1, canonical.shape[-1])
+
+
+@pytest.mark.parametrize(
+    ("shape", "class_dim"),
+    [((2, 3, 4), -1), ((2, 3, 2, 2), 1), ((3, 4), -1)],
+    ids=["sequence (B, T, V)", "segmentation (B, K, H, W)", "one class per sample"],
+)
+def test_each_position_and_the_sample_match_the_enumerated_fisher_information(
+    shape: tuple[int, ...], class_dim: int
+) -> None:
+    z, labels, canonical = _softmax_case(shape, class_dim)
+    layout = read_layout(z, labels)
+    assert layout.task == "multiclass"
+    scores = position_scores(z, labels, layout)
+    flat_labels = labels.reshape(shape[0], -1)
+    summary = scores.summary()
+    for b in range(shape[0]):
+        for t in range(canonical.shape[1]):
+            expected = enumerated_fi(canonical[b, t : t + 1], flat_labels[b, t : t + 1])
+            got = float(scores.log_fi[b, t].exp())
+            assert got == pytest.approx(expected, rel=1e-9), (b, t)
+        joint = enumerated_fi(canonical[b], flat_labels[b])  # the whole sample's likelihood
+        assert float(summary.total[b].exp()) == pytest.approx(joint, rel=1e-9), b
+
+
+def test_the_positions_agree_with_the_classifiers_closed_form() -> None:
+    z, labels, canonical = _softmax_case((3, 5, 6), -1)
+    scores = position_scores(z, labels, read_layout(z, labels))
+    closed = closed_form_fi(canonical.reshape(-1, 6), labels.reshape(-1))
+    assert torch.equal(scores.log_fi.reshape(-1), closed.log_fi_max)
+    pred = closed_form_fi(canonical.reshape(-1, 6), "pred")
+    assert torch.equal(scores.log_fi_pred.reshape(-1), pred.log_fi_max)
+    assert torch.allclose(scores.log_p.reshape(-1).exp(), closed.p_target, rtol=1e-12)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["0/1 targets", "soft targets"])
+def test_multilabel_sigmoids_match_the_enumerated_fisher_information(soft: bool) -> None:
+    g = _generator()
+    z = torch.randn(3, 4, generator=g, dtype=F64) * 3
+    targets = torch.randint(0, 2, (3, 4), generator=g).to(F64)
+    targets[:, 0] = 1.0  # rows that do not all sum to one: multi-label, not one-hot
+    targets[:, 1] = 1.0
+    if soft:
+        targets[:, 2] = torch.tensor([0.2, 0.5, 0.9], dtype=F64)
+    layout = read_layout(z, targets)
+    assert (layout.task, layout.positions) == ("multilabel", (4,))
+    scores = position_scores(z, targets, layout)
+    summary = scores.summary()
+    for b in range(3):
+        for k in range(4):
+            expected = enumerated_fi(z[b, k : k + 1], targets[b, k : k + 1], sigmoid=True)
+            assert float(scores.log_fi[b, k].exp()) == pytest.approx(expected, rel=1e-9)
+        joint = enumerated_fi(z[b], targets[b], sigmoid=True)
+        assert float(summary.total[b].exp()) == pytest.approx(joint, rel=1e-9)
+
+
+def test_one_binary_logit_per_pixel_is_a_sigmoid_with_the_classifiers_closed_form() -> None:
+    g = _generator()
+    z = torch.randn(2, 1, 3, 3, generator=g, dtype=F64) * 4
+    masks = torch.randint(0, 2, (2, 3, 3), generator=g)
+    layout = read_layout(z, masks)
+    assert (layout.task, layout.class_dim, layout.positions) == ("binary", 1, (3, 3))
+    scores = position_scores(z, masks, layout)
+    two_class = torch.cat([torch.zeros_like(z), z], dim=1).movedim(1, -1).reshape(-1, 2)
+    closed = closed_form_fi(two_class, masks.reshape(-1))
+    assert torch.allclose(scores.log_fi.reshape(-1), closed.log_fi_max, rtol=1e-12, atol=1e-12)
+    pred = closed_form_fi(two_class, "pred").log_fi_max
+    assert torch.allclose(scores.log_fi_pred.reshape(-1), pred, rtol=1e-12, atol=1e-12)
+
+
+def test_scores_stay_exact_at_any_margin_and_in_any_chunking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    z = torch.zeros(1, 3, 5, dtype=torch.float32)
+    z[0, 0, 2] = 800.0  # p_y = 1 in float32 and float64: log FI = log(4) − 800
+    z[0, 1, 0] = -800.0
+    labels = torch.tensor([[2, 0, 4]])
+    layout = read_layout(z, labels)
+    whole = position_scores(z, labels, layout)
+    assert whole.log_fi[0, 0].item() == pytest.approx(torch.log(torch.tensor(4.0)).item() - 800)
+    assert whole.log_fi[0, 1].item() == pytest.approx(800 + torch.log(torch.tensor(4.0)).item())
+    monkeypatch.setattr(outputs, "_CHUNK", 5)  # one position per chunk
+    chunked = position_scores(z, labels, layout)
+    assert torch.equal(chunked.log_fi, whole.log_fi)
+    assert torch.equal(chunked.log_p, whole.log_p)
+
+
+def test_the_summary_reduces_over_the_valid_positions_only() -> None:
+    z, labels, _ = _softmax_case((3, 6, 4), -1)
+    labels[0, :2] = -100
+    labels[2, :] = -100  # a sample without one valid position
+    scores = position_scores(z, labels, read_layout(z, labels))
+    summary = scores.summary(quantile=0.75)
+    assert summary.count.tolist() == [4, 6, 0]
+    kept = scores.log_fi[0, 2:]
+    assert torch.isnan(scores.log_fi[0, :2]).all()
+    assert summary.mean[0].item() == pytest.approx(kept.mean().item(), rel=1e-12)
+    assert summary.upper[0].item() == pytest.approx(torch.quantile(kept, 0.75).item(), rel=1e-12)
+    assert summary.worst[0].item() == 2 + int(kept.argmax())
+    assert summary.loss[0].item() == pytest.approx(-scores.log_p[0, 2:].mean().item())
+    assert torch.isnan(summary.mean[2])
+    assert torch.isnan(summary.total[2])
+    assert summary.worst[2].item() == -1
+    with pytest.raises(ValueError, match="quantile must lie in"):
+        scores.summary(quantile=1.5)
+
+
+def test_an_attention_mask_skips_the_padding() -> None:
+    z, labels, _ = _softmax_case((2, 5, 4), -1)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    scores = position_scores(z, labels, read_layout(z, labels), mask=mask)
+    assert scores.valid.tolist() == mask.bool().tolist()
+    assert scores.summary().count.tolist() == [3, 5]
+
+
+def test_a_causal_language_model_scores_the_next_token_as_its_own_loss_does() -> None:
+    g = _generator()
+    ids = torch.randint(0, 7, (2, 6), generator=g)
+    z = torch.randn(2, 6, 7, generator=g, dtype=F64)
+    labels = ids.clone()
+    labels[1, 4:] = -100  # padding, as a data collator marks it
+    layout = read_layout(z, labels, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert layout.shift
+    scores = position_scores(z, labels, layout)
+    assert scores.positions == (5,)
+    loss = torch.nn.functional.cross_entropy(
+        z[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), reduction="none"
+    ).reshape(2, 5)
+    valid = labels[:, 1:] != -100
+    assert torch.allclose(-scores.log_p[valid], loss[valid], rtol=1e-12)
+    # labels that are not the inputs (a token classifier, or a masked language model whose
+    # labels keep the original tokens where the inputs hold the mask token) are not shifted
+    masked = ids.clone()
+    masked[:, 2] = 0
+    labels = torch.where(masked != ids, ids, torch.full_like(ids, -100))
+    labels[:, 0] = ids[:, 0] + 1  # a position whose label differs from its input
+    assert not read_layout(z, labels, {"input_ids": masked}).shift
+
+
+def test_lightnings_demo_language_models_fold_the_positions_into_the_batch() -> None:
+    z, labels, canonical = _softmax_case((2, 4, 9), -1)
+    flat = torch.log_softmax(canonical.reshape(-1, 9), dim=-1)  # (B·T, V) log-probabilities
+    layout = read_layout(flat, labels, inputs=labels + 1)
+    assert (layout.flattened, layout.positions, layout.shift) == (True, (4,), False)
+    scores = position_scores(flat, labels, layout)
+    direct = position_scores(z, labels, read_layout(z, labels))
+    assert torch.allclose(scores.log_fi, direct.log_fi, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("logits", "labels", "expected"),
+    [
+        ((4, 3), (4,), OutputLayout("multiclass", -1, ())),
+        ((4,), (4,), OutputLayout("binary", -1, ())),
+        ((4, 1), (4, 1), OutputLayout("binary", -1, ())),
+        ((4, 8, 50), (4, 8), OutputLayout("multiclass", -1, (8,), ignore_index=(-100, 255))),
+        ((4, 300, 8), (4, 8), OutputLayout("multiclass", 1, (8,), ignore_index=(-100,))),
+        ((4, 5, 6, 6), (4, 6, 6), OutputLayout("multiclass", 1, (6, 6), ignore_index=(-100, 255))),
+        ((4, 6, 6, 6), (4, 6, 6), OutputLayout("multiclass", 1, (6, 6), ignore_index=(-100, 255))),
+        ((4, 6, 6), (4, 6), OutputLayout("multiclass", -1, (6,), ignore_index=(-100, 255))),
+        ((32, 300), (4, 8), OutputLayout("multiclass", -1, (8,), True, ignore_index=(-100,))),
+    ],
+)
+def test_layouts_are_read_from_the_shapes(
+    logits: tuple[int, ...], labels: tuple[int, ...], expected: OutputLayout
+) -> None:
+    classes = 2 if len(logits) == 1 or logits[-1] == 1 else min(logits[1], logits[-1])
+    found = read_layout(torch.zeros(logits), torch.randint(0, classes, labels))
+    assert found == expected
+
+
+def test_255_is_skipped_in_masks_only_where_it_cannot_be_a_class() -> None:
+    z = torch.zeros(1, 300, 4)  # a 300-token vocabulary: 255 is a token
+    labels = torch.tensor([[255, 3, -100, 7]])
+    scores = position_scores(z.movedim(1, -1), labels, read_layout(z.movedim(1, -1), labels))
+    assert scores.valid.tolist() == [[True, True, False, True]]
+    custom = read_layout(torch.zeros(1, 5, 2, 2), torch.zeros(1, 2, 2).long(), ignore_index=0)
+    assert custom.ignore_index == (0,)
+
+
+def test_unreadable_layouts_are_refused_with_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"task='multilabel'.*argmax"):
+        read_layout(torch.zeros(4, 3), torch.eye(3)[[0, 1, 2, 0]])  # one-hot rows
+    layout = read_layout(torch.zeros(4, 3), torch.eye(3)[[0, 1, 2, 0]], task="multilabel")
+    assert layout.task == "multilabel"
+    with pytest.raises(ValueError, match=r"logits of shape \(4, 3, 5\) against labels of shape"):
+        read_layout(torch.zeros(4, 3, 5), torch.zeros(4, 7).long())
+    with pytest.raises(ValueError, match="task must be one of"):
+        read_layout(torch.zeros(4, 3), torch.zeros(4).long(), task="segmentation")
+    z = torch.zeros(2, 4, 5)
+    labels = torch.tensor([[0, 1, 2, 9], [0, 1, -100, 3]])
+    with pytest.raises(ValueError, match=r"\[9\] outside \[0, 5\).*ignore_index"):
+        position_scores(z, labels, read_layout(z, labels))
+    targets = torch.tensor([[0.0, 1.5, 1.0]])
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\], got \[1.5\]"):
+        position_scores(torch.zeros(1, 3), targets, read_layout(torch.zeros(1, 3), targets))

@@ -1,0 +1,142 @@
+"""A default ``SensitivityMonitor()`` on tasks with many positions per sample (tests/tasks.py):
+a causal language model, segmentation, token classification and multi-label classification.
+Each run completes with no adapter code, logs train and validation curves to TensorBoard, and
+writes a positions table whose validation rows are the closed forms of the trained model's
+positions, recomputed here."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_sens import SensitivityMonitor
+from lightning_sens.callbacks import MonitorSetupError
+from lightning_sens.callbacks.batches import default_batch_fn
+from lightning_sens.core.inputs import default_forward, found_logits
+from lightning_sens.core.outputs import position_scores, read_layout
+from lightning_sens.reporting import keys, paths
+from tests import tasks
+from tests.logged import read_logged
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning:lightning"),
+    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
+    pytest.mark.filterwarnings("ignore:.*number of training batches.*"),
+]
+
+Loaders = tuple[DataLoader, DataLoader]
+
+TASKS: dict[str, tuple[Callable[[], pl.LightningModule], Callable[[], Loaders], str, int]] = {
+    # name: (module, loaders, the layout the monitor reads, valid positions of val sample 0)
+    "causal_lm": (tasks.CausalLM, tasks.text_loaders, "multiclass", tasks.LENGTH - 1 - 3),
+    "segmentation": (tasks.Segmenter, tasks.mask_loaders, "multiclass", (tasks.SIZE - 2) ** 2),
+    "tagger": (tasks.Tagger, tasks.tag_loaders, "multiclass", tasks.LENGTH - 3),
+    "multilabel": (tasks.MultiLabel, tasks.multilabel_loaders, "multilabel", 4),
+}
+
+
+def _fit(
+    tmp_path: Path, name: str, **options: Any
+) -> tuple[pl.Trainer, pl.LightningModule, SensitivityMonitor]:
+    make, loaders, _, _ = TASKS[name]
+    monitor = SensitivityMonitor(**options)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    pl.seed_everything(0, verbose=False)
+    module = make()
+    train, val = loaders()
+    trainer.fit(module, train, val)
+    return trainer, module, monitor
+
+
+def _table(log_dir: Path) -> list[dict[str, str]]:
+    found = sorted(paths.folder(log_dir).glob("positions_epoch*.csv"))
+    assert found, f"no positions table under {paths.folder(log_dir)}"
+    with found[-1].open(newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_a_default_monitor_scores_every_position_and_logs_both_splits(
+    tmp_path: Path, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        trainer, module, monitor = _fit(tmp_path, name)
+    _, loaders, task, valid = TASKS[name]
+    assert monitor.reader.layout is not None
+    assert monitor.reader.layout.task == task
+    assert "reads this model's outputs as" in caplog.text
+    log_dir = Path(trainer.log_dir or tmp_path)
+    logged = read_logged(log_dir)
+    for split in ("train", "val"):
+        for key in (
+            keys.loss(split),
+            keys.accuracy(split),
+            keys.curve("true", split, "median"),
+            keys.upper_curve(split, "median"),
+        ):
+            assert key in logged.scalars, f"{key} not logged; logged {sorted(logged.scalars)}"
+            assert len(logged.values(key)) == 2  # one value per epoch
+        assert keys.histogram("true", split) in logged.histograms
+    assert keys.gap() in logged.scalars
+    rows = _table(log_dir)
+    train, val = loaders()
+    by_split = {s: [r for r in rows if r["split"] == s] for s in ("train", "val")}
+    assert sorted(int(r["sample"]) for r in by_split["train"]) == list(range(tasks.TRAIN))
+    assert [int(r["sample"]) for r in by_split["val"]] == list(range(tasks.VAL))
+    # the validation rows are the closed forms of the trained model, recomputed here
+    batch = default_batch_fn(next(iter(val)))
+    inputs, labels = batch[0], batch[1]
+    module.eval()
+    with torch.no_grad():
+        logits = found_logits(default_forward(module, inputs))
+    layout = read_layout(logits, labels, inputs)
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    summary = position_scores(logits, labels, layout, mask).summary(0.9)
+    assert int(by_split["val"][0]["positions"]) == valid
+    for i, row in enumerate(by_split["val"][: len(labels)]):
+        assert int(row["positions"]) == int(summary.count[i])
+        assert float(row["log_fi_mean"]) == pytest.approx(float(summary.mean[i]), rel=1e-6)
+        assert float(row["log_fi_upper"]) == pytest.approx(float(summary.upper[i]), rel=1e-6)
+        assert int(row["worst"]) == int(summary.worst[i])
+    # training lowers the loss of the positions: the curves follow it
+    losses = logged.values(keys.loss("val"))
+    assert losses[-1] < losses[0]
+
+
+def test_an_unreadable_layout_is_refused_at_fit_start_with_the_option_that_fixes_it(
+    tmp_path: Path,
+) -> None:
+    """One-hot targets of a (B, K) model could be a softmax's or a multi-label model's."""
+
+    def one_hot() -> Loaders:
+        train, val = tasks.multilabel_loaders()
+        x, y = train.dataset.tensors  # type: ignore[attr-defined]
+        hot = torch.nn.functional.one_hot(y.argmax(-1), 4).float()
+        data = torch.utils.data.TensorDataset(x, hot)
+        return DataLoader(data, batch_size=12), DataLoader(data, batch_size=12)
+
+    TASKS["one_hot"] = (tasks.MultiLabel, one_hot, "multilabel", 4)
+    try:
+        with pytest.raises(MonitorSetupError, match=r"task='multilabel'"):
+            _fit(tmp_path, "one_hot")
+        _, _, monitor = _fit(tmp_path / "told", "one_hot", task="multilabel")
+        assert monitor.reader.layout is not None
+        assert monitor.reader.layout.task == "multilabel"
+    finally:
+        del TASKS["one_hot"]
