@@ -11,7 +11,10 @@ from lightning_sens.core import (  # the core's public API is the package's
     InputFI,
     LayerFI,
     MetricFrame,
+    OutputLayout,
     ParameterFI,
+    PositionScores,
+    SampleSummary,
     SensitivityResult,
     UnsupportedLayerError,
     closed_form_fi,
@@ -25,6 +28,8 @@ from lightning_sens.core import (  # the core's public API is the package's
     logits_of,
     metric_frame,
     parameter_fi,
+    position_scores,
+    read_layout,
     sensitivity,
     trainable_layers,
 )
@@ -48,6 +53,12 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     "ClosedFormFI",
     "closed_form_fi",
     "log_prob_gradient",
+    # outputs with many positions (tokens, pixels, sigmoids)
+    "read_layout",
+    "OutputLayout",
+    "position_scores",
+    "PositionScores",
+    "SampleSummary",
     # FI of a family from its Gram matrix
     "fi_from_gram",
     "fi_along_direction",

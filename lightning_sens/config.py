@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from lightning_sens.core.outputs import TASKS
+from lightning_sens.core.layout import TASKS
 from lightning_sens.flagging import FlagRule
 
 __all__ = ["MonitorConfig"]

@@ -138,7 +138,7 @@ class Tagger(pl.LightningModule):
         return F.cross_entropy(self(x).transpose(1, 2), y)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+        x, _y = batch
         return self(x)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -167,7 +167,7 @@ class MultiLabel(pl.LightningModule):
         return F.binary_cross_entropy_with_logits(self(x), y)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
+        x, _y = batch
         return self(x)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

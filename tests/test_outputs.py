@@ -8,9 +8,8 @@ import torch
 from torch import Tensor
 
 import lightning_sens.core.outputs as outputs
-from lightning_sens.core import closed_form_fi
-from lightning_sens.core.outputs import OutputLayout, position_scores, read_layout
-from lightning_sens.reference.outputs import enumerated_fi
+from lightning_sens.core import OutputLayout, closed_form_fi, position_scores, read_layout
+from lightning_sens.reference import enumerated_fi
 
 F64 = torch.float64
 

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 from lightning_sens import SensitivityMonitor
 from lightning_sens.callbacks import MonitorSetupError
 from lightning_sens.callbacks.batches import default_batch_fn
+from lightning_sens.core import position_scores, read_layout
 from lightning_sens.core.inputs import default_forward, found_logits
-from lightning_sens.core.outputs import position_scores, read_layout
 from lightning_sens.reporting import keys, paths
 from tests import tasks
 from tests.logged import read_logged
@@ -95,7 +95,7 @@ def test_a_default_monitor_scores_every_position_and_logs_both_splits(
         assert keys.histogram("true", split) in logged.histograms
     assert keys.gap() in logged.scalars
     rows = _table(log_dir)
-    train, val = loaders()
+    _train, val = loaders()
     by_split = {s: [r for r in rows if r["split"] == s] for s in ("train", "val")}
     assert sorted(int(r["sample"]) for r in by_split["train"]) == list(range(tasks.TRAIN))
     assert [int(r["sample"]) for r in by_split["val"]] == list(range(tasks.VAL))
@@ -125,7 +125,7 @@ def test_an_unreadable_layout_is_refused_at_fit_start_with_the_option_that_fixes
     """One-hot targets of a (B, K) model could be a softmax's or a multi-label model's."""
 
     def one_hot() -> Loaders:
-        train, val = tasks.multilabel_loaders()
+        train, _val = tasks.multilabel_loaders()
         x, y = train.dataset.tensors  # type: ignore[attr-defined]
         hot = torch.nn.functional.one_hot(y.argmax(-1), 4).float()
         data = torch.utils.data.TensorDataset(x, hot)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from lightning_sens.callbacks.setup import MonitorSetupError, class_labels, shape_of
 from lightning_sens.core.inputs import Inputs, default_forward, found_logits, logits_of, to_device
-from lightning_sens.core.outputs import OutputLayout
+from lightning_sens.core.layout import OutputLayout
 from lightning_sens.reporting.positions import PositionRows, position_rows
 from lightning_sens.reporting.summary import SplitScores, split_scores
 

@@ -27,7 +27,7 @@ from lightning_sens.callbacks.setup import (
 )
 from lightning_sens.config import MonitorConfig
 from lightning_sens.core.inputs import Inputs, default_forward, found_logits, select
-from lightning_sens.core.outputs import OutputLayout, read_layout
+from lightning_sens.core.layout import OutputLayout, read_layout
 
 __all__ = ["check_setup"]
 

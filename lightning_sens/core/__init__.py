@@ -18,6 +18,8 @@ from lightning_sens.core.engine import (
 from lightning_sens.core.fi import BlockFI, default_rtol, fi_along_direction, fi_from_gram
 from lightning_sens.core.frame import MetricFrame, contrast_basis, metric_frame
 from lightning_sens.core.inputs import default_forward, logits_of
+from lightning_sens.core.layout import OutputLayout, read_layout
+from lightning_sens.core.outputs import PositionScores, SampleSummary, position_scores
 
 __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     # the engine
@@ -36,6 +38,12 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     "ClosedFormFI",
     "closed_form_fi",
     "log_prob_gradient",
+    # outputs with many positions (tokens, pixels, sigmoids)
+    "read_layout",
+    "OutputLayout",
+    "position_scores",
+    "PositionScores",
+    "SampleSummary",
     # FI of a family from its Gram matrix
     "fi_from_gram",
     "fi_along_direction",

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_sens.core.outputs import OutputLayout, position_scores
+from lightning_sens.core.layout import OutputLayout
+from lightning_sens.core.outputs import position_scores
 from lightning_sens.reporting import keys
 from lightning_sens.reporting.stats import log_fi_summary
 
