@@ -270,7 +270,9 @@ def backprops(
     method: Backward = "auto",
     retain_graph: bool = False,
 ) -> None:
-    """Backpropagate each cotangent row of ``cotangents`` (K', K) to every tensor in ``targets``.
+    """Backpropagate each cotangent row of ``cotangents`` to every tensor in ``targets``: rows
+``(R, K)`` shared by every sample (the contrasts Qᵀ, ``(K', K)``), or ``(R, *logits.shape)``, one
+per sample (the sampled labels of :mod:`~lightning_sens.core.trace`).
 
     ``consume`` receives, for one cotangent after the other, the list of backprops (one per
     target, shaped like it; zeros where a target does not reach the logits), so that callers can
@@ -280,7 +282,10 @@ def backprops(
     faster (docs/performance.md, "The exact engine (`benchmarks/bench_engine.py`)").
     """
     K1, B = cotangents.shape[0], logits.shape[0]
-    grad_outputs = cotangents.to(logits.dtype).unsqueeze(1).expand(K1, B, -1)
+    if cotangents.dim() == logits.dim() + 1:
+        grad_outputs = cotangents.to(logits.dtype)
+    else:
+        grad_outputs = cotangents.to(logits.dtype).unsqueeze(1).expand(K1, B, -1)
     if method == "auto":
         method = "batched" if logits.is_cuda else "loop"
 

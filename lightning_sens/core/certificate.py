@@ -77,7 +77,7 @@ def _fast_share(share: FastShare, backprops: tuple[Tensor | None, ...]) -> list[
 
 def certify(
     logits: Tensor,
-    Q: Tensor,
+    cotangents: Tensor,
     fast: dict[str, FastShare],
     hosts: list[HostShare],
     tensors: dict[str, Tensor],
@@ -85,16 +85,23 @@ def certify(
     """The layers whose route missed a use of their parameters.
 
     Args:
-        logits: ``(B, K)`` of the engine's forward pass, its graph still alive.
-        Q: the contrast basis ``(K, K')``.
+        logits: the engine's forward pass's logits, their graph still alive.
+        cotangents: the cotangents the routes were given: the contrast basis Q ``(K, K')``,
+            shared by every sample, or ``(R, *logits.shape)``, one set per sample.
         fast: layers on fast routes.
         hosts: the Jacobian routes (the whole-model route sees every use and needs no check).
         tensors: canonical parameter name → the tensor the forward pass used.
     """
-    K1 = Q.shape[1]
+    per_sample = cotangents.dim() == logits.dim() + 1
+    K1 = cotangents.shape[0] if per_sample else cotangents.shape[1]
     r = torch.randn(K1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     r = (r / r.norm()).to(logits.device)
-    cotangent = (Q.to(torch.float64) @ r).to(logits.dtype).expand(logits.shape[0], -1)
+    if per_sample:
+        cotangent = torch.einsum("r,r...->...", r, cotangents.to(torch.float64))
+        cotangent = cotangent.to(logits.dtype)
+    else:
+        Q = cotangents
+        cotangent = (Q.to(torch.float64) @ r).to(logits.dtype).expand(logits.shape[0], -1)
     held = [
         call.held[i] for share in fast.values() for call in share.calls for i in sorted(call.held)
     ]

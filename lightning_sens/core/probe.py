@@ -9,7 +9,9 @@ the certificate").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,8 +48,15 @@ class Probes:
     first_inputs: Inputs
 
 
-def probe(model: nn.Module, runner: Runner, ownership: Ownership, inputs: Inputs) -> Probes:
-    """Run the probe passes; a model that cannot run on them is refused, with the reason."""
+def probe(
+    model: nn.Module,
+    runner: Runner,
+    ownership: Ownership,
+    inputs: Inputs,
+    check: Callable[[Any, str], None] = check_logits,
+) -> Probes:
+    """Run the probe passes; a model that cannot run on them is refused, with the reason.
+    ``check`` refuses outputs that are not logits (default: ``(B, K)`` ones)."""
     B = batch_size(inputs)
     one = runner.inputs(select(inputs, slice(0, 1), B))
     three = runner.inputs(repeat_first(inputs, PROBE_SIZES[1], B))
@@ -56,10 +65,10 @@ def probe(model: nn.Module, runner: Runner, ownership: Ownership, inputs: Inputs
             runner(one)
         with record_shapes(model) as shapes_three:
             logits = runner(three)
-        check_logits(logits, FORWARD_HINT)
+        check(logits, FORWARD_HINT)
     except Exception as error:
         # Say what is wrong with the user's own batch where that is the problem.
-        check_logits(runner(runner.inputs(inputs)), FORWARD_HINT)
+        check(runner(runner.inputs(inputs)), FORWARD_HINT)
         raise UnsupportedLayerError(
             f"The model runs on this batch of {B} but not on {PROBE_SIZES[0]} or "
             f"{PROBE_SIZES[1]} copies of its first sample ({type(error).__name__}: {error}). "

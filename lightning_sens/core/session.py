@@ -50,10 +50,39 @@ from lightning_sens.core.plan import Ownership, Plan, make_plan
 from lightning_sens.core.probe import probe, token_reader
 from lightning_sens.core.results import SensitivityResult
 from lightning_sens.core.routes import FastCall
+from lightning_sens.core.routes.base import Route
 from lightning_sens.core.runner import Runner
 from lightning_sens.core.validation import UnsupportedLayerError, check_logits, check_target
 
-__all__ = ["Session"]
+__all__ = ["Session", "fast_routes"]
+
+
+def fast_routes(
+    model: nn.Module,
+    plan: Plan,
+    records: dict[str, list[Captured]],
+    num_cotangents: int,
+    dtype: torch.dtype,
+) -> dict[str, Route]:
+    """The route of every layer on a fast route, fed with its recorded calls (batch first)."""
+    return {
+        name: spec.route(
+            name,
+            model.get_submodule(name),
+            [
+                FastCall(
+                    call.args[0].movedim(spec.x_dim, 0),
+                    call.held[0].detach().movedim(spec.out_dim, 0),
+                    call.tensors,
+                    call.extra,
+                )
+                for call in records[name]
+            ],
+            num_cotangents,
+            dtype,
+        )
+        for name, spec in plan.fast.items()
+    }
 
 
 class _DemoteError(Exception):
@@ -222,24 +251,7 @@ class Session:
         K = logits.shape[1]
         Q = contrast_basis(K, logits.dtype, logits.device)
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        fast = {
-            name: spec.route(
-                name,
-                self.model.get_submodule(name),
-                [
-                    FastCall(
-                        call.args[0].movedim(spec.x_dim, 0),
-                        call.held[0].detach().movedim(spec.out_dim, 0),
-                        call.tensors,
-                        call.extra,
-                    )
-                    for call in records[name]
-                ],
-                K - 1,
-                dtype,
-            )
-            for name, spec in plan.fast.items()
-        }
+        fast = fast_routes(self.model, plan, records, K - 1, dtype)
         input_grads: list[Tensor] = []
         host_grads: dict[tuple[str, int, int], list[Tensor]] = {}
 

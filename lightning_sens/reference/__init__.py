@@ -28,7 +28,7 @@ field; :func:`parameter_fi` says which field it cannot compute and what it holds
 
 from lightning_sens.reference.inputs import input_fi
 from lightning_sens.reference.measure import authors_recipe_fi, fi_from_jacobian, jacobian
-from lightning_sens.reference.outputs import enumerated_fi
+from lightning_sens.reference.outputs import enumerated_fi, metric_trace
 from lightning_sens.reference.parameters import parameter_fi
 from lightning_sens.reference.result import sensitivity
 
@@ -40,8 +40,9 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     # FI of one Jacobian
     "fi_from_jacobian",
     "jacobian",
-    # the joint likelihood of many positions, by enumeration
+    # many positions: the joint likelihood by enumeration, the metric's trace by definition
     "enumerated_fi",
+    "metric_trace",
     # the authors' regularised recipe
     "authors_recipe_fi",
 ]

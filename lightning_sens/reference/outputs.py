@@ -14,7 +14,7 @@ import itertools
 import torch
 from torch import Tensor
 
-__all__ = ["enumerated_fi"]
+__all__ = ["enumerated_fi", "metric_trace"]
 
 
 def enumerated_fi(logits: Tensor, labels: Tensor, sigmoid: bool = False) -> float:
@@ -46,3 +46,54 @@ def enumerated_fi(logits: Tensor, labels: Tensor, sigmoid: bool = False) -> floa
         gradient = torch.cat([eye[int(k)] - p[t] for t, k in enumerate(labels)])
     metric = sum(w * torch.outer(g, g) for w, g in zip(probs, grads, strict=True))
     return float(gradient @ torch.linalg.pinv(metric, hermitian=True) @ gradient)
+
+
+def metric_trace(
+    model: torch.nn.Module,
+    inputs: Tensor,
+    layer: str,
+    *,
+    class_dim: int = -1,
+    sigmoid: bool = False,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """tr(G_l) of layer ``layer``'s trainable parameters per sample, from the definition:
+    Σ_t Σ_k p_tk ‖∇_θ log p_tk‖² over every position t (one backward pass per position and
+    class), or Σ_t σ_t (1 − σ_t) ‖∇_θ z_t‖² for one sigmoid per entry. ``(B,)`` float64.
+
+    Args:
+        model: returns logits with the classes on ``class_dim`` (or one logit per entry).
+        inputs: a tensor batch.
+        layer: the module whose own parameters are perturbed.
+        class_dim: the class axis of the logits.
+        sigmoid: one sigmoid per logit entry instead of a softmax over ``class_dim``.
+        mask: ``(B, *positions)``, nonzero where a position counts, or None.
+    """
+    params = [p for p in model.get_submodule(layer).parameters(recurse=False) if p.requires_grad]
+    out = []
+    for b in range(inputs.shape[0]):
+        z = model(inputs[b : b + 1])[0].to(torch.float64)
+        if sigmoid:
+            log_probs, flat = None, z.reshape(-1)
+        else:
+            moved = z.movedim(class_dim - 1 if class_dim > 0 else class_dim, -1)
+            log_probs = torch.log_softmax(moved.reshape(-1, moved.shape[-1]), dim=-1)
+            flat = log_probs
+        keep = torch.ones(flat.shape[0], dtype=torch.bool)
+        if mask is not None:
+            keep = mask[b].reshape(-1).bool()
+        total = torch.zeros((), dtype=torch.float64)
+        for t in range(flat.shape[0]):
+            if not keep[t]:
+                continue
+            if log_probs is None:
+                s = torch.sigmoid(flat[t]).detach()
+                grads = torch.autograd.grad(flat[t], params, retain_graph=True)
+                total += s * (1 - s) * sum(g.double().square().sum() for g in grads)
+                continue
+            for k in range(log_probs.shape[-1]):
+                grads = torch.autograd.grad(log_probs[t, k], params, retain_graph=True)
+                weight = log_probs[t, k].detach().exp()
+                total += weight * sum(g.double().square().sum() for g in grads)
+        out.append(total)
+    return torch.stack(out)
