@@ -125,6 +125,12 @@ EVALUATE_OPTIONS: dict[str, str] = {
     "num_images": "flagged samples and FI-map overlays drawn per figure",
     "class_names": "one name per class for the figures, tables and report (None: the "
     "validation dataset's classes attribute, else the class numbers)",
+    "task": "how the logits meet the labels: auto (read from the first batch), binary, "
+    "multiclass or multilabel (docs/tasks.md)",
+    "ignore_index": "the label of token or pixel positions to skip (None: -100, and 255 where "
+    "the model has at most 255 classes)",
+    "position_quantile": "the upper quantile of a sample's positions' log FI logged beside "
+    "their mean (models with many positions)",
     "seed": "seed of the probe selection",
 }
 
@@ -295,6 +301,8 @@ def _evaluate(args: argparse.Namespace, lightning_args: list[str]) -> int:
         lambda module, inputs: logits_of(default_forward(module, inputs)),
         lambda index: _state_dict(checkpoints[index][0])["state_dict"],
         len(checkpoints),
+        config.task,
+        config.ignore_index,
     )
     if warning:
         print(f"lightning-sens: warning: {warning}", file=sys.stderr)

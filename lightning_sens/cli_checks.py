@@ -201,12 +201,16 @@ def check_data(
     logits_fn: Callable[[nn.Module, Any], Any],
     weights: Callable[[int], Mapping[str, Any]],
     checkpoints: int,
+    task: str = "auto",
+    ignore_index: int | None = None,
 ) -> str | None:
     """Run the model with the first checkpoint's weights (``weights(0)``) on the first validation
-    batch: raise if it cannot read the inputs, returns no (B, K) logits or the labels are not
-    classes 0 to K − 1; return a warning where the last checkpoint's accuracy on the batch is
-    no better than chance (batches of 20 samples or more)."""
+    batch: raise if it cannot read the inputs, returns logits that do not meet the labels (one
+    class per sample, or a class per token or pixel: docs/tasks.md) or labels outside the
+    model's classes; return a warning where the last checkpoint's accuracy on the batch (over
+    its positions, for many) is no better than chance (batches of 20 samples or more)."""
     from lightning_sens.callbacks.setup import describe_inputs, eval_mode
+    from lightning_sens.core import read_layout
 
     try:
         inputs, labels, _ = batch_fn(batch)
@@ -215,9 +219,9 @@ def check_data(
             f"cannot read the first validation batch: {type(error).__name__}: {_first_line(error)}"
         ) from None
     described = describe_inputs(inputs)
-    if not isinstance(labels, Tensor) or labels.dim() != 1:
+    if not isinstance(labels, Tensor) or labels.dim() == 0:
         shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-        raise UsageError(f"the first validation batch has labels of shape {shape}, not (B,).")
+        raise UsageError(f"the first validation batch has labels of shape {shape}, not (B, ...).")
 
     def logits(index: int) -> Tensor:
         model.load_state_dict(weights(index), strict=False)
@@ -231,12 +235,23 @@ def check_data(
             f"the model cannot read the data: the first validation batch gives {described}; "
             f"the forward raised {type(error).__name__}: {_first_line(error)}"
         ) from None
-    if not isinstance(output, Tensor) or output.dim() != 2 or len(output) != len(labels):
-        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+    if not isinstance(output, Tensor):
         raise UsageError(
-            f"the model returns {shape} on the first validation batch ({described}), not "
-            f"(B, K) logits for its {len(labels)} samples."
+            f"the model returns {type(output).__name__} on the first validation batch "
+            f"({described}), not logits."
         )
+    try:
+        layout = read_layout(output, labels, inputs, task, ignore_index)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"the first validation batch ({described}): {error}") from None
+    if layout.dense:
+        return _check_positions(output, labels, inputs, layout, logits, checkpoints, described)
+    if output.dim() != 2 or len(output) != len(labels):
+        raise UsageError(
+            f"the model returns {tuple(output.shape)} on the first validation batch "
+            f"({described}), not (B, K) logits for its {len(labels)} samples."
+        )
+    labels = labels.reshape(-1)
     classes = output.shape[1]
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise UsageError(f"the validation labels are {labels.dtype}, not class indices.")
@@ -251,12 +266,45 @@ def check_data(
     if checkpoints > 1:
         output = logits(checkpoints - 1)
     accuracy = float((output.argmax(-1) == labels.to(output.device)).float().mean())
-    if accuracy > 1.5 / classes:
+    return _chance(accuracy, 1 / classes, f"{len(labels)} samples, {described}")
+
+
+def _check_positions(
+    output: Tensor,
+    labels: Tensor,
+    inputs: Any,
+    layout: Any,
+    logits: Callable[[int], Tensor],
+    checkpoints: int,
+    described: str,
+) -> str | None:
+    """:func:`check_data` for a model with many positions per sample."""
+    from lightning_sens.core import position_scores
+
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    mask = mask if isinstance(mask, Tensor) and mask.shape == labels.shape else None
+    try:
+        scores = position_scores(output, labels, layout, mask)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"the first validation batch ({described}): {error}") from None
+    if len(labels) < 20:
+        return None
+    if checkpoints > 1:
+        scores = position_scores(logits(checkpoints - 1), labels, layout, mask)
+    counted = int(scores.valid.sum())
+    accuracy = float(scores.correct.sum()) / max(counted, 1)
+    classes = output.shape[layout.class_dim] if layout.task == "multiclass" else 2
+    return _chance(accuracy, 1 / classes, f"{counted} positions, {described}")
+
+
+def _chance(accuracy: float, chance: float, what: str) -> str | None:
+    """The warning where ``accuracy`` is at most 1.5 × chance, else None."""
+    if accuracy > 1.5 * chance:
         return None
     return (
-        f"accuracy {accuracy:.3g} on the first validation batch ({len(labels)} samples, "
-        f"{described}) with the last checkpoint, chance is 1/{classes}: is --data the data "
-        "this model was trained on? (Pass the --config or --data of the training run; the "
-        "demo writes its own to runs/demo/config.yaml.) The evaluation goes on, but its FI and "
-        "flags describe a model that cannot classify these samples."
+        f"accuracy {accuracy:.3g} on the first validation batch ({what}) with the last "
+        f"checkpoint, chance is 1/{round(1 / chance)}: is --data the data this model was "
+        "trained on? (Pass the --config or --data of the training run; the demo writes its own "
+        "to runs/demo/config.yaml.) The evaluation goes on, but its FI and flags describe a "
+        "model that cannot classify these samples."
     )

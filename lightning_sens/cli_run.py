@@ -31,7 +31,7 @@ def run_checkpoints(
 
     from lightning_sens.callbacks import SensitivityMonitor
     from lightning_sens.core.inputs import to_device
-    from lightning_sens.damage import QUANTIZATION_COLUMNS, quantization_report
+    from lightning_sens.quantization import QUANTIZATION_COLUMNS, quantization_report
     from lightning_sens.reporting import paths
     from lightning_sens.reporting.html import write_report
     from lightning_sens.reporting.tables import write_table
@@ -87,8 +87,10 @@ def run_checkpoints(
         loader = data.val_dataloader()
         count = min(args.damage_samples, len(loader.dataset))
         samples = [loader.dataset[i] for i in range(count)]
-        inputs, _, _ = monitor.reader.batch_fn((loader.collate_fn or default_collate)(samples))
+        inputs, labels, _ = monitor.reader.batch_fn((loader.collate_fn or default_collate)(samples))
         device = next(model.parameters()).device
+        layout = monitor.reader.layout  # many positions per sample: the sampled trace
+        mask = monitor.reader.mask(inputs, labels) if layout is not None else None
         rows = quantization_report(
             model,
             to_device(inputs, device),
@@ -96,12 +98,15 @@ def run_checkpoints(
             args.measure_damage,
             monitor.reader.forward_fn,
             config.chunk_size,
+            layout=layout,
+            mask=None if mask is None else mask.to(device),
         )
         write_table(rows, work / "quantization.csv", QUANTIZATION_COLUMNS)
         lines.append(_quantization_text(rows, checkpoints[-1][0].name, count))
         lines.append(f"Quantisation table: {output / 'quantization.csv'}")
     logger.finalize("success")  # every event file closed before the folder is renamed
-    lines.append(f"Flag tables and figures: {output / 'sensitivity'}")
+    tables = "Positions tables" if monitor.reader.layout is not None else "Flag tables and figures"
+    lines.append(f"{tables}: {output / 'sensitivity'}")
     lines.append(f"View the curves with: tensorboard --logdir {output}")
     return lines
 

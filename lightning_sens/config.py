@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, get_args
 
-from lightning_sens.core.layout import TASKS
+from lightning_sens.core.layout import TASKS, TaskOption
 from lightning_sens.flagging import FlagRule
 
 __all__ = ["MonitorConfig"]
@@ -106,7 +106,7 @@ class MonitorConfig:
     log_images: bool = True
     save_figures: bool = False
     budget: float | None = 0.05
-    task: str = "auto"
+    task: TaskOption = "auto"
     ignore_index: int | None = None
     position_quantile: float = 0.9
     strict: bool = False

@@ -22,28 +22,34 @@ Perturbations (the same definitions in :func:`predict_damage` and :func:`measure
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn import functional as F
 
-from lightning_sens.core.engine import sensitivity
-from lightning_sens.core.inputs import ForwardFn, ForwardModule, Inputs, default_forward
-from lightning_sens.core.results import ParameterFI
+from lightning_sens.core.inputs import (
+    ForwardFn,
+    ForwardModule,
+    Inputs,
+    default_forward,
+)
+from lightning_sens.core.layout import OutputLayout, canonical_logits, kept_positions
+from lightning_sens.core.results import LayerFI, ParameterFI
 from lightning_sens.core.routes import WEIGHT_LAYERS
+from lightning_sens.core.trace import TraceResult
 
 __all__ = [
-    "QUANTIZATION_COLUMNS",
     "LayerDamage",
     "Perturbation",
     "damage_table",
     "measure_damage",
+    "output_divergence",
     "predict_damage",
     "quantization_error",
-    "quantization_report",
     "quantize",
 ]
 
@@ -143,7 +149,7 @@ def _trainable(layer: nn.Module) -> list[Tensor]:
 
 def predict_damage(
     model: nn.Module,
-    parameters: ParameterFI,
+    parameters: ParameterFI | TraceResult,
     noise: Iterable[float] = (0.1,),
     bits: Iterable[int] = (4, 8),
     scale: Iterable[float] = (0.1,),
@@ -152,7 +158,9 @@ def predict_damage(
 
     Args:
         model: the model the scores were computed on (its current weights give σ and Δ).
-        parameters: ``sensitivity(...).parameters`` on the samples to average over.
+        parameters: ``sensitivity(...).parameters`` on the samples to average over, or the
+            estimated traces of :func:`~lightning_sens.core.trace.sampled_metric_trace` (large
+            outputs; no scaling metric, so no ``scale`` entries).
         noise: relative noise levels ρ (σ = ρ · rms of the layer's trainable parameters).
         bits: quantisation widths; each gives a per-tensor and a per-channel entry.
         scale: relative scalings δ.
@@ -198,10 +206,11 @@ def predict_damage(
             mean_square = sum(float(t.detach().double().square().sum()) for t in tensors) / count
             for rho in noise:
                 predicted[Perturbation("noise", rho)] = 0.5 * rho**2 * mean_square * metric
-        for delta in scale:
-            predicted[Perturbation("scale", delta)] = (
-                0.5 * delta**2 * float(layer.scale_metric.mean())
-            )
+        if isinstance(layer, LayerFI):
+            for delta in scale:
+                predicted[Perturbation("scale", delta)] = (
+                    0.5 * delta**2 * float(layer.scale_metric.mean())
+                )
         channel = layer.weight_channel_metric
         if channel is not None and isinstance(module, WEIGHT_LAYERS):
             per_channel_metric = channel.mean(0)
@@ -247,19 +256,24 @@ def measure_damage(
     forward_fn: ForwardFn | None = None,
     draws: int = 8,
     seed: int = 0,
+    layout: OutputLayout | None = None,
+    mask: Tensor | None = None,
 ) -> float:
     """Measured mean KL(p(θ) ‖ p(θ + ε)) over ``inputs`` when layer ``layer`` is perturbed.
 
     The model is left untouched (the perturbed parameters are substituted with
     ``torch.func.functional_call``) and evaluated in eval mode; noise is averaged over ``draws``
-    draws. KL is computed in float64 from the logits.
+    draws. KL is computed in float64 from the logits. With a ``layout`` of many positions
+    (:func:`~lightning_sens.core.layout.read_layout`), a sample's KL is the sum over its
+    positions that count (``mask``; a causal language model's last position left out), as the
+    metric's trace adds them up (:func:`~lightning_sens.core.trace.sampled_metric_trace`).
     """
     module = model.get_submodule(layer)
     wrapper = ForwardModule(model, forward_fn or default_forward)
     was_training = model.training
     model.eval()
     try:
-        clean = torch.log_softmax(wrapper(inputs).to(torch.float64), -1)
+        clean = wrapper(inputs)
         generator = torch.Generator().manual_seed(seed)
         runs = draws if perturbation.kind == "noise" else 1
         total = 0.0
@@ -268,12 +282,30 @@ def measure_damage(
             changed = {
                 prefix + n: t for n, t in _perturbed(module, perturbation, generator).items()
             }
-            logits = functional_call(wrapper, changed, (inputs,))
-            moved = torch.log_softmax(logits.to(torch.float64), -1)
-            total += float((clean.exp() * (clean - moved)).sum(-1).mean())
+            moved = functional_call(wrapper, changed, (inputs,))
+            total += output_divergence(clean, moved, layout, mask)
         return total / runs
     finally:
         model.train(was_training)
+
+
+def output_divergence(
+    clean: Tensor, moved: Tensor, layout: OutputLayout | None = None, mask: Tensor | None = None
+) -> float:
+    """Mean over samples of KL(p ‖ p') between two outputs of the same inputs, in float64:
+    over the classes of one prediction per sample, or summed over the positions that count
+    (a softmax per position, or a Bernoulli per sigmoid)."""
+    before = canonical_logits(clean.to(torch.float64), layout)
+    after = canonical_logits(moved.to(torch.float64), layout)
+    if before.dim() == 3:  # (B, P, K): a softmax per position
+        log_p, log_q = torch.log_softmax(before, -1), torch.log_softmax(after, -1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    else:  # (B, P): one Bernoulli per entry
+        p, log_p1, log_p0 = torch.sigmoid(before), -F.softplus(-before), -F.softplus(before)
+        log_q1, log_q0 = -F.softplus(-after), -F.softplus(after)
+        kl = p * (log_p1 - log_q1) + (1 - p) * (log_p0 - log_q0)
+    keep = kept_positions((kl.shape[0], kl.shape[1]), layout, mask, kl.device)
+    return float((kl * keep).sum(-1).mean())
 
 
 def damage_table(
@@ -293,73 +325,4 @@ def damage_table(
             if measured is not None:
                 row["measured_kl"] = measured(name, perturbation)
             rows.append(row)
-    return rows
-
-
-QUANTIZATION_COLUMNS = (
-    "bits",
-    "steps",
-    "rank",
-    "layer",
-    "parameters",
-    "predicted_kl",
-    "measured_kl",
-)
-
-
-def quantization_report(
-    model: nn.Module,
-    inputs: Inputs,
-    bits: Sequence[int] = (4, 8),
-    measure: bool = False,
-    forward_fn: ForwardFn | None = None,
-    chunk_size: int | None = None,
-) -> list[dict[str, object]]:
-    """Linear and convolution layers ranked by the damage that rounding their weights would do.
-
-    One exact engine pass on ``inputs`` (predicted label; no labels needed) gives every layer's
-    per-channel weight metric; the predicted KL follows for every width and step scheme. With
-    ``measure``, each layer is also quantised alone (a substituted copy of its weight; the
-    model is not changed) and the actual mean KL on ``inputs`` measured.
-
-    Returns:
-        Rows with the keys of :data:`QUANTIZATION_COLUMNS`, sorted by bits, steps ("tensor" or
-        "channel") and rank (1: the layer predicted to hurt most); ``measured_kl`` is NaN when
-        not measured.
-    """
-    result = sensitivity(
-        model,
-        inputs,
-        "pred",
-        inputs=False,
-        forward_fn=forward_fn,
-        chunk_size=chunk_size,
-        channel_metric=True,
-    )
-    if result.parameters is None:  # pragma: no cover - parameters=True always gives them
-        return []
-    predicted = predict_damage(model, result.parameters, noise=(), bits=tuple(bits), scale=())
-    rows: list[dict[str, object]] = []
-    for b in bits:
-        for per_channel in (True, False):
-            scheme = Perturbation("quant", b, per_channel)
-            found = [
-                (n, d.predicted[scheme]) for n, d in predicted.items() if scheme in d.predicted
-            ]
-            found.sort(key=lambda item: -item[1])
-            for rank, (name, kl) in enumerate(found, start=1):
-                measured = float("nan")
-                if measure:
-                    measured = measure_damage(model, inputs, name, scheme, forward_fn)
-                rows.append(
-                    {
-                        "bits": b,
-                        "steps": "channel" if per_channel else "tensor",
-                        "rank": rank,
-                        "layer": name,
-                        "parameters": predicted[name].parameters,
-                        "predicted_kl": kl,
-                        "measured_kl": measured,
-                    }
-                )
     return rows

@@ -182,3 +182,13 @@ def multilabel_loaders() -> tuple[DataLoader, DataLoader]:
         DataLoader(TensorDataset(x[:TRAIN], y[:TRAIN]), batch_size=12, shuffle=True),
         DataLoader(TensorDataset(x[TRAIN:], y[TRAIN:]), batch_size=12),
     )
+
+
+class MaskData(pl.LightningDataModule):
+    """:func:`mask_loaders` as a data module, for ``lightning-sens evaluate``."""
+
+    def train_dataloader(self) -> DataLoader:
+        return mask_loaders()[0]
+
+    def val_dataloader(self) -> DataLoader:
+        return mask_loaders()[1]

@@ -25,7 +25,7 @@ from lightning_sens.cli import EVALUATE_OPTIONS, NOT_EXPOSED, _monitor_config, _
 from lightning_sens.cli_checks import check_data, first_batch
 from lightning_sens.config import MonitorConfig
 from lightning_sens.core.inputs import default_forward
-from lightning_sens.damage import quantization_report
+from lightning_sens.quantization import quantization_report
 from lightning_sens.reporting import keys
 from lightning_sens.reporting.paths import split_run
 from lightning_sens.reporting.writers import read_scalars
@@ -236,6 +236,9 @@ NON_DEFAULT: dict[str, tuple[list[str], object]] = {
     "chunk_size": (["16"], 16),
     "num_images": (["2"], 2),
     "class_names": (["cat", "dog"], ("cat", "dog")),
+    "task": (["multilabel"], "multilabel"),
+    "ignore_index": (["255"], 255),
+    "position_quantile": (["0.5"], 0.5),
     "seed": (["5"], 5),
 }
 

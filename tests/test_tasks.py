@@ -140,3 +140,37 @@ def test_an_unreadable_layout_is_refused_at_fit_start_with_the_option_that_fixes
         assert monitor.reader.layout.task == "multilabel"
     finally:
         del TASKS["one_hot"]
+
+
+def test_evaluate_scores_a_segmentation_checkpoint_and_ranks_its_layers_for_quantisation(
+    tmp_path: Path,
+) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_sens.cli import main
+
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt")],
+    )
+    pl.seed_everything(0, verbose=False)
+    trainer.fit(tasks.Segmenter(), datamodule=tasks.MaskData())
+    out = tmp_path / "eval"
+    model = ["--model", "tests.tasks.Segmenter", "--data", "tests.tasks.MaskData"]
+    command = ["evaluate", str(tmp_path / "ckpt"), "--output", str(out), "--quantization"]
+    assert main([*command, "--measure-damage", "--", *model]) == 0
+    table = sorted(paths.folder(out).glob("positions_epoch*.csv"))
+    assert len(table) == 1
+    with table[0].open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [int(r["sample"]) for r in rows if r["split"] == "val"] == list(range(tasks.VAL))
+    with (out / "quantization.csv").open(newline="") as stream:
+        ranked = list(csv.DictReader(stream))
+    assert {r["layer"] for r in ranked} == {"net.0", "net.2"}
+    assert {r["estimator"] for r in ranked} == {"sampled (16 draws)"}
+    assert all(float(r["measured_kl"]) > 0 for r in ranked)
+    assert (out / "report.html").exists()

@@ -10,6 +10,8 @@ from torch import Tensor, nn
 
 from lightning_sens import read_layout, sensitivity
 from lightning_sens.core.trace import sampled_metric_trace
+from lightning_sens.damage import Perturbation, measure_damage, output_divergence, predict_damage
+from lightning_sens.quantization import quantization_report, trace_method
 from lightning_sens.reference import metric_trace
 from tests.models import CASES, build
 
@@ -132,3 +134,65 @@ def test_draws_are_checked_and_seeded() -> None:
     other = sampled_metric_trace(model, x, draws=4, seed=6).layers[""].metric
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+
+
+def test_damage_predicted_from_the_sampled_trace_matches_measured_noise_damage() -> None:
+    """½ σ² tr(G_l) of a language model's layers against the KL that noise of 1 % of their
+    rms measurably does, summed over the positions that count."""
+    torch.manual_seed(4)
+    model = TinyLM().double().eval()
+    ids = torch.randint(0, 7, (6, 5))
+    mask = torch.ones(6, 5, dtype=torch.long)
+    mask[::2, -2:] = 0
+    layout = read_layout(torch.zeros(6, 5, 7), ids, ids)
+    trace = sampled_metric_trace(model, ids, layout=layout, mask=mask, draws=DRAWS)
+    predicted = predict_damage(model, trace, noise=(0.01,), bits=(), scale=(0.1,))
+    for name, layer in predicted.items():
+        assert not layer.scale  # no scaling metric from sampled labels
+        measured = measure_damage(
+            model, ids, name, Perturbation("noise", 0.01), draws=400, layout=layout, mask=mask
+        )
+        assert layer.noise[0.01] == pytest.approx(measured, rel=0.15), name
+
+
+def test_the_divergence_sums_over_the_positions_that_count() -> None:
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    moved = clean + 0.3 * torch.randn(2, 4, 3, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    layout = read_layout(clean, torch.zeros(2, 4).long())
+    p, q = torch.softmax(clean, -1), torch.softmax(moved, -1)
+    per_position = (p * (p.log() - q.log())).sum(-1)
+    expected = (per_position * mask).sum(-1).mean()
+    assert output_divergence(clean, moved, layout, mask) == pytest.approx(float(expected))
+    # segmentation: the class axis is axis 1
+    seg = read_layout(clean.movedim(-1, 1), torch.zeros(2, 4).long())
+    assert seg.class_dim == 1
+    found = output_divergence(clean.movedim(-1, 1), moved.movedim(-1, 1), seg, mask)
+    assert found == pytest.approx(float(expected))
+    # sigmoids: one Bernoulli per entry
+    targets = torch.ones(2, 3, dtype=torch.float64)
+    targets[0, 0] = 0
+    multi = read_layout(clean[:, 0], targets)
+    s, t = torch.sigmoid(clean[:, 0]), torch.sigmoid(moved[:, 0])
+    bernoulli = s * (s / t).log() + (1 - s) * ((1 - s) / (1 - t)).log()
+    found = output_divergence(clean[:, 0], moved[:, 0], multi)
+    assert found == pytest.approx(float(bernoulli.sum(-1).mean()))
+
+
+def test_the_quantization_report_switches_to_sampled_labels_where_they_cost_less() -> None:
+    torch.manual_seed(5)
+    small = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(4, 4)
+    assert trace_method(small, x, None, None, "auto", draws=16) == "exact"
+    wide = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 40))
+    assert trace_method(wide, x, None, None, "auto", draws=16) == "sampled"
+    model = TinyLM().eval()
+    ids = torch.randint(0, 7, (4, 5))
+    layout = read_layout(torch.zeros(4, 5, 7), ids, ids)
+    with pytest.raises(ValueError, match="method='exact' needs one prediction per sample"):
+        quantization_report(model, ids, layout=layout, method="exact")
+    rows = quantization_report(model, ids, (4,), measure=True, layout=layout, draws=8)
+    assert {row["estimator"] for row in rows} == {"sampled (8 draws)"}
+    assert {row["layer"] for row in rows} == {"head"}  # the one Linear layer
+    assert all(float(row["measured_kl"]) > 0 for row in rows)  # type: ignore[arg-type]

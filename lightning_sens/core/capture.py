@@ -271,15 +271,16 @@ def backprops(
     retain_graph: bool = False,
 ) -> None:
     """Backpropagate each cotangent row of ``cotangents`` to every tensor in ``targets``: rows
-``(R, K)`` shared by every sample (the contrasts Qᵀ, ``(K', K)``), or ``(R, *logits.shape)``, one
-per sample (the sampled labels of :mod:`~lightning_sens.core.trace`).
+    ``(R, K)`` shared by every sample (the contrasts Qᵀ, ``(K', K)``), or
+    ``(R, *logits.shape)``, one per sample (the sampled labels of
+    :mod:`~lightning_sens.core.trace`).
 
-    ``consume`` receives, for one cotangent after the other, the list of backprops (one per
-    target, shaped like it; zeros where a target does not reach the logits), so that callers can
-    reduce them at once instead of holding all K' of them. "loop" runs K' backward passes over a
-    retained graph; "batched" runs one vectorised backward (``is_grads_batched``) and then hands
-    out its slices; "auto" picks "batched" on CUDA and "loop" on CPU, where the loop measured
-    faster (docs/performance.md, "The exact engine (`benchmarks/bench_engine.py`)").
+        ``consume`` receives, for one cotangent after the other, the list of backprops (one per
+        target, shaped like it; zeros where a target does not reach the logits), so that callers can
+        reduce them at once instead of holding all K' of them. "loop" runs K' backward passes over a
+        retained graph; "batched" runs one vectorised backward (``is_grads_batched``) and then hands
+        out its slices; "auto" picks "batched" on CUDA and "loop" on CPU, where the loop measured
+        faster (docs/performance.md, "The exact engine (`benchmarks/bench_engine.py`)").
     """
     K1, B = cotangents.shape[0], logits.shape[0]
     if cotangents.dim() == logits.dim() + 1:

@@ -6,17 +6,28 @@ labels of a causal language model, which are its inputs shifted by one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "TASKS", "OutputLayout", "Task", "read_layout"]
+__all__ = [
+    "IGNORE_INDEX",
+    "TASKS",
+    "OutputLayout",
+    "Task",
+    "TaskOption",
+    "canonical_logits",
+    "kept_positions",
+    "read_layout",
+]
 
 Task = Literal["binary", "multiclass", "multilabel"]
-TASKS = ("auto", "binary", "multiclass", "multilabel")
+TaskOption = Literal["auto", "binary", "multiclass", "multilabel"]
+TASKS: tuple[str, ...] = get_args(TaskOption)
 """The values of the ``task`` option (torchmetrics' names): "auto" reads it from one batch."""
 
 IGNORE_INDEX = -100
@@ -194,3 +205,33 @@ def _shifted(labels: Tensor, inputs: Any, ignored: tuple[int, ...]) -> bool:
         return False
     kept = ~torch.isin(labels, torch.tensor(ignored, device=labels.device))
     return bool(kept.any()) and torch.equal(labels[kept], ids.to(labels.device)[kept])
+
+
+def canonical_logits(logits: Tensor, layout: OutputLayout | None) -> Tensor:
+    """The logits with one row per position: ``(B, P, K)`` for a softmax (one class per
+    sample: P = 1), ``(B, P)`` for one sigmoid per entry; the shift of a causal language model
+    is not applied (:func:`kept_positions` leaves out its last position)."""
+    if layout is None:
+        return logits.reshape(logits.shape[0], 1, -1)
+    if layout.task != "multiclass":
+        B = logits.shape[0] // math.prod(layout.positions) if layout.flattened else logits.shape[0]
+        return logits.reshape(B, -1)
+    K = logits.shape[-1] if layout.flattened or layout.class_dim != 1 else logits.shape[1]
+    if layout.flattened:
+        return logits.reshape(-1, math.prod(layout.positions), K)
+    if layout.dense and layout.class_dim == 1:
+        logits = logits.movedim(1, -1)
+    return logits.reshape(logits.shape[0], -1, K)
+
+
+def kept_positions(
+    shape: tuple[int, int], layout: OutputLayout | None, mask: Tensor | None, device: torch.device
+) -> Tensor:
+    """``(B, P)`` bool: the positions that count, by ``mask`` (nonzero where a position counts)
+    and, for a causal language model, all but the last (whose prediction has no label)."""
+    keep = torch.ones(shape, dtype=torch.bool, device=device)
+    if mask is not None:
+        keep &= mask.to(device).reshape(shape).bool()
+    if layout is not None and layout.shift:
+        keep[:, -1] = False
+    return keep

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_sens.core.layout import OutputLayout
+from lightning_sens.core.layout import OutputLayout, canonical_logits
 
 _CHUNK = 2**23  # float64 entries per chunk of (positions × classes): 64 MiB
 
@@ -124,18 +124,9 @@ def position_scores(
         tensor([[-2.,  0.]], dtype=torch.float64)
     """
     B = labels.shape[0]
-    z = logits.detach()
-    y = labels.detach().to(z.device)
+    z = canonical_logits(logits.detach(), layout)  # (B, P, K), or (B, P) for sigmoids
+    y = labels.detach().to(z.device).reshape(B, -1)
     y = y.long() if y.dtype == torch.bool else y
-    if layout.task == "multiclass":
-        K = z.shape[layout.class_dim or -1] if not layout.flattened else z.shape[-1]
-        if layout.flattened:
-            z = z.reshape(B, *layout.positions, K)
-        elif layout.dense and layout.class_dim == 1:
-            z = z.movedim(1, -1)
-        z, y = z.reshape(B, -1, K), y.reshape(B, -1)
-    else:  # one logit per position (a class axis of size 1 dropped), or one per target
-        z, y = z.reshape(B, -1), y.reshape(B, -1)
     valid = torch.ones(y.shape, dtype=torch.bool, device=z.device)
     if mask is not None:
         valid &= mask.to(z.device).reshape(B, -1).bool()

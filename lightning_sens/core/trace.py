@@ -29,7 +29,7 @@ from lightning_sens.core.certificate import FastShare, certify
 from lightning_sens.core.engine import trainable_layers
 from lightning_sens.core.frame import MetricFrame
 from lightning_sens.core.inputs import ForwardFn, Inputs, batch_size, select
-from lightning_sens.core.layout import OutputLayout
+from lightning_sens.core.layout import OutputLayout, canonical_logits, kept_positions
 from lightning_sens.core.plan import Ownership, make_plan
 from lightning_sens.core.probe import probe
 from lightning_sens.core.runner import Runner
@@ -105,65 +105,28 @@ def sampled_cotangents(
         mask: ``(B, *positions)``, nonzero where a position counts, or None.
     """
     z = logits.detach().to(torch.float64)
-    softmax = layout is None or layout.task == "multiclass"
-    if softmax:
-        canonical = _classes_last(z, layout)
+    canonical = canonical_logits(z, layout)  # (B, P, K), or (B, P) for sigmoids
+    shape = (canonical.shape[0], canonical.shape[1])
+    keep = kept_positions(shape, layout, mask, z.device).to(torch.float64)
+    if layout is None or layout.task == "multiclass":
         probs = torch.softmax(canonical, dim=-1)
         flat = probs.reshape(-1, probs.shape[-1]).cpu()
         drawn = torch.multinomial(flat, draws, replacement=True, generator=generator)
         eye = torch.nn.functional.one_hot(drawn.T, flat.shape[-1]).to(torch.float64)
         cotangents = (eye - flat).reshape(draws, *canonical.shape).to(z.device)
-        keep = _kept(canonical.shape[:-1], layout, mask, z.device).unsqueeze(-1)
-        cotangents = _classes_back(cotangents * keep, layout, logits.shape)
-    else:
-        sigma = torch.sigmoid(z).cpu()
-        uniform = torch.rand((draws, *sigma.shape), generator=generator, dtype=torch.float64)
-        cotangents = ((uniform < sigma).to(torch.float64) - sigma).to(z.device)
-        keep = _kept(z.shape, layout, mask, z.device)
-        cotangents = cotangents * keep
-    return cotangents
-
-
-def _classes_last(z: Tensor, layout: OutputLayout | None) -> Tensor:
-    """The logits as ``(B, *positions, K)``."""
-    if layout is None or not layout.dense:
-        return z
-    if layout.flattened:
-        B = z.shape[0] // max(1, _count(layout.positions))
-        return z.reshape(B, *layout.positions, z.shape[-1])
-    return z.movedim(layout.class_dim, -1) if layout.class_dim == 1 else z
+        return _classes_back(cotangents * keep.unsqueeze(-1), layout, logits.shape)
+    sigma = torch.sigmoid(canonical).cpu()
+    uniform = torch.rand((draws, *sigma.shape), generator=generator, dtype=torch.float64)
+    cotangents = ((uniform < sigma).to(torch.float64) - sigma).to(z.device) * keep
+    return cotangents.reshape(draws, *logits.shape)
 
 
 def _classes_back(c: Tensor, layout: OutputLayout | None, shape: torch.Size) -> Tensor:
-    """``(S, B, *positions, K)`` back to ``(S, *shape)``, the logits' own layout."""
-    if layout is None or not layout.dense:
-        return c
-    if layout.flattened:
-        return c.reshape(c.shape[0], *shape)
-    return c.movedim(-1, 2) if layout.class_dim == 1 else c
-
-
-def _count(positions: tuple[int, ...]) -> int:
-    out = 1
-    for n in positions:
-        out *= n
-    return out
-
-
-def _kept(
-    shape: Sequence[int],
-    layout: OutputLayout | None,
-    mask: Tensor | None,
-    device: torch.device,
-) -> Tensor:
-    """1.0 where a position counts, ``shape`` = (B, *positions) (or the logits' for sigmoids)."""
-    keep = torch.ones(tuple(shape), dtype=torch.float64, device=device)
-    if mask is not None:
-        found = mask.to(device).to(torch.float64)
-        keep = keep * found.reshape(keep.shape)
-    if layout is not None and layout.shift:
-        keep[:, -1] = 0.0  # the last position's prediction has no label in the loss
-    return keep
+    """``(S, B, P, K)`` back to ``(S, *shape)``, the logits' own layout."""
+    if layout is not None and layout.dense and not layout.flattened and layout.class_dim == 1:
+        B, K = shape[0], shape[1]
+        return c.reshape(c.shape[0], B, *shape[2:], K).movedim(-1, 2)
+    return c.reshape(c.shape[0], *shape)
 
 
 def _check_output(logits: Any, hint: str) -> None:
@@ -201,10 +164,13 @@ def sampled_metric_trace(
             a class axis, many positions, sigmoids, a causal shift. None: ``(B, K)`` logits.
         mask: ``(B, *positions)``, nonzero where a position counts (an attention mask).
         draws: S ≥ 2 labels per sample (the standard error needs two).
-        layers, exclude_layers, forward_fn, chunk_size, backward: as for
-            :func:`~lightning_sens.sensitivity`.
+        layers: module names to estimate (None: every module with trainable parameters).
+        exclude_layers: module names or glob patterns left out.
+        forward_fn: (module, inputs) → logits, or None for the module's forward.
         channel_metric: also estimate tr(G) per output channel of Linear/Conv weights.
+        chunk_size: samples per forward pass (None: the whole batch).
         seed: of the draws.
+        backward: "auto", "batched" or "loop", as for :func:`~lightning_sens.sensitivity`.
     """
     check_inputs(batch)
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:
@@ -262,8 +228,8 @@ def sampled_metric_trace(
         method = parts[0][name][0]
         metric = torch.cat([p[name][1] for p in parts])
         error = torch.cat([p[name][2] for p in parts])
-        channels = [p[name][3] for p in parts]
-        channel = None if any(c is None for c in channels) else torch.cat(channels)  # type: ignore[arg-type]
+        channels = [c for p in parts if (c := p[name][3]) is not None]
+        channel = torch.cat(channels) if len(channels) == len(parts) else None
         traces[name] = LayerTrace(name, method, metric, error, channel)
     for name in sorted(plan.unused):
         layer = next((n for n, ps in ownership.layer_params.items() if name in ps), None)
@@ -350,6 +316,6 @@ def _chunk(
         metric = squared.mean(-1)
         error = squared.std(-1, correction=1) / draws**0.5
         summed = channels.get(layer)
-        channel = None if summed is None else (sum(summed) / draws).cpu()  # type: ignore[operator]
+        channel = None if summed is None else (torch.stack(summed).sum(0) / draws).cpu()
         out[layer] = (methods[layer], metric.cpu(), error.cpu(), channel)
     return out
