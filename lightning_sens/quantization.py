@@ -21,7 +21,7 @@ from lightning_sens.core.inputs import (
 )
 from lightning_sens.core.layout import OutputLayout
 from lightning_sens.core.results import ParameterFI
-from lightning_sens.core.trace import TraceResult, sampled_metric_trace
+from lightning_sens.core.trace import DRAWS, TraceResult, sampled_metric_trace
 from lightning_sens.damage import Perturbation, measure_damage, predict_damage
 
 __all__ = ["QUANTIZATION_COLUMNS", "TraceMethod", "quantization_report", "trace_method"]
@@ -83,7 +83,7 @@ def quantization_report(
     layout: OutputLayout | None = None,
     mask: Tensor | None = None,
     method: TraceMethod = "auto",
-    draws: int = 16,
+    draws: int = DRAWS,
     seed: int = 0,
 ) -> list[dict[str, object]]:
     """Linear and convolution layers ranked by the damage that rounding their weights would do.

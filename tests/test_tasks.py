@@ -114,6 +114,13 @@ def test_a_default_monitor_scores_every_position_and_logs_both_splits(
         assert float(row["log_fi_mean"]) == pytest.approx(float(summary.mean[i]), rel=1e-6)
         assert float(row["log_fi_upper"]) == pytest.approx(float(summary.upper[i]), rel=1e-6)
         assert int(row["worst"]) == int(summary.worst[i])
+    # per-layer damage from sampled labels, with its standard error, at the first decision
+    layer_keys = [k for k in monitor.history[0] if "/kl_noise/" in k]
+    assert layer_keys, sorted(monitor.history[0])
+    for key in layer_keys:
+        se = monitor.history[0][key.replace("/kl_noise/", "/kl_noise_se/")]
+        assert 0 <= se < monitor.history[0][key]
+    assert sorted(paths.folder(log_dir).glob("layers_epoch*.csv"))
     # training lowers the loss of the positions: the curves follow it
     losses = logged.values(keys.loss("val"))
     assert losses[-1] < losses[0]

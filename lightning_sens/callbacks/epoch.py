@@ -69,7 +69,7 @@ class EpochRunner:
                 rows = self.tracker.gather_positions()  # a collective: every rank
                 log_dir = Path(trainer.log_dir or trainer.default_root_dir)
                 if trainer.is_global_zero and rows:
-                    self.run_positions(trainer, rows, at, log_dir)
+                    self.run_positions(trainer, module, rows, loaders, at, log_dir)
                 return
             scores = self.tracker.gather()  # a collective: every rank
             log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective, too
@@ -120,25 +120,30 @@ class EpochRunner:
     def run_positions(
         self,
         trainer: Trainer,
+        module: LightningModule,
         rows: dict[str, PositionRows],
+        loaders: dict[str, DataLoader],
         at: tuple[int, int],
         log_dir: Path,
     ) -> None:
-        """One decision of a model with many positions per sample: the curves, histograms and
-        the positions table (docs/tasks.md, "What the monitor logs")."""
+        """One decision of a model with many positions per sample: the curves, histograms, the
+        positions table and the per-layer damage from sampled labels (docs/tasks.md, "What the
+        monitor logs")."""
         layout = self.prober.reader.layout
         read = layout.describe() if layout is not None else ""
         self.failures.info_once(
             "positions",
             f"SensitivityMonitor reads this model's outputs as {read}: it logs the loss, "
-            "the accuracy and log FI of every position reduced per sample "
-            "(mean and upper quantile) for train and validation, and writes every sample's "
-            "scores to the positions table. Flags, figures, exact probes and per-layer damage "
-            "are computed for one class per sample only in this version (docs/tasks.md).",
+            "the accuracy and log FI of every position reduced per sample (mean and upper "
+            "quantile) for train and validation, writes every sample's scores to the positions "
+            "table, and predicts per-layer damage from the metric's trace with sampled labels. "
+            "Flags, figures and the exact probes are computed for one class per sample only in "
+            "this version (docs/tasks.md).",
         )
+        damage = self.prober.trace_damage(module, loaders, at[0])
         with self.budget.timed(FLAGS):
             extra = {keys.cost_share(): self.budget.cost_share} if self.planner.active else None
-            report = self.tracker.compute_positions(at[0], at[1], rows, extra)
+            report = self.tracker.compute_positions(at[0], at[1], rows, extra, damage)
             self.output.write_positions(trainer.loggers, report, log_dir)
         self.planner.over(at[0])
 

@@ -112,6 +112,8 @@ class Output:
             writer.histogram(keys.histogram("pred", split), pred, step)
         writer.flush()
         write_table(report.table, paths.position_table(log_dir, epoch, step), POSITION_COLUMNS)
+        if report.layers:
+            write_table(report.layers, paths.layer_table(log_dir, epoch, step), LAYER_COLUMNS)
         return writer
 
     def figures(

@@ -15,7 +15,9 @@ from lightning_sens.callbacks.policy import Failures
 from lightning_sens.config import MonitorConfig
 from lightning_sens.core import SensitivityResult, sensitivity
 from lightning_sens.core.inputs import Inputs, usable_windows
+from lightning_sens.core.trace import DRAWS, sampled_metric_trace
 from lightning_sens.damage import predict_damage
+from lightning_sens.reporting.positions import TracedDamage
 from lightning_sens.reporting.summary import SplitScores, split_scores
 from lightning_sens.tracking import SCALE, Probes, SensitivityTracker
 
@@ -136,6 +138,50 @@ class Prober:
                     probes.damage[split] = predict_damage(
                         module, result.parameters, (c.damage_noise,), (c.damage_bits,), (SCALE,)
                     )
+
+    def trace_damage(
+        self, module: LightningModule, loaders: dict[str, DataLoader], epoch: int
+    ) -> dict[str, TracedDamage]:
+        """A model with many positions per sample: per-layer damage predicted from the metric's
+        trace, estimated with labels sampled from the model on the validation probe (else the
+        training probe), as far as the budget allows (docs/damage.md, "Large outputs")."""
+        c, plan, layout = self.config, self.planner, self.reader.layout
+        split = "val" if "val" in loaders else "train"
+        if layout is None or split not in loaders or c.exact_probe_size == 0:
+            return {}
+        indices = self.tracker.probe(split, len(loaders[split].dataset), c.exact_probe_size)  # type: ignore[arg-type]
+        wanted = len(indices)
+        fit = plan.fit(EXACT, wanted, min(MIN_EXACT, wanted), plan.prior(float(DRAWS)))
+        what = f"ran the sampled-label trace on {fit.units} of {wanted} samples of {split}"
+        plan.notice(EXACT, fit, what if fit.units else "skipped the sampled-label trace", epoch)
+        found: dict[str, TracedDamage] = {}
+        if not fit.units:
+            return found
+        with self.failures.part("the per-layer damage"), plan.budget.timed(EXACT, fit.units):
+            chosen = indices[: fit.units]
+            inputs, labels, _ = self.reader.fetch(loaders[split], chosen, module.device)
+            with self.failures.engine_warnings():
+                trace = sampled_metric_trace(
+                    module,
+                    inputs,
+                    layout=layout,
+                    mask=self.reader.mask(inputs, labels),
+                    layers=c.layers,
+                    exclude_layers=c.exclude_layers,
+                    forward_fn=self.reader.forward_fn,
+                    channel_metric=True,
+                    chunk_size=c.chunk_size,
+                    seed=c.seed + epoch,
+                )
+            for layer, reason in trace.skipped.items():
+                self.failures.warn_once(
+                    f"layer:{layer}",
+                    f"SensitivityMonitor leaves layer {layer!r} out of the per-layer damage: "
+                    f"{reason}",
+                )
+            damage = predict_damage(module, trace, (c.damage_noise,), (c.damage_bits,), ())
+            found[split] = TracedDamage(damage, trace)
+        return found
 
     def scan(
         self,

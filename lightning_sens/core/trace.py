@@ -37,12 +37,17 @@ from lightning_sens.core.session import fast_routes
 from lightning_sens.core.validation import check_inputs
 
 __all__ = [
+    "DRAWS",
     "DRAW_BLOCK",
     "LayerTrace",
     "TraceResult",
     "sampled_cotangents",
     "sampled_metric_trace",
 ]
+
+DRAWS = 16
+"""The labels drawn per sample by default: a trace to about 1/√16 = 25 % of its spread per sample,
+less over a probe of many samples (the standard error says how much)."""
 
 DRAW_BLOCK = 32
 """Draws whose backprops one route holds at a time (its Gram is DRAW_BLOCK² per sample, and only
@@ -140,7 +145,7 @@ def sampled_metric_trace(
     *,
     layout: OutputLayout | None = None,
     mask: Tensor | None = None,
-    draws: int = 8,
+    draws: int = DRAWS,
     layers: Sequence[str] | None = None,
     exclude_layers: Sequence[str] | None = None,
     forward_fn: ForwardFn | None = None,

@@ -39,6 +39,7 @@ __all__ = [
     "histogram",
     "image",
     "layer_kl_noise",
+    "layer_kl_noise_se",
     "layer_kl_quant",
     "layer_log_fi",
     "layer_rank",
@@ -153,6 +154,12 @@ def layer_kl_quant(split: str, layer: str, bits: int) -> str:
     per output channel (Linear and convolution layers; docs/damage.md, "In the monitor and the
     command line")."""
     return f"{LAYERS}/{split}/kl_{bits}bit/{layer}"
+
+
+def layer_kl_noise_se(split: str, layer: str) -> str:
+    """The standard error of :func:`layer_kl_noise` where the metric comes from sampled labels
+    (models with many positions: docs/tasks.md)."""
+    return f"{LAYERS}/{split}/kl_noise_se/{layer}"
 
 
 def layer_log_fi(split: str, layer: str) -> str:

@@ -19,15 +19,20 @@ from torch import Tensor
 
 from lightning_sens.core.layout import OutputLayout
 from lightning_sens.core.outputs import position_scores
+from lightning_sens.core.trace import TraceResult
+from lightning_sens.damage import LayerDamage
 from lightning_sens.reporting import keys
 from lightning_sens.reporting.stats import log_fi_summary
+from lightning_sens.reporting.tables import LayerRow
 
 __all__ = [
     "POSITION_COLUMNS",
     "PositionRows",
+    "TracedDamage",
     "position_columns",
     "position_metrics",
     "position_rows",
+    "traced_layers",
 ]
 
 
@@ -149,3 +154,58 @@ def position_columns(split: str, at: tuple[int, int], rows: PositionRows) -> dic
     }
     columns.update({name: getattr(rows, name).tolist() for name in PositionRows.names()[1:]})
     return columns
+
+
+@dataclass(frozen=True)
+class TracedDamage:
+    """Per-layer damage of one split's probe predicted from the metric's trace estimated with
+    sampled labels (docs/damage.md, "Large outputs").
+
+    Attributes:
+        damage: layer → its predicted damage.
+        trace: the estimated traces, with their standard errors.
+    """
+
+    damage: dict[str, LayerDamage]
+    trace: TraceResult
+
+
+def traced_layers(
+    split: str, epoch: int, found: TracedDamage, noise: float, bits: int
+) -> tuple[dict[str, float], list[LayerRow]]:
+    """The scalars and the layer table's rows of a probe's traced damage. The standard error
+    of the noise KL comes from the draws alone (the probe's samples are fixed); FI columns,
+    which sampled labels do not give, are NaN."""
+    metrics: dict[str, float] = {}
+    rows: list[LayerRow] = []
+    nan = float("nan")
+    for name, layer in found.damage.items():
+        traced = found.trace.layers[name]
+        kl = layer.noise[noise]
+        metrics[keys.layer_kl_noise(split, name)] = kl
+        mean = float(traced.metric.mean())
+        se = float(traced.standard_error.square().sum().sqrt()) / max(len(traced.metric), 1)
+        metrics[keys.layer_kl_noise_se(split, name)] = kl * se / mean if mean > 0 else 0.0
+        if (bits, True) in layer.quant:
+            metrics[keys.layer_kl_quant(split, name, bits)] = layer.quant[bits, True]
+        rows.append(
+            LayerRow(
+                split=split,
+                epoch=epoch,
+                layer=name,
+                method=f"sampled ({found.trace.draws} draws, {traced.method})",
+                samples=len(traced.metric),
+                kl_noise=kl,
+                kl_quant_tensor=layer.quant.get((bits, False), nan),
+                kl_quant_channel=layer.quant.get((bits, True), nan),
+                kl_scale=nan,
+                metric=mean,
+                effective_rank_mean=nan,
+                relative_fi_median=nan,
+                scale_log_fi_median=nan,
+                channel_relative_fi_median=nan,
+                noise=noise,
+                bits=bits,
+            )
+        )
+    return metrics, rows

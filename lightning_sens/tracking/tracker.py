@@ -25,7 +25,13 @@ from lightning_sens.damage import LayerDamage
 from lightning_sens.flagging import FlagDecision, FlagHistory, flag
 from lightning_sens.label_noise import LabelEvidence, estimate_noise
 from lightning_sens.reporting import keys
-from lightning_sens.reporting.positions import PositionRows, position_columns, position_metrics
+from lightning_sens.reporting.positions import (
+    PositionRows,
+    TracedDamage,
+    position_columns,
+    position_metrics,
+    traced_layers,
+)
 from lightning_sens.reporting.summary import (
     SplitScores,
     epoch_metrics,
@@ -93,6 +99,7 @@ class PositionReport:
         table: the positions table, column by column.
         histograms: per split, the samples' mean log FI with the label and with the most
             probable class.
+        layers: the layer table's rows (damage from the sampled-label trace).
     """
 
     epoch: int
@@ -101,6 +108,7 @@ class PositionReport:
     metrics: dict[str, float]
     table: dict[str, list[Any]]
     histograms: dict[str, tuple[Tensor, Tensor]]
+    layers: list[LayerRow] = field(default_factory=list)
 
 
 class SensitivityTracker:
@@ -172,10 +180,18 @@ class SensitivityTracker:
         step: int,
         rows: dict[str, PositionRows],
         extra: dict[str, float] | None = None,
+        damage: dict[str, TracedDamage] | None = None,
     ) -> PositionReport:
-        """Metrics and the positions table of one decision (many positions); its metrics
-        join the history."""
+        """Metrics, the positions table and the layer table of one decision (many positions);
+        its metrics join the history. ``damage``: per split, the per-layer damage predicted
+        from the sampled-label trace of its probe."""
+        c = self.config
         metrics = position_metrics(rows)
+        layers: list[LayerRow] = []
+        for split, found in (damage or {}).items():
+            scalars, found_rows = traced_layers(split, epoch, found, c.damage_noise, c.damage_bits)
+            metrics.update(scalars)
+            layers += found_rows
         table: dict[str, list[Any]] = {}
         for split, r in rows.items():
             for name, values in position_columns(split, (epoch, step), r).items():
@@ -183,7 +199,7 @@ class SensitivityTracker:
         metrics.update(extra or {})
         self.history.append({"epoch": epoch, "step": step, **metrics})
         histograms = {split: (r.log_fi_mean, r.log_fi_pred_mean) for split, r in rows.items()}
-        return PositionReport(epoch, step, rows, metrics, table, histograms)
+        return PositionReport(epoch, step, rows, metrics, table, histograms, layers)
 
     def fold(self, ids: Tensor, labels: Tensor, scores: Tensor) -> None:
         """Add the training steps' log FI under every label ``(N, K)`` since the last
