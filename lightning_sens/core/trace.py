@@ -50,8 +50,13 @@ DRAWS = 16
 less over a probe of many samples (the standard error says how much)."""
 
 DRAW_BLOCK = 32
-"""Draws whose backprops one route holds at a time (its Gram is DRAW_BLOCK² per sample, and only
-its diagonal is used)."""
+"""Draws whose backprops one route holds at a time where the backward is batched (CUDA) or the
+output small: its Gram is DRAW_BLOCK² per sample, of which only the diagonal is used. Where the
+backward runs draw by draw (CPU) on a large output, one draw at a time, so that no off-diagonal
+product is formed (on a tiny Llama with a 2,048-token vocabulary, 3 × faster)."""
+
+SMALL_OUTPUT = 4096
+"""Logit entries per sample up to which blocks of draws are used on the CPU too."""
 
 
 @dataclass(frozen=True)
@@ -280,8 +285,11 @@ def _chunk(
     norms: dict[str, list[Tensor]] = {}
     channels: dict[str, list[Tensor]] = {}
     methods: dict[str, str] = {}
-    for start in range(0, draws, DRAW_BLOCK):  # Grams of DRAW_BLOCK draws: only their diagonal
-        block = cotangents[start : start + DRAW_BLOCK]
+    batched = backward == "batched" or (backward == "auto" and logits.is_cuda)
+    small = logits[0].numel() <= SMALL_OUTPUT  # per-block overhead outweighs off-diagonal work
+    size = DRAW_BLOCK if batched or small else 1
+    for start in range(0, draws, size):  # Grams of `size` draws: only their diagonal is used
+        block = cotangents[start : start + size]
         routes = fast_routes(model, plan, records, len(block), dtype)
 
         def consume(found: list[Tensor], routes: dict[str, Any] = routes) -> None:
