@@ -192,3 +192,49 @@ class MaskData(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return mask_loaders()[1]
+
+
+class TokenBlocks(Dataset):
+    """(inputs, target) blocks of a token stream, the target shifted by one, as Lightning's
+    demo ``WikiText2`` gives them (whose download is not available offline)."""
+
+    def __init__(self, size: int, block: int = 12) -> None:
+        stream = (torch.arange(size * block + 1) * 7 + torch.arange(size * block + 1) // 5) % VOCAB
+        self.data, self.block = stream, block
+
+    def __len__(self) -> int:
+        return (len(self.data) - 1) // self.block
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        start = index * self.block
+        return self.data[start : start + self.block], self.data[start + 1 : start + self.block + 1]
+
+
+def demo_transformer() -> pl.LightningModule:
+    """Lightning's demo Transformer as it is, its data offline."""
+    from lightning.pytorch.demos.transformer import LightningTransformer
+
+    class Demo(LightningTransformer):
+        def prepare_data(self) -> None:
+            pass
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(TokenBlocks(32), batch_size=8)
+
+    return Demo(vocab_size=VOCAB)
+
+
+def demo_lstm() -> pl.LightningModule:
+    """Lightning's demo LSTM (no forward(), a hidden state carried across steps, a batch
+    sampler of its own) as it is, its data offline."""
+    from lightning.pytorch.demos.lstm import LightningLSTM, SequenceSampler
+
+    class Demo(LightningLSTM):
+        def prepare_data(self) -> None:
+            pass
+
+        def train_dataloader(self) -> DataLoader:
+            data = TokenBlocks(32)
+            return DataLoader(data, batch_sampler=SequenceSampler(data, batch_size=8))
+
+    return Demo(vocab_size=VOCAB)

@@ -362,11 +362,29 @@ class NoForward(layouts.Plain):
     forward = pl.LightningModule.forward  # type: ignore[assignment]
 
 
-def test_a_module_without_forward_is_refused_with_the_fix(tmp_path: Path) -> None:
-    """Before the first step, with the line to add or the option to pass (it failed with
-    "missing the required forward function" and a pointer to batch_fn)."""
+def test_a_module_without_forward_is_scored_from_its_steps_and_told_the_fix(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The training steps are scored from the logits they compute (Lightning's own demo LSTM
+    has no forward() either); the parts that run the model say once what to add. Without
+    scored training steps there is nothing to read, and the monitor refuses before the first
+    step, with the line to add or the option to pass (it failed with "missing the required
+    forward function" and a pointer to batch_fn)."""
+    with caplog.at_level(logging.INFO):
+        run = _fit(tmp_path, NoForward, layouts.image_loaders())
+    assert "NoForward has no forward()" in caplog.text
+    assert "def forward(self, x): return self.net(x)" in caplog.text
+    _assert_complete(run.log_dir, range(3))
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path / "steps_off",
+        max_epochs=1,
+        accelerator="cpu",
+        callbacks=[SensitivityMonitor(score_training_steps=False)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(MonitorSetupError) as caught:
-        _fit(tmp_path, NoForward, layouts.image_loaders())
+        trainer.fit(NoForward(), *layouts.image_loaders())
     message = str(caught.value)
     assert "NoForward has no forward()" in message
     assert "def forward(self, x): return self.net(x)" in message

@@ -181,3 +181,39 @@ def test_evaluate_scores_a_segmentation_checkpoint_and_ranks_its_layers_for_quan
     assert {r["estimator"] for r in ranked} == {"sampled (16 draws)"}
     assert all(float(r["measured_kl"]) > 0 for r in ranked)
     assert (out / "report.html").exists()
+
+
+@pytest.mark.parametrize(
+    "make", [tasks.demo_transformer, tasks.demo_lstm], ids=["transformer", "lstm"]
+)
+def test_lightnings_demo_language_models_run_under_a_default_monitor(
+    tmp_path: Path, make: Callable[[], pl.LightningModule], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lightning's own demos: a forward(inputs, target) that returns (B·T, V) log-probabilities,
+    and a module without forward() whose model returns (log-probabilities, hidden state)."""
+    monitor = SensitivityMonitor()
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
+    pl.seed_everything(0, verbose=False)
+    with caplog.at_level(logging.INFO):
+        trainer.fit(make())
+    layout = monitor.reader.layout
+    assert layout is not None
+    assert (layout.flattened, layout.positions) == (True, (12,))
+    log_dir = Path(trainer.log_dir or tmp_path)
+    rows = _table(log_dir)
+    assert sorted({int(r["sample"]) for r in rows}) == list(range(32))
+    assert all(int(r["positions"]) == 12 for r in rows)
+    logged = read_logged(log_dir)
+    assert len(logged.values(keys.curve("true", "train", "median"))) == 2  # each epoch
+    if make is tasks.demo_transformer:  # it has a forward: the damage of its fast layers
+        assert any("/kl_noise/" in k for k in monitor.history[0]), sorted(monitor.history[0])
+    else:
+        assert "has no forward()" in caplog.text

@@ -99,6 +99,20 @@ class Reader:
         # check from the first batch); None: one class per sample
         self.layout: OutputLayout | None = None
         self.quantile = 0.9  # the upper quantile of a sample's positions that is kept
+        self.task: str = "auto"  # MonitorConfig.task and .ignore_index, for read_layout
+        self.ignore_index: int | None = None
+        # a module without forward(): the first training step's outputs give the layout
+        self.deferred = False
+        # forward(inputs, target) takes the labels too (teacher forcing): their names
+        self.label_arguments: tuple[str, str] | None = None
+
+    def with_labels(self, inputs: Inputs, labels: Tensor) -> Inputs:
+        """The inputs the model is called with: ``{inputs name: inputs, labels name: labels}``
+        for a forward that takes the labels too, else the inputs as they are."""
+        if self.label_arguments is None or not isinstance(inputs, Tensor):
+            return inputs
+        first, second = self.label_arguments
+        return {first: inputs, second: labels}
 
     def raw(self, batch: Any) -> Batch:
         """(inputs, labels, ids or None) of a batch as ``batch_fn`` returns them."""
@@ -139,8 +153,10 @@ class Reader:
         converted). Labels that are not one class per sample raise :class:`MonitorSetupError`
         with the fix (multi-label (B, K) targets, float labels other than 0 and 1), saying
         ``where`` the batch comes from (``"a training batch"``)."""
-        inputs, labels, ids = self.raw(batch) if self.layout is not None else self.batch_fn(batch)
-        if self.layout is not None:
+        raw = self.layout is not None or self.deferred
+        inputs, labels, ids = self.raw(batch) if raw else self.batch_fn(batch)
+        inputs = self.with_labels(inputs, labels)
+        if raw:
             return inputs, labels, ids
         return inputs, class_labels(labels, where), ids
 

@@ -89,6 +89,7 @@ class SensitivityMonitor(Callback):
         self.class_names = c.class_names
         self.reader = Reader(batch_fn, forward_fn)
         self.reader.quantile = c.position_quantile
+        self.reader.task, self.reader.ignore_index = c.task, c.ignore_index
         self.tracker = SensitivityTracker(c)
         self.failures = Failures(c.strict)
         self.runner = EpochRunner(c, self.reader, self.tracker, self.failures, describe_fn)
@@ -147,7 +148,10 @@ class SensitivityMonitor(Callback):
     def _check(self, trainer: Trainer, module: LightningModule, stage: str, loaders: Any) -> None:
         if (stage, id(trainer)) not in self._checked:  # every rank checks: all raise, none waits
             self._checked.add((stage, id(trainer)))
-            found = check_setup(self.reader, module, loaders, self.runner.prober, self.failures)
+            deferrable = stage == "fit" and self.config.score_training_steps
+            found = check_setup(
+                self.reader, module, loaders, self.runner.prober, self.failures, deferrable
+            )
             self.class_names = self.class_names or found
 
     def _loaders(self, trainer: Trainer, validation: bool = True) -> dict[str, DataLoader]:

@@ -30,7 +30,10 @@ from torch.utils.data import DataLoader
 from lightning_sens.callbacks.batches import Reader
 from lightning_sens.callbacks.internals import LoaderTap
 from lightning_sens.callbacks.sample_ids import IndexRecorder, indexable
+from lightning_sens.callbacks.setup import MonitorSetupError, class_labels
 from lightning_sens.core.inputs import found_logits, logits_of
+from lightning_sens.core.layout import read_layout
+from lightning_sens.core.outputs import position_scores
 from lightning_sens.label_noise import MAX_ENTRIES, label_log_fi
 from lightning_sens.reporting.positions import PositionRows
 from lightning_sens.tracking import Samples, SensitivityTracker
@@ -166,8 +169,13 @@ class TrainScores:
         """``(B, K)`` logits where ``output`` holds a tensor of the model's logits' shape (one
         binary logit z as ``(0, z)``), else None."""
         raw = found_logits(output)
+        dense = self.reader.deferred or self.reader.layout is not None
+        if dense and isinstance(raw, tuple | list):  # (logits, hidden state)
+            raw = next((t for t in raw if isinstance(t, Tensor)), None)
         if not isinstance(raw, Tensor) or raw.dim() == 0:
             return None
+        if self.reader.deferred:  # the layout is read from this first batch (_read_layout)
+            return raw.detach() if raw.is_floating_point() else None
         if self.reader.layout is not None:
             return raw.detach() if tuple(raw.shape[1:]) == self.sample_shape else None
         if self.sample_shape is None and raw.dim() != 2:
@@ -221,9 +229,12 @@ class TrainScores:
             if ids is None:
                 return
         self._check_labels = False
-        logits = self._logits(module, outputs, size)
+        deferred = self.reader.deferred
+        logits = self._logits(module, outputs, size, labels, inputs)
         if logits is None:
             return
+        if deferred and self.reader.layout is None:  # one class per sample after all
+            labels = class_labels(labels, "a training batch")
         if self.reader.layout is not None:
             self._position_steps.append(self.reader.position_rows(ids, inputs, labels, logits))
             self.pending += size
@@ -275,8 +286,43 @@ class TrainScores:
             return None
         return recorded
 
-    def _logits(self, module: LightningModule, outputs: Any, size: int) -> Tensor | None:
+    def _read_layout(self, outputs: Any, labels: Tensor, inputs: Any) -> Tensor | None:
+        """A module without forward(): the outermost module output of this first training
+        step that reads as logits against the labels (:func:`read_layout`) is the logits from
+        now on; None (the steps are not scored, with a warning) where none does."""
+        found = [(i, name, z) for i, (name, z) in enumerate(self._found)]
+        returned = self._as_logits(outputs) if isinstance(outputs, dict) else None
+        if returned is not None:
+            found.append((-1, "", returned))
+        task, ignore = self.reader.task, self.reader.ignore_index
+        for _, name, z in sorted(found, key=lambda item: (_depth(item[1]), -item[0])):
+            try:
+                layout = read_layout(z, labels, inputs, task, ignore)
+                if layout.dense:
+                    position_scores(z, labels, layout)
+                else:
+                    class_labels(labels)
+            except (TypeError, ValueError, MonitorSetupError):
+                continue
+            self.reader.deferred = False
+            self.reader.layout = layout if layout.dense else None
+            self.reader.sample_shape = self.sample_shape = tuple(z.shape[1:])
+            self._module = name
+            return z if layout.dense else logits_of(z)
+        self.reader.deferred = False
+        self._disable(
+            "logits",
+            "SensitivityMonitor found no logits that meet the labels in the first training "
+            "step's module outputs, so it cannot score the training steps.",
+        )
+        return None
+
+    def _logits(
+        self, module: LightningModule, outputs: Any, size: int, labels: Tensor, inputs: Any
+    ) -> Tensor | None:
         """The training step's logits: returned in its output, or seen by the forward hook."""
+        if self.reader.deferred:
+            return self._read_layout(outputs, labels, inputs)
         rows = self.reader.rows(size)  # (B · T, V) logits: the positions folded into the batch
         returned = self._as_logits(outputs) if isinstance(outputs, dict) else None
         if returned is not None and len(returned) == rows:
