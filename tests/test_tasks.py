@@ -94,6 +94,7 @@ def test_a_default_monitor_scores_every_position_and_logs_both_splits(
             assert len(logged.values(key)) == 2  # one value per epoch
         assert keys.histogram("true", split) in logged.histograms
     assert keys.gap() in logged.scalars
+    assert keys.image("position_map", "val") in logged.images, sorted(logged.images)
     rows = _table(log_dir)
     _train, val = loaders()
     by_split = {s: [r for r in rows if r["split"] == s] for s in ("train", "val")}

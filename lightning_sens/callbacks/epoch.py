@@ -6,22 +6,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_sens.callbacks.batches import Reader
 from lightning_sens.callbacks.budget import TimeBudget
 from lightning_sens.callbacks.drawing import FigureWorker
 from lightning_sens.callbacks.output import Output
-from lightning_sens.callbacks.planner import FLAGS, Planner
+from lightning_sens.callbacks.planner import FIGURES, FLAGS, SECONDS_PER_FIGURE, Planner
 from lightning_sens.callbacks.policy import Failures
 from lightning_sens.callbacks.probing import Prober
 from lightning_sens.callbacks.rng import preserved_rng
+from lightning_sens.callbacks.setup import eval_mode
 from lightning_sens.config import MonitorConfig
-from lightning_sens.reporting import keys
+from lightning_sens.core.outputs import position_scores
+from lightning_sens.reporting import keys, paths
 from lightning_sens.reporting.images import Describe
+from lightning_sens.reporting.position_maps import figure_to_image, position_maps
 from lightning_sens.reporting.positions import PositionRows
 from lightning_sens.reporting.summary import SplitScores
+from lightning_sens.reporting.writers import save_png
 from lightning_sens.tracking import EpochReport, Probes, SensitivityTracker
 
 __all__ = ["EpochRunner"]
@@ -145,7 +151,56 @@ class EpochRunner:
             extra = {keys.cost_share(): self.budget.cost_share} if self.planner.active else None
             report = self.tracker.compute_positions(at[0], at[1], rows, extra, damage)
             self.output.write_positions(trainer.loggers, report, log_dir)
+        with self.failures.part("the position maps"):
+            self._position_maps(module, rows, loaders, at, log_dir)
         self.planner.over(at[0])
+
+    def _position_maps(
+        self,
+        module: LightningModule,
+        rows: dict[str, PositionRows],
+        loaders: dict[str, DataLoader],
+        at: tuple[int, int],
+        log_dir: Path,
+    ) -> None:
+        """The samples of one split with the highest upper quantile of log FI, each position's
+        log FI drawn over the sample (docs/tasks.md, "The position maps"): validation, else
+        training; as far as the budget allows."""
+        c, writer, layout = self.config, self.output.writer, self.prober.reader.layout
+        if not c.log_images or writer is None or layout is None or c.num_images == 0:
+            return
+        if writer.tensorboard is None and not c.save_figures:
+            return
+        split = next((s for s in ("val", "train") if s in rows and s in loaders), None)
+        if split is None:
+            return
+        fit = self.planner.fit(FIGURES, 1, 1, SECONDS_PER_FIGURE)
+        if not fit.units:
+            return
+        with self.budget.timed(FIGURES):
+            found = rows[split]
+            order = torch.argsort(found.log_fi_upper.nan_to_num(float("-inf")), descending=True)
+            chosen = found.ids[order[: c.num_images]]
+            reader = self.prober.reader
+            inputs, labels, ids = reader.fetch(loaders[split], chosen, module.device)
+            with eval_mode(module):
+                logits = reader.forward(module, inputs)
+            scores = position_scores(logits, labels, layout, reader.mask(inputs, labels))
+            log_fi = scores.log_fi.reshape(len(ids), *scores.positions).cpu()
+            pixels = log_fi.dim() == 3
+            images = inputs if pixels and isinstance(inputs, Tensor) and inputs.dim() == 4 else None
+            masks = labels.cpu() if pixels and layout.task == "multiclass" else None
+            upper = dict(zip(found.ids.tolist(), found.log_fi_upper.tolist(), strict=True))
+            captions = [f"{split} {i}: upper log FI {upper[i]:.2f}" for i in ids.tolist()]
+            classes = logits.shape[layout.class_dim or -1] if masks is not None else None
+            if layout.flattened:
+                classes = logits.shape[-1] if masks is not None else None
+            maps = position_maps(log_fi, captions, images, masks, classes=classes)
+            image = figure_to_image(maps)
+            writer.image(keys.image("position_map", split), image, at[1])
+            if c.save_figures:
+                save_png(image, paths.figure(log_dir, "position_map", split, *at))
+            writer.flush()
 
     def _undecided(self, report: EpochReport, names: tuple[str, ...] | None) -> None:
         """Once per run and split: the classes whose labels the flag rule could not judge, and
