@@ -134,3 +134,22 @@ def test_no_module_of_the_core_or_the_reference_exceeds_400_lines(package: str) 
     }
     assert lengths
     assert {name: n for name, n in lengths.items() if n > 400} == {}
+
+
+def test_the_positions_tables_columns_are_named_once_and_documented() -> None:
+    """Every column of a model with many positions has one name, from the per-sample rows to
+    the table, and docs/tasks.md (what is scored) and the glossary say what it is."""
+    from lightning_sens.core import SampleSummary
+    from lightning_sens.reporting.positions import POSITION_COLUMNS, PositionRows
+
+    rows = [f.name for f in dataclasses.fields(PositionRows)]
+    assert ("sample", "split", "epoch", "step", *rows[1:]) == POSITION_COLUMNS
+    # a summary field and its column: the same quantity under the glossary's column name
+    summary = {f.name for f in dataclasses.fields(SampleSummary)}
+    assert summary == {"mean", "upper", "pred_mean", "total", "loss", "accuracy", "count", "worst"}
+    tasks = (ROOT / "docs" / "tasks.md").read_text()
+    for column in rows[1:]:
+        assert f"| `{column}` |" in tasks, column
+    glossary = (ROOT / "docs" / "method.md").read_text().split("## 8. Glossary", 1)[1]
+    for name in ("position_log_fi", "log_fi_mean", "log_fi_upper", "log_fi_total"):
+        assert f"`{name}`" in glossary, name
