@@ -25,9 +25,9 @@ layer is the most damaged one:
   Rademacher vectors (Hessian-vector products by double backward on the mean next-token
   cross-entropy with the true tokens), ½ Σ_c e_c² tr(H_c) with the same e_c².
 
-Usage: python benchmarks/lm_damage.py [--small] [--seeds 3] [--steps 600] [--out TAG]
-writes benchmarks/results/lm_damage_<TAG>.md (TAG: ``cpu``; ``small`` with ``--small``, a smoke
-test of well under a minute on 2 CPU cores).
+Usage: python benchmarks/lm_damage.py [--small] [--seeds 5] [--steps 600] [--out TAG]
+writes benchmarks/results/lm_damage_<TAG>.md, or the path TAG where it ends in .md (TAG: ``cpu``;
+``small`` with ``--small``, a smoke test of about a minute on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from scipy.stats import spearmanr
 from torch import Tensor, nn
 
 from lightning_sens import read_layout
-from lightning_sens.damage import Perturbation, measure_damage, quantization_error
+from lightning_sens.damage import Perturbation, measure_damage, quantization_error, quantize
 from lightning_sens.quantization import quantization_report
 
 VOCAB = 2048
@@ -167,14 +167,25 @@ def run_one(seed: int, train_data: Tensor, held_out: Tensor, steps: int) -> Run:
     out = Run(seed, layers, perplexity=perplexity(model, data))
     for bits, per in SCHEMES:
         steps_name = "channel" if per else "tensor"
-        found = {r["layer"]: float(r["predicted_kl"]) for r in rows if r["bits"] == bits and r["steps"] == steps_name}  # type: ignore[arg-type]
+        found = {
+            r["layer"]: float(r["predicted_kl"])
+            for r in rows
+            if r["bits"] == bits and r["steps"] == steps_name
+        }  # type: ignore[arg-type]
         out.ours[bits, per] = [found[n] for n in layers]
     start = time.perf_counter()
     channels = hutchinson_channels(model, data, layers, seed)
-    out.seconds = {"train": trained, "ours": ours_seconds, "hutchinson": time.perf_counter() - start}
+    out.seconds = {
+        "train": trained,
+        "ours": ours_seconds,
+        "hutchinson": time.perf_counter() - start,
+    }
     for bits, per in SCHEMES:
         out.hutchinson[bits, per] = [
-            0.5 * float((quantization_error(model.get_submodule(n).weight, bits, per) * channels[n]).sum())
+            0.5
+            * float(
+                (quantization_error(model.get_submodule(n).weight, bits, per) * channels[n]).sum()
+            )
             for n in layers
         ]
         out.measured[bits, per] = [
@@ -184,8 +195,6 @@ def run_one(seed: int, train_data: Tensor, held_out: Tensor, steps: int) -> Run:
     for name in layers:
         module = model.get_submodule(name)
         kept = module.weight.detach().clone()
-        from lightning_sens.damage import quantize
-
         with torch.no_grad():
             module.weight.copy_(quantize(kept, 4, True))
         out.perplexity_4bit[name] = perplexity(model, data)
@@ -200,7 +209,9 @@ def rank_scores(predicted: list[float], actual: list[float]) -> tuple[float, boo
     return rho, max(range(len(predicted)), key=predicted.__getitem__) == top
 
 
-def report(runs: list[Run], args: argparse.Namespace, files: int, tokens: int, seconds: float) -> str:
+def report(
+    runs: list[Run], args: argparse.Namespace, files: int, tokens: int, seconds: float
+) -> str:
     lines = [
         "# Quantisation damage of a language model's layers: sampled-label trace vs Hutchinson",
         "",
@@ -245,9 +256,11 @@ def report(runs: list[Run], args: argparse.Namespace, files: int, tokens: int, s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="one seed, few steps: a smoke test")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--out", default=None, help="results/lm_damage_<OUT>.md")
+    parser.add_argument(
+        "--out", default=None, help="results/lm_damage_<OUT>.md, or a path ending in .md"
+    )
     args = parser.parse_args()
     if args.small:
         args.seeds, args.steps = 1, 20
@@ -261,8 +274,9 @@ def main() -> None:
         runs.append(run_one(seed, train_data, held_out, args.steps))
     text = report(runs, args, files, len(ids), time.perf_counter() - start)
     tag = args.out or ("small" if args.small else "cpu")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"lm_damage_{tag}.md").write_text(text)
+    target = Path(tag) if tag.endswith(".md") else RESULTS / f"lm_damage_{tag}.md"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text)
     print(text)
 
 
