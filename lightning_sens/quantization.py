@@ -1,6 +1,6 @@
 """Which layers to keep at higher precision: layers ranked by the damage that rounding their
 weights to b bits would do, predicted from the metric (exact engine, or sampled labels for large
-outputs) and, if asked, measured (docs/damage.md, "Which layers break under quantisation")."""
+outputs) and, if asked, measured (docs/damage.md, "What the metric predicts")."""
 
 from __future__ import annotations
 
@@ -91,9 +91,10 @@ def quantization_report(
     One pass on ``inputs`` (predicted label; no labels needed) gives every layer's per-channel
     weight metric: the exact engine where the model makes one prediction of few classes per
     sample, the trace from ``draws`` sampled labels where it makes many or of many classes
-    (:func:`trace_method`; docs/damage.md, "Large outputs"). The predicted KL follows for every
-    width and step scheme. With ``measure``, each layer is also quantised alone (a substituted
-    copy of its weight; the model is not changed) and the actual mean KL on ``inputs`` measured.
+    (:func:`trace_method`; docs/damage.md, "Large outputs: the trace from sampled labels").
+    The predicted KL follows for every width and step scheme. With ``measure``, each layer is
+    also quantised alone (a substituted copy of its weight; the model is not changed) and the
+    actual mean KL on ``inputs`` measured.
 
     Args:
         model: any module whose forward returns logits.

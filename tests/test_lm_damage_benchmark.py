@@ -34,7 +34,7 @@ def test_rankings_are_scored_by_spearman_and_the_top_layer() -> None:
 
 
 def test_small_run_writes_finite_tables(tmp_path: Path) -> None:
-    out = tmp_path / "lm.md"
+    out = tmp_path / "lm_damage_small.md"
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--small", "--out", str(out)],
         capture_output=True,

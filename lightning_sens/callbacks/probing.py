@@ -144,7 +144,8 @@ class Prober:
     ) -> dict[str, TracedDamage]:
         """A model with many positions per sample: per-layer damage predicted from the metric's
         trace, estimated with labels sampled from the model on the validation probe (else the
-        training probe), as far as the budget allows (docs/damage.md, "Large outputs")."""
+        training probe), as far as the budget allows (docs/damage.md, "Large outputs: the
+        trace from sampled labels")."""
         c, plan, layout = self.config, self.planner, self.reader.layout
         split = "val" if "val" in loaders else "train"
         if layout is None or split not in loaders or c.exact_probe_size == 0:

@@ -159,7 +159,7 @@ def position_columns(split: str, at: tuple[int, int], rows: PositionRows) -> dic
 @dataclass(frozen=True)
 class TracedDamage:
     """Per-layer damage of one split's probe predicted from the metric's trace estimated with
-    sampled labels (docs/damage.md, "Large outputs").
+    sampled labels (docs/damage.md, "Large outputs: the trace from sampled labels").
 
     Attributes:
         damage: layer → its predicted damage.
