@@ -218,3 +218,45 @@ def test_lightnings_demo_language_models_run_under_a_default_monitor(
         assert any("/kl_noise/" in k for k in monitor.history[0]), sorted(monitor.history[0])
     else:
         assert "has no forward()" in caplog.text
+
+
+def _position_rows(folder: Path) -> list[tuple[int, str, str]]:
+    with sorted(paths.folder(folder).glob("positions_epoch*.csv"))[0].open(newline="") as f:
+        return [
+            (int(r["sample"]), r["positions"], r["log_fi_mean"])
+            for r in csv.DictReader(f)
+            if r["split"] == "val"
+        ]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.distributed on some platforms
+@pytest.mark.filterwarnings("ignore:.*sync_dist.*")
+def test_two_process_ddp_scores_every_mask_once_as_one_process_does(tmp_path: Path) -> None:
+    """Each rank scores its shard of 23 masks (one padded); the positions table holds every
+    mask once, with the one-process scores."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    x, y = tasks.masks(23, seed=4)
+    val = DataLoader(torch.utils.data.TensorDataset(x.double(), y), batch_size=6)
+    pl.seed_everything(0, verbose=False)
+    model = tasks.Segmenter().double()  # float32 convolutions differ with the batch's size
+    runs = {}
+    for name, strategy, devices in (("single", "auto", 1), ("ddp", "ddp_spawn", 2)):
+        trainer = pl.Trainer(
+            default_root_dir=tmp_path / name,
+            logger=TensorBoardLogger(tmp_path / name, name="tb", version=0),
+            callbacks=[SensitivityMonitor(exact_probe_size=0)],
+            accelerator="cpu",
+            strategy=strategy,
+            devices=devices,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.validate(model, val)
+        runs[name] = _position_rows(tmp_path / name / "tb" / "version_0")
+    assert [sample for sample, _, _ in runs["ddp"]] == list(range(23))
+    for (i, count, mean), (j, single_count, single_mean) in zip(
+        runs["ddp"], runs["single"], strict=True
+    ):
+        assert (i, count) == (j, single_count)
+        assert float(mean) == pytest.approx(float(single_mean), rel=1e-12, abs=1e-12), i
