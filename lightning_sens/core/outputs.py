@@ -132,7 +132,7 @@ def position_scores(
 
     Example:
         >>> from lightning_sens.core.layout import read_layout
-        >>> z = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])  # one sequence of two tokens, V = 2
+        >>> z = torch.tensor([[[2.0, 0.0], [0.0, 0.0]]], dtype=torch.float64)  # 2 tokens, V = 2
         >>> layout = read_layout(z, torch.tensor([[0, 1]]))
         >>> position_scores(z, torch.tensor([[0, 1]]), layout).log_fi  # −2, log 1
         tensor([[-2.,  0.]], dtype=torch.float64)
