@@ -14,6 +14,12 @@ Two models, each trained from scratch by ``trainer.fit`` with the same seed:
 - ``mlp``: a model and data set the budget was never tuned on: a two-layer MLP on scikit-learn's
   1,797 real 8 × 8 digits (1,497 train / 300 val, batch 8), hundreds of fifth-of-a-second
   epochs, so that the costs of every decision recur often;
+- ``lm``: a tiny Llama (Hugging Face ``LlamaForCausalLM``, 2 layers, width 64, a 2,048-token
+  vocabulary) on the Python standard library's source (``benchmarks/lm_damage.py``'s corpus),
+  batches of 16 sequences of 64 tokens whose labels are the inputs (the causal shift): every
+  training step's 16 × 64 × 2,048 logits are scored (docs/tasks.md);
+- ``segmentation``: a small U-Net on masks made from Fashion-MNIST (foreground pixels labelled
+  with the item's class, 11 classes), 6,000 train / 1,000 val, batch 64;
 - ``tiny`` (not run by default): ``lightning_sens.demos.tiny``'s classifier on its random 8 × 8
   images, 64 train / 32 val, batch 16, the model the monitor's tests train: the whole script in
   seconds (``--models tiny --repeats 1``), to check it runs; its ratios mean little, a fixed
@@ -39,7 +45,8 @@ Usage: python benchmarks/bench_callback.py [--models demo resnet18 hydra mlp tin
        [--repeats 3] [--epochs N] [--device cpu] [--out benchmarks/results/callback_demo_cpu.md]
 
 docs/performance.md shows ``--models demo hydra mlp --repeats 5 --out
-.../callback_demo_cpu.md`` and ``--models resnet18 --repeats 3 --out .../callback_resnet_cpu.md``.
+.../callback_demo_cpu.md`` and ``--models lm segmentation --repeats 2 --out
+.../callback_tasks_cpu.md``.
 """
 
 from __future__ import annotations
@@ -150,6 +157,68 @@ class MLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
+class CausalLM(pl.LightningModule):
+    """A tiny Llama trained on its own next-token loss; batches (input ids, labels = ids)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lm_damage import build
+
+        self.model = build(0)
+
+    def forward(self, input_ids: Tensor) -> Any:
+        return self.model(input_ids=input_ids)
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return self.model(input_ids=batch[0], labels=batch[1]).loss
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        output = self.model(input_ids=batch[0], labels=batch[1])
+        self.log("val_loss", output.loss)
+        return output.logits
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+
+def _masks(x: Tensor, y: Tensor) -> Tensor:
+    """Foreground pixels (above 0.1) labelled with the item's class + 1, background 0."""
+    return torch.where(x[:, 0] > 0.1, y[:, None, None] + 1, torch.zeros_like(x[:, 0]).long())
+
+
+class Segmenter(pl.LightningModule):
+    """A small U-Net: two strided encoder stages, a global context vector, two decoder stages
+    with skips; (B, 11, H, W) logits, cross-entropy per pixel."""
+
+    def __init__(self, width: int = 16, classes: int = 11) -> None:
+        super().__init__()
+        c = width
+        self.e1, self.e2 = nn.Conv2d(1, c, 3, padding=1), nn.Conv2d(c, 2 * c, 3, 2, 1)
+        self.e3, self.context = nn.Conv2d(2 * c, 4 * c, 3, 2, 1), nn.Linear(4 * c, 4 * c)
+        self.d2, self.d1 = nn.Conv2d(6 * c, 2 * c, 3, padding=1), nn.Conv2d(3 * c, c, 3, padding=1)
+        self.head = nn.Conv2d(c, classes, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = torch.relu(self.e1(x))
+        b = torch.relu(self.e2(a))
+        c = torch.relu(self.e3(b))
+        c = c + self.context(c.mean((2, 3)))[:, :, None, None]
+        up = nn.functional.interpolate
+        d = torch.relu(self.d2(torch.cat([up(c, size=b.shape[-2:]), b], 1)))
+        return self.head(torch.relu(self.d1(torch.cat([up(d, size=a.shape[-2:]), a], 1))))
+
+    def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch[0])
+        self.log("val_loss", nn.functional.cross_entropy(logits, batch[1]))
+        return logits
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=2e-3)
+
+
 @dataclass
 class Setting:
     name: str
@@ -217,6 +286,34 @@ def settings(args: argparse.Namespace) -> dict[str, Setting]:
             TensorDataset(x[n:], y[n:]),
             128,
             7,
+        )
+    if "lm" in args.models:
+        from lm_damage import corpus, sequences
+
+        tokens = sequences(corpus(300_000)[0])
+        cut = int(0.9 * len(tokens))
+        out["lm"] = Setting(
+            "lm",
+            f"tiny Llama (V = 2,048), Python stdlib source, {cut:,} train / {len(tokens) - cut:,} "
+            "val sequences of 64 tokens, batch 16",
+            CausalLM,
+            TensorDataset(tokens[:cut], tokens[:cut]),
+            TensorDataset(tokens[cut:], tokens[cut:]),
+            16,
+            4,
+        )
+    if "segmentation" in args.models:
+        _, x, y, xv, yv = load_images(
+            "fashion-mnist", Path(tempfile.gettempdir()) / "lightning_sens", subset=(6_000, 1_000)
+        )
+        out["segmentation"] = Setting(
+            "segmentation",
+            "small U-Net, Fashion-MNIST masks (11 classes) 6,000 train / 1,000 val, batch 64",
+            Segmenter,
+            TensorDataset(x, _masks(x, y)),
+            TensorDataset(xv, _masks(xv, yv)),
+            64,
+            4,
         )
     if "tiny" in args.models:
         tiny = TinyData()
@@ -292,7 +389,7 @@ def main() -> None:
     parser.add_argument(
         "--models",
         nargs="+",
-        choices=["demo", "resnet18", "hydra", "mlp", "tiny"],
+        choices=["demo", "resnet18", "hydra", "mlp", "tiny", "lm", "segmentation"],
         default=["demo", "hydra", "mlp"],
     )
     parser.add_argument("--device", default="gpu" if torch.cuda.is_available() else "cpu")
