@@ -24,6 +24,7 @@ from lightning_sens.core import (  # the core's public API is the package's
     fi_along_direction,
     fi_from_gram,
     input_fi,
+    label_reference,
     log_prob_gradient,
     logits_of,
     metric_frame,
@@ -56,6 +57,7 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     # outputs with many positions (tokens, pixels, sigmoids)
     "read_layout",
     "OutputLayout",
+    "label_reference",
     "position_scores",
     "PositionScores",
     "SampleSummary",

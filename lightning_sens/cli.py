@@ -131,6 +131,8 @@ EVALUATE_OPTIONS: dict[str, str] = {
     "the model has at most 255 classes)",
     "position_quantile": "the upper quantile of a sample's positions' log FI logged beside "
     "their mean (models with many positions)",
+    "position_flag_share": "flag a sample with many positions when an estimated share of at "
+    "least this many of its positions carry wrong labels",
     "seed": "seed of the probe selection",
 }
 

@@ -81,6 +81,10 @@ class MonitorConfig:
             and 255 where the model has at most 255 classes.
         position_quantile: the upper quantile of a sample's positions' log FI that is logged
             beside their mean (a few wrong pixels of a large mask move it, not the mean).
+        position_flag_share: a sample with many positions (an image's pixels, a sentence's
+            tokens) is flagged when an estimated share of at least this many of its positions
+            carry wrong labels, over the training epochs the rule decides (docs/tasks.md,
+            "Flags: which samples' labels look wrong").
         strict: raise errors from monitoring instead of warning and skipping the epoch.
         seed: seed of the probe selection.
     """
@@ -109,6 +113,7 @@ class MonitorConfig:
     task: TaskOption = "auto"
     ignore_index: int | None = None
     position_quantile: float = 0.9
+    position_flag_share: float = 0.02
     strict: bool = False
     seed: int = 0
 
@@ -186,6 +191,12 @@ class MonitorConfig:
         q = self.position_quantile
         if isinstance(q, bool) or not isinstance(q, int | float) or not 0 <= q <= 1:
             raise ValueError(f"position_quantile must be a number in [0, 1], got {q!r}.")
+        share = self.position_flag_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise ValueError(
+                "position_flag_share must be a number in (0, 1], the share of a sample's "
+                f"positions whose labels must look wrong to flag it (e.g. 0.02), got {share!r}."
+            )
         if self.class_names is not None:
             names = self.class_names
             if isinstance(names, str) or not all(isinstance(n, str) for n in names):

@@ -239,6 +239,7 @@ NON_DEFAULT: dict[str, tuple[list[str], object]] = {
     "task": (["multilabel"], "multilabel"),
     "ignore_index": (["255"], 255),
     "position_quantile": (["0.5"], 0.5),
+    "position_flag_share": (["0.1"], 0.1),
     "seed": (["5"], 5),
 }
 

@@ -143,13 +143,14 @@ def test_the_positions_tables_columns_are_named_once_and_documented() -> None:
     from lightning_sens.reporting.positions import POSITION_COLUMNS, PositionRows
 
     rows = [f.name for f in dataclasses.fields(PositionRows)]
-    assert ("sample", "split", "epoch", "step", *rows[1:]) == POSITION_COLUMNS
+    flags = ("evidence", "flagged", "flagged_recent")  # the decision's, not a row's
+    assert ("sample", "split", "epoch", "step", *rows[1:], *flags) == POSITION_COLUMNS
     # a summary field and its column: the same quantity under the glossary's column name
     summary = {f.name for f in dataclasses.fields(SampleSummary)}
     assert summary == {"mean", "upper", "pred_mean", "total", "loss", "accuracy", "count", "worst"}
     tasks = (ROOT / "docs" / "tasks.md").read_text()
-    for column in rows[1:]:
+    for column in (*rows[1:], *flags):
         assert f"| `{column}` |" in tasks, column
     glossary = (ROOT / "docs" / "method.md").read_text().split("## 8. Glossary", 1)[1]
-    for name in ("position_log_fi", "log_fi_mean", "log_fi_upper", "log_fi_total"):
+    for name in ("position_log_fi", "log_fi_mean", "log_fi_upper", "log_fi_total", "wrong_share"):
         assert f"`{name}`" in glossary, name

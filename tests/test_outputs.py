@@ -239,3 +239,104 @@ def test_float32_logits_are_scored_to_their_own_accuracy() -> None:
         for name in ("log_fi", "log_fi_pred", "log_p"):
             a, b = getattr(single, name), getattr(double, name)
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (vocab, name, (a - b).abs().max())
+
+
+def _brute_reference(canonical: Tensor, labels: Tensor, right: bool = False) -> Tensor:
+    """Per class k: the (lower) median of log((1 − p_k) / p_k) over the positions labelled
+    otherwise (``right``: labelled k), one position at a time from the softmax's definition."""
+    classes = canonical.shape[-1]
+    flat, y = canonical.reshape(-1, classes), labels.reshape(-1)
+    out = []
+    for k in range(classes):
+        values = sorted(
+            float(torch.log1p(-p[k]) - torch.log(p[k]))
+            for z, label in zip(flat, y, strict=True)
+            if (int(label) == k) == right
+            for p in [torch.softmax(z, -1)]
+        )
+        empty = float("-inf") if right else float("inf")
+        out.append(values[(len(values) - 1) // 2] if values else empty)
+    return torch.tensor(out, dtype=F64)
+
+
+def test_the_reference_is_each_classs_median_over_the_positions_labelled_otherwise() -> None:
+    z, labels, canonical = _softmax_case((3, 4, 5, 2), class_dim=1)  # K = 4, 10 pixels each
+    layout = read_layout(z, labels)
+    reference = outputs.label_reference(z, labels, layout)
+    assert reference is not None
+    wrong, right = _brute_reference(canonical, labels), _brute_reference(canonical, labels, True)
+    torch.testing.assert_close(reference.wrong, wrong, rtol=0, atol=1e-12)
+    torch.testing.assert_close(reference.right, right, rtol=0, atol=1e-12)
+    # a class that no position of another class scores has no reference: +inf; a class
+    # without positions no right one: -inf
+    single = outputs.label_reference(z[:, :2], labels.clamp(max=0), read_layout(z[:, :2], labels))
+    assert single is not None
+    assert single.wrong[0] == float("inf")
+    assert single.right[1] == float("-inf")
+
+
+def test_the_wrong_share_is_twice_the_share_of_positions_above_their_reference() -> None:
+    z, labels, canonical = _softmax_case((4, 6, 3), class_dim=-1)  # 4 sequences, V = 3
+    labels[0, :2] = -100  # ignored: neither scored nor in the reference
+    layout = read_layout(z, labels)
+    reference = outputs.label_reference(z, labels, layout)
+    assert reference is not None
+    kept = labels != -100
+    torch.testing.assert_close(
+        reference.wrong, _brute_reference(canonical[kept], labels[kept]), rtol=0, atol=1e-12
+    )
+    scores = position_scores(z, labels, layout)
+    both, first = scores.wrong_share(reference), scores.wrong_share(reference, other_class=False)
+    for b in range(4):
+        label_test, class_test = [], []
+        for zt, y in zip(canonical[b], labels[b].tolist(), strict=True):
+            if y == -100:
+                continue
+            p = torch.softmax(zt, -1)
+            j = int(p.argmax())
+            label_test.append(
+                float(torch.log1p(-p[y]) - torch.log(p[y])) > float(reference.wrong[y])
+            )
+            fits = float(torch.log1p(-p[j]) - torch.log(p[j])) < float(reference.right[j])
+            class_test.append(j != y and fits)
+        n = len(label_test)
+        assert first[b].item() == pytest.approx(min(2 * sum(label_test) / n, 1.0), abs=0)
+        either = sum(a or c for a, c in zip(label_test, class_test, strict=True))
+        assert both[b].item() == pytest.approx(min(2 * either / n, 1.0), abs=0)
+    assert (both >= first).all()
+
+
+def test_the_reference_takes_evenly_spaced_positions_of_a_large_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    z, labels, canonical = _softmax_case((2, 50, 3), class_dim=-1)  # 100 tokens, K = 3
+    layout = read_layout(z, labels)
+    monkeypatch.setattr(outputs, "REFERENCE_POSITIONS", 10)
+    rows = torch.linspace(0, 99, 10).long()
+    expected = _brute_reference(canonical.reshape(-1, 3)[rows], labels.reshape(-1)[rows])
+    found = outputs.label_reference(z, labels, layout)
+    assert found is not None
+    torch.testing.assert_close(found.wrong, expected, rtol=0, atol=1e-12)
+
+
+def test_binary_logits_are_a_two_class_softmax_and_sigmoids_per_class_have_no_reference() -> None:
+    g = _generator()
+    z = torch.randn(3, 1, 4, 4, generator=g, dtype=F64) * 3
+    labels = torch.randint(0, 2, (3, 4, 4), generator=g)
+    layout = read_layout(z, labels)
+    assert layout.task == "binary"
+    two = torch.stack([torch.zeros_like(z[:, 0]), z[:, 0]], dim=-1).reshape(3, -1, 2)
+    reference = outputs.label_reference(z, labels, layout)
+    assert reference is not None
+    torch.testing.assert_close(reference.wrong, _brute_reference(two, labels), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        reference.right, _brute_reference(two, labels, True), atol=1e-12, rtol=0
+    )
+    # the most probable class of one logit is 1 where z > 0
+    assert torch.equal(position_scores(z, labels, layout).predicted, (z > 0).long().reshape(3, -1))
+    targets = torch.randint(0, 2, (3, 5), generator=g).double()
+    multilabel = read_layout(torch.randn(3, 5, dtype=F64), targets, task="multilabel")
+    assert outputs.label_reference(torch.randn(3, 5), targets, multilabel) is None
+    vocabulary = torch.randn(1, 2, outputs.MAX_FLAG_CLASSES + 1)
+    tokens = torch.tensor([[1, 2]])
+    assert outputs.label_reference(vocabulary, tokens, read_layout(vocabulary, tokens)) is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from torch.utils.data import DataLoader
 from lightning_sens import SensitivityMonitor
 from lightning_sens.callbacks import MonitorSetupError
 from lightning_sens.callbacks.batches import default_batch_fn
-from lightning_sens.core import position_scores, read_layout
+from lightning_sens.core import label_reference, position_scores, read_layout
 from lightning_sens.core.inputs import default_forward, found_logits
 from lightning_sens.reporting import keys, paths
+from lightning_sens.reporting.positions import PositionRows
 from tests import tasks
 from tests.logged import read_logged
 
@@ -115,6 +117,22 @@ def test_a_default_monitor_scores_every_position_and_logs_both_splits(
         assert float(row["log_fi_mean"]) == pytest.approx(float(summary.mean[i]), rel=1e-6)
         assert float(row["log_fi_upper"]) == pytest.approx(float(summary.upper[i]), rel=1e-6)
         assert int(row["worst"]) == int(summary.worst[i])
+    # the estimated share of wrong labels against the batch's own reference, and the flags
+    reference = label_reference(logits, labels, layout, mask)
+    if task == "multilabel":
+        assert reference is None
+    else:
+        assert reference is not None
+        scores = position_scores(logits, labels, layout, mask)
+        shares = scores.wrong_share(reference)
+        label_test = scores.wrong_share(reference, other_class=False)
+        for i, row in enumerate(by_split["val"][: len(labels)]):
+            assert float(row["wrong_share"]) == pytest.approx(float(shares[i]), abs=1e-12)
+            assert float(row["wrong_share_label"]) == pytest.approx(float(label_test[i]), abs=1e-12)
+    for row in rows:
+        evidence = float(row["evidence"])
+        assert (row["flagged"] == "True") == (evidence >= 0.02), row
+        assert task != "multilabel" or math.isnan(float(row["wrong_share"]))
     # per-layer damage from sampled labels, with its standard error, at the first decision
     layer_keys = [k for k in monitor.history[0] if "/kl_noise/" in k]
     assert layer_keys, sorted(monitor.history[0])
@@ -260,3 +278,97 @@ def test_two_process_ddp_scores_every_mask_once_as_one_process_does(tmp_path: Pa
     ):
         assert (i, count) == (j, single_count)
         assert float(mean) == pytest.approx(float(single_mean), rel=1e-12, abs=1e-12), i
+
+
+def _rows(ids: list[int], shares: list[float], label: list[float] | None = None) -> PositionRows:
+    """Rows whose estimates by both tests are ``shares``, by the first alone ``label``."""
+    n = len(ids)
+    zeros = torch.zeros(n, dtype=torch.float64)
+    whole = torch.zeros(n, dtype=torch.long)
+    return PositionRows(
+        torch.tensor(ids), whole + 10, zeros, zeros, zeros, zeros, zeros, zeros, whole,
+        torch.tensor(shares, dtype=torch.float64),
+        torch.tensor(shares if label is None else label, dtype=torch.float64),
+    )  # fmt: skip
+
+
+def test_a_decision_falls_back_to_the_first_test_where_both_do_not_decide() -> None:
+    from lightning_sens.config import MonitorConfig
+    from lightning_sens.tracking import SensitivityTracker
+
+    tracker = SensitivityTracker(MonitorConfig(position_flag_share=0.1))
+    # both tests: every sample looks wrong (boundaries of masks), the first test alone decides
+    evidence, flagged = tracker.decide_positions(
+        "val", _rows([0, 1, 2], [0.4, 0.3, 0.5], label=[0.2, 0.0, 0.0])
+    )
+    assert evidence.tolist() == [0.2, 0.0, 0.0]
+    assert flagged.tolist() == [True, False, False]
+    # both decide: theirs is used
+    evidence, _ = tracker.decide_positions(
+        "val", _rows([0, 1, 2], [0.4, 0.0, 0.0], label=[0.0, 0.0, 0.0])
+    )
+    assert evidence.tolist() == [0.4, 0.0, 0.0]
+
+
+def test_position_flags_keep_the_evidence_of_the_decided_epochs_only() -> None:
+    from lightning_sens.config import MonitorConfig
+    from lightning_sens.tracking import SensitivityTracker
+
+    tracker = SensitivityTracker(MonitorConfig(position_flag_share=0.1))
+    # the untrained network's epoch: most samples look wrong; it adds nothing, flags nothing
+    evidence, flagged = tracker.decide_positions("train", _rows([0, 1, 2], [0.5, 0.3, 0.0]))
+    assert torch.isnan(evidence).all()
+    assert not flagged.any()
+    # decided epochs: each sample's mean over them
+    tracker.decide_positions("train", _rows([0, 1, 2, 3], [0.2, 0.0, 0.0, 0.05]))
+    evidence, flagged = tracker.decide_positions("train", _rows([2, 1, 0], [0.0, 0.3, 0.0]))
+    torch.testing.assert_close(evidence, torch.tensor([0.0, 0.15, 0.1], dtype=torch.float64))
+    assert flagged.tolist() == [False, True, True]
+    # an undecided epoch leaves the evidence as it was; a sample never seen in a decided one
+    # has none
+    evidence, flagged = tracker.decide_positions("train", _rows([7, 1], [0.9, 0.9]))
+    assert math.isnan(float(evidence[0]))
+    assert float(evidence[1]) == pytest.approx(0.15)
+    assert flagged.tolist() == [False, True]
+    # validation: this decision's estimate, not accumulated; NaN where undecided
+    evidence, flagged = tracker.decide_positions("val", _rows([0, 1, 2], [0.3, 0.0, 0.0]))
+    assert evidence.tolist() == [0.3, 0.0, 0.0]
+    assert flagged.tolist() == [True, False, False]
+    evidence, flagged = tracker.decide_positions("val", _rows([0, 1], [0.3, 0.2]))
+    assert torch.isnan(evidence).all()
+    assert not flagged.any()
+    # the evidence is saved with the monitor's state and restored
+    state = tracker.state_dict()
+    again = SensitivityTracker(MonitorConfig(position_flag_share=0.1))
+    assert again.load_state_dict(state) == ""
+    evidence, _ = again.decide_positions("train", _rows([1], [0.9]))  # undecided: adds nothing
+    assert evidence.tolist() == pytest.approx([0.15])
+
+
+def test_the_first_decisions_estimates_leave_a_sample_once_a_later_one_scored_it() -> None:
+    from lightning_sens.config import MonitorConfig
+    from lightning_sens.tracking import SensitivityTracker
+
+    tracker = SensitivityTracker(MonitorConfig(position_flag_share=0.1))
+    evidence, _ = tracker.decide_positions("train", _rows([0, 1, 3], [0.5, 0.05, 0.0]))
+    assert evidence.tolist() == [0.5, 0.05, 0.0]  # decided: the only estimates there are
+    evidence, _ = tracker.decide_positions("train", _rows([0, 2], [0.0, 0.0]))
+    assert evidence.tolist() == [0.0, 0.0]  # the first epoch's 0.5 of sample 0 is gone
+    evidence, _ = tracker.decide_positions("train", _rows([1], [0.9]))  # undecided
+    assert evidence.tolist() == [0.05]  # sample 1: no later decided estimate yet
+    tracker.decide_positions("train", _rows([1, 2, 3], [0.0, 0.0, 0.0]))
+    assert tracker.position_first is None
+    evidence, _ = tracker.decide_positions("train", _rows([0, 1, 2], [0.3, 0.0, 0.0]))
+    torch.testing.assert_close(evidence, torch.tensor([0.15, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_a_sample_without_an_estimate_is_never_flagged() -> None:
+    from lightning_sens.config import MonitorConfig
+    from lightning_sens.tracking import SensitivityTracker
+
+    tracker = SensitivityTracker(MonitorConfig())
+    nan = float("nan")
+    evidence, flagged = tracker.decide_positions("train", _rows([0, 1], [nan, nan]))
+    assert torch.isnan(evidence).all()
+    assert not flagged.any()
+    assert tracker.position_evidence is None

@@ -137,14 +137,15 @@ class EpochRunner:
         monitor logs")."""
         layout = self.prober.reader.layout
         read = layout.describe() if layout is not None else ""
+        flags = _flag_sentence(rows, self.tracker.config.position_flag_share)
         self.failures.info_once(
             "positions",
             f"SensitivityMonitor reads this model's outputs as {read}: it logs the loss, "
             "the accuracy and log FI of every position reduced per sample (mean and upper "
             "quantile) for train and validation, writes every sample's scores to the positions "
-            "table, and predicts per-layer damage from the metric's trace with sampled labels. "
-            "Flags, figures and the exact probes are computed for one class per sample only in "
-            "this version (docs/tasks.md).",
+            f"table, {flags} and predicts per-layer damage from the metric's trace with sampled "
+            "labels. Figures other than the position maps and the exact probes are computed "
+            "for one class per sample only in this version (docs/tasks.md).",
         )
         damage = self.prober.trace_damage(module, loaders, at[0])
         with self.budget.timed(FLAGS):
@@ -268,3 +269,16 @@ class EpochRunner:
         self.drawing.close()
         if writer is not None:  # the split runs' event files; reopened if used again
             writer.close()
+
+
+def _flag_sentence(rows: dict[str, PositionRows], share: float) -> str:
+    """What the positions' flags do for this model, in a few words."""
+    if any(bool(torch.isfinite(r.wrong_share).any()) for r in rows.values()):
+        return (
+            f"flags the samples an estimated {share:.0%} or more of whose positions carry wrong "
+            'labels (docs/tasks.md, "Flags: which samples\' labels look wrong"),'
+        )
+    return (
+        "flags nothing (one sigmoid per class, or more classes than a wrong label can be "
+        'told from: docs/tasks.md, "Flags: which samples\' labels look wrong"),'
+    )

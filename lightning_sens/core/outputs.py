@@ -8,7 +8,9 @@ positions' metrics, and each position has the classifier's closed form: log FI_t
 log((1 − p_t) / p_t), p_t the probability the model gives position t's label
 (docs/derivations.md, "Many positions and many sigmoids"). :func:`read_layout` decides from one
 batch how the logits meet the labels; :func:`position_scores` scores every position;
-:meth:`PositionScores.summary` reduces them per sample.
+:meth:`PositionScores.summary` reduces them per sample; :func:`label_reference` and
+:meth:`PositionScores.wrong_share` estimate how many of a sample's labels are wrong
+(docs/tasks.md, "Flags: which samples' labels look wrong").
 """
 
 from __future__ import annotations
@@ -22,7 +24,23 @@ from lightning_sens.core.layout import OutputLayout, canonical_logits
 
 _CHUNK = 2**23  # float64 entries per chunk of (positions × classes): 64 MiB
 
-__all__ = ["PositionScores", "SampleSummary", "position_scores"]
+REFERENCE_POSITIONS = 8192
+"""The most positions of a batch that :func:`label_reference` scores under every label (evenly
+spaced over the batch's valid positions)."""
+
+MAX_FLAG_CLASSES = 1024
+"""The most classes for which :func:`label_reference` is computed: beyond it (a language
+model's vocabulary) a wrong label is not a question of which class, and no reference is made."""
+
+__all__ = [
+    "MAX_FLAG_CLASSES",
+    "REFERENCE_POSITIONS",
+    "LabelReference",
+    "PositionScores",
+    "SampleSummary",
+    "label_reference",
+    "position_scores",
+]
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,9 @@ class PositionScores:
             sigmoid(z) > ½ agrees with a target above ½).
         valid: the positions scored (not ignored, not masked).
         positions: the shape of one sample's positions.
+        labels: each position's label ``(B, P)`` (a class index; for sigmoids the target).
+        predicted: each position's most probable class ``(B, P)`` (for a sigmoid: 1 where
+            sigmoid(z) > ½).
     """
 
     log_fi: Tensor
@@ -77,6 +98,40 @@ class PositionScores:
     correct: Tensor
     valid: Tensor
     positions: tuple[int, ...]
+    labels: Tensor
+    predicted: Tensor
+
+    def wrong_share(self, reference: LabelReference, other_class: bool = True) -> Tensor:
+        """Per sample, the estimated share of its valid positions whose label is wrong ``(B,)``.
+
+        A position looks wrong when its log FI exceeds the median of what a wrong label of its
+        class looks like to this model (``reference.wrong``) or, with ``other_class``, when the
+        model's most probable class is another class j and the position fits j at least as
+        well as half of the positions labelled j do (its log FI under j below
+        ``reference.right[j]``). If at most half of the wrong labels escape both tests, twice
+        the share of positions that look wrong estimates the share of wrong labels (at most 1),
+        as the classification rule estimates a class's count (docs/tasks.md, "Flags: which
+        samples' labels look wrong"). NaN for a sample without valid positions.
+
+        Example:
+            >>> from lightning_sens.core.layout import read_layout
+            >>> z = torch.tensor([[[4.0, 0], [4, 0], [4, 0]], [[0, 4], [0, 4], [5, 0]]]).double()
+            >>> y = torch.tensor([[0, 0, 0], [1, 1, 1]])  # the last token's label looks wrong
+            >>> scores = position_scores(z, y, read_layout(z, y))
+            >>> scores.wrong_share(label_reference(z, y, read_layout(z, y)))  # 2 · 1/3
+            tensor([0.0000, 0.6667], dtype=torch.float64)
+        """
+        device = self.log_fi.device
+        last = len(reference.wrong) - 1
+        wrong = reference.wrong.to(device)[self.labels.clamp(0, last)]
+        looks_wrong = self.log_fi > wrong
+        if other_class:
+            right = reference.right.to(device)[self.predicted.clamp(0, last)]
+            looks_wrong |= ~self.correct & (self.log_fi_pred < right)
+        looks_wrong &= self.valid
+        count = self.valid.sum(-1)
+        share = (2 * looks_wrong.sum(-1).double() / count.clamp(min=1)).clamp(max=1.0)
+        return torch.where(count > 0, share, torch.full_like(share, float("nan")))
 
     def summary(self, quantile: float = 0.9) -> SampleSummary:
         """Per-sample reductions over the valid positions (:class:`SampleSummary`)."""
@@ -102,6 +157,21 @@ class PositionScores:
             count=count,
             worst=torch.where(empty, torch.full_like(worst, -1), worst),
         )
+
+
+@dataclass(frozen=True)
+class LabelReference:
+    """What wrong and right labels look like to a model, per class (:func:`label_reference`).
+
+    Attributes:
+        wrong: ``(K,)`` the median log FI under label k of the positions labelled otherwise
+            (+inf where there are none: then no position of class k looks wrong by it).
+        right: ``(K,)`` the median log FI of the positions labelled k under their label (−inf
+            where there are none).
+    """
+
+    wrong: Tensor
+    right: Tensor
 
 
 def _row_quantile(values: Tensor, count: Tensor, q: float) -> Tensor:
@@ -153,10 +223,11 @@ def position_scores(
         positions = layout.positions or (1,)
     if layout.task == "multiclass":
         _check_classes(y, valid, z.shape[-1], layout)
-        log_fi, log_fi_pred, log_p, correct = _softmax_scores(z, y, valid)
+        log_fi, log_fi_pred, log_p, correct, predicted = _softmax_scores(z, y, valid)
     else:
         _check_binary(y, valid, layout)
         log_fi, log_fi_pred, log_p, correct = _sigmoid_scores(z, y, valid)
+        predicted = (z > 0).long()
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=z.device)
     return PositionScores(
         torch.where(valid, log_fi, nan),
@@ -165,7 +236,65 @@ def position_scores(
         correct & valid,
         valid,
         positions,
+        y,
+        predicted,
     )
+
+
+def label_reference(
+    logits: Tensor, labels: Tensor, layout: OutputLayout, mask: Tensor | None = None
+) -> LabelReference | None:
+    """What wrong and right labels look like to the model, per class, from one batch: the
+    median log FI under label k of the valid positions labelled otherwise (what a position
+    would score were its label wrongly k: the classification rule's reference, docs/flags.md,
+    taken per position) and of those labelled k. Up to :data:`REFERENCE_POSITIONS` positions,
+    evenly spaced, are scored under every class. One sigmoid per position (``"binary"``) is the
+    two-class softmax of logits (0, z). None where it is not made: one sigmoid per class
+    (``"multilabel"``), or more than :data:`MAX_FLAG_CLASSES` classes.
+
+    Example:
+        >>> from lightning_sens.core.layout import read_layout
+        >>> z = torch.tensor([[[4.0, 0.0], [0.0, 4.0]]], dtype=torch.float64)
+        >>> y = torch.tensor([[0, 1]])
+        >>> reference = label_reference(z, y, read_layout(z, y))
+        >>> reference.wrong.round(decimals=6), reference.right.round(decimals=6)
+        (tensor([4., 4.], dtype=torch.float64), tensor([-4., -4.], dtype=torch.float64))
+    """
+    from lightning_sens.label_noise import label_log_fi
+
+    if layout.task == "multilabel":
+        return None
+    B = labels.shape[0]
+    z = canonical_logits(logits.detach(), layout)
+    if layout.task == "binary":
+        z = torch.stack([torch.zeros_like(z), z], dim=-1)
+    if z.shape[-1] > MAX_FLAG_CLASSES:
+        return None
+    y = labels.detach().to(z.device).reshape(B, -1).long()
+    valid = ~torch.isin(y, torch.tensor(layout.ignore_index, device=y.device, dtype=y.dtype))
+    if mask is not None:
+        valid &= mask.to(z.device).reshape(B, -1).bool()
+    if layout.shift:
+        z, y, valid = z[:, :-1], y[:, 1:], valid[:, 1:]
+    rows = torch.nonzero(valid.flatten()).flatten()
+    if len(rows) > REFERENCE_POSITIONS:
+        rows = rows[torch.linspace(0, len(rows) - 1, REFERENCE_POSITIONS).long().to(rows.device)]
+    classes = z.shape[-1]
+    scores = label_log_fi(z.reshape(-1, classes)[rows])  # (R, K) float64
+    kept = y.flatten()[rows]
+    own = kept.unsqueeze(-1) == torch.arange(classes, device=kept.device)
+    return LabelReference(
+        _column_medians(scores, ~own, float("inf")), _column_medians(scores, own, float("-inf"))
+    )
+
+
+def _column_medians(values: Tensor, keep: Tensor, empty: float) -> Tensor:
+    """The lower median of each column's kept entries; ``empty`` for a column without any."""
+    ordered = values.masked_fill(~keep, float("inf")).sort(dim=0).values
+    count = keep.sum(0)
+    middle = ((count - 1).clamp(min=0) // 2).unsqueeze(0)
+    median = ordered.gather(0, middle).squeeze(0)
+    return torch.where(count > 0, median, torch.full_like(median, empty))
 
 
 def _check_classes(y: Tensor, valid: Tensor, classes: int, layout: OutputLayout) -> None:
@@ -199,12 +328,14 @@ def _check_binary(y: Tensor, valid: Tensor, layout: OutputLayout) -> None:
         )
 
 
-def _softmax_scores(z: Tensor, y: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """log FI with the label and with the most probable class, log p_y and whether the label is
-    the most probable class, per position, in chunks of positions (a 50,000-token vocabulary
-    never makes one copy of all the logits), four passes over a chunk: in float64 for float64
-    logits, else in float32 (the logits' own rounding, about 1e-7 of their size, is larger
-    than float32's in the sums), every result in float64.
+def _softmax_scores(
+    z: Tensor, y: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """log FI with the label and with the most probable class, log p_y, whether the label is
+    the most probable class and that class, per position, in chunks of positions (a
+    50,000-token vocabulary never makes one copy of all the logits), four passes over a chunk:
+    in float64 for float64 logits, else in float32 (the logits' own rounding, about 1e-7 of
+    their size, is larger than float32's in the sums), every result in float64.
 
     With m = max_k z_k (class r), e_k = exp(z_k − m) and s = Σ_k e_k: FI of the most probable
     class is (s − 1)/1, summed without e_r (no cancellation when the others are tiny; by
@@ -217,7 +348,7 @@ def _softmax_scores(z: Tensor, y: Tensor, valid: Tensor) -> tuple[Tensor, Tensor
     # float64 logits in float64; any other in float32, as accurate as the logits themselves
     work = torch.float64 if z.dtype == torch.float64 else torch.float32
     floor = 1e-290 if work == torch.float64 else 1e-30
-    columns: list[list[Tensor]] = [[], [], [], []]
+    columns: list[list[Tensor]] = [[], [], [], [], []]
     for start in range(0, len(flat), rows):
         chunk = flat[start : start + rows]
         label = labels[start : start + rows].unsqueeze(-1)
@@ -236,10 +367,10 @@ def _softmax_scores(z: Tensor, y: Tensor, valid: Tensor) -> tuple[Tensor, Tensor
             log_fi_top[tiny] = torch.logsumexp(rest, -1, keepdim=True) - top_logit[tiny].double()
         log_fi_label = torch.where(is_top, log_fi_top, (total - e_label).log() - margin)
         log_p = margin - total.log()
-        for column, value in enumerate((log_fi_label, log_fi_top, log_p, is_top)):
+        for column, value in enumerate((log_fi_label, log_fi_top, log_p, is_top, top)):
             columns[column].append(value.squeeze(-1))
-    log_fi, log_fi_pred, log_p, correct = (torch.cat(c).reshape(y.shape) for c in columns)
-    return log_fi, log_fi_pred, log_p, correct
+    log_fi, log_fi_pred, log_p, correct, top = (torch.cat(c).reshape(y.shape) for c in columns)
+    return log_fi, log_fi_pred, log_p, correct, top
 
 
 def _sigmoid_scores(z: Tensor, y: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

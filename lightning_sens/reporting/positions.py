@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_sens.core.layout import OutputLayout
-from lightning_sens.core.outputs import position_scores
+from lightning_sens.core.outputs import label_reference, position_scores
 from lightning_sens.core.trace import TraceResult
 from lightning_sens.damage import LayerDamage
 from lightning_sens.reporting import keys
@@ -29,6 +29,8 @@ __all__ = [
     "POSITION_COLUMNS",
     "PositionRows",
     "TracedDamage",
+    "chosen_share",
+    "decides",
     "position_columns",
     "position_metrics",
     "position_rows",
@@ -50,6 +52,12 @@ class PositionRows:
         log_fi_total: log Σ_t FI_t, the largest FI of the sample's joint likelihood ``(N,)``.
         log_fi_pred_mean: the mean of log FI with the most probable class ``(N,)``.
         worst: the flat index of the position with the largest log FI ``(N,)``.
+        wrong_share: the estimated share of its positions whose label is wrong, by both
+            tests (:meth:`~lightning_sens.core.outputs.PositionScores.wrong_share`) ``(N,)``;
+            NaN where no reference is made (one sigmoid per class, a vocabulary above
+            :data:`~lightning_sens.core.outputs.MAX_FLAG_CLASSES`).
+        wrong_share_label: the same by the first test alone (the label scores like a wrong
+            label), for data where the second does not decide ``(N,)``.
     """
 
     ids: Tensor
@@ -61,6 +69,8 @@ class PositionRows:
     log_fi_total: Tensor
     log_fi_pred_mean: Tensor
     worst: Tensor
+    wrong_share: Tensor
+    wrong_share_label: Tensor
 
     @staticmethod
     def names() -> tuple[str, ...]:
@@ -99,7 +109,10 @@ def position_rows(
 ) -> PositionRows:
     """Score a batch's positions from its logits (closed forms, no backward pass) and reduce
     them per sample, on the logits' device."""
-    summary = position_scores(logits, labels, layout, mask).summary(quantile)
+    scores = position_scores(logits, labels, layout, mask)
+    summary = scores.summary(quantile)
+    reference = label_reference(logits, labels, layout, mask)
+    nan = torch.full_like(summary.mean, float("nan"))
     return PositionRows(
         ids.detach().to(summary.count.device).long(),
         summary.count,
@@ -110,6 +123,8 @@ def position_rows(
         summary.total,
         summary.pred_mean,
         summary.worst,
+        nan if reference is None else scores.wrong_share(reference),
+        nan if reference is None else scores.wrong_share(reference, other_class=False),
     )
 
 
@@ -138,7 +153,35 @@ def position_metrics(rows: dict[str, PositionRows]) -> dict[str, float]:
     return metrics
 
 
-POSITION_COLUMNS = ("sample", "split", "epoch", "step", *PositionRows.names()[1:])
+def chosen_share(rows: PositionRows, cut: float) -> Tensor | None:
+    """The estimates a decision uses: both tests' where they decide, else the first test's
+    where it decides, else None (docs/tasks.md, "Flags: which samples' labels look wrong")."""
+    for share in (rows.wrong_share, rows.wrong_share_label):
+        if decides(share, cut):
+            return share
+    return None
+
+
+def decides(share: Tensor, cut: float) -> bool:
+    """Whether the flag rule decides a split from its samples' estimated shares of wrong
+    labels: some sample has an estimate, and fewer than half of them reach ``cut``. Half or
+    more looking wrong is what the untrained network's first steps give (or a model that does
+    not fit its labels); the premise that most labels are right does not hold there, so such a
+    decision flags nothing and adds nothing to the evidence."""
+    known = share[torch.isfinite(share)]
+    return known.numel() > 0 and 2 * int((known >= cut).sum()) < known.numel()
+
+
+POSITION_COLUMNS = (
+    "sample",
+    "split",
+    "epoch",
+    "step",
+    *PositionRows.names()[1:],
+    "evidence",
+    "flagged",
+    "flagged_recent",
+)
 """The columns of the positions table (one row per scored sample and decision)."""
 
 

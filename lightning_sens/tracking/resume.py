@@ -68,6 +68,13 @@ def restore(tracker: SensitivityTracker, state: dict[str, Any]) -> list[str]:
     first = state.get("first")
     tracker.first = None if first is None else LabelEvidence.from_state_dict(first)
     tracker.noise_floor = None if "flag_rule" in changed else state.get("noise_floor")
+    shares = state.get("position_evidence")
+    tracker.position_evidence = None if shares is None else LabelEvidence.from_state_dict(shares)
+    first_shares = state.get("position_first")
+    tracker.position_first = (
+        None if first_shares is None else LabelEvidence.from_state_dict(first_shares)
+    )
+    tracker.position_decisions = int(state.get("position_decisions", 0))
     tracker.folds = int(state.get("folds", 0))
     tracker.validations = int(state.get("validations", 0))
     return lines

@@ -28,6 +28,7 @@ from lightning_sens.reporting import keys
 from lightning_sens.reporting.positions import (
     PositionRows,
     TracedDamage,
+    chosen_share,
     position_columns,
     position_metrics,
     traced_layers,
@@ -124,6 +125,12 @@ class SensitivityTracker:
             steps (when they are scored); a sample's steps of the first epoch, whose scores
             are the untrained network's, leave it once a later epoch has scored it.
         first: the first epoch's sums of the samples no later epoch has scored yet.
+        position_evidence: models with many positions: every training sample's estimated share
+            of wrong labels among its positions, summed over the decisions whose training
+            split the rule decides (:func:`~lightning_sens.reporting.positions.decides`); the
+            first decision's estimates leave a sample once a later one has scored it.
+        position_first: the first training decision's estimates of the samples no later
+            decided decision has scored yet.
         noise_floor: per class and cell, the largest count of wrong labels estimated from the
             training steps between two decisions, after the first (memorisation lowers later
             estimates; this keeps the evidence).
@@ -138,6 +145,9 @@ class SensitivityTracker:
         self.evidence: LabelEvidence | None = None
         self.first: LabelEvidence | None = None
         self.noise_floor: Tensor | None = None
+        self.position_evidence: LabelEvidence | None = None
+        self.position_first: LabelEvidence | None = None
+        self.position_decisions = 0
         self.folds = 0
         self.validations = 0
         self.validation = EpochScores()
@@ -194,12 +204,63 @@ class SensitivityTracker:
             layers += found_rows
         table: dict[str, list[Any]] = {}
         for split, r in rows.items():
-            for name, values in position_columns(split, (epoch, step), r).items():
+            evidence, flagged = self.decide_positions(split, r)
+            self.flags.update(split, step, r.ids[flagged].tolist())
+            counts = self.flags.counts(split)
+            columns = position_columns(split, (epoch, step), r)
+            columns["evidence"] = evidence.tolist()
+            columns["flagged"] = flagged.tolist()
+            columns["flagged_recent"] = [counts.get(i, 0) for i in r.ids.tolist()]
+            for name, values in columns.items():
                 table.setdefault(name, []).extend(values)
+            if bool(torch.isfinite(r.wrong_share).any()):
+                metrics[keys.flag_count(split)] = float(flagged.sum())
+                recent = columns["flagged_recent"]
+                metrics[keys.persistent_count(split)] = float(
+                    sum(m * 2 > c.persistence for m in recent)
+                )
         metrics.update(extra or {})
         self.history.append({"epoch": epoch, "step": step, **metrics})
         histograms = {split: (r.log_fi_mean, r.log_fi_pred_mean) for split, r in rows.items()}
         return PositionReport(epoch, step, rows, metrics, table, histograms, layers)
+
+    def decide_positions(self, split: str, rows: PositionRows) -> tuple[Tensor, Tensor]:
+        """Per sample of a split with many positions: the evidence (the estimated share of its
+        positions whose labels are wrong) and whether it is flagged. A decision uses both
+        tests' estimates where they decide the split, else the first test's where it does
+        (:func:`~lightning_sens.reporting.positions.chosen_share`). The training split's
+        evidence is the mean over every decision so far that decides it; any other split's is
+        this decision's estimate, where it is decided (docs/tasks.md, "Flags: which samples'
+        labels look wrong")."""
+        cut = self.config.position_flag_share
+        chosen = chosen_share(rows, cut)
+        decided = chosen is not None
+        share = rows.wrong_share if chosen is None else chosen
+        if split != "train":
+            evidence = share if decided else torch.full_like(share, float("nan"))
+            return evidence, evidence >= cut
+        first = self.position_decisions == 0
+        self.position_decisions += 1
+        if decided:
+            kept = torch.isfinite(share)
+            ids = rows.ids[kept]
+            window = LabelEvidence.empty(1).update(ids, torch.zeros_like(ids), share[kept, None])
+            before = self.position_evidence or LabelEvidence.empty(1)
+            self.position_evidence = before.update(window.ids, window.labels, window.total)
+            if first:  # the first epoch's network is the least trained: it leaves once seen again
+                self.position_first = window
+            elif self.position_first is not None:
+                again = window.ids[torch.isin(window.ids, self.position_first.ids)]
+                self.position_evidence.forget(self.position_first, again)
+                if self.position_first.ids.numel() == 0:
+                    self.position_first = None
+        evidence = torch.full_like(share, float("nan"))
+        held = self.position_evidence
+        if held is not None and held.ids.numel():
+            where = torch.searchsorted(held.ids, rows.ids).clamp(max=len(held.ids) - 1)
+            known = held.ids[where] == rows.ids
+            evidence[known] = held.mean[where[known], 0]
+        return evidence, evidence >= cut
 
     def fold(self, ids: Tensor, labels: Tensor, scores: Tensor) -> None:
         """Add the training steps' log FI under every label ``(N, K)`` since the last
@@ -369,6 +430,13 @@ class SensitivityTracker:
             "evidence": None if self.evidence is None else self.evidence.state_dict(),
             "first": None if self.first is None else self.first.state_dict(),
             "noise_floor": self.noise_floor,
+            "position_evidence": (
+                None if self.position_evidence is None else self.position_evidence.state_dict()
+            ),
+            "position_first": (
+                None if self.position_first is None else self.position_first.state_dict()
+            ),
+            "position_decisions": self.position_decisions,
             "folds": self.folds,
             "validations": self.validations,
         }
