@@ -160,20 +160,22 @@ class EpochRunner:
             )
         else:
             with self.failures.part("the position maps"):
-                self._position_maps(module, rows, loaders, at, log_dir)
+                self._position_maps(module, rows, report.evidence, loaders, at, log_dir)
         self.planner.over(at[0])
 
     def _position_maps(
         self,
         module: LightningModule,
         rows: dict[str, PositionRows],
+        evidence: dict[str, tuple[Tensor, Tensor]],
         loaders: dict[str, DataLoader],
         at: tuple[int, int],
         log_dir: Path,
     ) -> None:
-        """The samples of one split with the highest upper quantile of log FI, each position's
-        log FI drawn over the sample (docs/tasks.md, "The position maps"): validation, else
-        training; as far as the budget allows."""
+        """The flagged samples of one split, highest evidence first, then those with the
+        highest upper quantile of log FI, each position's log FI drawn over the sample
+        (docs/tasks.md, "The position maps"): validation, else training; as far as the budget
+        allows."""
         c, writer, layout = self.config, self.output.writer, self.prober.reader.layout
         if not c.log_images or writer is None or layout is None or c.num_images == 0:
             return
@@ -187,7 +189,10 @@ class EpochRunner:
             return
         with self.budget.timed(FIGURES):
             found = rows[split]
+            share, flagged = evidence.get(split, (found.wrong_share, found.wrong_share > 1))
             order = torch.argsort(found.log_fi_upper.nan_to_num(float("-inf")), descending=True)
+            first = torch.where(flagged, share, float("-inf"))[order].nan_to_num(float("-inf"))
+            order = order[torch.argsort(first, descending=True, stable=True)]
             chosen = found.ids[order[: c.num_images]]
             reader = self.prober.reader
             inputs, labels, ids = reader.fetch(loaders[split], chosen, module.device)
@@ -199,7 +204,22 @@ class EpochRunner:
             images = inputs if pixels and isinstance(inputs, Tensor) and inputs.dim() == 4 else None
             masks = labels.cpu() if pixels and layout.task == "multiclass" else None
             upper = dict(zip(found.ids.tolist(), found.log_fi_upper.tolist(), strict=True))
-            captions = [f"{split} {i}: upper log FI {upper[i]:.2f}" for i in ids.tolist()]
+            wrong = {
+                i: v
+                for i, v, f in zip(
+                    found.ids.tolist(), share.tolist(), flagged.tolist(), strict=True
+                )
+                if f
+            }
+            captions = [
+                f"{split} {i}: "
+                + (
+                    f"flagged, ~{wrong[i]:.0%} of labels wrong"
+                    if i in wrong
+                    else f"upper log FI {upper[i]:.2f}"
+                )
+                for i in ids.tolist()
+            ]
             classes = logits.shape[layout.class_dim or -1] if masks is not None else None
             if layout.flattened:
                 classes = logits.shape[-1] if masks is not None else None

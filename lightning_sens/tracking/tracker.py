@@ -101,6 +101,8 @@ class PositionReport:
         histograms: per split, the samples' mean log FI with the label and with the most
             probable class.
         layers: the layer table's rows (damage from the sampled-label trace).
+        evidence: per split, each row's evidence and whether it is flagged
+            (:meth:`SensitivityTracker.decide_positions`).
     """
 
     epoch: int
@@ -110,6 +112,7 @@ class PositionReport:
     table: dict[str, list[Any]]
     histograms: dict[str, tuple[Tensor, Tensor]]
     layers: list[LayerRow] = field(default_factory=list)
+    evidence: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 class SensitivityTracker:
@@ -203,8 +206,9 @@ class SensitivityTracker:
             metrics.update(scalars)
             layers += found_rows
         table: dict[str, list[Any]] = {}
+        decided: dict[str, tuple[Tensor, Tensor]] = {}
         for split, r in rows.items():
-            evidence, flagged = self.decide_positions(split, r)
+            evidence, flagged = decided[split] = self.decide_positions(split, r)
             self.flags.update(split, step, r.ids[flagged].tolist())
             counts = self.flags.counts(split)
             columns = position_columns(split, (epoch, step), r)
@@ -222,7 +226,7 @@ class SensitivityTracker:
         metrics.update(extra or {})
         self.history.append({"epoch": epoch, "step": step, **metrics})
         histograms = {split: (r.log_fi_mean, r.log_fi_pred_mean) for split, r in rows.items()}
-        return PositionReport(epoch, step, rows, metrics, table, histograms, layers)
+        return PositionReport(epoch, step, rows, metrics, table, histograms, layers, decided)
 
     def decide_positions(self, split: str, rows: PositionRows) -> tuple[Tensor, Tensor]:
         """Per sample of a split with many positions: the evidence (the estimated share of its
