@@ -259,7 +259,11 @@ def _brute_reference(canonical: Tensor, labels: Tensor, right: bool = False) -> 
     return torch.tensor(out, dtype=F64)
 
 
-def test_the_reference_is_each_classs_median_over_the_positions_labelled_otherwise() -> None:
+@pytest.mark.parametrize("select", [64, 0], ids=["a selection per class", "one sort"])
+def test_the_reference_is_each_classs_median_over_the_positions_labelled_otherwise(
+    select: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outputs, "_SELECT_COLUMNS", select)
     z, labels, canonical = _softmax_case((3, 4, 5, 2), class_dim=1)  # K = 4, 10 pixels each
     layout = read_layout(z, labels)
     reference = outputs.label_reference(z, labels, layout)
@@ -340,3 +344,18 @@ def test_binary_logits_are_a_two_class_softmax_and_sigmoids_per_class_have_no_re
     vocabulary = torch.randn(1, 2, outputs.MAX_FLAG_CLASSES + 1)
     tokens = torch.tensor([[1, 2]])
     assert outputs.label_reference(vocabulary, tokens, read_layout(vocabulary, tokens)) is None
+
+
+def test_the_upper_quantile_is_nanquantiles_on_rows_of_any_length_and_padding() -> None:
+    g = _generator()
+    for _ in range(200):
+        rows, width = (int(torch.randint(1, n, (1,), generator=g)) for n in (6, 40))
+        values = torch.randn(rows, width, generator=g, dtype=F64)
+        skipped = torch.rand(rows, width, generator=g) < 0.3
+        values[skipped] = float("nan")
+        count = (~skipped).sum(-1)
+        q = float(torch.rand(1, generator=g))
+        found = outputs._row_quantile(values, count, q)
+        kept = count > 0  # a row without positions is NaN in the summary, whatever this gives
+        expected = torch.nanquantile(values, q, dim=-1)
+        torch.testing.assert_close(found[kept], expected[kept], rtol=0, atol=1e-12)

@@ -129,6 +129,8 @@ def test_a_default_monitor_scores_every_position_and_logs_both_splits(
         for i, row in enumerate(by_split["val"][: len(labels)]):
             assert float(row["wrong_share"]) == pytest.approx(float(shares[i]), abs=1e-12)
             assert float(row["wrong_share_label"]) == pytest.approx(float(label_test[i]), abs=1e-12)
+    for split in ("train", "val"):  # the flags are counted where labels can be flagged
+        assert (keys.flag_count(split) in logged.scalars) == (task != "multilabel"), split
     for row in rows:
         evidence = float(row["evidence"])
         assert (row["flagged"] == "True") == (evidence >= 0.02), row
