@@ -295,8 +295,8 @@ def _flag_sentence(rows: dict[str, PositionRows], share: float) -> str:
     """What the positions' flags do for this model, in a few words."""
     if any(bool(torch.isfinite(r.wrong_share).any()) for r in rows.values()):
         return (
-            f"flags the samples an estimated {share:.0%} or more of whose positions carry wrong "
-            'labels (docs/tasks.md, "Flags: which samples\' labels look wrong"),'
+            f"flags the samples an estimated {share * 100:g} % or more of whose positions carry "
+            'wrong labels (docs/tasks.md, "Flags: which samples\' labels look wrong"),'
         )
     return (
         "flags nothing (one sigmoid per class, or more classes than a wrong label can be "
