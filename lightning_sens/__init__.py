@@ -9,6 +9,7 @@ from lightning_sens.core import (  # the core's public API is the package's
     BlockFI,
     ClosedFormFI,
     InputFI,
+    LabelReference,
     LayerFI,
     MetricFrame,
     OutputLayout,
@@ -59,6 +60,7 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     "OutputLayout",
     "label_reference",
     "position_scores",
+    "LabelReference",
     "PositionScores",
     "SampleSummary",
     # FI of a family from its Gram matrix

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 import lightning_sens.core.outputs as outputs
+import lightning_sens.core.references as references
 from lightning_sens.core import OutputLayout, closed_form_fi, position_scores, read_layout
 from lightning_sens.reference import enumerated_fi
 
@@ -263,17 +264,19 @@ def _brute_reference(canonical: Tensor, labels: Tensor, right: bool = False) -> 
 def test_the_reference_is_each_classs_median_over_the_positions_labelled_otherwise(
     select: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(outputs, "_SELECT_COLUMNS", select)
+    monkeypatch.setattr(references, "_SELECT_COLUMNS", select)
     z, labels, canonical = _softmax_case((3, 4, 5, 2), class_dim=1)  # K = 4, 10 pixels each
     layout = read_layout(z, labels)
-    reference = outputs.label_reference(z, labels, layout)
+    reference = references.label_reference(z, labels, layout)
     assert reference is not None
     wrong, right = _brute_reference(canonical, labels), _brute_reference(canonical, labels, True)
     torch.testing.assert_close(reference.wrong, wrong, rtol=0, atol=1e-12)
     torch.testing.assert_close(reference.right, right, rtol=0, atol=1e-12)
     # a class that no position of another class scores has no reference: +inf; a class
     # without positions no right one: -inf
-    single = outputs.label_reference(z[:, :2], labels.clamp(max=0), read_layout(z[:, :2], labels))
+    single = references.label_reference(
+        z[:, :2], labels.clamp(max=0), read_layout(z[:, :2], labels)
+    )
     assert single is not None
     assert single.wrong[0] == float("inf")
     assert single.right[1] == float("-inf")
@@ -283,7 +286,7 @@ def test_the_wrong_share_is_twice_the_share_of_positions_above_their_reference()
     z, labels, canonical = _softmax_case((4, 6, 3), class_dim=-1)  # 4 sequences, V = 3
     labels[0, :2] = -100  # ignored: neither scored nor in the reference
     layout = read_layout(z, labels)
-    reference = outputs.label_reference(z, labels, layout)
+    reference = references.label_reference(z, labels, layout)
     assert reference is not None
     kept = labels != -100
     torch.testing.assert_close(
@@ -315,10 +318,10 @@ def test_the_reference_takes_evenly_spaced_positions_of_a_large_batch(
 ) -> None:
     z, labels, canonical = _softmax_case((2, 50, 3), class_dim=-1)  # 100 tokens, K = 3
     layout = read_layout(z, labels)
-    monkeypatch.setattr(outputs, "REFERENCE_POSITIONS", 10)
+    monkeypatch.setattr(references, "REFERENCE_POSITIONS", 10)
     rows = torch.linspace(0, 99, 10).long()
     expected = _brute_reference(canonical.reshape(-1, 3)[rows], labels.reshape(-1)[rows])
-    found = outputs.label_reference(z, labels, layout)
+    found = references.label_reference(z, labels, layout)
     assert found is not None
     torch.testing.assert_close(found.wrong, expected, rtol=0, atol=1e-12)
 
@@ -330,7 +333,7 @@ def test_binary_logits_are_a_two_class_softmax_and_sigmoids_per_class_have_no_re
     layout = read_layout(z, labels)
     assert layout.task == "binary"
     two = torch.stack([torch.zeros_like(z[:, 0]), z[:, 0]], dim=-1).reshape(3, -1, 2)
-    reference = outputs.label_reference(z, labels, layout)
+    reference = references.label_reference(z, labels, layout)
     assert reference is not None
     torch.testing.assert_close(reference.wrong, _brute_reference(two, labels), rtol=0, atol=1e-12)
     torch.testing.assert_close(
@@ -340,10 +343,10 @@ def test_binary_logits_are_a_two_class_softmax_and_sigmoids_per_class_have_no_re
     assert torch.equal(position_scores(z, labels, layout).predicted, (z > 0).long().reshape(3, -1))
     targets = torch.randint(0, 2, (3, 5), generator=g).double()
     multilabel = read_layout(torch.randn(3, 5, dtype=F64), targets, task="multilabel")
-    assert outputs.label_reference(torch.randn(3, 5), targets, multilabel) is None
-    vocabulary = torch.randn(1, 2, outputs.MAX_FLAG_CLASSES + 1)
+    assert references.label_reference(torch.randn(3, 5), targets, multilabel) is None
+    vocabulary = torch.randn(1, 2, references.MAX_FLAG_CLASSES + 1)
     tokens = torch.tensor([[1, 2]])
-    assert outputs.label_reference(vocabulary, tokens, read_layout(vocabulary, tokens)) is None
+    assert references.label_reference(vocabulary, tokens, read_layout(vocabulary, tokens)) is None
 
 
 def test_the_upper_quantile_is_nanquantiles_on_rows_of_any_length_and_padding() -> None:

@@ -68,7 +68,7 @@ def test_flags_are_scored_against_the_corrupted_masks() -> None:
 
 
 def test_small_run_writes_the_flags_the_monitor_logged(tmp_path: Path) -> None:
-    out = tmp_path / "segmentation_noise_small.md"
+    out = tmp_path / "results.md"
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--small", "--out", str(out)],
         capture_output=True,

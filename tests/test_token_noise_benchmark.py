@@ -59,7 +59,7 @@ def test_corruptions_change_one_to_three_tags_of_the_chosen_sentences() -> None:
 
 
 def test_small_run_writes_the_flags_the_monitor_logged(tmp_path: Path) -> None:
-    out = tmp_path / "token_noise_small.md"
+    out = tmp_path / "results.md"
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--small", "--out", str(out)],
         capture_output=True,

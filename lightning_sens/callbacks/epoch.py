@@ -296,9 +296,9 @@ def _flag_sentence(rows: dict[str, PositionRows], share: float) -> str:
     if any(bool(torch.isfinite(r.wrong_share).any()) for r in rows.values()):
         return (
             f"flags the samples an estimated {share * 100:g} % or more of whose positions carry "
-            'wrong labels (docs/tasks.md, "Flags: which samples\' labels look wrong"),'
+            "wrong labels (docs/tasks.md),"
         )
     return (
         "flags nothing (one sigmoid per class, or more classes than a wrong label can be "
-        'told from: docs/tasks.md, "Flags: which samples\' labels look wrong"),'
+        "told from: docs/tasks.md),"
     )

@@ -19,12 +19,8 @@ from lightning_sens.core.fi import BlockFI, default_rtol, fi_along_direction, fi
 from lightning_sens.core.frame import MetricFrame, contrast_basis, metric_frame
 from lightning_sens.core.inputs import default_forward, logits_of
 from lightning_sens.core.layout import OutputLayout, read_layout
-from lightning_sens.core.outputs import (
-    PositionScores,
-    SampleSummary,
-    label_reference,
-    position_scores,
-)
+from lightning_sens.core.outputs import PositionScores, SampleSummary, position_scores
+from lightning_sens.core.references import LabelReference, label_reference
 
 __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     # the engine
@@ -46,6 +42,7 @@ __all__ = [  # noqa: RUF022 (grouped by topic, not sorted)
     # outputs with many positions (tokens, pixels, sigmoids)
     "read_layout",
     "OutputLayout",
+    "LabelReference",
     "label_reference",
     "position_scores",
     "PositionScores",

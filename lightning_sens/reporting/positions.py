@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from lightning_sens.core.layout import OutputLayout
-from lightning_sens.core.outputs import label_reference, position_scores
+from lightning_sens.core.outputs import position_scores
+from lightning_sens.core.references import label_reference
 from lightning_sens.core.trace import TraceResult
 from lightning_sens.damage import LayerDamage
 from lightning_sens.reporting import keys
@@ -55,7 +56,7 @@ class PositionRows:
         wrong_share: the estimated share of its positions whose label is wrong, by both
             tests (:meth:`~lightning_sens.core.outputs.PositionScores.wrong_share`) ``(N,)``;
             NaN where no reference is made (one sigmoid per class, a vocabulary above
-            :data:`~lightning_sens.core.outputs.MAX_FLAG_CLASSES`).
+            :data:`~lightning_sens.core.references.MAX_FLAG_CLASSES`).
         wrong_share_label: the same by the first test alone (the label scores like a wrong
             label), for data where the second does not decide ``(N,)``.
     """
