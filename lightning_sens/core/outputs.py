@@ -277,11 +277,10 @@ def _softmax_scores(
         label = labels[start : start + rows].unsqueeze(-1)
         top_logit, top = chunk.max(dim=-1, keepdim=True)  # exact in any dtype
         margin = chunk.gather(-1, label).double() - top_logit.double()  # z_y − m, exact
-        e = chunk.to(work, copy=True)  # the one copy, then in place
-        e.sub_(top_logit.to(work)).exp_()
-        total = e.sum(-1, keepdim=True).double()
+        e = torch.sub(chunk.to(work), top_logit.to(work)).exp_()  # the one copy, then in place
         e_label = e.gather(-1, label).double()
         others_of_top = e.scatter_(-1, top, 0.0).sum(-1, keepdim=True).double()
+        total = others_of_top + 1.0  # e_r = exp(0) = 1 exactly
         is_top = label == top
         log_fi_top = others_of_top.log()
         tiny = (others_of_top < floor).squeeze(-1)  # the others underflow: log-sum-exp them
