@@ -116,7 +116,7 @@ EVALUATE_OPTIONS: dict[str, str] = {
     "rho x the layer's rms (docs/damage.md)",
     "damage_bits": "b of the per-layer curves: expected KL of rounding a layer's weights to b bits",
     "flag_rule": "how samples are flagged (docs/flags.md)",
-    "flag_threshold": "robust z-score cut-off of the mad rule",
+    "flag_threshold": "robust z-score cut-off of the mad rule and of language models' documents",
     "top_k": "samples the top_k rule flags per split and checkpoint",
     "persistence": "n in 'flagged at m of the last n checkpoints'",
     "scan_train_set": "also score every training sample (the train_all split)",

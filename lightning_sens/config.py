@@ -46,7 +46,9 @@ class MonitorConfig:
             the model finds ambiguous; docs/flags.md, "Wrong labels between similar classes"),
             "mad" (robust z-score of log FI above ``flag_threshold``: a few
             outliers) or "top_k".
-        flag_threshold: the robust z-score cut-off of the "mad" rule.
+        flag_threshold: the robust z-score cut-off of the "mad" rule, and of a language model's
+            documents (their loss against the others': docs/tasks.md, "Language models:
+            documents unlike the rest").
         top_k: how many samples the "top_k" rule flags per split and epoch.
         persistence: n in "flagged in m of the last n decisions".
         score_training_steps: score every training sample from the logits its training step

@@ -143,7 +143,7 @@ def test_the_positions_tables_columns_are_named_once_and_documented() -> None:
     from lightning_sens.reporting.positions import POSITION_COLUMNS, PositionRows
 
     rows = [f.name for f in dataclasses.fields(PositionRows)]
-    flags = ("evidence", "flagged", "flagged_recent")  # the decision's, not a row's
+    flags = ("deviation", "evidence", "flagged", "flagged_recent")  # the decision's, not a row's
     assert ("sample", "split", "epoch", "step", *rows[1:], *flags) == POSITION_COLUMNS
     # a summary field and its column: the same quantity under the glossary's column name
     summary = {f.name for f in dataclasses.fields(SampleSummary)}

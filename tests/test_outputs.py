@@ -3,6 +3,8 @@ position's closed form against the float64 brute force that enumerates the joint
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import Tensor
@@ -326,7 +328,7 @@ def test_the_reference_takes_evenly_spaced_positions_of_a_large_batch(
     torch.testing.assert_close(found.wrong, expected, rtol=0, atol=1e-12)
 
 
-def test_binary_logits_are_a_two_class_softmax_and_sigmoids_per_class_have_no_reference() -> None:
+def test_binary_logits_are_a_two_class_softmax_and_large_vocabularies_have_no_reference() -> None:
     g = _generator()
     z = torch.randn(3, 1, 4, 4, generator=g, dtype=F64) * 3
     labels = torch.randint(0, 2, (3, 4, 4), generator=g)
@@ -341,12 +343,55 @@ def test_binary_logits_are_a_two_class_softmax_and_sigmoids_per_class_have_no_re
     )
     # the most probable class of one logit is 1 where z > 0
     assert torch.equal(position_scores(z, labels, layout).predicted, (z > 0).long().reshape(3, -1))
-    targets = torch.randint(0, 2, (3, 5), generator=g).double()
-    multilabel = read_layout(torch.randn(3, 5, dtype=F64), targets, task="multilabel")
-    assert references.label_reference(torch.randn(3, 5), targets, multilabel) is None
     vocabulary = torch.randn(1, 2, references.MAX_FLAG_CLASSES + 1)
     tokens = torch.tensor([[1, 2]])
     assert references.label_reference(vocabulary, tokens, read_layout(vocabulary, tokens)) is None
+
+
+def test_every_sigmoid_of_a_multilabel_model_is_judged_against_its_own_outputs_references() -> None:
+    """One sigmoid per output p: the references of p are medians over the batch's samples of
+    log FI of their target at p under each value (log((1 − q)/q), q the sigmoid's probability
+    of that value), split by the rounded target; a position looks wrong as a softmax's does."""
+    g = _generator()
+    B, P = 9, 4
+    z = torch.randn(B, P, generator=g, dtype=F64) * 3
+    targets = torch.randint(0, 2, (B, P), generator=g).double()
+    targets[0, 1] = 0.7  # a soft target counts as 1 in the references
+    targets[:, 3] = 1.0  # an output no sample has 0 at
+    layout = read_layout(z, targets, task="multilabel")
+    reference = references.label_reference(z, targets, layout)
+    assert reference is not None
+    assert reference.wrong.shape == reference.right.shape == (P, 2)
+
+    def log_fi(value: int, zp: float) -> float:  # under a hard target, from the definition
+        q = torch.sigmoid(torch.tensor(zp if value else -zp, dtype=F64))
+        return float(torch.log1p(-q) - torch.log(q))
+
+    def median(values: list[float], empty: float) -> float:
+        values = sorted(values)
+        return values[(len(values) - 1) // 2] if values else empty
+
+    for p in range(P):
+        for v in (0, 1):
+            others = [log_fi(v, float(z[b, p])) for b in range(B) if int(targets[b, p] > 0.5) != v]
+            own = [log_fi(v, float(z[b, p])) for b in range(B) if int(targets[b, p] > 0.5) == v]
+            wrong, right = median(others, math.inf), median(own, -math.inf)
+            assert float(reference.wrong[p, v]) == pytest.approx(wrong, abs=1e-12)
+            assert float(reference.right[p, v]) == pytest.approx(right, abs=1e-12)
+    assert reference.wrong[3, 1] == float("inf")
+    assert reference.right[3, 0] == float("-inf")
+    scores = position_scores(z, targets, layout)
+    both, first = scores.wrong_share(reference), scores.wrong_share(reference, other_class=False)
+    for b in range(B):
+        label_test, class_test = [], []
+        for p in range(P):
+            t, zp = float(targets[b, p]), float(z[b, p])
+            v, j = int(t > 0.5), int(zp > 0)
+            label_test.append(float(scores.log_fi[b, p]) > float(reference.wrong[p, v]))
+            class_test.append(j != v and log_fi(j, zp) < float(reference.right[p, j]))
+        assert first[b].item() == min(2 * sum(label_test) / P, 1.0)
+        either = sum(a or c for a, c in zip(label_test, class_test, strict=True))
+        assert both[b].item() == min(2 * either / P, 1.0)
 
 
 def test_the_upper_quantile_is_nanquantiles_on_rows_of_any_length_and_padding() -> None:

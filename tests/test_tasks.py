@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,8 @@ def _table(log_dir: Path) -> list[dict[str, str]]:
 def test_a_default_monitor_scores_every_position_and_logs_both_splits(
     tmp_path: Path, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         trainer, module, monitor = _fit(tmp_path, name)
     _, loaders, task, valid = TASKS[name]
     assert monitor.reader.layout is not None
@@ -119,22 +121,36 @@ def test_a_default_monitor_scores_every_position_and_logs_both_splits(
         assert int(row["worst"]) == int(summary.worst[i])
     # the estimated share of wrong labels against the batch's own reference, and the flags
     reference = label_reference(logits, labels, layout, mask)
-    if task == "multilabel":
-        assert reference is None
-    else:
-        assert reference is not None
-        scores = position_scores(logits, labels, layout, mask)
-        shares = scores.wrong_share(reference)
-        label_test = scores.wrong_share(reference, other_class=False)
-        for i, row in enumerate(by_split["val"][: len(labels)]):
-            assert float(row["wrong_share"]) == pytest.approx(float(shares[i]), abs=1e-12)
-            assert float(row["wrong_share_label"]) == pytest.approx(float(label_test[i]), abs=1e-12)
-    for split in ("train", "val"):  # the flags are counted where labels can be flagged
-        assert (keys.flag_count(split) in logged.scalars) == (task != "multilabel"), split
+    assert reference is not None
+    scores = position_scores(logits, labels, layout, mask)
+    shares = scores.wrong_share(reference)
+    label_test = scores.wrong_share(reference, other_class=False)
+    for i, row in enumerate(by_split["val"][: len(labels)]):
+        assert float(row["wrong_share"]) == pytest.approx(float(shares[i]), abs=1e-12)
+        assert float(row["wrong_share_label"]) == pytest.approx(float(label_test[i]), abs=1e-12)
+    for split in ("train", "val"):  # the flags are counted
+        assert keys.flag_count(split) in logged.scalars, split
     for row in rows:
         evidence = float(row["evidence"])
         assert (row["flagged"] == "True") == (evidence >= 0.02), row
-        assert task != "multilabel" or math.isnan(float(row["wrong_share"]))
+        assert math.isnan(float(row["deviation"]))  # no language model here
+    # a decision that flags more than a tenth of the samples it judged is warned of, once
+    many = set()
+    for table in sorted(paths.folder(log_dir).glob("positions_epoch*.csv")):
+        with table.open(newline="") as stream:
+            decision = list(csv.DictReader(stream))
+        for split in ("train", "val"):
+            judged = [r for r in decision if r["split"] == split and r["evidence"] != ""]
+            judged = [r for r in judged if math.isfinite(float(r["evidence"]))]
+            if sum(r["flagged"] == "True" for r in judged) > 0.1 * len(judged):
+                many.add(split)
+    warned = {
+        split
+        for split in ("train", "val")
+        for w in said
+        if f" {split} samples it judged" in str(w.message)
+    }
+    assert warned == many, (warned, many)
     # per-layer damage from sampled labels, with its standard error, at the first decision
     layer_keys = [k for k in monitor.history[0] if "/kl_noise/" in k]
     assert layer_keys, sorted(monitor.history[0])

@@ -29,6 +29,7 @@ from lightning_sens.callbacks.setup import (
 from lightning_sens.config import MonitorConfig
 from lightning_sens.core.inputs import Inputs, default_forward, found_logits, select
 from lightning_sens.core.layout import OutputLayout, read_layout
+from lightning_sens.core.references import flag_kind
 
 __all__ = ["check_setup"]
 
@@ -144,6 +145,9 @@ def check_setup(
             reader.layout = _layout(split, logits, labels, inputs, prober.config)
             if reader.layout is not None:  # many positions: scored and reduced per sample
                 reader.sample_shape = tuple(logits.shape[1:])
+                axis = -1 if reader.layout.flattened else reader.layout.class_dim
+                classes = 1 if axis is None else logits.shape[axis]
+                prober.tracker.flag_kind = flag_kind(reader.layout, classes)
                 try:
                     reader.position_rows(torch.arange(len(labels)), inputs, labels, logits)
                 except (TypeError, ValueError) as error:

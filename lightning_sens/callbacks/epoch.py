@@ -22,15 +22,20 @@ from lightning_sens.callbacks.rng import preserved_rng
 from lightning_sens.callbacks.setup import eval_mode
 from lightning_sens.config import MonitorConfig
 from lightning_sens.core.outputs import position_scores
+from lightning_sens.core.references import FlagKind
 from lightning_sens.reporting import keys, paths
 from lightning_sens.reporting.images import Describe
 from lightning_sens.reporting.position_maps import figure_to_image, position_maps
 from lightning_sens.reporting.positions import PositionRows
 from lightning_sens.reporting.summary import SplitScores
 from lightning_sens.reporting.writers import save_png
-from lightning_sens.tracking import EpochReport, Probes, SensitivityTracker
+from lightning_sens.tracking import EpochReport, PositionReport, Probes, SensitivityTracker
 
-__all__ = ["EpochRunner"]
+__all__ = ["MANY_FLAGGED", "EpochRunner"]
+
+MANY_FLAGGED = 0.1
+"""The share of a split's judged samples above which the monitor warns that its flags are many
+(models with many positions)."""
 
 
 class EpochRunner:
@@ -137,7 +142,7 @@ class EpochRunner:
         monitor logs")."""
         layout = self.prober.reader.layout
         read = layout.describe() if layout is not None else ""
-        flags = _flag_sentence(rows, self.tracker.config.position_flag_share)
+        flags = _flag_sentence(rows, self.tracker.flag_kind, self.tracker.config)
         self.failures.info_once(
             "positions",
             f"SensitivityMonitor reads this model's outputs as {read}: it logs the loss, "
@@ -152,6 +157,7 @@ class EpochRunner:
             extra = {keys.cost_share(): self.budget.cost_share} if self.planner.active else None
             report = self.tracker.compute_positions(at[0], at[1], rows, extra, damage)
             self.output.write_positions(trainer.loggers, report, log_dir)
+        self._many_flagged(report)
         if trainer.world_size > 1:  # a forward and a figure on rank zero crashed a gloo peer
             self.failures.info_once(
                 "position-maps-ddp",
@@ -214,7 +220,7 @@ class EpochRunner:
             captions = [
                 f"{split} {i}: "
                 + (
-                    f"flagged, ~{wrong[i]:.0%} of labels wrong"
+                    _flag_caption(wrong[i], self.tracker.flag_kind)
                     if i in wrong
                     else f"upper log FI {upper[i]:.2f}"
                 )
@@ -229,6 +235,24 @@ class EpochRunner:
             if c.save_figures:
                 save_png(image, paths.figure(log_dir, "position_map", split, *at))
             writer.flush()
+
+    def _many_flagged(self, report: PositionReport) -> None:
+        """Once per run and split: a decision that flags more than :data:`MANY_FLAGGED` of
+        the samples it judged, with what that may mean (docs/tasks.md, "Flags: which samples'
+        labels look wrong")."""
+        for split, (evidence, flagged) in report.evidence.items():
+            judged, count = int(torch.isfinite(evidence).sum()), int(flagged.sum())
+            if count > MANY_FLAGGED * judged:
+                self.failures.warn_once(
+                    f"many-flagged:{split}",
+                    f"SensitivityMonitor flags {count} of the {judged} {split} samples it judged "
+                    f"({count / judged:.0%}) at epoch {report.epoch}. So many flags mean many "
+                    "wrong labels, a model still far from fitting its data, or one systematic "
+                    "difference that runs through many samples (a border drawn thinner, a "
+                    "convention changed halfway), where the rule cannot tell which convention is "
+                    "the wrong one. Compare flagged and unflagged samples in the position maps "
+                    "before removing any (docs/tasks.md).",
+                )
 
     def _undecided(self, report: EpochReport, names: tuple[str, ...] | None) -> None:
         """Once per run and split: the classes whose labels the flag rule could not judge, and
@@ -291,14 +315,24 @@ class EpochRunner:
             writer.close()
 
 
-def _flag_sentence(rows: dict[str, PositionRows], share: float) -> str:
+def _flag_caption(evidence: float, kind: FlagKind) -> str:
+    """A flagged sample's caption in the position maps."""
+    if kind == "documents":
+        return f"flagged, loss {evidence:.1f} deviations above the rest"
+    return f"flagged, ~{evidence:.0%} of labels wrong"
+
+
+def _flag_sentence(rows: dict[str, PositionRows], kind: FlagKind, config: MonitorConfig) -> str:
     """What the positions' flags do for this model, in a few words."""
+    if kind == "documents":
+        return (
+            "flags the documents whose loss (log perplexity) lies "
+            f"{config.flag_threshold:g} robust standard deviations or more above the others' "
+            "(docs/tasks.md),"
+        )
     if any(bool(torch.isfinite(r.wrong_share).any()) for r in rows.values()):
         return (
-            f"flags the samples an estimated {share * 100:g} % or more of whose positions carry "
-            "wrong labels (docs/tasks.md),"
+            f"flags the samples an estimated {config.position_flag_share * 100:g} % or more of "
+            "whose positions carry wrong labels (docs/tasks.md),"
         )
-    return (
-        "flags nothing (one sigmoid per class, or more classes than a wrong label can be "
-        "told from: docs/tasks.md),"
-    )
+    return "flags nothing yet (no sample could be judged: docs/tasks.md),"

@@ -111,11 +111,17 @@ class PositionScores:
             tensor([0.0000, 0.6667], dtype=torch.float64)
         """
         device = self.log_fi.device
-        last = len(reference.wrong) - 1
-        wrong = reference.wrong.to(device)[self.labels.clamp(0, last)]
+        if reference.wrong.dim() == 2:  # one sigmoid per output: (P, 2), by rounded target
+            outputs = torch.arange(len(reference.wrong), device=device)
+            labels = (self.labels > 0.5).long()
+            wrong = reference.wrong.to(device)[outputs, labels]
+            right = reference.right.to(device)[outputs, self.predicted]
+        else:
+            last = len(reference.wrong) - 1
+            wrong = reference.wrong.to(device)[self.labels.clamp(0, last)]
+            right = reference.right.to(device)[self.predicted.clamp(0, last)]
         looks_wrong = self.log_fi > wrong
         if other_class:
-            right = reference.right.to(device)[self.predicted.clamp(0, last)]
             looks_wrong |= ~self.correct & (self.log_fi_pred < right)
         looks_wrong &= self.valid
         count = self.valid.sum(-1)

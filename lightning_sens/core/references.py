@@ -7,6 +7,7 @@ each position with them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -23,7 +24,34 @@ model's vocabulary) a wrong label is not a question of which class, and no refer
 
 _SELECT_COLUMNS = 64  # up to this many classes, a median is a selection per class, not a sort
 
-__all__ = ["MAX_FLAG_CLASSES", "REFERENCE_POSITIONS", "LabelReference", "label_reference"]
+__all__ = [
+    "MAX_FLAG_CLASSES",
+    "REFERENCE_POSITIONS",
+    "FlagKind",
+    "LabelReference",
+    "flag_kind",
+    "label_reference",
+]
+
+FlagKind = Literal["labels", "documents"]
+"""What the flags of a model with many positions find (:func:`flag_kind`)."""
+
+
+def flag_kind(layout: OutputLayout, classes: int) -> FlagKind:
+    """What a model's flags find, from its layout and number of classes: ``"labels"`` (samples
+    whose labels look wrong, :func:`label_reference`) up to :data:`MAX_FLAG_CLASSES` classes;
+    ``"documents"`` (samples the model finds unlike the rest, by their loss) beyond, where
+    the classes are a language model's vocabulary (docs/tasks.md, "Flags: which samples'
+    labels look wrong"). One sigmoid per output (binary, multi-label) is judged by its labels.
+
+    Example:
+        >>> from lightning_sens.core.layout import OutputLayout
+        >>> flag_kind(OutputLayout("multiclass", -1, (32,)), 50_000)
+        'documents'
+    """
+    if layout.task != "multiclass":
+        return "labels"
+    return "labels" if classes <= MAX_FLAG_CLASSES else "documents"
 
 
 @dataclass(frozen=True)
@@ -32,9 +60,11 @@ class LabelReference:
 
     Attributes:
         wrong: ``(K,)`` the median log FI under label k of the positions labelled otherwise
-            (+inf where there are none: then no position of class k looks wrong by it).
+            (+inf where there are none: then no position of class k looks wrong by it). One
+            sigmoid per output (multi-label): ``(P, 2)``, per output p and label value v, the
+            median log FI under v of the samples whose target at p is the other value.
         right: ``(K,)`` the median log FI of the positions labelled k under their label (−inf
-            where there are none).
+            where there are none); ``(P, 2)`` for one sigmoid per output.
     """
 
     wrong: Tensor
@@ -49,8 +79,10 @@ def label_reference(
     would score were its label wrongly k: the classification rule's reference, docs/flags.md,
     taken per position) and of those labelled k. Up to :data:`REFERENCE_POSITIONS` positions,
     evenly spaced, are scored under every class. One sigmoid per position (``"binary"``) is the
-    two-class softmax of logits (0, z). None where it is not made: one sigmoid per class
-    (``"multilabel"``), or more than :data:`MAX_FLAG_CLASSES` classes.
+    two-class softmax of logits (0, z). One sigmoid per output of a sample (``"multilabel"``):
+    every output is its own two-class question, with its references per label value from the
+    batch's samples (their targets rounded to 0 or 1). None where it is not made: more than
+    :data:`MAX_FLAG_CLASSES` classes.
 
     Example:
         >>> from lightning_sens.core.layout import read_layout
@@ -63,7 +95,7 @@ def label_reference(
     from lightning_sens.label_noise import label_log_fi
 
     if layout.task == "multilabel":
-        return None
+        return _output_reference(logits, labels, layout, mask)
     B = labels.shape[0]
     z = canonical_logits(logits.detach(), layout)
     if layout.task == "binary":
@@ -86,6 +118,23 @@ def label_reference(
     return LabelReference(
         _column_medians(scores, ~own, float("inf")), _column_medians(scores, own, float("-inf"))
     )
+
+
+def _output_reference(
+    logits: Tensor, labels: Tensor, layout: OutputLayout, mask: Tensor | None
+) -> LabelReference:
+    """One sigmoid per output p: log FI under label 1 is −z and under label 0 is z (exactly,
+    docs/derivations.md), so the references of output p are medians of ±z over the batch's
+    samples, by their rounded target, ``(P, 2)``."""
+    z = canonical_logits(logits.detach(), layout).double()  # (B, P)
+    one = labels.detach().to(z.device).reshape(z.shape).double() > 0.5
+    valid = torch.ones_like(one) if mask is None else mask.to(z.device).reshape(z.shape).bool()
+    wrong, right = [], []
+    for value, under in ((False, z), (True, -z)):  # log FI of every output under 0, under 1
+        own = one == value
+        wrong.append(_column_medians(under, valid & ~own, float("inf")))
+        right.append(_column_medians(under, valid & own, float("-inf")))
+    return LabelReference(torch.stack(wrong, -1), torch.stack(right, -1))
 
 
 def _column_medians(values: Tensor, keep: Tensor, empty: float) -> Tensor:

@@ -22,16 +22,20 @@ from lightning_sens.core.outputs import position_scores
 from lightning_sens.core.references import label_reference
 from lightning_sens.core.trace import TraceResult
 from lightning_sens.damage import LayerDamage
+from lightning_sens.flagging import robust_z
 from lightning_sens.reporting import keys
 from lightning_sens.reporting.stats import log_fi_summary
 from lightning_sens.reporting.tables import LayerRow
 
 __all__ = [
+    "MIN_DOCUMENTS",
     "POSITION_COLUMNS",
+    "STRETCH",
     "PositionRows",
     "TracedDamage",
     "chosen_share",
     "decides",
+    "document_deviation",
     "position_columns",
     "position_metrics",
     "position_rows",
@@ -92,12 +96,16 @@ class PositionRows:
 
     def unique(self) -> PositionRows:
         """One row per id (the first), sorted by id: undoes DistributedSampler's padding."""
+        keep = self.unique_index()
+        return self.map(lambda t: t[keep])
+
+    def unique_index(self) -> Tensor:
+        """The rows :meth:`unique` keeps, in its order."""
         order = torch.argsort(self.ids, stable=True)
         ids = self.ids[order]
         first = torch.ones_like(ids, dtype=torch.bool)
         first[1:] = ids[1:] != ids[:-1]
-        keep = order[first]
-        return self.map(lambda t: t[keep])
+        return order[first]
 
 
 def position_rows(
@@ -173,12 +181,62 @@ def decides(share: Tensor, cut: float) -> bool:
     return known.numel() > 0 and 2 * int((known >= cut).sum()) < known.numel()
 
 
+STRETCH = 128
+"""The training documents around each one (half before, half after, in the order of the steps)
+whose median it is compared with in the documents' rule (:func:`document_deviation`): a few
+steps, over which the model barely changes."""
+
+
+def document_deviation(loss: Tensor, stretch: int | None = None) -> Tensor:
+    """How far each document's loss lies above the others', in robust standard deviations:
+    (loss − median) / (1.4826 · MAD), the modified z-score of the ``"mad"`` flag rule
+    (:func:`~lightning_sens.flagging.robust_z`; medians of an even count are the lower middle
+    value, as torch's). A document's loss is the mean over its positions of
+    log(1 + FI_t) = −log p_t, the log of its perplexity.
+
+    With ``stretch`` (the training split, rows in the order of the steps), each loss is first
+    compared with the median of the ``stretch`` documents around it (half before, half after:
+    the same few steps, so nearly the same model), and the MAD pools these differences: the
+    model learns during an epoch, and a document of its first steps is not unlike the rest
+    because the network was younger. NaN losses (no valid position) stay NaN; where fewer than
+    :data:`MIN_DOCUMENTS` documents have a loss, every deviation is NaN (too few to say what
+    the rest look like).
+
+    Example:
+        >>> loss = torch.tensor([2.0, 2.1, 1.9, 2.0, 6.0] * 4, dtype=torch.float64)
+        >>> document_deviation(loss)[:5]
+        tensor([ 0.0000,  0.6745, -0.6745,  0.0000, 26.9796], dtype=torch.float64)
+    """
+    x = loss.detach().to(torch.float64, copy=True)
+    known = torch.isfinite(x)
+    if int(known.sum()) < MIN_DOCUMENTS:
+        return torch.full_like(x, float("nan"))
+    if stretch is not None:
+        x = x - _moving_median(x, stretch)
+    z = robust_z(x)
+    return torch.where(known, z, torch.full_like(z, float("nan")))
+
+
+def _moving_median(x: Tensor, width: int, chunk: int = 1 << 16) -> Tensor:
+    """The median of the finite values among the ``width`` values around each one (``width
+    // 2`` before, the rest after, fewer at the ends)."""
+    before = width // 2
+    padded = torch.nn.functional.pad(x, (before, width - 1 - before), value=float("nan"))
+    windows = padded.unfold(0, width, 1)  # (N, width), a view
+    return torch.cat([part.nanmedian(dim=1).values for part in windows.split(chunk)])
+
+
+MIN_DOCUMENTS = 20
+"""The fewest documents with a loss from which :func:`document_deviation` says anything."""
+
+
 POSITION_COLUMNS = (
     "sample",
     "split",
     "epoch",
     "step",
     *PositionRows.names()[1:],
+    "deviation",
     "evidence",
     "flagged",
     "flagged_recent",

@@ -21,14 +21,17 @@ from torch import Tensor
 
 from lightning_sens.config import MonitorConfig
 from lightning_sens.core import SensitivityResult
+from lightning_sens.core.references import FlagKind
 from lightning_sens.damage import LayerDamage
 from lightning_sens.flagging import FlagDecision, FlagHistory, flag
 from lightning_sens.label_noise import LabelEvidence, estimate_noise
 from lightning_sens.reporting import keys
 from lightning_sens.reporting.positions import (
+    STRETCH,
     PositionRows,
     TracedDamage,
     chosen_share,
+    document_deviation,
     position_columns,
     position_metrics,
     traced_layers,
@@ -158,6 +161,8 @@ class SensitivityTracker:
         self.num_classes = 0
         self._train_epoch: SplitScores | None = None
         self._train_positions: PositionRows | None = None
+        self._train_deviation: Tensor | None = None
+        self.flag_kind: FlagKind = "labels"
 
     # -- update, gather, compute, reset ------------------------------------------------------
 
@@ -175,7 +180,10 @@ class SensitivityTracker:
         """The training steps' samples since the last decision (many positions): this
         decision's training split, one row per sample (its last step)."""
         order = torch.arange(len(rows.ids) - 1, -1, -1)  # the last step first: unique keeps it
-        self._train_positions = rows.map(lambda t: t[order]).unique()
+        keep = order[rows.map(lambda t: t[order]).unique_index()]
+        self._train_positions = rows.map(lambda t: t[keep])
+        if self.flag_kind == "documents":  # against the documents of nearby steps
+            self._train_deviation = document_deviation(rows.loss, STRETCH)[keep]
 
     def gather_positions(self) -> dict[str, PositionRows]:
         """:meth:`gather` for a model with many positions. A collective under DDP."""
@@ -186,6 +194,19 @@ class SensitivityTracker:
         if self._train_positions is not None:
             rows["train"], self._train_positions = self._train_positions, None
         return rows
+
+    def deviation(self, split: str, rows: PositionRows) -> Tensor:
+        """Per sample of a language model (:attr:`flag_kind` ``"documents"``): how far its loss
+        lies above the other documents', in robust standard deviations
+        (:func:`~lightning_sens.reporting.positions.document_deviation`; the training split
+        against the documents of nearby steps, folded with it). NaN for other models."""
+        if self.flag_kind != "documents":
+            return torch.full_like(rows.loss, float("nan"))
+        found = self._train_deviation if split == "train" else None
+        if found is not None and len(found) == len(rows.loss):  # folded with these rows
+            self._train_deviation = None
+            return found
+        return document_deviation(rows.loss)
 
     def compute_positions(
         self,
@@ -208,16 +229,18 @@ class SensitivityTracker:
         table: dict[str, list[Any]] = {}
         decided: dict[str, tuple[Tensor, Tensor]] = {}
         for split, r in rows.items():
-            evidence, flagged = decided[split] = self.decide_positions(split, r)
+            deviation = self.deviation(split, r)
+            evidence, flagged = decided[split] = self.decide_positions(split, r, deviation)
             self.flags.update(split, step, r.ids[flagged].tolist())
             counts = self.flags.counts(split)
             columns = position_columns(split, (epoch, step), r)
+            columns["deviation"] = deviation.tolist()
             columns["evidence"] = evidence.tolist()
             columns["flagged"] = flagged.tolist()
             columns["flagged_recent"] = [counts.get(i, 0) for i in r.ids.tolist()]
             for name, values in columns.items():
                 table.setdefault(name, []).extend(values)
-            if bool(torch.isfinite(r.wrong_share).any()):
+            if bool(torch.isfinite(r.wrong_share).any() or torch.isfinite(deviation).any()):
                 metrics[keys.flag_count(split)] = float(flagged.sum())
                 recent = columns["flagged_recent"]
                 metrics[keys.persistent_count(split)] = float(
@@ -228,18 +251,28 @@ class SensitivityTracker:
         histograms = {split: (r.log_fi_mean, r.log_fi_pred_mean) for split, r in rows.items()}
         return PositionReport(epoch, step, rows, metrics, table, histograms, layers, decided)
 
-    def decide_positions(self, split: str, rows: PositionRows) -> tuple[Tensor, Tensor]:
-        """Per sample of a split with many positions: the evidence (the estimated share of its
-        positions whose labels are wrong) and whether it is flagged. A decision uses both
+    def decide_positions(
+        self, split: str, rows: PositionRows, deviation: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Per sample of a split with many positions: the evidence and whether it is flagged.
+
+        Labels (:attr:`flag_kind` ``"labels"``): the evidence is the estimated share of its
+        positions whose labels are wrong, cut at ``position_flag_share``. A decision uses both
         tests' estimates where they decide the split, else the first test's where it does
-        (:func:`~lightning_sens.reporting.positions.chosen_share`). The training split's
-        evidence is the mean over every decision so far that decides it; any other split's is
-        this decision's estimate, where it is decided (docs/tasks.md, "Flags: which samples'
-        labels look wrong")."""
-        cut = self.config.position_flag_share
-        chosen = chosen_share(rows, cut)
-        decided = chosen is not None
-        share = rows.wrong_share if chosen is None else chosen
+        (:func:`~lightning_sens.reporting.positions.chosen_share`). Documents (a language
+        model): the evidence is the ``deviation`` of its loss, cut at ``flag_threshold``,
+        decided where it is known. The training split's evidence is the mean over every
+        decision so far that decides it; any other split's is this decision's, where it is
+        decided (docs/tasks.md, "Flags: which samples' labels look wrong")."""
+        if self.flag_kind == "documents" and deviation is not None:
+            cut = self.config.flag_threshold
+            share = deviation
+            decided = bool(torch.isfinite(deviation).any())
+        else:
+            cut = self.config.position_flag_share
+            chosen = chosen_share(rows, cut)
+            decided = chosen is not None
+            share = rows.wrong_share if chosen is None else chosen
         if split != "train":
             evidence = share if decided else torch.full_like(share, float("nan"))
             return evidence, evidence >= cut
