@@ -116,6 +116,41 @@ def test_scores_stay_exact_at_any_margin_and_in_any_chunking(
     assert torch.equal(chunked.log_p, whole.log_p)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_classes_first_in_memory_are_scored_where_they_lie_as_exactly(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segmentation model's (B, K, H, W) logits are reduced over their class axis in place;
+    the same logits with the classes last in memory take the (positions, classes) path. Both
+    equal log FI_y = logsumexp_{k ≠ y} z_k − z_y in float64, also where every other class
+    underflows, and any chunking of the samples gives the same scores."""
+    g = _generator()
+    z = (torch.randn(3, 5, 4, 4, generator=g, dtype=F64) * 3).to(dtype)
+    z[0, 2, 1, 1] = 800.0  # the others underflow: log FI by log-sum-exp
+    z[1, :, 0, 0] = -800.0
+    z[1, 3, 0, 0] = 0.0
+    labels = torch.randint(0, 5, (3, 4, 4), generator=g)
+    labels[0, 1, 1], labels[1, 0, 0] = 2, 3
+    layout = read_layout(z, labels)
+    native = position_scores(z, labels, layout)
+    last = position_scores(z.contiguous(memory_format=torch.channels_last), labels, layout)
+    flat_z = z.double().movedim(1, -1).reshape(3, 16, 5)
+    flat_y = labels.reshape(3, 16)
+    own = flat_z.gather(-1, flat_y.unsqueeze(-1)).squeeze(-1)
+    others = flat_z.scatter(-1, flat_y.unsqueeze(-1), float("-inf")).logsumexp(-1)
+    expected = others - own
+    tolerance = 1e-12 if dtype == F64 else 1e-6
+    for found in (native, last):
+        torch.testing.assert_close(found.log_fi, expected, rtol=tolerance, atol=tolerance)
+        assert torch.equal(found.predicted, flat_z.argmax(-1))
+    for name in ("log_fi", "log_fi_pred", "log_p"):
+        torch.testing.assert_close(getattr(native, name), getattr(last, name), rtol=1e-6, atol=0)
+    monkeypatch.setattr(outputs, "_CHUNK", 5 * 16)  # one sample per chunk
+    chunked = position_scores(z, labels, layout)
+    for name in ("log_fi", "log_fi_pred", "log_p"):
+        assert torch.equal(getattr(chunked, name), getattr(native, name)), name
+
+
 def test_the_summary_reduces_over_the_valid_positions_only() -> None:
     z, labels, _ = _softmax_case((3, 6, 4), -1)
     labels[0, :2] = -100

@@ -261,44 +261,66 @@ def _softmax_scores(
     z: Tensor, y: Tensor, valid: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """log FI with the label and with the most probable class, log p_y, whether the label is
-    the most probable class and that class, per position, in chunks of positions (a
-    50,000-token vocabulary never makes one copy of all the logits), four passes over a chunk:
-    in float64 for float64 logits, else in float32 (the logits' own rounding, about 1e-7 of
-    their size, is larger than float32's in the sums), every result in float64.
+    the most probable class and that class, per position, in chunks (a 50,000-token vocabulary
+    never makes one copy of all the logits), four passes over a chunk: in float64 for float64
+    logits, else in float32 (the logits' own rounding, about 1e-7 of their size, is larger than
+    float32's in the sums), every result in float64. Logits whose classes lie first in memory
+    (a segmentation model's ``(B, K, H, W)``) are reduced over that axis where they lie, in
+    chunks of samples, without a transposed copy.
 
     With m = max_k z_k (class r), e_k = exp(z_k − m) and s = Σ_k e_k: FI of the most probable
     class is (s − 1)/1, summed without e_r (no cancellation when the others are tiny; by
     log-sum-exp where they underflow); FI of any other class y is (s − e_y)/e_y, where
     s − e_y ≥ s/2 and log e_y = z_y − m; log p_y = z_y − m − log s.
     """
-    K = z.shape[-1]
-    flat, labels = z.reshape(-1, K), y.reshape(-1).clamp(0, K - 1) * valid.reshape(-1)
-    rows = max(1, _CHUNK // K)
+    B, P, K = z.shape
+    labels = y.clamp(0, K - 1) * valid
     # float64 logits in float64; any other in float32, as accurate as the logits themselves
     work = torch.float64 if z.dtype == torch.float64 else torch.float32
-    floor = 1e-290 if work == torch.float64 else 1e-30
     columns: list[list[Tensor]] = [[], [], [], [], []]
-    for start in range(0, len(flat), rows):
-        chunk = flat[start : start + rows]
-        label = labels[start : start + rows].unsqueeze(-1)
-        top_logit, top = chunk.max(dim=-1, keepdim=True)  # exact in any dtype
-        margin = chunk.gather(-1, label).double() - top_logit.double()  # z_y − m, exact
-        e = torch.sub(chunk.to(work), top_logit.to(work)).exp_()  # the one copy, then in place
-        e_label = e.gather(-1, label).double()
-        others_of_top = e.scatter_(-1, top, 0.0).sum(-1, keepdim=True).double()
-        total = others_of_top + 1.0  # e_r = exp(0) = 1 exactly
-        is_top = label == top
-        log_fi_top = others_of_top.log()
-        tiny = (others_of_top < floor).squeeze(-1)  # the others underflow: log-sum-exp them
-        if bool(tiny.any()):
-            rest = chunk[tiny].double().scatter(-1, top[tiny], float("-inf"))
-            log_fi_top[tiny] = torch.logsumexp(rest, -1, keepdim=True) - top_logit[tiny].double()
-        log_fi_label = torch.where(is_top, log_fi_top, (total - e_label).log() - margin)
-        log_p = margin - total.log()
-        for column, value in enumerate((log_fi_label, log_fi_top, log_p, is_top, top)):
-            columns[column].append(value.squeeze(-1))
+    first = z.transpose(1, 2)  # (B, K, P)
+    if P > 1 and first.is_contiguous():  # classes first in memory: reduce over axis 1
+        rows = max(1, _CHUNK // (K * P))
+        for start in range(0, B, rows):
+            label = labels[start : start + rows].unsqueeze(1)
+            found = _chunk_scores(first[start : start + rows], label, 1, work)
+            for column, value in zip(columns, found, strict=True):
+                column.append(value)
+    else:
+        flat, labels = z.reshape(-1, K), labels.reshape(-1, 1)
+        rows = max(1, _CHUNK // K)
+        for start in range(0, len(flat), rows):
+            found = _chunk_scores(flat[start : start + rows], labels[start : start + rows], 1, work)
+            for column, value in zip(columns, found, strict=True):
+                column.append(value)
     log_fi, log_fi_pred, log_p, correct, top = (torch.cat(c).reshape(y.shape) for c in columns)
     return log_fi, log_fi_pred, log_p, correct, top
+
+
+def _chunk_scores(
+    chunk: Tensor, label: Tensor, dim: int, work: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_softmax_scores` of one chunk whose classes lie on ``dim`` (``label`` has size 1
+    there); each result without that axis."""
+    floor = 1e-290 if work == torch.float64 else 1e-30
+    top_logit, top = chunk.max(dim=dim, keepdim=True)  # exact in any dtype
+    margin = chunk.gather(dim, label).double() - top_logit.double()  # z_y − m, exact
+    e = torch.sub(chunk.to(work), top_logit.to(work)).exp_()  # the one copy, then in place
+    e_label = e.gather(dim, label).double()
+    others_of_top = e.scatter_(dim, top, 0.0).sum(dim, keepdim=True).double()
+    total = others_of_top + 1.0  # e_r = exp(0) = 1 exactly
+    log_fi_top = others_of_top.log()
+    tiny = (others_of_top < floor).movedim(dim, -1).squeeze(-1)  # the others underflow
+    if bool(tiny.any()):  # log-sum-exp them, the classes last
+        rest = chunk.movedim(dim, -1)[tiny].double()
+        rest.scatter_(-1, top.movedim(dim, -1)[tiny], float("-inf"))
+        peak = top_logit.movedim(dim, -1)[tiny].double()
+        log_fi_top.movedim(dim, -1)[tiny] = torch.logsumexp(rest, -1, keepdim=True) - peak
+    is_top = label == top
+    log_fi_label = torch.where(is_top, log_fi_top, (total - e_label).log() - margin)
+    log_p = margin - total.log()
+    found = (log_fi_label, log_fi_top, log_p, is_top, top)
+    return tuple(value.squeeze(dim) for value in found)  # type: ignore[return-value]
 
 
 def _sigmoid_scores(z: Tensor, y: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
