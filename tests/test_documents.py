@@ -103,7 +103,7 @@ def test_too_few_documents_say_nothing() -> None:
         (OutputLayout("multiclass", -1, (32,)), MAX_FLAG_CLASSES + 1, "documents"),
         (OutputLayout("multiclass", 1, (8, 8)), 11, "labels"),
         (OutputLayout("binary", None, (8, 8)), 1, "labels"),
-        (OutputLayout("multilabel", None, (5,)), 5, "labels"),
+        (OutputLayout("multilabel", None, (5,)), 5, "ranking"),
     ],
 )
 def test_what_the_flags_find_follows_the_layout_and_the_classes(

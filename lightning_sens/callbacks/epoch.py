@@ -330,6 +330,11 @@ def _flag_sentence(rows: dict[str, PositionRows], kind: FlagKind, config: Monito
             f"{config.flag_threshold:g} robust standard deviations or more above the others' "
             "(docs/tasks.md),"
         )
+    if kind == "ranking":
+        return (
+            "writes every sample's estimated share of wrong labels but flags none (one sigmoid "
+            "per class: the rule is not yet quiet on clean multi-label data, docs/tasks.md),"
+        )
     if any(bool(torch.isfinite(r.wrong_share).any()) for r in rows.values()):
         return (
             f"flags the samples an estimated {config.position_flag_share * 100:g} % or more of "

@@ -230,7 +230,10 @@ class SensitivityTracker:
         decided: dict[str, tuple[Tensor, Tensor]] = {}
         for split, r in rows.items():
             deviation = self.deviation(split, r)
-            evidence, flagged = decided[split] = self.decide_positions(split, r, deviation)
+            evidence, flagged = self.decide_positions(split, r, deviation)
+            if self.flag_kind == "ranking":  # estimates written, nothing flagged
+                flagged = torch.zeros_like(flagged)
+            decided[split] = evidence, flagged
             self.flags.update(split, step, r.ids[flagged].tolist())
             counts = self.flags.counts(split)
             columns = position_columns(split, (epoch, step), r)
@@ -240,7 +243,8 @@ class SensitivityTracker:
             columns["flagged_recent"] = [counts.get(i, 0) for i in r.ids.tolist()]
             for name, values in columns.items():
                 table.setdefault(name, []).extend(values)
-            if bool(torch.isfinite(r.wrong_share).any() or torch.isfinite(deviation).any()):
+            judged = torch.isfinite(r.wrong_share).any() or torch.isfinite(deviation).any()
+            if self.flag_kind != "ranking" and bool(judged):
                 metrics[keys.flag_count(split)] = float(flagged.sum())
                 recent = columns["flagged_recent"]
                 metrics[keys.persistent_count(split)] = float(
