@@ -118,7 +118,7 @@ class PositionScores:
             right = reference.right.to(device)[outputs, self.predicted]
         else:
             last = len(reference.wrong) - 1
-            wrong = reference.wrong.to(device)[self.labels.clamp(0, last)]
+            wrong = reference.wrong.to(device)[self.labels.long().clamp(0, last)]  # 0./1. too
             right = reference.right.to(device)[self.predicted.clamp(0, last)]
         looks_wrong = self.log_fi > wrong
         if other_class:
