@@ -337,6 +337,7 @@ class Run:
     exact: list[int] = field(default_factory=list)  # exact-probe samples per decision
     figures: int = 0  # figure sets drawn
     never: tuple[str, float] = ("", float("nan"))  # the largest never-skipped part, its share
+    positions: str = ""  # many positions: every n-th scored, and what scoring all took
 
 
 def run(setting: Setting, options: dict[str, Any] | None, args: argparse.Namespace) -> Run:
@@ -368,7 +369,12 @@ def run(setting: Setting, options: dict[str, Any] | None, args: argparse.Namespa
     budget = monitor.budget
     largest = max(NEVER_SKIPPED, key=lambda part: budget.totals.get(part, 0.0))
     never = (largest, budget.share_of((largest,)))
-    return Run(seconds, cpu, budget.cost_share, exact, monitor.figure_sets_drawn, never)
+    positions = ""
+    if monitor.reader.layout is not None:  # the stride the monitor chose, from what all took
+        full = monitor._train.stride.full if monitor._train.stride is not None else float("nan")
+        positions = f"every {monitor.reader.stride} (all: {100 * full:.1f} %)"
+    drawn = monitor.figure_sets_drawn
+    return Run(seconds, cpu, budget.cost_share, exact, drawn, never, positions)
 
 
 def _runs_of(values: list[int]) -> str:
@@ -410,8 +416,9 @@ def main() -> None:
     rows = [
         "| model | epochs | configuration | fit (median) | monitored / plain | cost share logged "
         "| measured (ratio − 1) | logged − measured | each repeat's ratio | largest never-skipped "
-        "part | CPU time ratio | exact probes per decision | figure sets |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|---|---:|---|---:|",
+        "part | positions scored (scoring all took) | CPU time ratio | exact probes per decision "
+        "| figure sets |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|---|---|---:|---|---:|",
     ]
     for setting in settings(args).values():
         runs: dict[str, list[Run]] = {name: [] for name in args.configs}
@@ -427,8 +434,8 @@ def main() -> None:
             epochs = args.epochs or setting.epochs
             if name == "plain":
                 rows.append(
-                    f"| {setting.describe} | {epochs} | plain | {seconds:.1f} s | 1 | | | | | | 1 "
-                    "| | |"
+                    f"| {setting.describe} | {epochs} | plain | {seconds:.1f} s | 1 | | | | | "
+                    "| | 1 | | |"
                 )
                 continue
             logged = statistics.median(r.logged for r in found)
@@ -445,7 +452,7 @@ def main() -> None:
                 f"| {setting.describe} | {epochs} | {name} | {seconds:.1f} s "
                 f"| **{seconds / plain:.3f}** | {100 * logged:.1f} % | {100 * measured:.1f} % "
                 f"| {100 * (logged - measured):+.1f} | {spread} | {part}, {100 * share:.1f} % "
-                f"| {cpu:.3f} "
+                f"| {middle.positions} | {cpu:.3f} "
                 f"| {exact} | {middle.figures} |"
             )
     header = (
@@ -454,6 +461,8 @@ def main() -> None:
         '"logged − measured": points between the share the monitor logged and the measured one; '
         '"each repeat\'s ratio": each monitored run over the plain run beside it, sorted; '
         '"largest never-skipped part": its share of the rest of training in the median run; '
+        '"positions scored": every how many positions of a sample the monitor scored, and the '
+        "share of training time that scoring every position took over its first steps; "
         '"exact probes per decision": samples per split the exact engine ran on at each '
         "decision of the median run (0: skipped by the budget; `4 × 1, 0 × 12`: 4 at one "
         'decision, then 0 at twelve); "figure sets": decisions whose figures were drawn.'

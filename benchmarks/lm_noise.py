@@ -49,7 +49,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segmentation_noise import auroc, scores
+from segmentation_noise import auroc, scores, stride_of
 from token_noise import tagged
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -261,7 +261,7 @@ def run(
     ours, theirs, oracle = scores(flagged, bad), scores(cv_flags, bad), scores(top, bad)
     log(f"{name} {kind} {rate}: ours F1 {ours[2]:.2f}, CV perplexity {theirs[2]:.2f}")
     return [
-        name, kind if rate else "none", pct(rate), str(int(bad.sum())),
+        name, kind if rate else "none", pct(rate), str(int(bad.sum())), str(stride_of(log_dir)),
         prf(ours), pct(ours[3]), f"{auroc(evidence, bad):.3f}",
         prf(theirs), pct(theirs[3]), f"{oracle[2]:.2f}" if rate else "–",
         f"{auroc(cv.numpy(), bad):.3f}", f"{auroc(loss, bad):.3f}",
@@ -312,10 +312,10 @@ def main() -> None:
                 f"| {min(cv) / fastest:.2f}× |"
             )
     lines = [
-        "| corpus, model | corruption | rate | corrupted | ours P / R / F1 | ours clean flagged "
-        "| ours AUROC | CV perplexity P / R / F1 | CV clean flagged | CV oracle F1 "
-        "| CV AUROC | training loss AUROC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| corpus, model | corruption | rate | corrupted | ours: every n-th token "
+        "| ours P / R / F1 | ours clean flagged | ours AUROC | CV perplexity P / R / F1 "
+        "| CV clean flagged | CV oracle F1 | CV AUROC | training loss AUROC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *("| " + " | ".join(row) + " |" for row in rows),
         "",
         "| corpus, model | plain run | with the monitor | perplexity (2-fold CV) |",

@@ -219,6 +219,19 @@ def our_flags(log_dir: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     return flagged, evidence
 
 
+def stride_of(log_dir: Path) -> int:
+    """Every how many positions the monitor scored at the end (its ``position_stride``, chosen
+    from the measured cost): the largest ratio of a training sample's positions to those
+    scored in the last table, rounded down to a power of two."""
+    tables = sorted((log_dir / "sensitivity").glob("positions_epoch*_step*.csv"))
+    ratio = 1.0
+    with tables[-1].open() as f:
+        for row in csv.DictReader(f):
+            if row["split"] == "train" and float(row["scored"]) > 0:
+                ratio = max(ratio, float(row["positions"]) / float(row["scored"]))
+    return 1 << (int(ratio + 1e-9).bit_length() - 1)
+
+
 def cross_validated(data: Data, masks: Tensor, epochs: int, seed: int) -> Tensor:
     """Out-of-sample probabilities ``(N, K, H, W)`` from two models, each trained on one half."""
     n = len(masks)
@@ -275,6 +288,7 @@ class Row:
     cleanlab_auroc: float
     loss_auroc: float
     cleanlab_seconds: float
+    stride: int = 1  # every how many positions of a mask the monitor scored
 
 
 NAN4 = (float("nan"),) * 4
@@ -313,6 +327,7 @@ def run(data: Data, kind: str, rate: float, epochs: int, label: str, seed: int =
         theirs_auroc,
         auroc(loss.numpy(), bad),
         cleanlab_seconds,
+        stride_of(log_dir),
     )
     log(f"{row.data} {row.kind} {rate}: ours F1 {row.ours[2]:.2f} cleanlab {row.cleanlab[2]:.2f}")
     return row
@@ -335,16 +350,15 @@ def report(
         return f"{100 * v:.1f} %"
 
     lines = [
-        "| data, model, training | corruption | rate | wrong masks | ours P / R / F1 "
-        "| ours clean flagged | ours AUROC | cleanlab P / R / F1 | cleanlab clean flagged "
-        "| cleanlab AUROC "
-        "| CV loss AUROC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data, model, training | corruption | rate | wrong masks | ours: every n-th position "
+        "| ours P / R / F1 | ours clean flagged | ours AUROC | cleanlab P / R / F1 "
+        "| cleanlab clean flagged | cleanlab AUROC | CV loss AUROC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ours, theirs = r.ours, r.cleanlab
         lines.append(
-            f"| {r.data} | {r.kind} | {pct(r.rate)} | {r.bad} "
+            f"| {r.data} | {r.kind} | {pct(r.rate)} | {r.bad} | {r.stride} "
             f"| {ours[0]:.2f} / {ours[1]:.2f} / **{ours[2]:.2f}** | {pct(ours[3])} "
             f"| {r.ours_auroc:.3f} | {theirs[0]:.2f} / {theirs[1]:.2f} / **{theirs[2]:.2f}** "
             f"| {pct(theirs[3])} | {r.cleanlab_auroc:.3f} | {r.loss_auroc:.3f} |"

@@ -143,6 +143,7 @@ NOT_EXPOSED: tuple[tuple[str, str], ...] = (
     ("log_images", "always on: the report shows the figures"),
     ("save_figures", "always on: the report embeds the figures' PNG files"),
     ("budget", "no training time to budget against: evaluate runs every part (fit only)"),
+    ("position_stride", "no training time to budget against: evaluate scores every position"),
     ("strict", "always on: an error stops evaluate instead of leaving holes in the results"),
 )
 _FIXED: dict[str, Any] = {"save_figures": True, "strict": True}

@@ -87,6 +87,13 @@ class MonitorConfig:
             tokens) is flagged when an estimated share of at least this many of its positions
             carry wrong labels, over the training epochs the rule decides (docs/tasks.md,
             "Flags: which samples' labels look wrong").
+        position_stride: score every n-th position of each sample (tokens, pixels), a
+            different one each epoch (from the sample's id plus the epoch), so that n epochs
+            score each position once; 1 scores every position. None: every position, unless
+            scoring them all takes more than half the ``budget`` over the first training steps:
+            then the smallest power of two that keeps them within it (at most 64, and at least
+            16 positions of a sample scored), said in one line (docs/tasks.md, "What scoring
+            costs, and every n-th position"). Multi-label outputs are always scored whole.
         strict: raise errors from monitoring instead of warning and skipping the epoch.
         seed: seed of the probe selection.
     """
@@ -116,6 +123,7 @@ class MonitorConfig:
     ignore_index: int | None = None
     position_quantile: float = 0.9
     position_flag_share: float = 0.02
+    position_stride: int | None = None
     strict: bool = False
     seed: int = 0
 
@@ -127,6 +135,7 @@ class MonitorConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
         _positive_int("chunk_size", self.chunk_size, allow_none=True)
+        _positive_int("position_stride", self.position_stride, allow_none=True)
         if (
             isinstance(self.damage_bits, bool)
             or not isinstance(self.damage_bits, int)

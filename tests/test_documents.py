@@ -118,7 +118,7 @@ def _rows(ids: list[int], loss: list[float]) -> PositionRows:
     whole = torch.zeros(n, dtype=torch.long)
     nan = torch.full((n,), float("nan"), dtype=torch.float64)
     return PositionRows(
-        torch.tensor(ids), whole + 10, torch.tensor(loss, dtype=torch.float64),
+        torch.tensor(ids), whole + 10, whole + 10, torch.tensor(loss, dtype=torch.float64),
         zeros, zeros, zeros, zeros, zeros, whole, nan, nan,
     )  # fmt: skip
 

@@ -119,8 +119,16 @@ def test_a_default_monitor_scores_every_position_and_logs_both_splits(
         assert float(row["log_fi_mean"]) == pytest.approx(float(summary.mean[i]), rel=1e-6)
         assert float(row["log_fi_upper"]) == pytest.approx(float(summary.upper[i]), rel=1e-6)
         assert int(row["worst"]) == int(summary.worst[i])
-    # the estimated share of wrong labels against the batch's own reference, and the flags
-    reference = label_reference(logits, labels, layout, mask)
+    # the estimated share of wrong labels against the reference of the batches scored together
+    # (the whole validation split: fewer than GROUP_STEPS batches), and the flags
+    everything = [default_batch_fn(b) for b in val]
+    with torch.no_grad():
+        together = [found_logits(default_forward(module, b[0])) for b in everything]
+    joined = torch.cat(together)
+    all_labels = torch.cat([b[1] for b in everything])
+    masks = [b[0].get("attention_mask") if isinstance(b[0], dict) else None for b in everything]
+    all_mask = None if masks[0] is None else torch.cat(masks)
+    reference = label_reference(joined, all_labels, layout, all_mask)
     assert reference is not None
     scores = position_scores(logits, labels, layout, mask)
     shares = scores.wrong_share(reference)
@@ -304,7 +312,7 @@ def _rows(ids: list[int], shares: list[float], label: list[float] | None = None)
     zeros = torch.zeros(n, dtype=torch.float64)
     whole = torch.zeros(n, dtype=torch.long)
     return PositionRows(
-        torch.tensor(ids), whole + 10, zeros, zeros, zeros, zeros, zeros, zeros, whole,
+        torch.tensor(ids), whole + 10, whole + 10, zeros, zeros, zeros, zeros, zeros, zeros, whole,
         torch.tensor(shares, dtype=torch.float64),
         torch.tensor(shares if label is None else label, dtype=torch.float64),
     )  # fmt: skip

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
+from lightning_sens.callbacks.position_buffer import PositionBuffer
 from lightning_sens.callbacks.setup import MonitorSetupError, class_labels, shape_of
 from lightning_sens.core.inputs import Inputs, default_forward, found_logits, logits_of, to_device
 from lightning_sens.core.layout import OutputLayout
@@ -99,6 +100,9 @@ class Reader:
         # check from the first batch); None: one class per sample
         self.layout: OutputLayout | None = None
         self.quantile = 0.9  # the upper quantile of a sample's positions that is kept
+        # every n-th position of a sample is scored, from (id + turn) mod n on: n from the
+        # monitor's PositionStride, the turn its epoch (docs/tasks.md)
+        self.stride, self.turn = 1, 0
         self.task: str = "auto"  # MonitorConfig.task and .ignore_index, for read_layout
         self.ignore_index: int | None = None
         # a module without forward(): the first training step's outputs give the layout
@@ -142,10 +146,20 @@ class Reader:
     def position_rows(
         self, ids: Tensor, inputs: Inputs, labels: Tensor, logits: Tensor
     ) -> PositionRows:
-        """Every position of a batch scored and reduced per sample (:attr:`layout` set)."""
+        """A batch's positions (every :attr:`stride`-th of each sample) scored and reduced per
+        sample (:attr:`layout` set)."""
         assert self.layout is not None, "the set-up check reads the layout first"
         mask = self.mask(inputs, labels)
-        return position_rows(ids, labels, logits, self.layout, mask, self.quantile)
+        layout, quantile = self.layout, self.quantile
+        return position_rows(ids, labels, logits, layout, mask, quantile, self.stride, self.turn)
+
+    def keep_positions(
+        self, buffer: PositionBuffer, ids: Tensor, inputs: Inputs, labels: Tensor, logits: Tensor
+    ) -> None:
+        """:meth:`position_rows`, kept in ``buffer`` to be scored with the next batches."""
+        assert self.layout is not None, "the set-up check reads the layout first"
+        mask = self.mask(inputs, labels)
+        buffer.add(ids, labels, logits, self.layout, mask, self.stride, self.turn)
 
     def read(self, batch: Any, where: str = "a batch") -> Batch:
         """(inputs, labels, ids or None) of a batch: ``batch_fn``, then the labels as one class

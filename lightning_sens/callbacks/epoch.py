@@ -154,7 +154,9 @@ class EpochRunner:
         )
         damage = self.prober.trace_damage(module, loaders, at[0])
         with self.budget.timed(FLAGS):
-            extra = {keys.cost_share(): self.budget.cost_share} if self.planner.active else None
+            extra = {keys.cost_share(): self.budget.cost_share} if self.planner.active else {}
+            if layout is not None and layout.task != "multilabel":
+                extra[keys.position_stride()] = float(self.prober.reader.stride)
             report = self.tracker.compute_positions(at[0], at[1], rows, extra, damage)
             self.output.write_positions(trainer.loggers, report, log_dir)
         self._many_flagged(report)

@@ -27,8 +27,10 @@ from lightning_sens.callbacks.planner import (
     VALIDATION_SCORES,
 )
 from lightning_sens.callbacks.policy import Failures
+from lightning_sens.callbacks.position_buffer import PositionBuffer
 from lightning_sens.callbacks.sample_ids import indexable
 from lightning_sens.callbacks.setup import MonitorSetupError
+from lightning_sens.callbacks.stride import PositionStride
 from lightning_sens.callbacks.train_scores import TrainScores
 from lightning_sens.config import MonitorConfig
 from lightning_sens.reporting.images import Describe
@@ -95,11 +97,17 @@ class SensitivityMonitor(Callback):
         self.runner = EpochRunner(c, self.reader, self.tracker, self.failures, describe_fn)
         self.budget = self.runner.budget
         timed = partial(self.budget.timed, TRAIN_STEPS)
-        self._train = TrainScores(self.reader, self.failures.warn_once, timed)
+        self._train = TrainScores(self.reader, self.failures.warn_once, timed, self._stride())
         self._active, self._seen = False, 0
+        self._val_positions = PositionBuffer(c.position_quantile)  # validation's, a few at a time
         self._decisions = 0  # made in this fit, on every rank alike
         self._decision_began = 0.0  # the never-skipped seconds when this decision began
         self._checked: set[tuple[str, int]] = set()  # (stage, trainer) whose setup was checked
+
+    def _stride(self) -> PositionStride:
+        """How many positions of each sample the training steps score: measured in each fit."""
+        tell = self.failures.info_once
+        return PositionStride(self.config.position_stride, self.budget, TRAIN_STEPS, tell)
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -133,6 +141,7 @@ class SensitivityMonitor(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.budget.start()  # from here: the set-up check is part of the monitor's cost
         self._decisions = 0
+        self._train.stride, self.reader.stride = self._stride(), 1  # measured anew each fit
         with self.budget.timed(SETUP_CHECK):
             loops = {"train": trainer.fit_loop, "val": trainer.fit_loop.epoch_loop.val_loop}
             found = {split: planned_loader(loop) for split, loop in loops.items()}
@@ -176,6 +185,7 @@ class SensitivityMonitor(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         with self.budget.timed(TRAIN_STEPS):
             self._train.on_epoch_start()
+            self.reader.turn = trainer.current_epoch  # which n-th positions this epoch scores
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
@@ -238,6 +248,7 @@ class SensitivityMonitor(Callback):
                 self._active = due and not self._thinned(trainer)
             self._decision_began = self._mandatory()
             self._seen = 0
+            self._val_positions.clear()
             self.runner.planner.start_clock()
             self.tracker.reset()
             self.tracker.validation.to(pl_module.device)
@@ -264,9 +275,7 @@ class SensitivityMonitor(Callback):
                     logits = self.reader.forward(pl_module, inputs)
             with self.budget.timed(VALIDATION_SCORES):
                 if self.reader.layout is not None:  # many positions per sample
-                    self.tracker.update_positions(
-                        self.reader.position_rows(ids, inputs, labels, logits)
-                    )
+                    self.reader.keep_positions(self._val_positions, ids, inputs, labels, logits)
                 else:
                     self.tracker.update(ids, labels, logits)
         self._active = not failed[0]
@@ -275,6 +284,13 @@ class SensitivityMonitor(Callback):
         if trainer.sanity_checking:
             return
         with self.budget.timed():
+            if self._active:  # the last batches' positions, kept to be scored together
+                epoch = trainer.current_epoch
+                with self.budget.timed(VALIDATION_SCORES), self.failures.epoch(epoch) as failed:
+                    rows = self._val_positions.rows()
+                    if rows is not None:
+                        self.tracker.update_positions(rows)
+                self._active = not failed[0]
             if self._active and self._seen:
                 self.runner.planner.stop_clock(self._seen)
             # a validation batch that failed on one rank skips the decision on every rank

@@ -49,7 +49,7 @@ _FIXES = {
         "every_n_epochs > 1 scores every n-th validation only",
     ),
     TRAIN_STEPS: (
-        "keeping the training steps' logits",
+        "scoring the training steps' logits (every n-th position of a model with many)",
         "score_training_steps=False leaves it out; the training curves then come from a probe",
     ),
 }

@@ -18,6 +18,7 @@ Each rank keeps its own rows on its device, in a torchmetrics ``Metric``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -29,8 +30,10 @@ from torch.utils.data import DataLoader
 
 from lightning_sens.callbacks.batches import Reader
 from lightning_sens.callbacks.internals import LoaderTap
+from lightning_sens.callbacks.position_buffer import PositionBuffer
 from lightning_sens.callbacks.sample_ids import IndexRecorder, indexable
 from lightning_sens.callbacks.setup import MonitorSetupError, class_labels
+from lightning_sens.callbacks.stride import PositionStride
 from lightning_sens.core.inputs import found_logits, logits_of
 from lightning_sens.core.layout import read_layout
 from lightning_sens.core.outputs import position_scores
@@ -73,11 +76,15 @@ class TrainScores:
 
     A model with many positions per sample (the reader's ``layout``) has each step's
     positions scored and reduced per sample at the step (:class:`PositionRows`), so that no
-    step's ``(B, T, V)`` logits are kept.
+    step's ``(B, T, V)`` logits are kept; every position, or every n-th of each sample where
+    scoring them all costs more than the budget leaves to it (``stride``).
 
     Args:
         reader: reads a batch (inputs, labels, ids or None) and, for many positions, scores it.
         warn: one-time warnings (key, message).
+        timed: a context charging its block to the budget's training steps.
+        stride: chooses how many positions of each sample to score (the reader's ``stride``);
+            None: every position.
 
     Attributes:
         sample_shape: one sample's logits as the model returns them (``(K,)``, or ``(1,)`` or
@@ -92,8 +99,10 @@ class TrainScores:
         reader: Reader,
         warn: Callable[[str, str], None],
         timed: Callable[[], AbstractContextManager[object]] = nullcontext,
+        stride: PositionStride | None = None,
     ) -> None:
         self.reader = reader
+        self.stride = stride  # how many positions of a sample to score: the reader's stride
         self.read = reader.read
         self.warn = warn
         self.timed = timed  # charges the hook's work inside the user's forward to the budget
@@ -105,8 +114,8 @@ class TrainScores:
         # each step's (ids, labels, logits), handed to ``_rows`` once per decision: a metric's
         # update per step costs more than the rest of the step's scoring on a small model
         self._steps: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._positions = Samples(PositionRows.dtypes())  # many positions: reduced per step
-        self._position_steps: list[PositionRows] = []
+        self._positions = Samples(PositionRows.dtypes())  # many positions: per sample
+        self._position_steps = PositionBuffer(reader.quantile)  # scored a few steps at a time
         self._ids = IndexRecorder()
         self._tap: LoaderTap | None = None
         self._handles: list[Any] = []
@@ -114,6 +123,7 @@ class TrainScores:
         self._module: str | None = None  # the module whose output is the logits; None: search
         self._check_labels = True
         self._streamed = False  # a training loader whose samples have no index
+        self._strict = False  # the monitor's strict: errors raise
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -199,6 +209,7 @@ class TrainScores:
     ) -> None:
         """Keep the logits of a training step; on an error, stop scoring the training steps
         with a warning (``strict``: raise)."""
+        self._strict = strict
         recorded = self._ids.next_batch()  # every batch takes its indices, scored or not
         if not isinstance(trainer.train_dataloader, DataLoader):
             recorded = None  # several training loaders: their samplers' records interleave
@@ -235,9 +246,13 @@ class TrainScores:
             return
         if deferred and self.reader.layout is None:  # one class per sample after all
             labels = class_labels(labels, "a training batch")
-        if self.reader.layout is not None:
-            self._position_steps.append(self.reader.position_rows(ids, inputs, labels, logits))
+        layout = self.reader.layout
+        if layout is not None:
+            self.reader.keep_positions(self._position_steps, ids, inputs, labels, logits)
             self.pending += size
+            if self.stride is not None and layout.task != "multilabel":
+                positions = math.prod(layout.positions) - int(layout.shift)
+                self.reader.stride = self.stride.step(positions)
             return
         if self.pending == 0 and not self._fits(logits.shape[-1]):
             return self._disable(
@@ -370,8 +385,18 @@ class TrainScores:
     def collect_positions(self) -> PositionRows | None:
         """:meth:`collect` for a model with many positions: every rank's per-sample rows since
         the last call, on the CPU; None where no rank kept any. A collective."""
-        if self._position_steps:
-            rows = PositionRows.cat(self._position_steps)
+        try:  # the last steps' positions; a failure leaves this rank out, not the collective
+            rows = self._position_steps.rows()
+        except Exception as error:
+            if self._strict:
+                raise
+            rows = None
+            self._disable(
+                "error",
+                f"SensitivityMonitor stopped scoring the training steps ({type(error).__name__}: "
+                f"{error}); the training curves come from the probe (strict=True raises).",
+            )
+        if rows is not None:
             self._positions.update(**{name: getattr(rows, name) for name in rows.names()})
         found = self._positions.gathered()
         self._forget()
@@ -405,7 +430,7 @@ class TrainScores:
         """Drop the rows kept since the last :meth:`collect`."""
         self._steps = []
         self._rows.reset()
-        self._position_steps = []
+        self._position_steps.clear()
         self._positions.reset()
         self.pending = 0
 

@@ -48,6 +48,7 @@ __all__ = [
     "loss",
     "map_relative",
     "persistent_count",
+    "position_stride",
     "route",
     "undecided_classes",
     "unroute",
@@ -189,6 +190,11 @@ def layers_at_closed_form(split: str) -> str:
 def cost_share() -> str:
     """The monitor's seconds per second of the rest of training, since training started."""
     return f"{MONITOR}/cost_share"
+
+
+def position_stride() -> str:
+    """Every how many positions of a sample the monitor scores (models with many positions)."""
+    return f"{MONITOR}/position_stride"
 
 
 def exact_probe_size() -> str:

@@ -20,6 +20,7 @@ from torch import Tensor
 from lightning_sens.core.layout import OutputLayout
 from lightning_sens.core.outputs import position_scores
 from lightning_sens.core.references import label_reference
+from lightning_sens.core.strided import Strided, stride_positions
 from lightning_sens.core.trace import TraceResult
 from lightning_sens.damage import LayerDamage
 from lightning_sens.flagging import robust_z
@@ -39,6 +40,7 @@ __all__ = [
     "position_columns",
     "position_metrics",
     "position_rows",
+    "strided_rows",
     "traced_layers",
 ]
 
@@ -50,6 +52,8 @@ class PositionRows:
     Attributes:
         ids: sample ids ``(N,)``.
         positions: the valid positions of each sample ``(N,)``.
+        scored: how many of them were scored (fewer where every n-th position is scored:
+            :func:`position_rows`' ``stride``) ``(N,)``; the columns below are over those.
         loss: the mean negative log-likelihood of the labels over them ``(N,)``.
         accuracy: the share of them whose most probable class is the label ``(N,)``.
         log_fi_mean: the mean of log FI with the label over them ``(N,)``.
@@ -67,6 +71,7 @@ class PositionRows:
 
     ids: Tensor
     positions: Tensor
+    scored: Tensor
     loss: Tensor
     accuracy: Tensor
     log_fi_mean: Tensor
@@ -83,7 +88,7 @@ class PositionRows:
 
     @staticmethod
     def dtypes() -> dict[str, torch.dtype]:
-        whole = ("ids", "positions", "worst")
+        whole = ("ids", "positions", "scored", "worst")
         return {f: torch.int64 if f in whole else torch.float64 for f in PositionRows.names()}
 
     @staticmethod
@@ -115,23 +120,62 @@ def position_rows(
     layout: OutputLayout,
     mask: Tensor | None = None,
     quantile: float = 0.9,
+    stride: int = 1,
+    turn: int = 0,
 ) -> PositionRows:
     """Score a batch's positions from its logits (closed forms, no backward pass) and reduce
-    them per sample, on the logits' device."""
+    them per sample, on the logits' device.
+
+    With ``stride`` > 1 (one class or one sigmoid per position), every ``stride``-th position
+    of each sample is scored, from ``(id + turn) mod stride`` on
+    (:func:`~lightning_sens.core.strided.stride_positions`, then :func:`strided_rows`)."""
+    if stride == 1 or layout.task == "multilabel":
+        return _rows(ids, logits, labels, layout, mask, quantile, None)
+    offset = ids.detach().to(labels.device).long() + turn
+    return strided_rows(
+        ids, stride_positions(logits, labels, layout, mask, offset, stride), quantile
+    )
+
+
+def strided_rows(ids: Tensor, kept: Strided, quantile: float = 0.9) -> PositionRows:
+    """:func:`position_rows` of the positions ``kept`` (of one batch, or of several joined:
+    their reference is then made from all of them): the means and the quantile are those of
+    the positions kept, the bound log Σ_t FI_t is scaled to all the sample's positions (the sum
+    over those kept × counted / kept), ``worst`` indexes all of them, and ``positions`` counts
+    all of them, ``scored`` those kept."""
+    return _rows(ids, kept.logits, kept.labels, kept.layout, kept.mask, quantile, kept)
+
+
+def _rows(
+    ids: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    layout: OutputLayout,
+    mask: Tensor | None,
+    quantile: float,
+    kept: Strided | None,
+) -> PositionRows:
     scores = position_scores(logits, labels, layout, mask)
     summary = scores.summary(quantile)
     reference = label_reference(logits, labels, layout, mask)
     nan = torch.full_like(summary.mean, float("nan"))
+    counted, total, worst = summary.count, summary.total, summary.worst
+    if kept is not None:
+        counted = kept.counted.to(counted.device)
+        total = total + (counted.double() / summary.count.clamp(min=1)).log()
+        found = kept.index.to(worst.device).gather(1, worst.clamp(min=0).unsqueeze(1))
+        worst = torch.where(worst >= 0, found.squeeze(1), worst)
     return PositionRows(
         ids.detach().to(summary.count.device).long(),
+        counted,
         summary.count,
         summary.loss,
         summary.accuracy,
         summary.mean,
         summary.upper,
-        summary.total,
+        total,
         summary.pred_mean,
-        summary.worst,
+        worst,
         nan if reference is None else scores.wrong_share(reference),
         nan if reference is None else scores.wrong_share(reference, other_class=False),
     )
