@@ -39,7 +39,7 @@ from lightning_sens.core.inputs import (
 )
 from lightning_sens.core.layout import OutputLayout, canonical_logits, kept_positions
 from lightning_sens.core.results import LayerFI, ParameterFI
-from lightning_sens.core.routes import WEIGHT_LAYERS
+from lightning_sens.core.routes import conv1d_class, is_weight_layer, weight_rows
 from lightning_sens.core.trace import TraceResult
 
 __all__ = [
@@ -178,7 +178,7 @@ def predict_damage(
     quantisable = [
         name
         for name in parameters.layers
-        if isinstance(model.get_submodule(name), WEIGHT_LAYERS)
+        if is_weight_layer(model.get_submodule(name))
         and model.get_submodule(name).weight.requires_grad
     ]
     missing = [n for n in quantisable if parameters.layers[n].weight_channel_metric is None]
@@ -212,11 +212,12 @@ def predict_damage(
                     0.5 * delta**2 * float(layer.scale_metric.mean())
                 )
         channel = layer.weight_channel_metric
-        if channel is not None and isinstance(module, WEIGHT_LAYERS):
+        if channel is not None and is_weight_layer(module):
             per_channel_metric = channel.mean(0)
             for b in bits:
                 for per in (False, True):
-                    variance = quantization_error(module.weight, b, per).to(channel.device)
+                    error = quantization_error(weight_rows(module), b, per)
+                    variance = error.to(channel.device)
                     kl = 0.5 * float((variance * per_channel_metric).sum())
                     predicted[Perturbation("quant", b, per)] = kl
         found[name] = LayerDamage(name, count, metric, predicted)
@@ -231,12 +232,14 @@ def _perturbed(
     if perturbation.kind == "scale":
         return {n: p * (1 + perturbation.size) for n, p in own.items()}
     if perturbation.kind == "quant":
-        if not isinstance(module, WEIGHT_LAYERS) or "weight" not in own:
+        if not is_weight_layer(module) or "weight" not in own:
             raise ValueError(
                 f"perturbation {perturbation.label!r} quantises the weight of a Linear or "
                 f"convolution layer; got a {type(module).__name__}."
             )
         bits = int(perturbation.size)
+        if conv1d_class(module) is not None:  # weight (in, out): channels are its columns
+            return {"weight": quantize(own["weight"].t(), bits, perturbation.per_channel).t()}
         return {"weight": quantize(own["weight"], bits, perturbation.per_channel)}
     count = sum(p.numel() for p in own.values())
     rms = (sum(float(p.double().square().sum()) for p in own.values()) / max(count, 1)) ** 0.5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -138,3 +140,38 @@ def test_a_layer_that_does_not_reach_the_logits_predicts_no_damage() -> None:
     assert predicted["spare"].quant == {(4, False): 0.0, (4, True): 0.0}
     assert measure_damage(model, x, "spare", Perturbation("quant", 4, True)) == 0.0
     assert predicted["used"].quant[4, True] > 0
+
+
+def test_a_conv1d_is_damaged_as_the_linear_layer_it_stores_transposed() -> None:
+    """Hugging Face's ``Conv1D`` and an ``nn.Linear`` with the transposed weight: the same
+    predicted and measured damage, quantisation per output channel included (its columns)."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(5, 4).double()  # nf = 5 outputs, nx = 4 inputs; W is (4, 5)
+    scales = torch.tensor([0.1, 1.0, 3.0, 0.5, 2.0], dtype=torch.float64)  # per output column
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(4, 5, dtype=torch.float64) * scales)
+    linear = nn.Linear(4, 5).double()
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    head = nn.Linear(5, 3).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    damage, measured = {}, {}
+    for name, layer in (("conv1d", conv), ("linear", linear)):
+        model = nn.Sequential(layer, nn.Tanh(), copy.deepcopy(head))
+        scores = sensitivity(model, x, "pred", inputs=False, channel_metric=True)
+        assert scores.parameters is not None
+        damage[name] = predict_damage(model, scores.parameters, bits=(2, 4))["0"].predicted
+        measured[name] = [
+            measure_damage(model, x, "0", Perturbation("quant", 2, per)) for per in (False, True)
+        ]
+    assert set(damage["conv1d"]) == set(damage["linear"])
+    for key, value in damage["linear"].items():
+        assert damage["conv1d"][key] == pytest.approx(value, rel=1e-10), key
+    assert measured["conv1d"] == pytest.approx(measured["linear"], rel=1e-10)
+    # per channel is not per tensor here: the columns' scales differ
+    per_tensor, per_channel = (damage["conv1d"][Perturbation("quant", 2, p)] for p in (0, 1))
+    assert per_channel < 0.5 * per_tensor

@@ -86,6 +86,36 @@ def test_the_sampled_trace_of_a_language_model_matches_its_definition() -> None:
         _within(layer.metric, layer.standard_error, truth, name)
 
 
+def test_the_sampled_trace_of_gpt2_covers_its_conv1d_layers() -> None:
+    """GPT-2's attention and MLP layers are Hugging Face's ``Conv1D``: on the fast route, so
+    the trace estimates them (within five standard errors of the brute force) instead of
+    leaving them out."""
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(4)
+    config = GPT2Config(vocab_size=9, n_positions=8, n_embd=6, n_layer=1, n_head=2, n_inner=8)
+    model = GPT2LMHeadModel(config).double().eval()
+
+    class Logits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gpt = model
+
+        def forward(self, ids: Tensor) -> Tensor:
+            return self.gpt(input_ids=ids).logits
+
+    wrapped = Logits()
+    ids = torch.randint(0, 9, (2, 4))
+    layout = read_layout(torch.zeros(2, 4, 9), torch.zeros(2, 4).long())
+    found = sampled_metric_trace(wrapped, ids, layout=layout, draws=DRAWS)
+    conv1d = [f"gpt.transformer.h.0.{n}" for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc")]
+    for name in conv1d:
+        assert name in found.layers, (name, found.skipped.get(name))
+        truth = metric_trace(wrapped, ids, name)
+        _within(found.layers[name].metric, found.layers[name].standard_error, truth, name)
+
+
 def test_the_sampled_trace_of_a_segmentation_model_matches_its_definition() -> None:
     torch.manual_seed(1)
     model = TinySegmenter().double().eval()

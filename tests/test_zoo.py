@@ -224,3 +224,33 @@ def test_a_model_handed_over_in_training_mode_is_measured_in_eval_mode() -> None
     assert in_eval.parameters is not None
     for name, layer in in_eval.parameters.layers.items():
         assert torch.equal(in_training.parameters.layers[name].parameters.fi, layer.parameters.fi)
+
+
+def test_hugging_face_conv1d_takes_the_linear_routes_with_its_columns_as_channels() -> None:
+    """GPT-2's ``Conv1D`` (x @ W + b, W stored (in, out)) is on a fast route, and its
+    per-channel weight metric and channel-scaling FI, taken over W's columns, equal the
+    float64 brute force."""
+    pytest.importorskip("transformers")
+    case = next(c for c in ZOO if c.name == "hf_gpt2")
+    model, x, labels = build(case)
+    got = sensitivity(model, x, labels, inputs=False, channel_metric=True)
+    assert got.parameters is not None
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv1d) == 4  # attention in and out, MLP in and out
+    for name in conv1d:
+        assert got.parameters.layers[name].method in ("linear", "direct", "ghost"), name
+    chosen = ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_proj"]
+    ref_model, ref_x = _float64(model, x, case)
+    want = reference.parameter_fi(ref_model, ref_x, labels, layers=chosen)
+    for name in chosen:
+        mine, ref = got.parameters.layers[name], want.layers[name]
+        assert mine.weight_channel_metric is not None
+        assert ref.weight_channel_metric is not None
+        width = model.get_submodule(name).weight.shape[1]
+        assert mine.weight_channel_metric.shape[-1] == width  # one per column
+        assert_close(
+            f"{name} channel metric", mine.weight_channel_metric, ref.weight_channel_metric
+        )
+        assert mine.channel_scale is not None
+        assert ref.channel_scale is not None
+        assert_close(f"{name} channel fi", mine.channel_scale.fi, ref.channel_scale.fi)

@@ -335,6 +335,25 @@ def hf_bert(classes: int = CLASSES) -> nn.Module:
     return BertForSequenceClassification(config)
 
 
+def hf_gpt2(classes: int = CLASSES) -> nn.Module:
+    """GPT-2, whose attention and MLP layers are Hugging Face's ``Conv1D`` (a Linear stored
+    transposed), classifying by its last token that is not padding."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config(
+        vocab_size=20,
+        n_positions=16,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        n_inner=16,
+        num_labels=classes,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
+    return GPT2ForSequenceClassification(config)
+
+
 def hf_vit(classes: int = CLASSES) -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -401,6 +420,13 @@ ZOO = [
         hf_bert,
         tokens(20, 6, padded=True),
         "bert.embeddings.word_embeddings",
+        requires="transformers",
+    ),
+    ZooCase(
+        "hf_gpt2",
+        hf_gpt2,
+        tokens(20, 6, padded=True),
+        "transformer.wte",
         requires="transformers",
     ),
     ZooCase("hf_vit", hf_vit, _pixel_values, requires="transformers"),

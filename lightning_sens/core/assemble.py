@@ -15,7 +15,7 @@ from lightning_sens.core.fi import fi_from_contrast_columns, fi_from_contrast_gr
 from lightning_sens.core.frame import MetricFrame, metric_frame
 from lightning_sens.core.plan import Ownership
 from lightning_sens.core.results import LayerFI, ParameterFI
-from lightning_sens.core.routes import LayerGram, RouteResult, channel_axes, norm2
+from lightning_sens.core.routes import LayerGram, RouteResult, channel_axes, norm2, weight_rows
 
 __all__ = ["parameter_result", "zero_gram"]
 
@@ -122,7 +122,7 @@ def _weight_metric(
     a layer whose parameters do not reach the logits); None where it is not known."""
     weight = getattr(layer, "weight", None)
     if gram.method == "unused" and isinstance(weight, Tensor):
-        return gram.gram.new_zeros(gram.gram.shape[0], weight.shape[0])
+        return gram.gram.new_zeros(gram.gram.shape[0], weight_rows(layer).shape[0])
     if sources != 1:
         return None
     if from_route is not None:

@@ -38,6 +38,14 @@ __all__ = ["parameter_fi"]
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
+def _stored_in_out(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2): x @ W + b with W of shape (in, out)."""
+    return any(
+        c.__name__ == "Conv1D" and c.__module__.startswith("transformers")
+        for c in type(module).__mro__
+    )
+
+
 def _distinct(model: nn.Module, names: list[str]) -> list[str]:
     """``names`` with every parameter counted once (tied weights have several names)."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
@@ -148,10 +156,14 @@ def parameter_fi(
                     continue
                 found[layer, "metric"].append(metric_diagonal(J.to(torch.float64), p).sum())
                 weight = f"{layer}.weight" if layer else "weight"
-                if isinstance(model.get_submodule(layer), _WEIGHTED) and weight in jac:
+                module = model.get_submodule(layer)
+                if (isinstance(module, _WEIGHTED) or _stored_in_out(module)) and weight in jac:
                     J_w = jac[weight].to(torch.float64)
                     diagonal = metric_diagonal(J_w.reshape(len(p), -1), p)
-                    per_channel = diagonal.reshape(J_w.shape[1], -1).sum(-1)
+                    diagonal = diagonal.reshape(J_w.shape[1:])
+                    if _stored_in_out(module):  # (in, out): output channels are columns
+                        diagonal = diagonal.t()
+                    per_channel = diagonal.reshape(diagonal.shape[0], -1).sum(-1)
                     found[layer, "weight_channel_metric"].append(per_channel)
                 # Scaling directions are numerically null below the tolerance times the most any
                 # direction of the same norm can do: trace(QᵀJJᵀQ)·‖θ_l‖² (docs/derivations.md,

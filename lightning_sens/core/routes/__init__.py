@@ -19,7 +19,10 @@ from lightning_sens.core.routes.base import (
     Method,
     Route,
     RouteResult,
+    conv1d_class,
+    is_weight_layer,
     norm2,
+    weight_rows,
 )
 from lightning_sens.core.routes.embedding import EmbeddingRoute
 from lightning_sens.core.routes.jacobian import JacobianCall, ParamUse, jacobian_route
@@ -38,9 +41,12 @@ __all__ = [
     "Route",
     "RouteResult",
     "channel_axes",
+    "conv1d_class",
     "fast_route",
+    "is_weight_layer",
     "jacobian_route",
     "norm2",
+    "weight_rows",
 ]
 
 ROUTES: dict[type[nn.Module], type[Route]] = {
@@ -81,7 +87,11 @@ def _behaves_like(module: nn.Module, base: type[nn.Module]) -> bool:
 
 
 def fast_route(module: nn.Module) -> type[Route] | None:
-    """The fast route of a layer that behaves like a type in :data:`ROUTES`, else None."""
+    """The fast route of a layer that behaves like a type in :data:`ROUTES` or like Hugging
+    Face's ``Conv1D`` (a Linear stored transposed), else None."""
+    hf = conv1d_class(module)
+    if hf is not None:
+        return WeightedRoute if _behaves_like(module, hf) else None
     for base in type(module).__mro__:
         if base in ROUTES:
             return ROUTES[base] if _behaves_like(module, base) else None
@@ -116,6 +126,9 @@ def channel_axes(module: nn.Module) -> dict[str, int] | None:
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return None
     trainable = {name for name, p in module.named_parameters(recurse=False) if p.requires_grad}
+    if conv1d_class(module) is not None:  # weight (in, out): the output channel is axis 1
+        axes = {"weight": 1, "bias": 0}
+        return {n: axes[n] for n in trainable} if trainable <= set(axes) else None
     for kinds, axes in _CHANNELS:
         if isinstance(module, kinds):
             return {n: axes[n] for n in trainable} if trainable <= set(axes) else None

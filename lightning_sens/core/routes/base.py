@@ -24,11 +24,40 @@ __all__ = [
     "Method",
     "Route",
     "RouteResult",
+    "conv1d_class",
+    "is_weight_layer",
     "norm2",
+    "weight_rows",
 ]
 
 WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-"""Layers whose ``weight`` is what quantisation rounds (output channel on axis 0)."""
+"""Layers whose ``weight`` is what quantisation rounds (output channel on axis 0); Hugging
+Face's ``Conv1D`` too (:func:`is_weight_layer`), whose weight is stored transposed."""
+
+
+def conv1d_class(module: nn.Module) -> type | None:
+    """Hugging Face's ``Conv1D`` among the module's classes, or None: GPT-2's linear layer,
+    ``x @ W + b`` with W stored ``(in, out)``. Found by name, so that transformers is not
+    imported for models that do not use it."""
+    for base in type(module).__mro__:
+        if base.__name__ == "Conv1D" and base.__module__.startswith("transformers"):
+            return base
+    return None
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """Whether quantisation rounds the layer's ``weight``: :data:`WEIGHT_LAYERS` and
+    Hugging Face's ``Conv1D``."""
+    return isinstance(module, WEIGHT_LAYERS) or conv1d_class(module) is not None
+
+
+def weight_rows(module: nn.Module) -> Tensor:
+    """The layer's weight with its output channels on axis 0 (a view: ``Conv1D``'s
+    transposed)."""
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return weight.t() if conv1d_class(module) is not None else weight
+
 
 Method = Literal[
     "linear", "direct", "ghost", "norm", "embedding", "recurrent", "jacobian", "unused"

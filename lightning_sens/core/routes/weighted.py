@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_sens.core.frame import MetricFrame
-from lightning_sens.core.routes.base import FastCall, Features, LayerGram, Route, RouteResult
+from lightning_sens.core.routes.base import (
+    FastCall,
+    Features,
+    LayerGram,
+    Route,
+    RouteResult,
+    conv1d_class,
+)
 
 __all__ = ["PatchGram", "WeightedRoute", "unfold_conv"]
 
@@ -143,11 +150,14 @@ class PatchGram:
 
 
 class WeightedRoute(Route):
-    """``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (grouped and depthwise included)."""
+    """``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (grouped and depthwise included), and
+    Hugging Face's ``Conv1D`` (a Linear whose weight is stored ``(in, out)``: the Gram of its
+    weight is the same, its output channels are the weight's columns)."""
 
     def prepare(self) -> None:
         module = self.module
-        self.linear = isinstance(module, nn.Linear)
+        transposed = conv1d_class(module) is not None
+        self.linear = isinstance(module, nn.Linear) or transposed
         self.channel_dim = -1 if self.linear else 1
         self.groups = 1 if self.linear else int(module.groups)  # type: ignore[arg-type]
         self.train_weight = bool(module.weight.requires_grad)
@@ -155,7 +165,7 @@ class WeightedRoute(Route):
         self.train_bias = isinstance(bias, Tensor) and bias.requires_grad
         patches = [self._patches(call.x.to(self.dtype)) for call in self.calls]
         inputs = patches[0] if len(patches) == 1 else torch.cat(patches, dim=2)
-        p = int(self.calls[0].tensors["weight"].shape[0]) // self.groups
+        p = int(self.calls[0].tensors["weight"].shape[1 if transposed else 0]) // self.groups
         K1 = self.num_cotangents
         self.grams = PatchGram(inputs, p, self.train_weight, self.train_bias, K1)
         self.method = self.grams.method
