@@ -248,3 +248,44 @@ def test_a_monitor_whose_scores_exceed_the_budget_scores_every_nth_position(
         assert int(row["scored"]) == int(expected.scored[i])
         assert float(row["log_fi_mean"]) == pytest.approx(float(expected.log_fi_mean[i]), rel=1e-5)
         assert int(row["worst"]) == int(expected.worst[i])
+
+
+def test_a_fixed_position_stride_is_kept_from_the_first_step(tmp_path: Path) -> None:
+    """``position_stride=2``: every second position from the first step on, whatever the cost,
+    and the validation rows are those of position_rows with that stride and the epoch's turn."""
+    train, val = tasks.mask_loaders()
+    monitor = SensitivityMonitor(position_stride=2, budget=None)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        accelerator="cpu",
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=CSVLogger(tmp_path),
+    )
+    pl.seed_everything(0, verbose=False)
+    module = tasks.Segmenter()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        trainer.fit(module, train, val)
+    assert monitor.reader.stride == 2
+    tables = sorted(paths.folder(Path(trainer.log_dir or tmp_path)).glob("positions_epoch*.csv"))
+    assert len(tables) == 2
+    for epoch, table in enumerate(tables):
+        with table.open(newline="") as stream:
+            rows = list(csv.DictReader(stream))
+        assert {int(r["scored"]) for r in rows} <= {18}  # 36 valid pixels, every second
+        if epoch == 1:
+            x, y = next(iter(val))
+            module.eval()
+            with torch.no_grad():
+                z = module(x).double()
+            ids = torch.arange(len(y))
+            want = position_rows(ids, y, z, read_layout(z, y), None, 0.9, 2, epoch)
+            got = [r for r in rows if r["split"] == "val"][: len(y)]
+            for i, row in enumerate(got):
+                assert float(row["log_fi_mean"]) == pytest.approx(
+                    float(want.log_fi_mean[i]), rel=1e-5
+                )
+                assert int(row["worst"]) == int(want.worst[i])

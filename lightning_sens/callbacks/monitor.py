@@ -92,6 +92,7 @@ class SensitivityMonitor(Callback):
         self.reader = Reader(batch_fn, forward_fn)
         self.reader.quantile = c.position_quantile
         self.reader.task, self.reader.ignore_index = c.task, c.ignore_index
+        self.reader.stride = c.position_stride or 1  # every n-th position (fit: measured)
         self.tracker = SensitivityTracker(c)
         self.failures = Failures(c.strict)
         self.runner = EpochRunner(c, self.reader, self.tracker, self.failures, describe_fn)
@@ -141,7 +142,8 @@ class SensitivityMonitor(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.budget.start()  # from here: the set-up check is part of the monitor's cost
         self._decisions = 0
-        self._train.stride, self.reader.stride = self._stride(), 1  # measured anew each fit
+        self._train.stride = self._stride()  # measured anew each fit (or the option's)
+        self.reader.stride = self._train.stride.stride
         with self.budget.timed(SETUP_CHECK):
             loops = {"train": trainer.fit_loop, "val": trainer.fit_loop.epoch_loop.val_loop}
             found = {split: planned_loader(loop) for split, loop in loops.items()}
