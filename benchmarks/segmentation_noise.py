@@ -28,9 +28,11 @@ filter, each over a plain run without the monitor; plain and monitored runs alte
 the faster of each pair counts.
 
 Usage: pip install -e ".[bench]"; python benchmarks/segmentation_noise.py [--small] [--out TAG]
-[--data all|fashion|digits] (without cleanlab installed, its columns are nan)
-writes benchmarks/results/segmentation_noise_<TAG>.md (TAG: ``cpu``; ``small`` with ``--small``,
-a smoke test of a couple of minutes on 2 CPU cores), or the path TAG where it ends in .md.
+[--data all|fashion|digits] [--strides] (without cleanlab installed, its columns are nan)
+writes benchmarks/results/segmentation_noise_<TAG>.md (TAG: ``cpu``; ``small`` with
+``--small``, a smoke test of a couple of minutes on 2 CPU cores), or the path TAG where it ends
+in .md; ``--strides``: the flags at fixed ``position_stride`` values instead, in
+segmentation_strides_<TAG>.md.
 """
 
 from __future__ import annotations
@@ -180,8 +182,16 @@ def load(name: str, small: bool) -> Data:
     return Data("digits (8 × 8)", "FCN", x, masks_of(x, y, 0.3), xv, masks_of(xv, yv, 0.3))
 
 
-def fit(data: Data, masks: Tensor, epochs: int, monitor: bool, seed: int) -> tuple[float, Path]:
-    """Train with Lightning (with or without a default monitor); (seconds, log folder)."""
+def fit(
+    data: Data,
+    masks: Tensor,
+    epochs: int,
+    monitor: bool,
+    seed: int,
+    options: dict[str, object] | None = None,
+) -> tuple[float, Path]:
+    """Train with Lightning (with or without a monitor, at its defaults unless ``options``);
+    (seconds, log folder)."""
     L.seed_everything(seed, verbose=False)
     model = Segmenter(data.net())
     train = DataLoader(TensorDataset(data.images, masks), batch_size=BATCH, shuffle=True)
@@ -190,7 +200,7 @@ def fit(data: Data, masks: Tensor, epochs: int, monitor: bool, seed: int) -> tup
     trainer = L.Trainer(
         max_epochs=epochs,
         logger=TensorBoardLogger(root, name="run"),
-        callbacks=[SensitivityMonitor()] if monitor else [],
+        callbacks=[SensitivityMonitor(**(options or {}))] if monitor else [],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -386,15 +396,61 @@ def report(
     return "\n".join(lines) + "\n"
 
 
+def strides(args: argparse.Namespace) -> str:
+    """The flags at fixed strides (``position_stride``: every n-th pixel), on clean masks and
+    with 10 % mixed corruption: why a stride leaves a mask where labels are judged at least
+    4 / ``position_flag_share`` of its pixels (docs/tasks.md, "What scoring costs, and every n-th
+    position")."""
+    lines = [
+        "| data, model, training | every n-th pixel | clean masks flagged (clean data) "
+        "| F1, 10 % mixed | clean masks flagged, 10 % mixed |",
+        "|---|---|---|---|---|",
+    ]
+    plans = [("fashion", SMALL_EPOCHS if args.small else EPOCHS, (1, 2, 4, 8))]
+    plans += [] if args.small else [("digits", DIGITS_EPOCHS[0], (1, 2, 4))]
+    for name, epochs, chosen in plans:
+        data = load(name, args.small)
+        masks, changed = corrupt(data.masks, 0.1, "mixed", 1)
+        bad = changed.numpy()
+        for stride in chosen:
+            options = {"position_stride": stride}
+            log_dir = fit(data, data.masks, epochs, True, 0, options)[1]
+            clean = scores(our_flags(log_dir, len(data.masks))[0], np.zeros(len(bad), bool))[3]
+            found = scores(
+                our_flags(fit(data, masks, epochs, True, 0, options)[1], len(bad))[0], bad
+            )
+            lines.append(
+                f"| {data.name}, {data.model}, {epochs} epochs | {stride} | {100 * clean:.1f} % "
+                f"| {found[2]:.2f} | {100 * found[3]:.1f} % |"
+            )
+            log(lines[-1])
+    lines += [
+        "",
+        f"`python benchmarks/segmentation_noise.py --strides{' --small' if args.small else ''}`: "
+        f"batch {BATCH}, one seed, the monitor at its defaults but for `position_stride`. "
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="few images and epochs: a smoke test")
     parser.add_argument("--out", default=None, help="results tag, or a path ending in .md")
     parser.add_argument("--data", choices=("all", "fashion", "digits"), default="all")
+    parser.add_argument(
+        "--strides", action="store_true", help="the flags at fixed strides instead (its own file)"
+    )
     args = parser.parse_args()
     tag = args.out or ("small" if args.small else "cpu")
     out = Path(tag) if tag.endswith(".md") else Path(__file__).parent / "results"
-    out = out if tag.endswith(".md") else out / f"segmentation_noise_{tag}.md"
+    stem = "segmentation_strides" if args.strides else "segmentation_noise"
+    out = out if tag.endswith(".md") else out / f"{stem}_{tag}.md"
+    if args.strides:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(strides(args))
+        return log(f"wrote {out}")
     start = time.perf_counter()
     rows, costs = [], {}
     plans = (

@@ -19,7 +19,13 @@ from torch import Tensor
 
 from lightning_sens import SensitivityMonitor
 from lightning_sens.callbacks.budget import TimeBudget
-from lightning_sens.callbacks.stride import MAX_STRIDE, PART, PositionStride
+from lightning_sens.callbacks.stride import (
+    MAX_STRIDE,
+    MIN_SCORED,
+    PART,
+    PositionStride,
+    least_scored,
+)
 from lightning_sens.core.layout import read_layout
 from lightning_sens.core.strided import stride_positions
 from lightning_sens.reporting import paths
@@ -197,41 +203,60 @@ def test_a_fixed_stride_or_no_budget_is_kept() -> None:
         assert stride.stride == expected
 
 
-def test_the_stride_leaves_sixteen_positions_of_a_sample() -> None:
+def test_the_stride_leaves_enough_positions_of_a_sample() -> None:
     stride = PositionStride(None, TimeBudget(0.05), "training steps", lambda key, text: None)
     assert [stride.largest(p) for p in (10, 32, 63, 64, 784, 10**6)] == [1, 2, 2, 4, 32, 64]
+    # where labels are judged, one position that looks wrong must not reach the cut alone
+    assert least_scored("labels", 0.02) == 200
+    assert least_scored("labels", 0.5) == MIN_SCORED
+    assert least_scored("documents", 0.02) == least_scored("ranking", 0.02) == MIN_SCORED
+    assert [stride.largest(p, 200) for p in (64, 784, 512 * 512)] == [1, 2, 64]
 
 
-def test_a_monitor_whose_scores_exceed_the_budget_scores_every_nth_position(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A default monitor with a budget that the scores of this small model exceed from the
-    first steps: the masks' positions are strided (8 × 8 masks: at most every 4th), the line
-    says so, and the table's rows are the closed forms of the positions kept."""
-    x, y = tasks.masks(240, seed=0)
+def _fit_masks(
+    folder: Path, monitor: SensitivityMonitor, x: Tensor, y: Tensor
+) -> tuple[pl.Trainer, pl.LightningModule]:
+    """Two epochs of the small segmenter on 200 masks (batches of 4: 50 steps, enough for the
+    stride's measurements), validated on 40."""
     train = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(x[:200], y[:200]), batch_size=4, shuffle=True
     )
-    val = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(x[200:], y[200:]), batch_size=8
-    )
-    monitor = SensitivityMonitor(budget=1e-4)
+    held = torch.utils.data.TensorDataset(x[200:], y[200:])
     trainer = pl.Trainer(
-        default_root_dir=tmp_path,
+        default_root_dir=folder,
         max_epochs=2,
         accelerator="cpu",
         callbacks=[monitor],
         enable_progress_bar=False,
         enable_model_summary=False,
-        logger=CSVLogger(tmp_path),
+        logger=CSVLogger(folder),
     )
     pl.seed_everything(0, verbose=False)
     module = tasks.Segmenter()
-    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True):
+    with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")  # an untrained model's many flags are warned of
-        trainer.fit(module, train, val)
+        trainer.fit(module, train, torch.utils.data.DataLoader(held, batch_size=8))
+    return trainer, module
+
+
+def test_a_monitor_whose_scores_exceed_the_budget_scores_every_nth_position(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A monitor with a budget that the scores of this small model exceed from the first
+    steps: the masks' positions are strided (8 × 8 masks: at most every 4th, as a flag share of
+    0.5 lets the stride leave 16 positions), the line says so, and the table's rows are the
+    closed forms of the positions kept. At the default flag share (200 positions left) the
+    masks are scored whole."""
+    x, y = tasks.masks(240, seed=0)
+    whole = SensitivityMonitor(budget=1e-4)
+    _fit_masks(tmp_path / "whole", whole, x, y)
+    assert whole.reader.stride == 1
+    monitor = SensitivityMonitor(budget=1e-4, position_flag_share=0.5)
+    with caplog.at_level(logging.INFO):
+        trainer, module = _fit_masks(tmp_path / "strided", monitor, x, y)
     assert monitor.reader.stride == 4
     assert "scores every 4th position of each sample" in caplog.text
+    assert "to leave 16 positions of a sample" in caplog.text
     found = sorted(paths.folder(Path(trainer.log_dir or tmp_path)).glob("positions_epoch*.csv"))
     with found[-1].open(newline="") as stream:
         rows = [r for r in csv.DictReader(stream) if r["split"] == "val"]

@@ -107,8 +107,10 @@ class SensitivityMonitor(Callback):
 
     def _stride(self) -> PositionStride:
         """How many positions of each sample the training steps score: measured in each fit."""
-        tell = self.failures.info_once
-        return PositionStride(self.config.position_stride, self.budget, TRAIN_STEPS, tell)
+        c, tell = self.config, self.failures.info_once
+        return PositionStride(
+            c.position_stride, self.budget, TRAIN_STEPS, tell, c.position_flag_share
+        )
 
     @property
     def history(self) -> list[dict[str, float]]:

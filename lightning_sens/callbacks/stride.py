@@ -16,15 +16,22 @@ import math
 from collections.abc import Callable
 
 from lightning_sens.callbacks.budget import TimeBudget
+from lightning_sens.core.references import FlagKind
 
-__all__ = ["MAX_STRIDE", "MIN_SCORED", "PART", "PositionStride"]
+__all__ = ["JUDGED_HITS", "MAX_STRIDE", "MIN_SCORED", "PART", "PositionStride", "least_scored"]
 
 PART = 0.5
 """The share of the monitor's budget that the training steps' scores may take."""
 
 MIN_SCORED = 16
-"""The fewest positions of a sample that a stride leaves to score (a short text is scored
-whole)."""
+"""The fewest positions of a sample that a stride leaves to score where no label is judged (a
+language model's documents, multi-label estimates); a short text is scored whole."""
+
+JUDGED_HITS = 4
+"""Where labels are judged (``flag_kind`` "labels"), a stride leaves at least this many
+positions per ``position_flag_share``: one position that looks wrong among those scored must
+not reach the cut alone (a sample's estimate is twice the share that looks wrong), nor move the
+share of samples that reach it, which decides whether a decision counts (docs/tasks.md)."""
 
 MAX_STRIDE = 64
 """The largest stride."""
@@ -42,6 +49,7 @@ class PositionStride:
         budget: the monitor's time budget (its share None: every position).
         part: the budget's part that the training steps are charged to.
         tell: ``(key, message)`` for the one line that says what was chosen.
+        flag_share: the ``position_flag_share`` option (:func:`least_scored`).
 
     Attributes:
         stride: score every ``stride``-th position of each sample.
@@ -56,7 +64,9 @@ class PositionStride:
         budget: TimeBudget,
         part: str,
         tell: Callable[[str, str], None],
+        flag_share: float = 0.02,
     ) -> None:
+        self.flag_share = flag_share  # position_flag_share: how few positions flags can judge
         self.stride = fixed or 1
         self.budget, self.part, self.tell = budget, part, tell
         self.settled = fixed is not None or budget.share is None
@@ -64,15 +74,15 @@ class PositionStride:
         self._steps = self._checks = 0
         self._since = (0.0, 0.0)  # (the part's seconds, the rest's) when the window began
 
-    def largest(self, positions: int) -> int:
-        """The largest stride (a power of two) that leaves :data:`MIN_SCORED` positions of a
-        sample with ``positions``, at most :data:`MAX_STRIDE`."""
-        most = max(1, min(MAX_STRIDE, positions // MIN_SCORED))
+    def largest(self, positions: int, least: int = MIN_SCORED) -> int:
+        """The largest stride (a power of two) that leaves ``least`` positions of a sample with
+        ``positions``, at most :data:`MAX_STRIDE`."""
+        most = max(1, min(MAX_STRIDE, positions // least))
         return 1 << (most.bit_length() - 1)
 
-    def step(self, positions: int) -> int:
-        """After a scored training step of samples with ``positions`` positions: the stride
-        from now on."""
+    def step(self, positions: int, least: int = MIN_SCORED) -> int:
+        """After a scored training step of samples with ``positions`` positions, of which a
+        stride must leave ``least`` (:func:`least_scored`): the stride from now on."""
         if self.settled:
             return self.stride
         self._steps += 1
@@ -88,14 +98,14 @@ class PositionStride:
         if self.stride == 1:
             self.full = share
         target = PART * float(self.budget.share or 0.0)
-        most = self.largest(positions)
+        most = self.largest(positions, least)
         if share <= target or self.stride >= most or self._checks >= _CHECKS:
-            return self._settle(share, target, most)
+            return self._settle(share, target, most, least)
         wanted = self.stride * 2 ** math.ceil(math.log2(share / target))
         self.stride = min(most, wanted)
         return self.stride
 
-    def _settle(self, share: float, target: float, most: int) -> int:
+    def _settle(self, share: float, target: float, most: int, least: int) -> int:
         self.settled = True
         if self.stride == 1:
             return 1
@@ -110,12 +120,21 @@ class PositionStride:
                 f"; every {_ordinal(self.stride)} position takes {_percent(share)}"
                 if met
                 else f", and every {_ordinal(self.stride)} still takes {_percent(share)} (at most "
-                f"every {_ordinal(most)}, to leave {MIN_SCORED} positions of a sample; "
+                f"every {_ordinal(most)}, to leave {least} positions of a sample; "
                 "score_training_steps=False leaves the training steps out)"
             )
             + ". position_stride=1 scores every position (docs/tasks.md).",
         )
         return self.stride
+
+
+def least_scored(kind: FlagKind, flag_share: float) -> int:
+    """The fewest positions of a sample that a stride may leave: :data:`JUDGED_HITS` /
+    ``flag_share`` where labels are judged (200 at the default 2 %), else
+    :data:`MIN_SCORED`."""
+    if kind == "labels":
+        return max(MIN_SCORED, math.ceil(JUDGED_HITS / flag_share))
+    return MIN_SCORED
 
 
 def _percent(share: float) -> str:

@@ -33,10 +33,11 @@ from lightning_sens.callbacks.internals import LoaderTap
 from lightning_sens.callbacks.position_buffer import PositionBuffer
 from lightning_sens.callbacks.sample_ids import IndexRecorder, indexable
 from lightning_sens.callbacks.setup import MonitorSetupError, class_labels
-from lightning_sens.callbacks.stride import PositionStride
+from lightning_sens.callbacks.stride import PositionStride, least_scored
 from lightning_sens.core.inputs import found_logits, logits_of
 from lightning_sens.core.layout import read_layout
 from lightning_sens.core.outputs import position_scores
+from lightning_sens.core.references import flag_kind
 from lightning_sens.label_noise import MAX_ENTRIES, label_log_fi
 from lightning_sens.reporting.positions import PositionRows
 from lightning_sens.tracking import Samples, SensitivityTracker
@@ -252,7 +253,9 @@ class TrainScores:
             self.pending += size
             if self.stride is not None and layout.task != "multilabel":
                 positions = math.prod(layout.positions) - int(layout.shift)
-                self.reader.stride = self.stride.step(positions)
+                classes = logits.shape[1 if layout.class_dim == 1 else -1]
+                least = least_scored(flag_kind(layout, classes), self.stride.flag_share)
+                self.reader.stride = self.stride.step(positions, least)
             return
         if self.pending == 0 and not self._fits(logits.shape[-1]):
             return self._disable(
