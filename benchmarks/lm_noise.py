@@ -49,7 +49,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segmentation_noise import auroc, scores, stride_of
+from segmentation_noise import auroc, decisions_of, scores, stride_of
 from token_noise import tagged
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -262,6 +262,7 @@ def run(
     log(f"{name} {kind} {rate}: ours F1 {ours[2]:.2f}, CV perplexity {theirs[2]:.2f}")
     return [
         name, kind if rate else "none", pct(rate), str(int(bad.sum())), str(stride_of(log_dir)),
+        str(decisions_of(log_dir)),
         prf(ours), pct(ours[3]), f"{auroc(evidence, bad):.3f}",
         prf(theirs), pct(theirs[3]), f"{oracle[2]:.2f}" if rate else "–",
         f"{auroc(cv.numpy(), bad):.3f}", f"{auroc(loss, bad):.3f}",
@@ -313,9 +314,10 @@ def main() -> None:
             )
     lines = [
         "| corpus, model | corruption | rate | corrupted | ours: every n-th token "
-        "| ours P / R / F1 | ours clean flagged | ours AUROC | CV perplexity P / R / F1 "
-        "| CV clean flagged | CV oracle F1 | CV AUROC | training loss AUROC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ours: decisions | ours P / R / F1 | ours clean flagged | ours AUROC "
+        "| CV perplexity P / R / F1 | CV clean flagged | CV oracle F1 | CV AUROC "
+        "| training loss AUROC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *("| " + " | ".join(row) + " |" for row in rows),
         "",
         "| corpus, model | plain run | with the monitor | perplexity (2-fold CV) |",

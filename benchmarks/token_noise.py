@@ -47,7 +47,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from segmentation_noise import auroc, our_flags, scores, stride_of
+from segmentation_noise import auroc, decisions_of, our_flags, scores, stride_of
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -262,6 +262,7 @@ def run(
 
     return [
         kind if rate else "none", pct(rate), str(int(bad.sum())), str(stride_of(log_dir)),
+        str(decisions_of(log_dir)),
         f"{ours[0]:.2f} / {ours[1]:.2f} / **{ours[2]:.2f}**", pct(ours[3]),
         f"{auroc(evidence, bad):.3f}",
         f"{cl[0]:.2f} / {cl[1]:.2f} / **{cl[2]:.2f}**", pct(cl[3]),
@@ -294,10 +295,10 @@ def main() -> None:
     rows = [row for row, _ in found]
     fastest = min(plain)
     lines = [
-        "| corruption | rate | wrong sentences | ours: every n-th position | ours P / R / F1 "
-        "| ours clean flagged | ours AUROC | cleanlab P / R / F1 | cleanlab clean flagged "
-        "| cleanlab AUROC | CV loss AUROC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| corruption | rate | wrong sentences | ours: every n-th position | ours: decisions "
+        "| ours P / R / F1 | ours clean flagged | ours AUROC | cleanlab P / R / F1 "
+        "| cleanlab clean flagged | cleanlab AUROC | CV loss AUROC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *("| " + " | ".join(row) + " |" for row in rows),
         "",
         "| plain run | with the monitor | cleanlab (2-fold CV + filter) |",

@@ -78,16 +78,17 @@ def test_small_run_writes_the_flags_the_monitor_logged(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     table = [line for line in out.read_text().splitlines() if line.startswith("| Fashion")]
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in table]
-    rows = [row for row, c in zip(table, cells, strict=True) if len(c) == 12]
+    rows = [row for row, c in zip(table, cells, strict=True) if len(c) == 13]
     costs = [c for c in cells if len(c) == 4]
-    cells = [c for c in cells if len(c) == 12]
+    cells = [c for c in cells if len(c) == 13]
     assert len(rows) == 2
     assert len(costs) == 1
     assert costs[0][2].endswith("×")
     assert cells[0][1] == "none"
     assert cells[1][1] == "mixed"
     assert int(cells[1][3]) > 0  # wrong masks
-    assert int(cells[1][4]) in (1, 2, 4, 8, 16, 32)  # every n-th pixel, n from the cost
-    ours_f1 = float(cells[1][5].split("/")[2].strip(" *"))
+    assert int(cells[1][4]) in (1, 2)  # every n-th pixel, n from the cost (200 pixels left)
+    assert 1 <= int(cells[1][5]) <= 6  # decisions: at most one per epoch
+    ours_f1 = float(cells[1][6].split("/")[2].strip(" *"))
     assert ours_f1 > 0, rows[1]  # the monitor's flags found some of them
-    assert 0.5 < float(cells[1][7]) <= 1.0, rows[1]  # its evidence ranks them above chance
+    assert 0.5 < float(cells[1][8]) <= 1.0, rows[1]  # its evidence ranks them above chance
