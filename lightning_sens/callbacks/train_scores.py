@@ -75,10 +75,11 @@ def _depth(name: str) -> int:
 class TrainScores:
     """Collects (ids, labels, logits) of the training batches on each rank.
 
-    A model with many positions per sample (the reader's ``layout``) has each step's
-    positions scored and reduced per sample at the step (:class:`PositionRows`), so that no
-    step's ``(B, T, V)`` logits are kept; every position, or every n-th of each sample where
-    scoring them all costs more than the budget leaves to it (``stride``).
+    A model with many positions per sample (the reader's ``layout``) has each step's positions
+    kept (every position, or every n-th of each sample where scoring them all costs more than
+    the budget leaves to it: ``stride``) and scored and reduced per sample a few steps at a time
+    (:class:`~lightning_sens.callbacks.position_buffer.PositionBuffer`), so that no step's
+    ``(B, T, V)`` logits are kept whole.
 
     Args:
         reader: reads a batch (inputs, labels, ids or None) and, for many positions, scores it.
