@@ -27,9 +27,10 @@ AUROC of its ranking. ``training loss``: the AUROC of the monitor's per-document
 last decision (a ranking only). Costs: the monitored run and the cross-validation over a plain
 run (plain, monitored and cross-validated runs alternate, the fastest of each counts).
 
-Usage: pip install -e ".[bench]"; python benchmarks/lm_noise.py [--small] [--out TAG]
+Usage: pip install -e ".[bench]"; python benchmarks/lm_noise.py [--small] [--out TAG] [--strides]
 writes benchmarks/results/lm_noise_<TAG>.md (TAG: ``cpu``; ``small`` with ``--small``), or the
-path TAG where it ends in .md.
+path TAG where it ends in .md; ``--strides``: the flags at fixed ``position_stride`` values
+instead, in lm_strides_<TAG>.md.
 """
 
 from __future__ import annotations
@@ -164,7 +165,12 @@ class Module(L.LightningModule):
 
 
 def fit(
-    make: Callable[[], nn.Module], docs: Tensor, val: Tensor, epochs: int, monitor: bool
+    make: Callable[[], nn.Module],
+    docs: Tensor,
+    val: Tensor,
+    epochs: int,
+    monitor: bool,
+    options: dict[str, object] | None = None,
 ) -> tuple[float, Path]:
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -175,7 +181,7 @@ def fit(
     trainer = L.Trainer(
         max_epochs=epochs,
         logger=TensorBoardLogger(root, name="run"),
-        callbacks=[SensitivityMonitor()] if monitor else [],
+        callbacks=[SensitivityMonitor(**(options or {}))] if monitor else [],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -269,14 +275,60 @@ def run(
     ]  # fmt: skip
 
 
+def strides(args: argparse.Namespace) -> str:
+    """The documents' flags at fixed strides (``position_stride``: every n-th token scored), on
+    the first corpus with 5 % of its documents shuffled or replaced: why the monitor scores
+    every token of a language model's documents (docs/tasks.md, "What scoring costs, and every
+    n-th position")."""
+    count = 1500 if args.small else 4000
+    epochs = 3 if args.small else EPOCHS
+    docs = documents(stdlib_tokens((count + 500) * (LENGTH + 1)))
+    clean, val = docs[:count], docs[count : count + 500]
+    lines = [
+        "| corpus, model | corruption | rate | every n-th token | ours P / R / F1 "
+        "| ours clean flagged | ours AUROC |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for kind in KINDS:
+        corrupted, bad_t = corrupt(clean, 0.05, kind, seed=1)
+        bad = bad_t.numpy()
+        for stride in (1, 2, 4):
+            options = {"position_stride": stride, "budget": None}  # every decision made
+            log_dir = fit(CausalTransformer, corrupted, val, epochs, True, options)[1]
+            flagged, evidence, _ = our_columns(log_dir, len(corrupted))
+            ours = scores(flagged, bad)
+            lines.append(
+                f"| stdlib, transformer | {kind} | {pct(0.05)} | {stride} | {prf(ours)} "
+                f"| {pct(ours[3])} | {auroc(evidence, bad):.3f} |"
+            )
+            log(lines[-1])
+    lines += [
+        "",
+        f"`python benchmarks/lm_noise.py --strides{' --small' if args.small else ''}`: {count} "
+        f"training documents of {LENGTH + 1} tokens, {epochs} epochs, batch {BATCH}, one seed, "
+        "the monitor at its defaults but for `position_stride` and `budget=None` (a decision "
+        f"at every validation). Machine: {platform.machine()}, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="few documents: a smoke test")
     parser.add_argument("--out", default=None, help="results tag, or a path ending in .md")
+    parser.add_argument(
+        "--strides", action="store_true", help="the flags at fixed strides instead (its own file)"
+    )
     args = parser.parse_args()
     tag = args.out or ("small" if args.small else "cpu")
     out = Path(tag) if tag.endswith(".md") else Path(__file__).parent / "results"
-    out = out if tag.endswith(".md") else out / f"lm_noise_{tag}.md"
+    stem = "lm_strides" if args.strides else "lm_noise"
+    out = out if tag.endswith(".md") else out / f"{stem}_{tag}.md"
+    if args.strides:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(strides(args))
+        return log(f"wrote {out}")
     start = time.perf_counter()
     count = 1500 if args.small else 4000
     epochs = 3 if args.small else EPOCHS

@@ -77,7 +77,7 @@ def test_small_run_writes_the_flags_the_monitor_logged(tmp_path: Path) -> None:
     assert cells[0][1] == "none"
     assert cells[1][1] == "replace"
     assert int(cells[1][3]) > 0  # corrupted documents
-    assert int(cells[1][4]) in (1, 2)  # every n-th token, n from the cost (64 tokens: at most 2)
+    assert int(cells[1][4]) == 1  # documents are scored at every token
     assert int(cells[1][5]) >= 1  # decisions
     assert float(cells[1][6].split("/")[2].strip(" *")) > 0, rows[1]  # flags found some
     assert 0.5 < float(cells[1][8]) <= 1.0, rows[1]  # the evidence ranks them above chance
