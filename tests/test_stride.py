@@ -316,3 +316,50 @@ def test_a_fixed_position_stride_is_kept_from_the_first_step(tmp_path: Path) -> 
                     float(want.log_fi_mean[i]), rel=1e-5
                 )
                 assert int(row["worst"]) == int(want.worst[i])
+
+
+def test_the_buffer_scores_small_batches_together_and_large_ones_at_once() -> None:
+    """Small batches are kept and scored as one group (one reference for all of them); a batch
+    with a quarter of GROUP_ENTRIES logits is scored at once, as position_rows scores it."""
+    from lightning_sens.callbacks.position_buffer import GROUP_ENTRIES, PositionBuffer
+    from lightning_sens.core.references import label_reference
+    from lightning_sens.core.strided import Strided
+    from lightning_sens.reporting.positions import strided_rows
+
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(2, 5, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+    labels = [torch.randint(0, 4, (2, 5), generator=g) for _ in range(3)]
+    layout = read_layout(batches[0], labels[0])
+    buffer = PositionBuffer()
+    for i, (z, y) in enumerate(zip(batches, labels, strict=True)):
+        buffer.add(torch.arange(2 * i, 2 * i + 2), y, z, layout, None, 2, 1)
+    rows = buffer.rows()
+    assert rows is not None
+    ids = torch.arange(6)
+    kept = Strided.cat(
+        [
+            stride_positions(z, y, layout, None, ids[2 * i : 2 * i + 2] + 1, 2)
+            for i, (z, y) in enumerate(zip(batches, labels, strict=True))
+        ]
+    )
+    want = strided_rows(ids, kept)
+    assert torch.equal(rows.ids, ids)
+    torch.testing.assert_close(rows.wrong_share, want.wrong_share, rtol=0, atol=0)
+    torch.testing.assert_close(rows.log_fi_mean, want.log_fi_mean, rtol=0, atol=0)
+    joined = label_reference(kept.logits, kept.labels, kept.layout, kept.mask)
+    alone = label_reference(batches[0], labels[0], layout)
+    assert joined is not None
+    assert alone is not None
+    assert not torch.equal(joined.wrong, alone.wrong)  # the group's reference, not a batch's
+    # a large batch: scored at once, every position where it lies
+    V = GROUP_ENTRIES // 4 // 8 + 1
+    big = torch.randn(2, 4, V, generator=g)
+    tokens = torch.randint(0, V, (2, 4), generator=g)
+    large = read_layout(big, tokens)
+    buffer.add(torch.tensor([7, 8]), tokens, big, large, None)
+    assert buffer._kept == []
+    found = buffer.rows()
+    assert found is not None
+    torch.testing.assert_close(
+        found.log_fi_mean, position_rows(torch.tensor([7, 8]), tokens, big, large).log_fi_mean
+    )

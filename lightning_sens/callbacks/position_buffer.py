@@ -24,8 +24,9 @@ GROUP_STEPS = 16
 barely changes (the reference of a group is made from all of them)."""
 
 GROUP_ENTRIES = 1 << 22
-"""The most logits (positions × classes) kept before they are scored: 16 MiB of float32, a
-few batches of a language model's vocabulary."""
+"""The most logits (positions × classes) kept before they are scored: 16 MiB of float32. A batch
+with a quarter of that alone (a language model's vocabulary) is scored where it lies, without
+the copy that keeping it would take, with its own reference."""
 
 
 class PositionBuffer:
@@ -52,10 +53,15 @@ class PositionBuffer:
         turn: int = 0,
     ) -> None:
         """Keep a batch's positions, every ``stride``-th of each sample from ``(id + turn) mod
-        stride`` on; score the group once it is full. Multi-label outputs are scored at once
-        and whole."""
+        stride`` on; score the group once it is full. Multi-label outputs, and batches with
+        :data:`GROUP_ENTRIES` / 4 logits or more, are scored at once."""
         if layout.task == "multilabel":
             self._rows.append(position_rows(ids, labels, logits, layout, mask, self.quantile))
+            return
+        if logits.numel() // stride >= GROUP_ENTRIES // 4:  # large enough alone: no copy
+            self.flush()
+            found = position_rows(ids, labels, logits, layout, mask, self.quantile, stride, turn)
+            self._rows.append(found)
             return
         offset = ids.detach().to(labels.device).long() + turn
         kept = stride_positions(logits, labels, layout, mask, offset, stride)
