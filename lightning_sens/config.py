@@ -91,9 +91,10 @@ class MonitorConfig:
             different one each epoch (from the sample's id plus the epoch), so that n epochs
             score each position once; 1 scores every position. None: every position, unless
             scoring them all takes more than half the ``budget`` over the first training steps:
-            then the smallest power of two that keeps them within it (at most 64, and at least
-            16 positions of a sample scored), said in one line (docs/tasks.md, "What scoring
-            costs, and every n-th position"). Multi-label outputs are always scored whole.
+            then the smallest power of two that keeps them within it (at most 64, and leaving
+            4 / ``position_flag_share`` positions of a sample where labels are judged), said in
+            one line (docs/tasks.md, "What scoring costs, and every n-th position"). A language
+            model's documents and multi-label outputs are always scored whole.
         strict: raise errors from monitoring instead of warning and skipping the epoch.
         seed: seed of the probe selection.
     """
